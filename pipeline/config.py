@@ -1,0 +1,200 @@
+"""The one typed run configuration.
+
+Every setting of a run is declared here once, with its type, default and help text. The
+CLI (`docpipe run`), the Prefect flow parameters and the deployments are all generated
+from this model, so there is no second list of options to drift out of sync.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+TilingPolicyName = Literal["internvl", "minimax", "minicpm"]
+TaskName = Literal["description", "ocr", "chart"]
+
+DEFAULT_EXTENSIONS = ("pdf", "png", "jpg", "jpeg", "tif", "tiff", "webp", "bmp")
+
+DEFAULT_CHART_QUESTIONS = (
+    "What type of chart or figure is this?",
+    "What is the title of the chart?",
+    "What do the axes show, with their units?",
+    "Give the data shown in the chart as a Markdown table.",
+)
+
+# Fields that do not change what is written for a page: they are left out of the
+# fingerprint so that, e.g., a rerun with a different shard size or progress setting
+# still recognises finished work.
+_NON_OUTPUT_FIELDS = frozenset(
+    {
+        "source",
+        "output",
+        "storage_options",
+        "shard_size",
+        "run_id",
+        "progress",
+        "prep_workers",
+        "prefetch_pages",
+        "document_timeout_s",
+        "batch_visual_tokens",
+        "max_batch_pages",
+        "device",
+        "gpu_memory_headroom",
+        "limit",
+    }
+)
+
+
+class RunConfig(BaseModel):
+    """Settings of one ingestion run (CLI, flow parameters and deployments share it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # ---- where -------------------------------------------------------------------
+    source: str = Field(
+        description="Folder or bucket prefix to ingest: a path, file://, s3://, gs://, memory:// URL, or a single file.",
+    )
+    output: str = Field(
+        description="Dataset root to write Parquet under (OUT/documents, OUT/pages): a path or any fsspec URL.",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for source and output, e.g. {\"endpoint_url\": \"http://127.0.0.1:9000\"}. "
+        "Credentials may go here or, better, in the environment; they are never logged or written.",
+    )
+    extensions: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_EXTENSIONS),
+        description="File extensions to consider (case-insensitive, without dot). Content is sniffed as well.",
+    )
+    limit: int | None = Field(
+        default=None, ge=1, description="Process at most this many documents (after sorting); for trial runs."
+    )
+
+    # ---- rasterize -------------------------------------------------------------
+    min_dpi: float = Field(default=72.0, gt=0, description="Lowest resolution a PDF page is rendered at.")
+    max_dpi: float = Field(default=300.0, gt=0, description="Highest resolution a PDF page is rendered at.")
+    max_page_pixels: int = Field(
+        default=12_000_000,
+        ge=10_000,
+        description="Pixel budget per rendered page; larger renders are scaled down (and the row says so).",
+    )
+    extract_text_layer: bool = Field(default=True, description="Extract the visible PDF text layer for each page.")
+
+    # ---- tiling -----------------------------------------------------------------
+    tiling_policy: TilingPolicyName = Field(
+        default="internvl",
+        description="Dynamic-resolution tiling: internvl (448 px tiles), minimax (336 px grid up to 2016 px), "
+        "minicpm (LLaVA-UHD slices up to ~1.8 MP).",
+    )
+    min_tiles: int = Field(default=1, ge=1, description="InternVL policy: fewest tiles per page.")
+    max_tiles: int = Field(default=12, ge=1, description="InternVL/MiniCPM policies: most tiles (slices) per page.")
+    tokens_per_tile: int | None = Field(
+        default=None,
+        ge=1,
+        description="Visual tokens per tile; default is the policy's own (InternVL 256, MiniMax 576, MiniCPM 64).",
+    )
+
+    # ---- inference ----------------------------------------------------------------
+    model: str | None = Field(
+        default=None,
+        description="Model folder or hub id of an image-text-to-text checkpoint. None: no inference, model columns stay null.",
+    )
+    revision: str | None = Field(default=None, description="Model revision (branch, tag or commit) when loading from a hub.")
+    trust_remote_code: bool = Field(
+        default=False, description="Allow the checkpoint's own Python code to run. Off unless you ask for it."
+    )
+    tasks: list[TaskName] = Field(
+        default_factory=lambda: ["description", "ocr", "chart"],
+        description="What to ask the model for each page.",
+    )
+    chart_questions: list[str] = Field(
+        default_factory=list,
+        description="Extra questions for pages that hold a chart, asked after the default set.",
+    )
+    default_chart_questions: bool = Field(
+        default=True, description="Ask the built-in chart questions (type, title, axes, data table)."
+    )
+    max_new_tokens: int = Field(default=512, ge=1, description="Generation limit per task and page.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="Model dtype: auto is bfloat16 on GPU, float32 on CPU."
+    )
+    device: str = Field(
+        default="auto",
+        description="auto (all visible GPUs, else CPU), cpu, or a comma-separated list of GPU ids to shard one model over.",
+    )
+    gpu_memory_headroom: float = Field(
+        default=0.2,
+        ge=0.0,
+        lt=1.0,
+        description="Share of each GPU's memory kept free of weights for activations and the KV cache.",
+    )
+    batch_visual_tokens: int = Field(
+        default=16_384, ge=1, description="Batch pages together up to this many visual tokens."
+    )
+    max_batch_pages: int = Field(default=16, ge=1, description="Upper bound on pages per batch.")
+
+    # ---- execution ---------------------------------------------------------------
+    shard_size: int = Field(default=64, ge=1, description="Documents per shard (one Parquet file per table per shard).")
+    prep_workers: int = Field(
+        default=0, ge=0, description="CPU worker processes preparing pages (0: in the main process)."
+    )
+    prefetch_pages: int = Field(default=32, ge=1, description="Prepared pages buffered ahead of the model.")
+    document_timeout_s: float = Field(
+        default=600.0, gt=0, description="A document taking longer than this to prepare becomes an error row."
+    )
+    run_id: str | None = Field(default=None, description="Identifier of this run (generated when not given).")
+    progress: bool = Field(default=True, description="Show a progress bar on the terminal.")
+
+    @field_validator("extensions")
+    @classmethod
+    def _normalise_extensions(cls, value: list[str]) -> list[str]:
+        cleaned = sorted({v.lower().lstrip(".") for v in value if v.strip()})
+        if not cleaned:
+            raise ValueError("extensions must name at least one file extension")
+        return cleaned
+
+    @field_validator("tasks")
+    @classmethod
+    def _dedupe_tasks(cls, value: list[str]) -> list[str]:
+        seen: list[str] = []
+        for task in value:
+            if task not in seen:
+                seen.append(task)
+        return seen
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> "RunConfig":
+        if self.min_dpi > self.max_dpi:
+            raise ValueError(f"min_dpi ({self.min_dpi}) is above max_dpi ({self.max_dpi})")
+        if self.min_tiles > self.max_tiles:
+            raise ValueError(f"min_tiles ({self.min_tiles}) is above max_tiles ({self.max_tiles})")
+        return self
+
+    # ---- derived -------------------------------------------------------------------
+    def all_chart_questions(self) -> list[str]:
+        base = list(DEFAULT_CHART_QUESTIONS) if self.default_chart_questions else []
+        return base + [q for q in self.chart_questions if q not in base]
+
+    def fingerprint(self) -> str:
+        """Short hash of the settings that change what is written for a page."""
+        payload = self.model_dump(exclude=set(_NON_OUTPUT_FIELDS))
+        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def public_dict(self) -> dict[str, Any]:
+        """Settings safe to log or store: storage options are reduced to their keys."""
+        data = self.model_dump()
+        data["storage_options"] = sorted(self.storage_options)
+        return data
+
+
+def field_help() -> dict[str, tuple[Any, str]]:
+    """Field name -> (default, help) for generated CLIs and docs."""
+    out: dict[str, tuple[Any, str]] = {}
+    for name, info in RunConfig.model_fields.items():
+        default = info.get_default(call_default_factory=True) if not info.is_required() else None
+        out[name] = (default, info.description or "")
+    return out

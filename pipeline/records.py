@@ -1,0 +1,209 @@
+"""Small typed records that pass between stages. Defined once, used everywhere.
+
+    sources -> DocumentRef
+    rasterize -> PageImage (one at a time, lazily) and RasterOutcome (per document)
+    tiling -> TilePlan (pure) and tiles (PIL images)
+    inference -> PageAnswers
+    sink -> Arrow rows (see schemas/)
+
+Errors are data: a problem with a document or a page is a StageError carried in the
+record, never an exception that escapes the stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+
+class DocStatus(str, Enum):
+    OK = "ok"
+    PARTIAL = "partial"  # some pages failed, the rest are in the pages table
+    ERROR = "error"  # nothing usable; the reason is in the row
+    DUPLICATE = "duplicate"  # same bytes as another input; pages written once, under the first
+
+
+class PageStatus(str, Enum):
+    OK = "ok"
+    ERROR = "error"
+
+
+class PageKind(str, Enum):
+    BORN_DIGITAL = "born_digital"  # PDF page with a real text layer and vector content
+    SCAN = "scan"  # an image of a page with no text layer
+    SCAN_WITH_OCR = "scan_with_ocr"  # an image of a page with an (invisible) OCR text layer
+    BLANK = "blank"  # nothing drawn on it
+    IMAGE = "image"  # an image file (PNG, JPEG, TIFF frame, ...) - a scan, photo or chart
+
+
+class Stage(str, Enum):
+    SOURCES = "sources"
+    RASTERIZE = "rasterize"
+    TILING = "tiling"
+    INFERENCE = "inference"
+    SINK = "sink"
+    TIMEOUT = "timeout"
+
+
+@dataclass(frozen=True, slots=True)
+class StageError:
+    """What went wrong, where. `type` is a stable machine-readable code (e.g. `encrypted_pdf`)."""
+
+    stage: Stage
+    type: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.stage.value}/{self.type}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentRef:
+    """One input file, identified by the SHA-256 of its bytes."""
+
+    uri: str  # full URL as given by the file system (protocol included for remote ones)
+    doc_id: str  # sha256 hex of the content
+    size: int  # bytes
+    media_type: str  # sniffed: application/pdf, image/png, ..., or application/octet-stream
+    duplicate_of: str | None = None  # uri of the first input with the same bytes, if any
+    error: StageError | None = None  # discovery-time problem (unreadable, empty, unknown type)
+
+
+@dataclass(frozen=True, slots=True)
+class RenderInfo:
+    """How a page was rendered. `downscaled` says the pixel budget or a renderer limit lowered it."""
+
+    width: int
+    height: int
+    dpi: float | None  # None for images without resolution metadata
+    requested_dpi: float | None = None
+    downscaled: bool = False
+    note: str | None = None  # human-readable reason when the render differs from the request
+
+
+@dataclass(frozen=True, slots=True)
+class PageImage:
+    """A rasterized page, RGB. Produced lazily, one at a time."""
+
+    doc_id: str
+    uri: str
+    page_number: int  # 1-based
+    image: "Image.Image"
+    render: RenderInfo
+    kind: PageKind
+    text: str | None = None  # visible text layer (PDF) or None
+    rotation: int = 0  # degrees applied (PDF /Rotate or EXIF orientation)
+
+
+@dataclass(frozen=True, slots=True)
+class PageFailure:
+    """A page that could not be rasterized; the document carries on with its other pages."""
+
+    doc_id: str
+    uri: str
+    page_number: int
+    error: StageError
+
+
+@dataclass(frozen=True, slots=True)
+class TileBox:
+    left: int
+    top: int
+    right: int
+    bottom: int
+
+    def as_tuple(self) -> tuple[int, int, int, int]:
+        return (self.left, self.top, self.right, self.bottom)
+
+
+@dataclass(frozen=True, slots=True)
+class TilePlan:
+    """Where the tiles of one page come from. A pure function of the page size and policy.
+
+    The page is resized to (resized_width, resized_height) and cut into `boxes` (row-major,
+    coordinates in the resized image). With `thumbnail`, one more tile of
+    `thumbnail_size` is the whole page downsized. `tiles` counts all of them.
+    """
+
+    policy: str
+    cols: int
+    rows: int
+    tile_width: int
+    tile_height: int
+    resized_width: int
+    resized_height: int
+    boxes: tuple[TileBox, ...]
+    thumbnail: bool
+    thumbnail_size: tuple[int, int] | None
+    tokens_per_tile: int
+
+    @property
+    def tiles(self) -> int:
+        return len(self.boxes) + (1 if self.thumbnail else 0)
+
+    @property
+    def visual_tokens(self) -> int:
+        return self.tiles * self.tokens_per_tile
+
+
+@dataclass(frozen=True, slots=True)
+class ChartAnswer:
+    question: str
+    answer: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOutput:
+    """One task's generation for one page."""
+
+    text: str | None
+    prompt_tokens: int
+    generated_tokens: int
+    hit_token_limit: bool = False
+    repetitive: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PageAnswers:
+    """What the model said about a page (all tasks)."""
+
+    model_id: str
+    model_revision: str | None
+    model_dtype: str
+    prompt_version: str
+    description: str | None = None
+    ocr_text: str | None = None
+    has_chart: bool | None = None
+    chart_answers: tuple[ChartAnswer, ...] = ()
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    latency_s: float = 0.0
+    truncated: bool = False  # some task stopped at max_new_tokens
+    repetitive: bool = False  # some task hit the limit by repeating itself
+    error: StageError | None = None
+
+
+@dataclass(slots=True)
+class DocTimings:
+    discover_s: float = 0.0
+    rasterize_s: float = 0.0
+    tiling_s: float = 0.0
+    inference_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass(slots=True)
+class DocumentOutcome:
+    """Everything the documents table needs to say about one input file."""
+
+    ref: DocumentRef
+    status: DocStatus
+    page_count: int | None = None  # pages in the file (None when it could not be opened)
+    pages_ok: int = 0
+    pages_failed: int = 0
+    error: StageError | None = None
+    timings: DocTimings = field(default_factory=DocTimings)

@@ -1,0 +1,161 @@
+"""The output contract: versioned Arrow schemas of the `documents` and `pages` tables.
+
+Every field carries a description (Arrow field metadata key `description`), and every
+Parquet file carries `docpipe.schema_version` and `docpipe.table` in its schema metadata.
+`python -m schemas.export` writes the JSON copies (documents.json, pages.json) next to
+this file for non-Python consumers; a test checks they are current.
+
+Versioning: bump the minor version for added nullable columns (readers keep working),
+the major version for anything else.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1.0"
+VERSION_KEY = b"docpipe.schema_version"
+TABLE_KEY = b"docpipe.table"
+
+
+def _f(name: str, type_: pa.DataType, description: str, nullable: bool = True) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable, metadata={b"description": description.encode()})
+
+
+ERROR_FIELDS = (
+    ("error_stage", "Stage that failed: sources, rasterize, tiling, inference, sink or timeout; null when none did."),
+    ("error_type", "Stable machine-readable error code, e.g. encrypted_pdf, not_a_pdf, empty_file; null when none."),
+    ("error_message", "Human-readable explanation of the error; null when none."),
+)
+
+
+def _error_fields() -> list[pa.Field]:
+    return [_f(name, pa.string(), desc) for name, desc in ERROR_FIELDS]
+
+
+DOCUMENTS_FIELDS: list[pa.Field] = [
+    _f("doc_id", pa.string(), "SHA-256 (hex) of the file's bytes; equal bytes give the same id.", nullable=False),
+    _f("source_uri", pa.string(), "Full URL or path of the input file.", nullable=False),
+    _f("size_bytes", pa.int64(), "File size in bytes."),
+    _f("media_type", pa.string(), "Media type sniffed from the content (application/pdf, image/png, ...)."),
+    _f("page_count", pa.int32(), "Pages (or image frames) in the file; null when it could not be opened."),
+    _f("pages_ok", pa.int32(), "Pages written to the pages table with status ok.", nullable=False),
+    _f("pages_failed", pa.int32(), "Pages written to the pages table with status error.", nullable=False),
+    _f(
+        "status",
+        pa.string(),
+        "ok: every page processed; partial: some pages failed; error: nothing usable; "
+        "duplicate: same bytes as another input (see duplicate_of), pages not repeated.",
+        nullable=False,
+    ),
+    _f("duplicate_of", pa.string(), "source_uri of the input with the same bytes that was processed, for duplicates."),
+    *_error_fields(),
+    _f("rasterize_s", pa.float64(), "Seconds spent opening and rasterizing the document."),
+    _f("tiling_s", pa.float64(), "Seconds spent planning and cutting tiles."),
+    _f("inference_s", pa.float64(), "Seconds of model time attributed to this document's pages."),
+    _f("total_s", pa.float64(), "Wall seconds from opening the document to its last page."),
+    _f("shard_id", pa.string(), "Shard (unit of work and of output files) the document was processed in.", nullable=False),
+    _f("run_id", pa.string(), "Run that wrote this row.", nullable=False),
+    _f("config_fingerprint", pa.string(), "Hash of the settings that change page outputs.", nullable=False),
+    _f("processed_at", pa.timestamp("us", tz="UTC"), "When the row was written.", nullable=False),
+]
+
+CHART_ANSWER_TYPE = pa.struct(
+    [
+        _f("question", pa.string(), "Question asked about the chart.", nullable=False),
+        _f("answer", pa.string(), "The model's answer; null when it gave none."),
+    ]
+)
+
+PAGES_FIELDS: list[pa.Field] = [
+    _f("doc_id", pa.string(), "SHA-256 of the document this page belongs to.", nullable=False),
+    _f("source_uri", pa.string(), "URL or path of the document.", nullable=False),
+    _f("page_number", pa.int32(), "1-based page (or image frame) number.", nullable=False),
+    _f(
+        "page_kind",
+        pa.string(),
+        "born_digital, scan, scan_with_ocr, blank, or image (an image file); null if the page failed to render.",
+    ),
+    _f("width_px", pa.int32(), "Rendered width in pixels."),
+    _f("height_px", pa.int32(), "Rendered height in pixels."),
+    _f("dpi", pa.float32(), "Rendered resolution in dots per inch (null for images without resolution)."),
+    _f("requested_dpi", pa.float32(), "Resolution the tiling policy asked for before any budget or limit."),
+    _f("downscaled", pa.bool_(), "True when the render was lowered below the request (pixel budget or renderer limit)."),
+    _f("render_note", pa.string(), "Why the render differs from the request, when it does."),
+    _f("rotation", pa.int16(), "Rotation applied in degrees (PDF /Rotate or EXIF orientation)."),
+    _f("tiling_policy", pa.string(), "internvl, minimax or minicpm."),
+    _f("grid_cols", pa.int16(), "Tile grid columns."),
+    _f("grid_rows", pa.int16(), "Tile grid rows."),
+    _f("tile_count", pa.int16(), "Tiles fed to the model, thumbnail or overview included."),
+    _f("has_thumbnail", pa.bool_(), "Whether a whole-page thumbnail/overview tile was added."),
+    _f("visual_tokens", pa.int32(), "Visual tokens for this page under the policy's tokens-per-tile."),
+    _f("text_layer", pa.string(), "Visible text layer of the PDF page (null for images or when not extracted)."),
+    _f("text_layer_chars", pa.int32(), "Characters in text_layer (0 when empty, null when not extracted)."),
+    # ---- model columns (null when the run has no model) ---------------------------------
+    _f("description", pa.string(), "The model's description of what the page is and shows."),
+    _f("ocr_text", pa.string(), "All text on the page in reading order (plain text or Markdown tables)."),
+    _f("has_chart", pa.bool_(), "Whether the model found a chart, plot or diagram on the page."),
+    _f("chart_answers", pa.list_(CHART_ANSWER_TYPE), "Answers to the run's chart questions (empty when no chart)."),
+    _f("model_id", pa.string(), "Model folder or hub id that produced the model columns."),
+    _f("model_revision", pa.string(), "Model commit hash or revision, when known."),
+    _f("model_dtype", pa.string(), "Weights dtype used for generation."),
+    _f("prompt_version", pa.string(), "Version of the prompt set used."),
+    _f("prompt_tokens", pa.int32(), "Prompt tokens over all tasks of the page (image tokens included)."),
+    _f("generated_tokens", pa.int32(), "Tokens generated over all tasks of the page."),
+    _f("inference_latency_s", pa.float64(), "Model seconds attributed to this page (its share of its batches)."),
+    _f("truncated", pa.bool_(), "Some task stopped at the token limit."),
+    _f("repetitive", pa.bool_(), "Some task hit the token limit by repeating itself."),
+    # ---- status ---------------------------------------------------------------------------
+    _f("status", pa.string(), "ok or error.", nullable=False),
+    *_error_fields(),
+    _f("shard_id", pa.string(), "Shard the page was processed in.", nullable=False),
+    _f("run_id", pa.string(), "Run that wrote this row.", nullable=False),
+    _f("config_fingerprint", pa.string(), "Hash of the settings that change page outputs.", nullable=False),
+]
+
+
+def _schema(fields: list[pa.Field], table: str, description: str) -> pa.Schema:
+    return pa.schema(
+        fields,
+        metadata={
+            VERSION_KEY: SCHEMA_VERSION.encode(),
+            TABLE_KEY: table.encode(),
+            b"description": description.encode(),
+        },
+    )
+
+
+DOCUMENTS_SCHEMA = _schema(
+    DOCUMENTS_FIELDS, "documents", "One row per input file, whatever happened to it."
+)
+PAGES_SCHEMA = _schema(PAGES_FIELDS, "pages", "One row per page (or image frame) of every processed document.")
+
+SCHEMAS: dict[str, pa.Schema] = {"documents": DOCUMENTS_SCHEMA, "pages": PAGES_SCHEMA}
+
+
+def _type_to_json(type_: pa.DataType) -> object:
+    if pa.types.is_struct(type_):
+        return {"struct": [_field_to_json(type_.field(i)) for i in range(type_.num_fields)]}
+    if pa.types.is_list(type_):
+        return {"list": _type_to_json(type_.value_type)}
+    return str(type_)
+
+
+def _field_to_json(f: pa.Field) -> dict[str, object]:
+    return {
+        "name": f.name,
+        "type": _type_to_json(f.type),
+        "nullable": f.nullable,
+        "description": (f.metadata or {}).get(b"description", b"").decode(),
+    }
+
+
+def schema_to_json(name: str) -> dict[str, object]:
+    schema = SCHEMAS[name]
+    meta = schema.metadata or {}
+    return {
+        "table": name,
+        "schema_version": SCHEMA_VERSION,
+        "description": meta.get(b"description", b"").decode(),
+        "fields": [_field_to_json(f) for f in schema],
+    }

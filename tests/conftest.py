@@ -1,0 +1,55 @@
+"""Shared fixtures: a real S3 API on loopback (moto server) and isolated environments."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1 for the whole test session (stopped at the end)."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fake_aws_credentials() -> None:
+    # moto accepts any credentials; s3fs needs some to sign requests. Never real ones.
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+
+@pytest.fixture()
+def s3_storage_options(s3_endpoint: str) -> dict:
+    return {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}
+
+
+@pytest.fixture()
+def s3_bucket(s3_endpoint: str, s3_storage_options: dict) -> str:
+    """A fresh, empty bucket; returns its name."""
+    import s3fs
+
+    name = f"bkt-{uuid.uuid4().hex[:12]}"
+    fs = s3fs.S3FileSystem(**s3_storage_options)
+    fs.mkdir(name)
+    fs.invalidate_cache()
+    return name
