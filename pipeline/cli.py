@@ -1,0 +1,170 @@
+"""`docpipe`: the command line. Its `run` options are generated from RunConfig."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from pipeline.config import RunConfig
+
+EXIT_OK = 0
+EXIT_NOTHING_PROCESSED = 1
+EXIT_BAD_CONFIG = 2
+
+_POSITIONAL = ("source",)
+
+
+def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return annotation, False
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One argparse option per RunConfig field, with its type, default and help."""
+    for name, info in RunConfig.model_fields.items():
+        annotation, _optional = _unwrap_optional(info.annotation)
+        origin = typing.get_origin(annotation)
+        help_text = info.description or ""
+        default = None if info.is_required() else info.get_default(call_default_factory=True)
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
+        if name in _POSITIONAL:
+            parser.add_argument(name, help=help_text)
+            continue
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is list:
+            (item,) = typing.get_args(annotation)
+            choices = typing.get_args(item) if typing.get_origin(item) is typing.Literal else None
+            kwargs.update(nargs="+", metavar="VALUE", choices=choices)
+        elif origin is dict:
+            kwargs.update(type=_json_object, metavar="JSON")
+        elif origin is typing.Literal:
+            kwargs["choices"] = typing.get_args(annotation)
+        elif annotation in (int, float, str):
+            kwargs["type"] = annotation
+        if info.is_required():
+            kwargs["required"] = True
+        elif default is not None and default != [] and default != {}:
+            help_text += f" [default: {default}]"
+        kwargs["help"] = help_text
+        parser.add_argument(_flag(name), **kwargs)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"endpoint_url\": \"http://...\"}'")
+    return value
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    values = {k: v for k, v in vars(args).items() if k in RunConfig.model_fields}
+    return RunConfig(**values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="docpipe", description="Batch document intelligence: PDFs and scans to Parquet."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="Log more detail.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run_p = sub.add_parser("run", help="Process a folder or bucket now, in this process.")
+    add_config_arguments(run_p)
+
+    tiny = sub.add_parser("make-tiny-model", help="Build a tiny random model of a family, offline, for smoke tests.")
+    tiny.add_argument("family", help="Model family, e.g. internvl, qwen2_vl, idefics3.")
+    tiny.add_argument("directory", help="Folder to write the model to.")
+    tiny.add_argument("--seed", type=int, default=0, help="Random seed. [default: 0]")
+
+    serve = sub.add_parser("serve", help="Serve the ingestion flow as a Prefect deployment from this process.")
+    serve.add_argument("--name", default="docpipe", help="Deployment name. [default: docpipe]")
+    serve.add_argument("--cron", default=None, help="Cron schedule, e.g. '0 2 * * *' for 02:00 nightly.")
+
+    schemas_p = sub.add_parser("schemas", help="Write the output schemas as JSON.")
+    schemas_p.add_argument("directory", nargs="?", default=".", help="Where to write them. [default: .]")
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.progress import run_with_progress
+
+    try:
+        config = config_from_args(args)
+    except ValidationError as exc:
+        print(f"docpipe: invalid configuration:\n{exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    try:
+        summary = run_with_progress(config)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        print(f"docpipe: source not found: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    if summary.total_documents == 0:
+        print("docpipe: no documents found under the source (check the path and --extensions)", file=sys.stderr)
+        return EXIT_NOTHING_PROCESSED
+    attempted = summary.documents
+    failed = summary.documents_by_status.get("error", 0)
+    if attempted and failed == attempted:
+        print("docpipe: every document failed; see the documents table for the reasons", file=sys.stderr)
+        return EXIT_NOTHING_PROCESSED
+    return EXIT_OK
+
+
+def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from pipeline.testing.tiny_models import make_tiny_model
+
+    path = make_tiny_model(args.family, args.directory, seed=args.seed)
+    print(f"wrote a tiny random {args.family} model to {path}")
+    return EXIT_OK
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from flows.deploy import serve
+
+    serve(name=args.name, cron=args.cron)
+    return EXIT_OK
+
+
+def _cmd_schemas(args: argparse.Namespace) -> int:
+    from schemas.export import main as export
+
+    return export([args.directory])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    handlers = {
+        "run": _cmd_run,
+        "make-tiny-model": _cmd_make_tiny_model,
+        "serve": _cmd_serve,
+        "schemas": _cmd_schemas,
+    }
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

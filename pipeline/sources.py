@@ -1,0 +1,325 @@
+"""Find input documents under any fsspec URL, hash and sniff them, and read them back.
+
+This is the input edge of the pipeline: the only module (with `sink`) that touches
+storage. Everything goes through fsspec, so a local folder, `file://`, `s3://`, `gs://`
+and `memory://` behave alike.
+
+`discover` lists candidates (recursively, in a stable order), streams each file once to
+get its SHA-256 (the document id) and its first bytes (to sniff the media type), and
+returns one `DocumentRef` per file. Problems found at this stage (empty, unreadable or
+mislabelled files) are carried in `DocumentRef.error`; they never stop discovery.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import logging
+import os
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+from fsspec.core import split_protocol, strip_protocol
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.records import DocumentRef, Stage, StageError
+
+log = logging.getLogger(__name__)
+
+HEAD_BYTES = 2048  # kept from the start of each file for sniffing
+CHUNK_BYTES = 8 * 1024 * 1024  # streaming read size while hashing
+PDF_MARKER_WINDOW = 1024  # `%PDF-` must occur this early (as PDF readers require)
+
+PDF_EXTENSIONS = frozenset({"pdf"})
+IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "jpe", "tif", "tiff", "webp", "bmp", "dib", "gif"})
+
+OCTET_STREAM = "application/octet-stream"
+_LOCAL_PROTOCOLS = frozenset({"file", "local"})
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+# Magic numbers of the image formats we accept, checked in order.
+_IMAGE_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"II*\x00", "image/tiff"),
+    (b"MM\x00*", "image/tiff"),
+    (b"II+\x00", "image/tiff"),  # BigTIFF
+    (b"MM\x00+", "image/tiff"),  # BigTIFF
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+)
+# Sizes of the BMP info headers in use (BITMAPCOREHEADER ... BITMAPV5HEADER).
+_BMP_DIB_SIZES = frozenset({12, 16, 40, 52, 56, 64, 108, 124})
+_HTML_MARKERS = ("<!doctype html", "<html", "<head", "<body", "<meta", "<title", "<script", "<div", "<table")
+# Code points that do not occur in text: controls other than tab, LF, FF, CR, ESC; DEL; and
+# U+FFFD, which the decoders put in place of bytes that are not text.
+_NOT_TEXT = frozenset(set(range(0, 32)) - {9, 10, 12, 13, 27}) | {127, 0xFFFD}
+
+
+# ---------------------------------------------------------------------------------------
+# URLs and file systems
+# ---------------------------------------------------------------------------------------
+
+
+def resolve(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """File system and path of `url` (a plain path is local; any fsspec URL works)."""
+    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether `fs` is the local file system (so files can be renamed and opened directly)."""
+    return isinstance(fs, LocalFileSystem)
+
+
+def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The URL `read_bytes` reopens: an absolute path for local files, protocol://... otherwise."""
+    return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+def local_path(uri: str) -> str | None:
+    """The local file system path of `uri`, or None when the file lives elsewhere."""
+    if "::" in uri:  # chained URL (e.g. simplecache::s3://...): not a plain local file
+        return None
+    protocol, _ = split_protocol(uri)
+    if protocol is not None and protocol not in _LOCAL_PROTOCOLS:
+        return None
+    return os.path.abspath(strip_protocol(uri) if protocol else uri)
+
+
+def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    """All bytes of the file at `uri` (as produced by `discover`)."""
+    fs, path = resolve(uri, storage_options)
+    return fs.cat_file(path)
+
+
+# ---------------------------------------------------------------------------------------
+# Sniffing
+# ---------------------------------------------------------------------------------------
+
+
+def _is_bmp(head: bytes) -> bool:
+    return len(head) >= 18 and head[:2] == b"BM" and int.from_bytes(head[14:18], "little") in _BMP_DIB_SIZES
+
+
+def _as_text(head: bytes) -> str | None:
+    """`head` decoded when it reads as text (UTF-8/16 or an 8-bit code page), else None.
+
+    Binary formats reveal themselves within a few hundred bytes by NULs or by control
+    characters that text never holds; the head may end in the middle of a character.
+    """
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        text = head[: len(head) - len(head) % 2].decode("utf-16", errors="replace")
+    elif not head or b"\x00" in head:
+        return None
+    else:
+        try:
+            text = codecs.getincrementaldecoder("utf-8-sig")().decode(head, final=False)
+        except UnicodeDecodeError:
+            text = head.decode("cp1252", errors="replace")
+    return None if any(ord(ch) in _NOT_TEXT for ch in text) else text
+
+
+def _looks_like_html(text: str) -> bool:
+    start = text.lstrip().lower()
+    return start.startswith("<") and any(marker in start[:1024] for marker in _HTML_MARKERS)
+
+
+def sniff_media_type(head: bytes) -> str:
+    """Media type from the first bytes of a file (about 2 KB is enough).
+
+    application/pdf when `%PDF-` occurs in the first 1024 bytes; image/png, image/jpeg,
+    image/tiff, image/webp, image/bmp, image/gif by magic bytes; text/html and text/plain
+    by heuristics; application/octet-stream otherwise.
+    """
+    if b"%PDF-" in head[:PDF_MARKER_WINDOW]:
+        return "application/pdf"
+    for magic, media_type in _IMAGE_MAGIC:
+        if head.startswith(magic):
+            return media_type
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    if _is_bmp(head):
+        return "image/bmp"
+    text = _as_text(head)
+    if text is not None:
+        return "text/html" if _looks_like_html(text) else "text/plain"
+    return OCTET_STREAM
+
+
+def extension_of(path: str) -> str:
+    """Lower-case extension without the dot ('' when there is none)."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return name.rsplit(".", 1)[-1].lower() if "." in name.lstrip(".") else ""
+
+
+def mislabel_message(extension: str, media_type: str) -> str | None:
+    """Why the content contradicts the extension, or None when it does not."""
+    if extension in PDF_EXTENSIONS and media_type != "application/pdf":
+        return f"named .{extension} but content is {media_type}"
+    if extension in IMAGE_EXTENSIONS and not media_type.startswith("image/"):
+        return f"named .{extension} but content is {media_type}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Listing
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    path: str  # file system path (protocol stripped)
+    uri: str  # full URL, the sort key
+    size: int | None  # from the listing; None when the listing did not say
+
+
+def _normalise_extensions(extensions: Iterable[str]) -> frozenset[str]:
+    cleaned = frozenset(e.strip().lower().lstrip(".") for e in extensions if e and e.strip())
+    if not cleaned:
+        raise ValueError("extensions must name at least one file extension")
+    return cleaned
+
+
+def _is_hidden(root: str, path: str) -> bool:
+    """Whether any part of `path` below `root` starts with a dot."""
+    rel = path[len(root) :] if path.startswith(root) else path
+    return any(part.startswith(".") for part in rel.split("/") if part)
+
+
+def _list_files(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict[str, Any]]:
+    """path -> info for every file under `root`, from as few listing calls as possible."""
+    if not is_local(fs):
+        # One recursive listing (a flat, paginated LIST on object stores), sizes included.
+        return fs.find(root, detail=True, withdirs=False)
+    # Locally, walk so that hidden directories (.git, .cache, ...) are pruned, not read.
+    found: dict[str, dict[str, Any]] = {}
+    for dirpath, dirs, files in fs.walk(root, detail=True, on_error=_log_walk_error):
+        for name in [d for d in dirs if d.startswith(".")]:
+            del dirs[name]
+        for name, info in files.items():
+            if not name.startswith("."):
+                found[f"{dirpath.rstrip('/')}/{name}"] = info
+    return found
+
+
+def _log_walk_error(exc: OSError) -> None:
+    log.warning("skipping a folder that cannot be listed: %s", exc)
+
+
+def _candidates(fs: fsspec.AbstractFileSystem, root: str, extensions: frozenset[str]) -> list[_Candidate]:
+    """Files under `root` (or `root` itself) that discovery should hash, sorted by URI."""
+    try:
+        root_info = fs.info(root)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"source not found: {fs.unstrip_protocol(root)}") from None
+    if root_info.get("type") != "directory":
+        # A single file named explicitly is taken whatever its extension; content decides.
+        return [_Candidate(root, full_uri(fs, root), root_info.get("size"))]
+    out: list[_Candidate] = []
+    for path, info in _list_files(fs, root).items():
+        if path.endswith("/") or info.get("type", "file") != "file":
+            continue  # "folder" marker objects on object stores, sockets, ...
+        if _is_hidden(root, path) or extension_of(path) not in extensions:
+            continue
+        out.append(_Candidate(path, full_uri(fs, path), info.get("size")))
+    out.sort(key=lambda c: c.uri)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Hashing
+# ---------------------------------------------------------------------------------------
+
+
+def _digest(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, bytes, int]:
+    """(sha256 hex, first HEAD_BYTES bytes, size) reading the file once, chunk by chunk."""
+    sha = hashlib.sha256()
+    head = bytearray()
+    size = 0
+    open_kwargs: dict[str, Any] = {} if is_local(fs) else {"block_size": CHUNK_BYTES, "cache_type": "none"}
+    with fs.open(path, "rb", **open_kwargs) as fh:
+        while chunk := fh.read(CHUNK_BYTES):
+            sha.update(chunk)
+            size += len(chunk)
+            if len(head) < HEAD_BYTES:
+                head += chunk[: HEAD_BYTES - len(head)]
+    return sha.hexdigest(), bytes(head), size
+
+
+def _error(type_: str, message: str) -> StageError:
+    return StageError(Stage.SOURCES, type_, message)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _make_ref(fs: fsspec.AbstractFileSystem, cand: _Candidate) -> DocumentRef:
+    """Hash and sniff one candidate; any problem becomes `ref.error`, never an exception."""
+    empty = _error("empty_file", "file is empty (0 bytes)")
+    if cand.size == 0:
+        return DocumentRef(cand.uri, _EMPTY_SHA256, 0, OCTET_STREAM, error=empty)
+    try:
+        doc_id, head, size = _digest(fs, cand.path)
+    except Exception as exc:  # noqa: BLE001 - any failure to read one file is that file's error
+        unreadable = _error("unreadable", f"cannot read file: {_describe(exc)}")
+        # No content hash is known: doc_id stays empty (resume then retries the file).
+        return DocumentRef(cand.uri, "", cand.size or 0, OCTET_STREAM, error=unreadable)
+    if size == 0:  # the listing did not say, or the file was emptied since
+        return DocumentRef(cand.uri, doc_id, 0, OCTET_STREAM, error=empty)
+    media_type = sniff_media_type(head)
+    problem = mislabel_message(extension_of(cand.path), media_type)
+    return DocumentRef(cand.uri, doc_id, size, media_type, error=_error("mislabelled", problem) if problem else None)
+
+
+def _mark_duplicates(refs: list[DocumentRef]) -> list[DocumentRef]:
+    """Give each later copy of the same bytes `duplicate_of` = the first copy's URI."""
+    first: dict[str, str] = {}
+    out: list[DocumentRef] = []
+    for ref in refs:
+        if ref.error is not None:
+            out.append(ref)
+            continue
+        original = first.setdefault(ref.doc_id, ref.uri)
+        out.append(ref if original == ref.uri else _replace_duplicate(ref, original))
+    return out
+
+
+def _replace_duplicate(ref: DocumentRef, original: str) -> DocumentRef:
+    return DocumentRef(ref.uri, ref.doc_id, ref.size, ref.media_type, duplicate_of=original, error=ref.error)
+
+
+def discover(
+    url: str,
+    *,
+    extensions: Iterable[str],
+    storage_options: dict[str, Any] | None = None,
+    hash_workers: int = 8,
+    limit: int | None = None,
+) -> list[DocumentRef]:
+    """Every candidate document under `url` (a folder, prefix or single file), hashed and sniffed.
+
+    Sorted by URI; `limit` keeps the first N after sorting (before any hashing). Hidden
+    files and folders (a name starting with '.') and object-store folder markers are
+    skipped. Bad files come back with `error` set. Raises FileNotFoundError only when
+    `url` itself does not exist (a broken configuration).
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    fs, root = resolve(url, storage_options)
+    if not is_local(fs):
+        fs.invalidate_cache(root)  # fsspec instances are shared: never list from a stale cache
+    cands = _candidates(fs, root, _normalise_extensions(extensions))
+    if limit is not None:
+        cands = cands[:limit]
+    workers = max(1, min(hash_workers, len(cands)))
+    if workers == 1:
+        refs = [_make_ref(fs, c) for c in cands]
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docpipe-hash") as pool:
+            refs = list(pool.map(lambda c: _make_ref(fs, c), cands))
+    return _mark_duplicates(refs)

@@ -1,0 +1,42 @@
+import pytest
+
+from pipeline.cli import build_parser, config_from_args
+from pipeline.config import RunConfig
+
+
+def test_every_config_field_is_a_run_option():
+    parser = build_parser()
+    run_parser = parser._subparsers._group_actions[0].choices["run"]  # noqa: SLF001 - introspection in a test
+    dests = {a.dest for a in run_parser._actions}
+    assert set(RunConfig.model_fields) <= dests
+
+
+def test_options_parse_into_the_config():
+    args = build_parser().parse_args(
+        [
+            "run", "in", "--output", "out", "--max-tiles", "6", "--tasks", "ocr", "chart",
+            "--storage-options", '{"endpoint_url": "http://127.0.0.1:9"}', "--no-progress",
+            "--chart-questions", "Which bar is tallest?",
+        ]
+    )
+    cfg = config_from_args(args)
+    assert cfg.source == "in" and cfg.output == "out" and cfg.max_tiles == 6
+    assert cfg.tasks == ["ocr", "chart"] and cfg.progress is False
+    assert cfg.storage_options == {"endpoint_url": "http://127.0.0.1:9"}
+    assert cfg.chart_questions == ["Which bar is tallest?"]
+    # unspecified options keep the config's own defaults
+    assert cfg.max_dpi == RunConfig.model_fields["max_dpi"].default
+
+
+def test_bad_values_are_refused_by_the_parser():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "in", "--output", "o", "--tiling-policy", "hexagons"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "in", "--output", "o", "--storage-options", "[1]"])
+
+
+def test_broken_configuration_exits_2(tmp_path, capsys):
+    from pipeline.cli import main
+
+    assert main(["run", str(tmp_path), "--output", str(tmp_path / "o"), "--min-dpi", "400", "--max-dpi", "100"]) == 2
+    assert "min_dpi" in capsys.readouterr().err

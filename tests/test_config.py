@@ -1,0 +1,69 @@
+import pytest
+from pydantic import ValidationError
+
+from pipeline.config import DEFAULT_CHART_QUESTIONS, RunConfig, field_help
+
+
+def test_every_field_has_help_and_a_type():
+    for name, info in RunConfig.model_fields.items():
+        assert info.description and len(info.description) > 10, name
+        assert info.annotation is not None, name
+
+
+def test_defaults_are_usable():
+    cfg = RunConfig(source="in", output="out")
+    assert cfg.tiling_policy == "internvl"
+    assert cfg.model is None
+    assert cfg.trust_remote_code is False
+    assert cfg.tasks == ["description", "ocr", "chart"]
+    assert "pdf" in cfg.extensions
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"min_dpi": 300, "max_dpi": 100},
+        {"min_tiles": 13, "max_tiles": 12},
+        {"tasks": ["summarise"]},
+        {"tiling_policy": "square"},
+        {"shard_size": 0},
+        {"extensions": [" "]},
+        {"not_a_setting": 1},
+    ],
+)
+def test_broken_configuration_is_rejected(bad):
+    with pytest.raises(ValidationError):
+        RunConfig(source="in", output="out", **bad)
+
+
+def test_extensions_are_normalised():
+    cfg = RunConfig(source="in", output="out", extensions=[".PDF", "Png", "pdf"])
+    assert cfg.extensions == ["pdf", "png"]
+
+
+def test_fingerprint_tracks_only_output_changing_settings():
+    base = RunConfig(source="a", output="b")
+    # where and how fast: same outputs, same fingerprint
+    assert base.fingerprint() == RunConfig(source="c", output="d", shard_size=3, prep_workers=4).fingerprint()
+    # what is asked or how pages are tiled: different outputs
+    assert base.fingerprint() != RunConfig(source="a", output="b", max_tiles=6).fingerprint()
+    assert base.fingerprint() != RunConfig(source="a", output="b", model="m").fingerprint()
+    assert base.fingerprint() != RunConfig(source="a", output="b", chart_questions=["Q?"]).fingerprint()
+
+
+def test_storage_options_never_appear_in_public_dict():
+    cfg = RunConfig(source="s3://b/p", output="s3://b/o", storage_options={"key": "AKIA", "secret": "hunter2"})
+    public = cfg.public_dict()
+    assert "hunter2" not in str(public) and "AKIA" not in str(public)
+    assert public["storage_options"] == ["key", "secret"]
+
+
+def test_chart_questions_extend_the_default_set():
+    cfg = RunConfig(source="a", output="b", chart_questions=["Which year is highest?"])
+    assert cfg.all_chart_questions() == [*DEFAULT_CHART_QUESTIONS, "Which year is highest?"]
+    only = RunConfig(source="a", output="b", chart_questions=["Q?"], default_chart_questions=False)
+    assert only.all_chart_questions() == ["Q?"]
+
+
+def test_field_help_lists_every_field():
+    assert set(field_help()) == set(RunConfig.model_fields)
