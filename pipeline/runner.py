@@ -71,6 +71,10 @@ def discover_work(config: RunConfig) -> WorkPlan:
         storage_options=config.storage_options,
         limit=config.limit,
     )
+    # A pages file without its documents file is a shard killed between its two writes; it
+    # would show up as duplicate pages to readers that glob the folder, so it goes. This
+    # assumes one run per output at a time (the deployments set a concurrency limit of 1);
+    # fanned-out shard runs never call this.
     sink.clean_orphans(config.output, config.storage_options)
     done = sink.read_done(config.output, config.storage_options)
     processed: dict[str, str] = {}

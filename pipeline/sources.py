@@ -13,12 +13,12 @@ mislabelled files) are carried in `DocumentRef.error`; they never stop discovery
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import hashlib
 import logging
 import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -169,7 +169,7 @@ def mislabel_message(extension: str, media_type: str) -> str | None:
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class _Candidate:
     path: str  # file system path (protocol stripped)
     uri: str  # full URL, the sort key
@@ -209,6 +209,10 @@ def _log_walk_error(exc: OSError) -> None:
     log.warning("skipping a folder that cannot be listed: %s", exc)
 
 
+def _is_broken_link(fs: fsspec.AbstractFileSystem, path: str, info: dict[str, Any]) -> bool:
+    return is_local(fs) and bool(info.get("islink")) and not os.path.exists(path)
+
+
 def _candidates(fs: fsspec.AbstractFileSystem, root: str, extensions: frozenset[str]) -> list[_Candidate]:
     """Files under `root` (or `root` itself) that discovery should hash, sorted by URI."""
     try:
@@ -220,11 +224,12 @@ def _candidates(fs: fsspec.AbstractFileSystem, root: str, extensions: frozenset[
         return [_Candidate(root, full_uri(fs, root), root_info.get("size"))]
     out: list[_Candidate] = []
     for path, info in _list_files(fs, root).items():
-        if path.endswith("/") or info.get("type", "file") != "file":
-            continue  # "folder" marker objects on object stores, sockets, ...
-        if _is_hidden(root, path) or extension_of(path) not in extensions:
-            continue
-        out.append(_Candidate(path, full_uri(fs, path), info.get("size")))
+        if path.endswith("/") or _is_hidden(root, path) or extension_of(path) not in extensions:
+            continue  # "folder" marker objects on object stores, hidden and other files
+        if info.get("type", "file") == "file":
+            out.append(_Candidate(path, full_uri(fs, path), info.get("size")))
+        elif _is_broken_link(fs, path, info):  # reported as unreadable; sockets, FIFOs... skipped
+            out.append(_Candidate(path, full_uri(fs, path), None))
     out.sort(key=lambda c: c.uri)
     return out
 
@@ -267,7 +272,8 @@ def _make_ref(fs: fsspec.AbstractFileSystem, cand: _Candidate) -> DocumentRef:
         doc_id, head, size = _digest(fs, cand.path)
     except Exception as exc:  # noqa: BLE001 - any failure to read one file is that file's error
         unreadable = _error("unreadable", f"cannot read file: {_describe(exc)}")
-        # No content hash is known: doc_id stays empty (resume then retries the file).
+        # No content hash is known: doc_id stays empty, so once the file reads, its new
+        # (uri, doc_id) key is not in the dataset and a later run picks it up.
         return DocumentRef(cand.uri, "", cand.size or 0, OCTET_STREAM, error=unreadable)
     if size == 0:  # the listing did not say, or the file was emptied since
         return DocumentRef(cand.uri, doc_id, 0, OCTET_STREAM, error=empty)
@@ -285,12 +291,8 @@ def _mark_duplicates(refs: list[DocumentRef]) -> list[DocumentRef]:
             out.append(ref)
             continue
         original = first.setdefault(ref.doc_id, ref.uri)
-        out.append(ref if original == ref.uri else _replace_duplicate(ref, original))
+        out.append(ref if original == ref.uri else dataclasses.replace(ref, duplicate_of=original))
     return out
-
-
-def _replace_duplicate(ref: DocumentRef, original: str) -> DocumentRef:
-    return DocumentRef(ref.uri, ref.doc_id, ref.size, ref.media_type, duplicate_of=original, error=ref.error)
 
 
 def discover(
@@ -316,7 +318,9 @@ def discover(
     cands = _candidates(fs, root, _normalise_extensions(extensions))
     if limit is not None:
         cands = cands[:limit]
-    workers = max(1, min(hash_workers, len(cands)))
+    # Remote reads wait on the network: many threads. Local hashing is CPU/disk bound.
+    cap = hash_workers if not is_local(fs) else min(hash_workers, os.cpu_count() or 1)
+    workers = max(1, min(cap, len(cands)))
     if workers == 1:
         refs = [_make_ref(fs, c) for c in cands]
     else:

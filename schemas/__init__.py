@@ -95,7 +95,7 @@ PAGES_FIELDS: list[pa.Field] = [
     _f("description", pa.string(), "The model's description of what the page is and shows."),
     _f("ocr_text", pa.string(), "All text on the page in reading order (plain text or Markdown tables)."),
     _f("has_chart", pa.bool_(), "Whether the model found a chart, plot or diagram on the page."),
-    _f("chart_answers", pa.list_(CHART_ANSWER_TYPE), "Answers to the run's chart questions (empty when no chart)."),
+    _f("chart_answers", pa.list_(pa.field("element", CHART_ANSWER_TYPE)), "Answers to the run's chart questions (empty when no chart)."),
     _f("model_id", pa.string(), "Model folder or hub id that produced the model columns."),
     _f("model_revision", pa.string(), "Model commit hash or revision, when known."),
     _f("model_dtype", pa.string(), "Weights dtype used for generation."),

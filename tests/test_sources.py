@@ -1,0 +1,330 @@
+"""sources: listing, hashing, sniffing and reading documents under local, memory and S3 URLs."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import uuid
+from pathlib import Path
+
+import fsspec
+import pymupdf
+import pytest
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
+from PIL import Image
+
+from pipeline import sources
+from pipeline.config import DEFAULT_EXTENSIONS
+from pipeline.records import Stage
+from pipeline.sources import discover, local_path, read_bytes, resolve, sniff_media_type
+
+EXTS = list(DEFAULT_EXTENSIONS)
+
+
+def _pdf(text: str) -> bytes:
+    doc = pymupdf.open()
+    doc.new_page().insert_text((72, 72), text)
+    data = doc.tobytes()
+    doc.close()
+    return data
+
+
+def _image(fmt: str, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 6), color).save(buf, fmt)
+    return buf.getvalue()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# Relative path -> content. Created in an unsorted order on purpose.
+TREE: dict[str, bytes] = {
+    "zeta.jpeg": _image("JPEG"),
+    "sub/deeper/chart.Png": _image("PNG"),
+    "a.pdf": _pdf("first document"),
+    "sub/Report.PDF": _pdf("second document"),
+    "copy_of_a.pdf": _pdf("first document"),  # replaced below by the exact bytes of a.pdf
+    "scan.TIF": _image("TIFF"),
+    "empty.pdf": b"",
+    "fake.pdf": b"<!DOCTYPE html><html><body>Not found</body></html>",
+    "fake.png": b"just some words in a file\n",
+    # never candidates:
+    "notes.txt": b"plain notes",
+    "README": b"no extension",
+    ".hidden.pdf": _pdf("hidden"),
+    ".git/objects/x.pdf": _pdf("in a hidden folder"),
+    "sub/.cache/thumb.png": _image("PNG", (1, 2, 3)),
+}
+TREE["copy_of_a.pdf"] = TREE["a.pdf"]
+CANDIDATES = sorted(
+    ["zeta.jpeg", "sub/deeper/chart.Png", "a.pdf", "sub/Report.PDF", "copy_of_a.pdf", "scan.TIF",
+     "empty.pdf", "fake.pdf", "fake.png"]
+)
+
+
+@pytest.fixture()
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "docs"
+    for rel, data in TREE.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
+
+
+def _by_name(refs: list, root: str) -> dict[str, object]:
+    prefix = root.rstrip("/") + "/"
+    return {ref.uri.removeprefix(prefix): ref for ref in refs}
+
+
+# ---- sniffing --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fmt", "media_type"),
+    [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("TIFF", "image/tiff"), ("WEBP", "image/webp"),
+     ("BMP", "image/bmp"), ("GIF", "image/gif")],
+)
+def test_sniff_images_by_magic_bytes(fmt: str, media_type: str) -> None:
+    assert sniff_media_type(_image(fmt)[:2048]) == media_type
+
+
+@pytest.mark.parametrize(
+    ("head", "media_type"),
+    [
+        (_pdf("x")[:2048], "application/pdf"),
+        (b"\r\n  junk before the header %PDF-1.7\n", "application/pdf"),
+        (b" " * 1100 + b"%PDF-1.7", "text/plain"),  # marker too late to be a PDF header
+        (b"  <!doctype HTML>\n<html><head></head></html>", "text/html"),
+        (b"<html><body>hi</body></html>", "text/html"),
+        ("Grüße aus Köln\n\ttab and newline\r\n".encode(), "text/plain"),
+        ("Grüße, encoded as Latin-1".encode("latin-1"), "text/plain"),
+        ("a UTF-16 text".encode("utf-16"), "text/plain"),
+        ("<?xml version='1.0'?><root/>".encode(), "text/plain"),
+        (b"BM is also how this sentence starts", "text/plain"),  # not a BMP header
+        (bytes(range(256)) * 4, "application/octet-stream"),
+        (b"PK\x03\x04\x14\x00\x00\x00", "application/octet-stream"),
+        (b"", "application/octet-stream"),
+    ],
+)
+def test_sniff_documents_and_text(head: bytes, media_type: str) -> None:
+    assert sniff_media_type(head) == media_type
+
+
+def test_sniff_text_cut_mid_character() -> None:
+    head = ("é" * 1024).encode()[:2047]  # ends in the middle of a two-byte character
+    assert sniff_media_type(head) == "text/plain"
+
+
+# ---- paths -----------------------------------------------------------------------------
+
+
+def test_resolve_and_local_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    fs, path = resolve("rel/dir")
+    assert isinstance(fs, LocalFileSystem) and path == f"{tmp_path}/rel/dir"
+    fs, path = resolve(f"file://{tmp_path}/x.pdf")
+    assert isinstance(fs, LocalFileSystem) and path == f"{tmp_path}/x.pdf"
+    fs, path = resolve("memory://bucket/key.pdf")
+    assert isinstance(fs, MemoryFileSystem) and path == "/bucket/key.pdf"
+    assert local_path("rel/x.pdf") == f"{tmp_path}/rel/x.pdf"
+    assert local_path("/abs/x.pdf") == "/abs/x.pdf"
+    assert local_path("file:///abs/x.pdf") == "/abs/x.pdf"
+    assert local_path("s3://bucket/x.pdf") is None
+    assert local_path("memory:///x.pdf") is None
+    assert local_path("simplecache::s3://bucket/x.pdf") is None
+
+
+# ---- local discovery -------------------------------------------------------------------
+
+
+def test_discover_local_tree(tree: Path) -> None:
+    refs = discover(str(tree), extensions=EXTS)
+    assert [r.uri for r in refs] == [f"{tree}/{rel}" for rel in CANDIDATES]
+    assert all(os.path.isabs(r.uri) and "://" not in r.uri for r in refs)
+    for rel, ref in _by_name(refs, str(tree)).items():
+        assert ref.doc_id == _sha(TREE[rel]), rel
+        assert ref.size == len(TREE[rel]), rel
+        assert read_bytes(ref.uri) == TREE[rel]
+        assert local_path(ref.uri) == ref.uri
+    media = {rel: ref.media_type for rel, ref in _by_name(refs, str(tree)).items()}
+    assert media["a.pdf"] == media["sub/Report.PDF"] == "application/pdf"
+    assert media["sub/deeper/chart.Png"] == "image/png"
+    assert media["zeta.jpeg"] == "image/jpeg"
+    assert media["scan.TIF"] == "image/tiff"
+
+
+def test_discover_is_stable(tree: Path) -> None:
+    first = discover(str(tree), extensions=EXTS, hash_workers=1)
+    second = discover(str(tree), extensions=EXTS, hash_workers=4)
+    assert first == second
+    assert [r.uri for r in first] == sorted(r.uri for r in first)
+
+
+def test_duplicates_point_at_the_first_copy(tree: Path) -> None:
+    refs = _by_name(discover(str(tree), extensions=EXTS), str(tree))
+    assert refs["a.pdf"].duplicate_of is None
+    assert refs["copy_of_a.pdf"].duplicate_of == f"{tree}/a.pdf"
+    assert refs["copy_of_a.pdf"].doc_id == refs["a.pdf"].doc_id
+    assert refs["copy_of_a.pdf"].error is None
+    others = [r for name, r in refs.items() if name != "copy_of_a.pdf"]
+    assert all(r.duplicate_of is None for r in others)
+
+
+def test_problem_files_are_data(tree: Path) -> None:
+    refs = _by_name(discover(str(tree), extensions=EXTS), str(tree))
+    empty = refs["empty.pdf"]
+    assert empty.size == 0 and empty.doc_id == _sha(b"")
+    assert (empty.error.stage, empty.error.type) == (Stage.SOURCES, "empty_file")
+    fake_pdf = refs["fake.pdf"]
+    assert (fake_pdf.error.stage, fake_pdf.error.type) == (Stage.SOURCES, "mislabelled")
+    assert fake_pdf.error.message == "named .pdf but content is text/html"
+    assert fake_pdf.media_type == "text/html" and fake_pdf.doc_id == _sha(TREE["fake.pdf"])
+    fake_png = refs["fake.png"]
+    assert fake_png.error.type == "mislabelled"
+    assert fake_png.error.message == "named .png but content is text/plain"
+    clean = [r for r in refs.values() if r.error is None]
+    assert {r.uri.rsplit("/", 1)[-1] for r in clean} == {
+        "a.pdf", "copy_of_a.pdf", "Report.PDF", "chart.Png", "zeta.jpeg", "scan.TIF"
+    }
+
+
+def test_unreadable_files_do_not_stop_discovery(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    os.symlink(tree / "no-such-target.pdf", tree / "broken.pdf")
+    real_list = sources._list_files
+    real_open = LocalFileSystem.open
+
+    def list_then_delete(fs, root):  # the file vanishes between listing and hashing
+        found = real_list(fs, root)
+        (tree / "zeta.jpeg").unlink()
+        return found
+
+    def guarded_open(self, path, *args, **kwargs):
+        if str(path).endswith("scan.TIF"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(sources, "_list_files", list_then_delete)
+    monkeypatch.setattr(LocalFileSystem, "open", guarded_open)
+    refs = _by_name(discover(str(tree), extensions=EXTS, hash_workers=3), str(tree))
+    for name, cause in [("zeta.jpeg", "FileNotFoundError"), ("scan.TIF", "PermissionError"),
+                        ("broken.pdf", "FileNotFoundError")]:
+        error = refs[name].error
+        assert (error.stage, error.type) == (Stage.SOURCES, "unreadable"), name
+        assert cause in error.message, (name, error.message)
+        assert refs[name].doc_id == "" and refs[name].duplicate_of is None
+    assert refs["a.pdf"].error is None and refs["a.pdf"].doc_id == _sha(TREE["a.pdf"])
+
+
+def test_single_file_url(tree: Path) -> None:
+    [ref] = discover(str(tree / "sub" / "Report.PDF"), extensions=EXTS)
+    assert ref.uri == f"{tree}/sub/Report.PDF"
+    assert ref.doc_id == _sha(TREE["sub/Report.PDF"]) and ref.media_type == "application/pdf"
+    # A file named explicitly is taken even when its extension is not listed.
+    [txt] = discover(str(tree / "notes.txt"), extensions=["pdf"])
+    assert txt.media_type == "text/plain" and txt.error is None
+
+
+def test_file_url_gives_plain_paths(tree: Path) -> None:
+    plain = discover(str(tree), extensions=EXTS)
+    assert discover(f"file://{tree}", extensions=EXTS) == plain
+    assert discover(f"file://{tree}/", extensions=EXTS) == plain
+
+
+def test_extensions_are_case_and_dot_insensitive(tree: Path) -> None:
+    refs = discover(str(tree), extensions=[".PDF"])
+    assert [r.uri.removeprefix(f"{tree}/") for r in refs] == [
+        "a.pdf", "copy_of_a.pdf", "empty.pdf", "fake.pdf", "sub/Report.PDF"
+    ]
+    with pytest.raises(ValueError):
+        discover(str(tree), extensions=[" "])
+
+
+def test_limit_applies_after_sorting(tree: Path) -> None:
+    everything = discover(str(tree), extensions=EXTS)
+    assert discover(str(tree), extensions=EXTS, limit=3) == everything[:3]
+    assert len(discover(str(tree), extensions=EXTS, limit=100)) == len(everything)
+    with pytest.raises(ValueError):
+        discover(str(tree), extensions=EXTS, limit=0)
+
+
+def test_missing_source_is_a_configuration_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="source not found"):
+        discover(str(tmp_path / "nope"), extensions=EXTS)
+    (tmp_path / "empty-dir").mkdir()
+    assert discover(str(tmp_path / "empty-dir"), extensions=EXTS) == []
+
+
+def test_memory_url() -> None:
+    fs = fsspec.filesystem("memory")
+    base = f"/docpipe-test-{uuid.uuid4().hex[:8]}"
+    try:
+        for rel, data in TREE.items():
+            fs.pipe_file(f"{base}/{rel}", data)
+        refs = discover(f"memory://{base}", extensions=EXTS, hash_workers=2)
+        assert [r.uri for r in refs] == [f"memory://{base}/{rel}" for rel in CANDIDATES]
+        by_name = _by_name(refs, f"memory://{base}")
+        assert by_name["copy_of_a.pdf"].duplicate_of == f"memory://{base}/a.pdf"
+        assert by_name["fake.pdf"].error.type == "mislabelled"
+        for rel, ref in by_name.items():
+            assert ref.doc_id == _sha(TREE[rel])
+            assert read_bytes(ref.uri) == TREE[rel]
+            assert local_path(ref.uri) is None
+    finally:
+        fs.rm(base, recursive=True)
+
+
+# ---- S3 (moto server) --------------------------------------------------------------------
+
+
+def test_s3_bucket(s3_bucket: str, s3_storage_options: dict) -> None:
+    fs, _ = resolve(f"s3://{s3_bucket}", s3_storage_options)
+    for rel, data in TREE.items():
+        fs.pipe_file(f"{s3_bucket}/in/{rel}", data)
+    fs.pipe_file(f"{s3_bucket}/in/sub/", b"")  # a console-made "folder" marker
+    fs.pipe_file(f"{s3_bucket}/in-other/zzz.pdf", TREE["a.pdf"])  # shares the prefix text only
+    fs.invalidate_cache()
+
+    refs = discover(f"s3://{s3_bucket}/in", extensions=EXTS, storage_options=s3_storage_options, hash_workers=4)
+    prefix = f"s3://{s3_bucket}/in"
+    assert [r.uri for r in refs] == [f"{prefix}/{rel}" for rel in CANDIDATES]
+    by_name = _by_name(refs, prefix)
+    for rel, ref in by_name.items():
+        assert ref.doc_id == _sha(TREE[rel]) and ref.size == len(TREE[rel])
+        assert local_path(ref.uri) is None
+    assert by_name["copy_of_a.pdf"].duplicate_of == f"{prefix}/a.pdf"
+    assert by_name["empty.pdf"].error.type == "empty_file"
+    assert by_name["fake.pdf"].error.message == "named .pdf but content is text/html"
+    assert by_name["sub/deeper/chart.Png"].media_type == "image/png"
+    assert read_bytes(f"{prefix}/sub/Report.PDF", s3_storage_options) == TREE["sub/Report.PDF"]
+
+    [single] = discover(f"{prefix}/scan.TIF", extensions=EXTS, storage_options=s3_storage_options)
+    assert single.uri == f"{prefix}/scan.TIF" and single.media_type == "image/tiff"
+    assert discover(prefix, extensions=EXTS, storage_options=s3_storage_options, limit=2) == refs[:2]
+
+
+def test_s3_listing_costs_no_request_per_file(
+    s3_bucket: str, s3_storage_options: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import s3fs
+
+    fs, _ = resolve(f"s3://{s3_bucket}", s3_storage_options)
+    for i in range(12):
+        fs.pipe_file(f"{s3_bucket}/many/d{i:02}.pdf", b"%PDF-1.4\n" + bytes([i]) * 64)
+    calls: dict[str, int] = {}
+    real_call = s3fs.S3FileSystem._call_s3
+
+    async def counting(self, method, *args, **kwargs):
+        calls[method] = calls.get(method, 0) + 1
+        return await real_call(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counting)
+    refs = discover(f"s3://{s3_bucket}/many", extensions=["pdf"], storage_options=s3_storage_options)
+    assert len(refs) == 12 and all(r.error is None for r in refs)
+    # One GET per file to hash it; sizes come from the listing, not from a HEAD per file.
+    assert calls.get("get_object") == 12
+    assert calls.get("head_object", 0) <= 1
