@@ -1,0 +1,169 @@
+"""End to end without a model: documents -> pages -> tiles -> Parquet, and the CLI over it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import pymupdf
+import pyarrow.dataset as ds
+import pytest
+from PIL import Image
+
+from pipeline import runner
+from pipeline.cli import main
+from pipeline.config import RunConfig
+from pipeline.planning import Shard
+from pipeline.prepare import DocumentDone, PageWork, PrepPool, PrepSettings
+from pipeline.records import DocStatus
+
+from tests.slow_builder import HangingBuilder
+
+
+def make_pdf(path: Path, pages: int, text: str = "Quarterly report") -> Path:
+    doc = pymupdf.open()
+    for i in range(pages):
+        page = doc.new_page(width=612, height=792)
+        page.insert_text((72, 72), f"{text} page {i + 1}", fontsize=14)
+        page.draw_rect(pymupdf.Rect(72, 120, 300, 300), color=(0, 0, 1), fill=(0.8, 0.8, 1))
+    doc.save(path)
+    doc.close()
+    return path
+
+
+@pytest.fixture()
+def inputs(tmp_path: Path) -> Path:
+    src = tmp_path / "in"
+    (src / "nested").mkdir(parents=True)
+    make_pdf(src / "report.pdf", 3)
+    make_pdf(src / "nested" / "memo.pdf", 2, text="Memo")
+    Image.new("RGB", (800, 600), "white").save(src / "scan.png")
+    (src / "z-copy-of-report.pdf").write_bytes((src / "report.pdf").read_bytes())
+    (src / "empty.pdf").write_bytes(b"")
+    (src / "page.pdf").write_text("<html><body>not a pdf</body></html>")
+    (src / "notes.txt").write_text("ignored: not a document extension")
+    return src
+
+
+def read(out: Path, table: str):
+    return ds.dataset(out / table, format="parquet").to_table().to_pylist()
+
+
+def test_run_accounts_for_every_file(inputs: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    summary = runner.run(RunConfig(source=str(inputs), output=str(out), progress=False, shard_size=2))
+    docs = {Path(r["source_uri"]).name: r for r in read(out, "documents")}
+    assert set(docs) == {"report.pdf", "memo.pdf", "scan.png", "z-copy-of-report.pdf", "empty.pdf", "page.pdf"}
+    assert docs["report.pdf"]["status"] == "ok" and docs["report.pdf"]["page_count"] == 3
+    assert docs["z-copy-of-report.pdf"]["status"] == "duplicate"
+    assert docs["z-copy-of-report.pdf"]["doc_id"] == docs["report.pdf"]["doc_id"]
+    assert docs["empty.pdf"]["status"] == "error" and docs["empty.pdf"]["error_type"] == "empty_file"
+    assert docs["page.pdf"]["status"] == "error" and docs["page.pdf"]["error_message"]
+
+    pages = read(out, "pages")
+    per_doc = {}
+    for p in pages:
+        per_doc.setdefault(Path(p["source_uri"]).name, []).append(p["page_number"])
+    # pages of the duplicate are not written twice; every page of the others exactly once
+    assert {k: sorted(v) for k, v in per_doc.items()} == {
+        "report.pdf": [1, 2, 3],
+        "memo.pdf": [1, 2],
+        "scan.png": [1],
+    }
+    for p in pages:
+        assert p["status"] == "ok" and p["tile_count"] >= 1 and p["visual_tokens"] == p["tile_count"] * 256
+        assert p["description"] is None and p["model_id"] is None  # no model: model columns stay null
+    assert "Quarterly report page 2" in next(p["text_layer"] for p in pages if p["page_number"] == 2 and "report" in p["source_uri"])
+    assert summary.pages == 6 and summary.total_documents == 6
+    assert summary.documents_by_status == {"ok": 3, "duplicate": 1, "error": 2}
+
+
+def test_rerun_does_no_work_and_new_files_are_picked_up(inputs: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    cfg = RunConfig(source=str(inputs), output=str(out), progress=False, shard_size=2)
+    runner.run(cfg)
+    files_before = sorted(p.name for p in out.rglob("*.parquet"))
+    again = runner.run(cfg)
+    assert again.documents == 0 and again.pages == 0 and again.already_done == 6
+    assert sorted(p.name for p in out.rglob("*.parquet")) == files_before
+
+    make_pdf(inputs / "late.pdf", 4, text="Late arrival")
+    third = runner.run(cfg)
+    assert third.documents == 1 and third.pages == 4
+    pages = read(out, "pages")
+    keys = [(p["doc_id"], p["page_number"]) for p in pages]
+    assert len(keys) == len(set(keys)) == 10
+
+
+def test_duckdb_reads_the_dataset(inputs: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    runner.run(RunConfig(source=str(inputs), output=str(out), progress=False))
+    con = duckdb.connect()
+    (n_pages,) = con.execute(f"SELECT count(*) FROM read_parquet('{out}/pages/**/*.parquet')").fetchone()
+    (n_docs,) = con.execute(f"SELECT count(*) FROM read_parquet('{out}/documents/*.parquet')").fetchone()
+    assert (n_pages, n_docs) == (6, 6)
+
+
+def test_cli_run_prints_a_summary_and_exit_codes(inputs: Path, tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", str(inputs), "--output", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "pages/s" in printed and "documents processed" in printed
+
+    empty = tmp_path / "nothing-here"
+    empty.mkdir()
+    assert main(["run", str(empty), "--output", str(tmp_path / "o2"), "--no-progress"]) == 1
+
+    bad_only = tmp_path / "bad"
+    bad_only.mkdir()
+    (bad_only / "a.pdf").write_bytes(b"")
+    assert main(["run", str(bad_only), "--output", str(tmp_path / "o3"), "--no-progress"]) == 1
+
+
+def test_worker_pool_gives_the_same_rows(inputs: Path, tmp_path: Path):
+    inline, pooled = tmp_path / "inline", tmp_path / "pooled"
+    runner.run(RunConfig(source=str(inputs), output=str(inline), progress=False))
+    runner.run(RunConfig(source=str(inputs), output=str(pooled), progress=False, prep_workers=2))
+    drop = {"run_id", "processed_at", "rasterize_s", "tiling_s", "inference_s", "total_s"}
+
+    def rows(out, table):
+        return sorted(
+            (json.dumps({k: v for k, v in r.items() if k not in drop}, sort_keys=True, default=str) for r in read(out, table))
+        )
+
+    assert rows(inline, "pages") == rows(pooled, "pages")
+    assert rows(inline, "documents") == rows(pooled, "documents")
+
+
+def test_a_hanging_document_times_out_and_the_shard_goes_on(tmp_path: Path):
+    src = tmp_path / "in"
+    src.mkdir()
+    make_pdf(src / "a-fine.pdf", 2)
+    make_pdf(src / "b-hangs.pdf", 2)
+    make_pdf(src / "c-fine.pdf", 1)
+    from pipeline import sources
+
+    refs = sources.discover(str(src), extensions=["pdf"])
+    cfg = RunConfig(source=str(src), output=str(tmp_path / "o"), document_timeout_s=2.0, prep_workers=2)
+    events = list(PrepPool(PrepSettings(cfg, builder=HangingBuilder("b-hangs")), workers=2).run(refs))
+    outcomes = {Path(e.outcome.ref.uri).name: e.outcome for e in events if isinstance(e, DocumentDone)}
+    assert set(outcomes) == {"a-fine.pdf", "b-hangs.pdf", "c-fine.pdf"}
+    assert outcomes["b-hangs.pdf"].status is DocStatus.ERROR
+    assert outcomes["b-hangs.pdf"].error.type == "document_timeout"
+    assert outcomes["a-fine.pdf"].status is DocStatus.OK and outcomes["c-fine.pdf"].status is DocStatus.OK
+    pages = [e for e in events if isinstance(e, PageWork)]
+    assert sorted((Path(p.ref_uri).name, p.page_number) for p in pages) == [
+        ("a-fine.pdf", 1), ("a-fine.pdf", 2), ("c-fine.pdf", 1)
+    ]
+
+
+def test_done_shard_is_skipped(inputs: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    cfg = RunConfig(source=str(inputs), output=str(out), progress=False)
+    plan = runner.discover_work(cfg)
+    (shard,) = plan.shards
+    first = runner.process_shard(shard, cfg, run_id="r1")
+    second = runner.process_shard(Shard.from_dict(shard.to_dict()), cfg, run_id="r2")
+    assert not first.skipped and second.skipped
+    assert {r["run_id"] for r in read(out, "documents")} == {"r1"}
