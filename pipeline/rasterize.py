@@ -36,7 +36,7 @@ import pymupdf
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.records import PageFailure, PageImage, PageKind, RenderInfo, Stage, StageError
-from pipeline.tiling import TilingOptions, target_render_size
+from pipeline.tiling import TilingOptions, plan_tiles, target_render_size
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.config import RunConfig
@@ -301,7 +301,7 @@ class PdfDocument(OpenedDocument):
                 height=image.height,
                 dpi=round(float(dpi), 3),
                 requested_dpi=round(float(plan.requested), 3),
-                downscaled=dpi < plan.requested - 1e-6,
+                downscaled=plan.over_budget or any("retried at" in n for n in notes),
                 note="; ".join(notes) or None,
             ),
             kind=classify_page(features),
@@ -320,10 +320,15 @@ def _render_with_fallback(page: pymupdf.Page, plan: DpiPlan, options: RasterOpti
         )
     dpi = plan.dpi
     floor = min(RENDER_FLOOR_DPI, dpi)
+    # First choice: render straight at the tile canvas the policy will cut this page from,
+    # so the tiles need no resampling (the models stretch the page to that canvas anyway).
+    canvas = None if plan.over_budget else _tile_canvas(plan, options)
     while True:
         pymupdf.TOOLS.mupdf_warnings(reset=True)
         try:
-            image = _render(page, dpi)
+            image = _render(page, dpi, canvas)
+            if canvas is not None:
+                dpi = _canvas_dpi(page, canvas)
             warned = pymupdf.TOOLS.mupdf_warnings(reset=True)
             if not (warned and render_looks_failed(warned, is_uniform(image))):
                 if warned:
@@ -333,6 +338,9 @@ def _render_with_fallback(page: pymupdf.Page, plan: DpiPlan, options: RasterOpti
             del image
         except (pymupdf.mupdf.FzErrorLimit, MemoryError) as exc:
             reason = _describe(exc)
+        if canvas is not None:  # fall back to the plain render path and its retries
+            canvas, dpi = None, plan.dpi
+            continue
         if dpi / 2 < floor:
             raise _PageTooLarge(
                 f"page too large to render even at {dpi:.0f} dpi ({page.rect.width:.0f}x{page.rect.height:.0f} pt): {reason}"
@@ -341,7 +349,51 @@ def _render_with_fallback(page: pymupdf.Page, plan: DpiPlan, options: RasterOpti
         dpi /= 2
 
 
-def _render(page: pymupdf.Page, dpi: float) -> Image.Image:
+def _tile_canvas(plan: DpiPlan, options: RasterOptions) -> tuple[int, int] | None:
+    """The (width, height) the tiling policy resizes a plan.width x plan.height render to."""
+    try:
+        tiles = plan_tiles(plan.width, plan.height, options.tiling)
+    except ValueError:
+        return None
+    canvas = (tiles.resized_width, tiles.resized_height)
+    # Only when planning at the canvas size gives the same canvas (true for the fixed-grid
+    # policies; MiniCPM's choice depends on the area, so it may not hold there).
+    again = plan_tiles(canvas[0], canvas[1], options.tiling)
+    if (again.resized_width, again.resized_height) != canvas:
+        return None
+    # Only when the canvas is about the planned size: if min_dpi or max_dpi moved the render
+    # far from what the tiles need, honour the requested resolution instead.
+    # Never above the planned resolution (so never above max_dpi), and not far below it.
+    if canvas[0] > plan.width or canvas[1] > plan.height:
+        return None
+    if canvas[0] * canvas[1] < 0.8 * plan.width * plan.height:
+        return None
+    return canvas
+
+
+def _canvas_dpi(page: pymupdf.Page, canvas: tuple[int, int]) -> float:
+    """Resolution of a canvas render: geometric mean of the horizontal and vertical DPI."""
+    return 72.0 * math.sqrt(canvas[0] / page.rect.width * canvas[1] / page.rect.height)
+
+
+def _render_canvas(page: pymupdf.Page, canvas: tuple[int, int]) -> Image.Image:
+    """Render the page stretched to exactly `canvas` pixels."""
+    rect = page.rect
+    w, h = canvas
+    # MuPDF rounds the pixel box outward: aim a hair under the size to land on it exactly.
+    matrix = pymupdf.Matrix((w - 1e-3) / rect.width, (h - 1e-3) / rect.height)
+    pix = page.get_pixmap(matrix=matrix, colorspace=pymupdf.csRGB, alpha=False)
+    image = Image.frombuffer("RGB", (pix.width, pix.height), pix.samples_mv, "raw", "RGB", pix.stride, 1)
+    image = image.copy() if image.readonly else image
+    if image.size != canvas:  # rounding surprise: resample the last pixel away
+        image = image.resize(canvas, Image.Resampling.BICUBIC)
+    return image
+
+
+def _render(page: pymupdf.Page, dpi: float, canvas: tuple[int, int] | None = None) -> Image.Image:
+    """Render at `dpi`, or stretched to exactly `canvas` pixels when one is given."""
+    if canvas is not None:
+        return _render_canvas(page, canvas)
     zoom = dpi / 72.0
     pix = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), colorspace=pymupdf.csRGB, alpha=False)
     # RGB cannot share the buffer in Pillow, so frombuffer decodes into an image of its own

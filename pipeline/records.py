@@ -1,7 +1,7 @@
 """Small typed records that pass between stages. Defined once, used everywhere.
 
     sources -> DocumentRef
-    rasterize -> PageImage (one at a time, lazily) and RasterOutcome (per document)
+    rasterize -> PageImage or PageFailure (one at a time, lazily)
     tiling -> TilePlan (pure) and tiles (PIL images)
     inference -> PageAnswers
     sink -> Arrow rows (see schemas/)

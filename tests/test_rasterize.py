@@ -10,6 +10,7 @@ import tracemalloc
 import weakref
 from pathlib import Path
 
+import numpy as np
 import pymupdf
 import pytest
 from PIL import Image
@@ -30,7 +31,7 @@ from pipeline.rasterize import (
     to_rgb,
 )
 from pipeline.records import PageFailure, PageImage, PageKind, Stage, StageError
-from pipeline.tiling import TilingOptions, target_render_size
+from pipeline.tiling import TilingOptions, plan_tiles, target_render_size
 
 PDF = "application/pdf"
 OPTS = RasterOptions()
@@ -160,7 +161,7 @@ def test_page_too_large_for_the_renderer_is_rendered_lower() -> None:
 def test_page_that_never_fits_becomes_page_failure(monkeypatch: pytest.MonkeyPatch) -> None:
     tried: list[float] = []
 
-    def always_too_large(page: pymupdf.Page, dpi: float) -> Image.Image:
+    def always_too_large(page: pymupdf.Page, dpi: float, canvas: tuple[int, int] | None = None) -> Image.Image:
         tried.append(dpi)
         raise pymupdf.mupdf.FzErrorLimit("Overly large image")
 
@@ -176,10 +177,10 @@ def test_page_that_never_fits_becomes_page_failure(monkeypatch: pytest.MonkeyPat
 def test_memory_error_while_rendering_is_retried_lower(monkeypatch: pytest.MonkeyPatch) -> None:
     real = rasterize._render
 
-    def oom_above_100(page: pymupdf.Page, dpi: float) -> Image.Image:
+    def oom_above_100(page: pymupdf.Page, dpi: float, canvas: tuple[int, int] | None = None) -> Image.Image:
         if dpi > 100:
             raise MemoryError
-        return real(page, dpi)
+        return real(page, dpi, canvas)
 
     monkeypatch.setattr(rasterize, "_render", oom_above_100)
     page = one_page(f.text_pdf(1), options=RasterOptions(min_dpi=300.0, max_dpi=300.0))
@@ -191,8 +192,8 @@ def test_silent_all_white_render_with_limit_warning_is_retried(monkeypatch: pyte
     real = rasterize._render
     pending: list[str] = []  # what MuPDF would have collected during the last render
 
-    def white_first(page: pymupdf.Page, dpi: float) -> Image.Image:
-        image = real(page, dpi)
+    def white_first(page: pymupdf.Page, dpi: float, canvas: tuple[int, int] | None = None) -> Image.Image:
+        image = real(page, dpi, canvas)
         if dpi > 100:
             pending.append("Overly large image (33000 x 33000)")
             return Image.new("RGB", image.size, "white")
@@ -507,8 +508,30 @@ def test_requested_dpi_follows_the_tiling_target() -> None:
     assert plan.width <= target_w + 1 or plan.height <= target_h + 1  # and no more than needed
     page = one_page(f.born_digital_pdf(), options=options)
     assert page.render.requested_dpi == pytest.approx(plan.requested, abs=1e-3)
-    assert (page.render.width, page.render.height) == (plan.width, plan.height)
+    # The page is rendered straight at the tile canvas its planned render would be resized
+    # to, so cutting the tiles needs no resampling.
+    canvas = plan_tiles(plan.width, plan.height, options.tiling)
+    assert (page.render.width, page.render.height) == (canvas.resized_width, canvas.resized_height)
+    assert plan_tiles(page.render.width, page.render.height, options.tiling) == canvas
     assert page.render.downscaled is False and page.render.note is None
+
+
+def test_canvas_render_matches_a_resized_plain_render() -> None:
+    """Rendering at the canvas gives the picture a plain render resized to it would."""
+    options = RasterOptions()
+    page = one_page(f.born_digital_pdf(), options=options)
+    plan = choose_dpi(*f.LETTER, options)
+    with pymupdf.open(stream=f.born_digital_pdf(), filetype="pdf") as doc:
+        plain = rasterize._render(doc[0], plan.dpi)
+    resized = plain.resize(page.image.size, Image.Resampling.BICUBIC)
+    diff = np.abs(np.asarray(resized, dtype=np.int16) - np.asarray(page.image, dtype=np.int16))
+    assert diff.mean() < 4.0  # anti-aliasing differs at glyph edges only
+
+
+def test_canvas_is_not_used_when_min_dpi_asks_for_more() -> None:
+    options = RasterOptions(min_dpi=300.0, max_dpi=300.0)
+    page = one_page(f.born_digital_pdf(), options=options)
+    assert page.render.dpi == 300.0 and (page.render.width, page.render.height) == (2550, 3300)
 
 
 def test_requested_dpi_is_clamped(monkeypatch: pytest.MonkeyPatch) -> None:
