@@ -252,6 +252,9 @@ class _PageTooLarge(Exception):
     """No resolution down to the floor could be rendered."""
 
 
+STORE_SHRINK_EVERY = 32  # pages between emptying MuPDF's resource store
+
+
 class PdfDocument(OpenedDocument):
     """A PDF opened with PyMuPDF."""
 
@@ -266,6 +269,10 @@ class PdfDocument(OpenedDocument):
 
     def pages(self, options: RasterOptions) -> Iterator[PageImage | PageFailure]:
         for index in range(self.page_count):
+            if index and index % STORE_SHRINK_EVERY == 0:
+                # MuPDF caches decoded resources in a global store that otherwise grows with
+                # the length of the document (about 35 MB per 1,000 Letter pages).
+                pymupdf.TOOLS.store_shrink(100)
             yield self._page(index, options)
 
     def _page(self, index: int, options: RasterOptions) -> PageImage | PageFailure:
@@ -289,6 +296,7 @@ class PdfDocument(OpenedDocument):
             return self._failure(number, "empty_page", f"page {number} has an empty page box {tuple(rect)}")
         plan = choose_dpi(rect.width, rect.height, options)
         image, dpi, notes = _render_with_fallback(page, plan, options)
+        thumbnail = _render_thumbnail(page, image, options)
         text = _page_text(page) if options.extract_text else None
         features = _measure(page, image, text)
         return PageImage(
@@ -307,7 +315,25 @@ class PdfDocument(OpenedDocument):
             kind=classify_page(features),
             text=text,
             rotation=page.rotation % 360,
+            thumbnail=thumbnail,
         )
+
+
+def _render_thumbnail(page: pymupdf.Page, image: Image.Image, options: RasterOptions) -> Image.Image | None:
+    """The policy's whole-page thumbnail rendered directly (about 1 ms instead of ~30 ms of
+    bicubic downscaling), when the page was rendered at its tile canvas and the plan has one."""
+    try:
+        tiles = plan_tiles(image.width, image.height, options.tiling)
+    except ValueError:
+        return None
+    if not tiles.thumbnail or tiles.thumbnail_size is None:
+        return None
+    if (tiles.resized_width, tiles.resized_height) != image.size:
+        return None  # not a canvas render: let tiling resize as usual
+    try:
+        return _render_canvas(page, tiles.thumbnail_size)
+    except Exception:  # noqa: BLE001 - the thumbnail is an optimisation, never a failure
+        return None
 
 
 def _render_with_fallback(page: pymupdf.Page, plan: DpiPlan, options: RasterOptions) -> tuple[Image.Image, float, list[str]]:
@@ -402,10 +428,35 @@ def _render(page: pymupdf.Page, dpi: float, canvas: tuple[int, int] | None = Non
     return image.copy() if image.readonly else image
 
 
+def words_to_text(words: list[tuple[Any, ...]]) -> str:
+    """Lines of text from PyMuPDF word tuples (x0, y0, x1, y1, word, ...); pure."""
+    lines: list[tuple[float, float, list[tuple[float, str]]]] = []  # (top, bottom, [(x0, word)])
+    for x0, y0, x1, y1, word, *_ in sorted(words, key=lambda w: ((w[1] + w[3]) / 2, w[0])):
+        middle = (y0 + y1) / 2
+        if lines and lines[-1][0] <= middle <= lines[-1][1]:
+            top, bottom, items = lines[-1]
+            items.append((x0, word))
+            lines[-1] = (min(top, y0), max(bottom, y1), items)
+        else:
+            lines.append((y0, y1, [(x0, word)]))
+    out: list[str] = []
+    previous_bottom = None
+    for top, bottom, items in lines:
+        height = max(bottom - top, 1e-3)
+        if previous_bottom is not None and top - previous_bottom > 0.8 * height:
+            out.append("")  # a vertical gap: a new paragraph
+        out.append(" ".join(word for _, word in sorted(items)))
+        previous_bottom = bottom
+    return "\n".join(out)
+
+
 def _page_text(page: pymupdf.Page) -> str:
     """The text layer in reading order (clipped to the page), trailing spaces and blank runs trimmed."""
     clip = page.rect * page.derotation_matrix  # text coordinates are unrotated
-    raw = page.get_text("text", sort=True, clip=clip)
+    # Words grouped into lines by their vertical extent, lines top to bottom, words left to
+    # right: table cells on one baseline stay one row. This is the order sort=True gives,
+    # without its per-line Python work (about 4 ms a page against under 1 ms here).
+    raw = words_to_text(page.get_text("words", clip=clip))
     lines = [line.rstrip() for line in raw.splitlines()]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip("\n")
 

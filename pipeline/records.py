@@ -97,6 +97,9 @@ class PageImage:
     kind: PageKind
     text: str | None = None  # visible text layer (PDF) or None
     rotation: int = 0  # degrees applied (PDF /Rotate or EXIF orientation)
+    # The whole page already at the tiling policy's thumbnail size, when the rasterizer
+    # could render it directly (PDF pages); otherwise tiling makes it by resizing `image`.
+    thumbnail: "Image.Image | None" = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -382,12 +382,17 @@ def try_plan_tiles(width: int, height: int, options: TilingOptions) -> TilePlan 
 
 
 def cut_tiles(
-    image: Image.Image, plan: TilePlan, resample: Image.Resampling = Image.Resampling.BICUBIC
+    image: Image.Image,
+    plan: TilePlan,
+    resample: Image.Resampling = Image.Resampling.BICUBIC,
+    thumbnail: Image.Image | None = None,
 ) -> list[Image.Image]:
     """The tiles of `plan`: the resized page cut row-major, then the thumbnail if any.
 
     Returns exactly `plan.tiles` images, each tile_width x tile_height, the thumbnail
-    thumbnail_size. The thumbnail is made from the original page, not the resized one.
+    thumbnail_size. The thumbnail is made from the original page, not the resized one,
+    unless a ready-made `thumbnail` of exactly that size is given (the rasterizer renders
+    one for PDF pages, far cheaper than a bicubic downscale of the whole page).
     """
     size = (plan.resized_width, plan.resized_height)
     resized = image if image.size == size else image.resize(size, resample)
@@ -396,7 +401,10 @@ def cut_tiles(
         if plan.thumbnail_size is None:
             raise ValueError("plan has a thumbnail but no thumbnail_size")
         thumb = plan.thumbnail_size
-        tiles.append(image if image.size == thumb else image.resize(thumb, resample))
+        if thumbnail is not None and thumbnail.size == thumb:
+            tiles.append(thumbnail)
+        else:
+            tiles.append(image if image.size == thumb else image.resize(thumb, resample))
     return tiles
 
 

@@ -676,3 +676,15 @@ def test_sample_docs_rasterize(name: str, media_type: str, kinds: list[PageKind]
     assert all(isinstance(i, PageImage) for i in items), items
     assert [i.kind for i in items] == kinds
     assert all(size_check(i.image.width, i.image.height) and i.rotation == rotation for i in items)
+
+
+def test_words_to_text_keeps_table_rows_and_paragraphs() -> None:
+    from pipeline.rasterize import words_to_text
+
+    words = [  # (x0, y0, x1, y1, word): out of order, as content streams often are
+        (200, 100, 230, 112, "135"), (72, 100, 110, 112, "North"), (140, 100, 170, 112, "120"),
+        (72, 60, 120, 72, "Region"), (140, 61, 170, 73, "2023"), (200, 60, 230, 72, "2024"),
+        (72, 140, 120, 152, "Notes"),  # after a gap: a new paragraph
+    ]
+    assert words_to_text(words) == "Region 2023 2024\n\nNorth 120 135\n\nNotes"
+    assert words_to_text([]) == ""
