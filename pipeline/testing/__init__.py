@@ -1,5 +1,74 @@
-"""Test helpers that ship with the package (tiny models built offline)."""
+"""Test helpers that ship with the package: tiny models and sample pages, built offline."""
 
+from __future__ import annotations
+
+from pipeline.records import PageImage, PageKind, RenderInfo
 from pipeline.testing.tiny_models import FAMILIES, make_tiny_model
 
-__all__ = ["FAMILIES", "make_tiny_model"]
+LETTER_PT = (612.0, 792.0)
+
+
+def render_sample_page(
+    *,
+    size_pt: tuple[float, float] = LETTER_PT,
+    dpi: float = 72.0,
+    title: str = "Quarterly report 2024",
+    chart: bool = True,
+    doc_id: str = "sample",
+    page_number: int = 1,
+) -> PageImage:
+    """A born-digital PDF page (title, paragraph, optional bar chart) made with PyMuPDF,
+    rendered to a PageImage with its text layer, as the rasterize stage would hand it on."""
+    import pymupdf
+    from PIL import Image
+
+    doc = pymupdf.open()
+    try:
+        width, height = size_pt
+        page = doc.new_page(width=width, height=height)
+        page.insert_text((36, 54), title, fontsize=16)
+        page.insert_textbox(
+            pymupdf.Rect(36, 70, width - 36, 160),
+            "Revenue grew by 12 percent. Costs fell in every region except the north.",
+            fontsize=10,
+        )
+        if chart:
+            base = min(height - 36, 360.0)
+            for i, value in enumerate((40, 90, 65, 120)):
+                x = 60 + i * 50
+                page.draw_rect(pymupdf.Rect(x, base - value, x + 30, base), color=(0, 0, 0), fill=(0.2, 0.4, 0.8))
+            page.draw_line((50, base), (270, base))
+            page.insert_text((60, base + 16), "North  East  South  West", fontsize=8)
+        pix = page.get_pixmap(matrix=pymupdf.Matrix(dpi / 72.0, dpi / 72.0))
+        image = Image.frombytes("RGB", (pix.width, pix.height), pix.samples)
+        text = page.get_text()
+    finally:
+        doc.close()
+    return PageImage(
+        doc_id=doc_id,
+        uri=f"memory://{doc_id}.pdf",
+        page_number=page_number,
+        image=image,
+        render=RenderInfo(width=image.width, height=image.height, dpi=dpi, requested_dpi=dpi),
+        kind=PageKind.BORN_DIGITAL,
+        text=text,
+    )
+
+
+def sample_image_page(width: int, height: int, *, seed: int = 0, doc_id: str = "img", page_number: int = 1) -> PageImage:
+    """A page of random pixels (an image file), `width` x `height`."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return PageImage(
+        doc_id=doc_id,
+        uri=f"memory://{doc_id}.png",
+        page_number=page_number,
+        image=Image.fromarray(pixels),
+        render=RenderInfo(width=width, height=height, dpi=None),
+        kind=PageKind.IMAGE,
+    )
+
+
+__all__ = ["FAMILIES", "make_tiny_model", "render_sample_page", "sample_image_page"]

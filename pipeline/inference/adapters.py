@@ -1,0 +1,625 @@
+"""Per-family input building: the small part of inference that differs between models.
+
+One `InputBuilder` subclass per family knows three things:
+
+* `plan(width, height)`: the tiling the family really applies to an image of that size;
+* `build(page, plan)`: CPU work done ahead of the model (tiles, normalised pixel values,
+  tokenised task prompts with the image placeholders expanded as the family's
+  transformers processor does); the result, a `PreparedPage`, is picklable;
+* `encode(model, pages)` and `rows_to_inputs(...)`: how the model turns pixel values into
+  image features once per page, and how the features of several prompts are handed to
+  `generate` (`mm_encoder_outputs`), so all tasks of a page share one image encoding.
+
+Builders hold a tokenizer and an image processor, never weights, and pickle small, so the
+runner can send them to CPU worker processes. Nothing here needs torchvision: the PIL
+image processors of transformers are used (AutoProcessor cannot be built without it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from pipeline.inference import prompts
+from pipeline.records import PageImage, PageKind, TileBox, TilePlan
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from PIL import Image
+
+# model_type in a checkpoint's config.json -> the adapter family that serves it
+MODEL_TYPE_FAMILY: dict[str, str] = {
+    "internvl": "internvl",
+    "qwen2_vl": "qwen2_vl",
+    "qwen2_5_vl": "qwen2_vl",
+    "idefics3": "idefics3",
+    "smolvlm": "idefics3",
+}
+
+# Task keys of a prepared page. Chart questions are "chart:<index>".
+DESCRIPTION, OCR, CHART = "description", "ocr", "chart"
+
+
+def chart_key(index: int) -> str:
+    """Prompt key of the `index`-th chart question."""
+    return f"{CHART}:{index}"
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint is not of a family this pipeline can drive natively."""
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedPage:
+    """A page ready for the model: pixel values and tokenised task prompts (picklable).
+
+    `prompts` maps a task key (description, ocr, chart, chart:0, chart:1, ...) to the
+    prompt token ids, image placeholders included. `image_inputs` holds the family's
+    extra image arrays (e.g. Qwen2-VL's image_grid_thw).
+    """
+
+    doc_id: str
+    uri: str
+    page_number: int
+    kind: PageKind | None
+    text: str | None  # the page's text layer, kept for the record
+    plan: TilePlan
+    family: str
+    pixel_values: np.ndarray
+    image_inputs: Mapping[str, np.ndarray]
+    prompts: Mapping[str, np.ndarray]
+    image_tokens: int  # image placeholder tokens in each prompt (== plan.visual_tokens)
+
+    @property
+    def visual_tokens(self) -> int:
+        return self.plan.visual_tokens
+
+
+@dataclass
+class PageFeatures:
+    """Image features of one page on the model's device, shared by all of its prompts."""
+
+    features: "torch.Tensor"  # family layout; see each builder's encode()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+
+
+def _read_json(folder: Path, name: str) -> dict[str, Any]:
+    path = folder / name
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _normalise(tiles: Sequence["Image.Image"], mean: Sequence[float], std: Sequence[float], scale: float) -> np.ndarray:
+    """PIL tiles -> float32 array (tiles, 3, H, W): x * scale, minus mean, over std.
+
+    Computed through a 256-entry table per channel with the same float ops as
+    transformers' rescale + normalize (float64 multiply, float32 subtract and divide), so
+    the values are identical, at a fraction of the cost of doing it per pixel.
+    """
+    arr = np.stack([np.asarray(_rgb(t)) for t in tiles])  # N, H, W, 3 uint8
+    levels = (np.arange(256, dtype=np.float64) * scale).astype(np.float32)
+    mean32, std32 = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    table = (levels[None, :] - mean32[:, None]) / std32[:, None]  # 3 x 256, float32
+    out = np.empty((arr.shape[0], 3, arr.shape[1], arr.shape[2]), dtype=np.float32)
+    for channel in range(3):
+        out[:, channel] = table[channel][arr[..., channel]]
+    return out
+
+
+def _rgb(image: "Image.Image") -> "Image.Image":
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------
+# base builder
+# ---------------------------------------------------------------------------------------
+
+
+class InputBuilder:
+    """Builds model inputs for one checkpoint. Subclasses implement one family each."""
+
+    family: ClassVar[str] = ""
+    placeholder: str = ""  # what the chat template emits for an image
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        image_processor: Any,
+        model_config: Any,
+        *,
+        tasks: Sequence[str] = (DESCRIPTION, OCR, CHART),
+        chart_questions: Sequence[str] = (),
+        chat_template: str | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.tasks = tuple(tasks)
+        self.chart_questions = tuple(chart_questions)
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        if not self.chat_template:
+            raise UnsupportedModelError("the checkpoint has no chat template (chat_template.jinja or .json)")
+        self.image_token_id = int(model_config.image_token_id)
+        self.pad_token_id = self._pad_id(tokenizer, model_config)
+
+    # ---- construction ---------------------------------------------------------------
+    @staticmethod
+    def _pad_id(tokenizer: Any, model_config: Any) -> int:
+        for candidate in (
+            tokenizer.pad_token_id,
+            getattr(getattr(model_config, "text_config", None), "pad_token_id", None),
+            tokenizer.eos_token_id,
+        ):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    # ---- tiling ------------------------------------------------------------------------
+    def plan(self, width: int, height: int) -> TilePlan:
+        """The tiling this family applies to an image of `width` x `height` pixels."""
+        raise NotImplementedError
+
+    def pixels(
+        self, image: "Image.Image", plan: TilePlan, thumbnail: "Image.Image | None" = None
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Pixel values (and extra image arrays) for `image` cut as `plan` says."""
+        raise NotImplementedError
+
+    def image_text(self, plan: TilePlan) -> str:
+        """The expanded image placeholder text for a page with this plan."""
+        raise NotImplementedError
+
+    # ---- prompts ------------------------------------------------------------------------
+    def task_prompts(self, text_layer: str | None) -> dict[str, str]:
+        """Task key -> prompt text, for the run's tasks (chart questions included)."""
+        out: dict[str, str] = {}
+        if DESCRIPTION in self.tasks:
+            out[DESCRIPTION] = prompts.description_prompt()
+        if OCR in self.tasks:
+            out[OCR] = prompts.ocr_prompt(text_layer)
+        if CHART in self.tasks:
+            out[CHART] = prompts.chart_detect_prompt()
+            for i, question in enumerate(self.chart_questions):
+                out[chart_key(i)] = prompts.chart_question_prompt(question)
+        return out
+
+    def chat_text(self, prompt: str, plan: TilePlan) -> str:
+        """The full prompt text, as the family's processor would tokenise it."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        text = self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
+        )
+        count = text.count(self.placeholder)
+        if count != 1:
+            raise UnsupportedModelError(
+                f"chat template produced {count} image placeholders {self.placeholder!r}, expected 1"
+            )
+        return text.replace(self.placeholder, self.image_text(plan), 1)
+
+    def encode_text(self, text: str) -> np.ndarray:
+        """Token ids of a full prompt (special tokens as the transformers processors add them)."""
+        bos = self.tokenizer.bos_token
+        add_special = not (bos is not None and text.startswith(bos))
+        ids = self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+        return np.asarray(ids, dtype=np.int64)
+
+    # ---- the CPU side -----------------------------------------------------------------
+    def build(self, page: PageImage, plan: TilePlan) -> PreparedPage:
+        """Tiles, pixel values and tokenised prompts for one page (CPU only; raises on a bad page)."""
+        pixel_values, image_inputs = self.pixels(_rgb(page.image), plan, thumbnail=page.thumbnail)
+        prompt_ids = {key: self.encode_text(self.chat_text(p, plan)) for key, p in self.task_prompts(page.text).items()}
+        image_tokens = {int((ids == self.image_token_id).sum()) for ids in prompt_ids.values()}
+        if image_tokens and image_tokens != {plan.visual_tokens}:
+            raise ValueError(f"prompt holds {sorted(image_tokens)} image tokens, the plan says {plan.visual_tokens}")
+        return PreparedPage(
+            doc_id=page.doc_id,
+            uri=page.uri,
+            page_number=page.page_number,
+            kind=page.kind,
+            text=page.text,
+            plan=plan,
+            family=self.family,
+            pixel_values=pixel_values,
+            image_inputs=image_inputs,
+            prompts=prompt_ids,
+            image_tokens=plan.visual_tokens,
+        )
+
+    # ---- the model side ---------------------------------------------------------------
+    def encode(self, model: Any, pages: Sequence[PreparedPage]) -> list[PageFeatures]:
+        """Image features of `pages`, one vision-encoder call per page (all of its tiles).
+
+        Per page rather than one call for the whole batch: the vision batch is already
+        the page's tiles, and it avoids copying the batch's pixel values (hundreds of MB
+        of float32 for a batch of InternVL pages) into one fresh buffer.
+        """
+        return [self.encode_page(model, page) for page in pages]
+
+    def encode_page(self, model: Any, page: PreparedPage) -> PageFeatures:
+        """Image features of one page on the model's input device."""
+        raise NotImplementedError
+
+    def rows_to_inputs(self, model: Any, rows: Sequence[tuple[np.ndarray, PageFeatures]]) -> dict[str, Any]:
+        """`generate` keyword arguments for prompts `rows` (left padded), images pre-encoded."""
+        import torch
+
+        device = input_device(model)
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (ids, _) in enumerate(rows):
+            input_ids[i, width - len(ids) :] = torch.from_numpy(ids)
+            attention_mask[i, width - len(ids) :] = 1
+        inputs: dict[str, Any] = {
+            "input_ids": input_ids.to(device),
+            "attention_mask": attention_mask.to(device),
+        }
+        inputs.update(self.feature_inputs(model, [feats for _, feats in rows], inputs["input_ids"]))
+        return inputs
+
+    def feature_inputs(self, model: Any, feats: Sequence[PageFeatures], input_ids: "torch.Tensor") -> dict[str, Any]:
+        """The `mm_encoder_outputs` (and any extra inputs) for these rows' features."""
+        raise NotImplementedError
+
+    def naive_inputs(self, prepared: PreparedPage, key: str, device: Any) -> dict[str, Any]:
+        """Inputs for plain `generate` with raw pixel values, as the model cards do (bench, tests)."""
+        raise NotImplementedError
+
+
+def input_device(model: Any) -> Any:
+    """Where inputs go: the device of the input embeddings (first device of a sharded model)."""
+    return model.get_input_embeddings().weight.device
+
+
+def _output(features: Any) -> Any:
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    return {"image": BaseModelOutputWithPooling(pooler_output=features)}
+
+
+# ---------------------------------------------------------------------------------------
+# InternVL (-hf checkpoints: InternVL2.5 / InternVL3)
+# ---------------------------------------------------------------------------------------
+
+
+class InternVLBuilder(InputBuilder):
+    """InternVL: 448 px tiles on the grid closest to the page's aspect + a thumbnail.
+
+    Tiles come from `pipeline.tiling` (the same policy as transformers'
+    GotOcr2ImageProcessor with crop_to_patches); the prompt expands the chat template's
+    `<IMG_CONTEXT>` into `<img>` + `<IMG_CONTEXT>` x tokens x tiles + `</img>`.
+    """
+
+    family = "internvl"
+
+    def __init__(self, tokenizer: Any, image_processor: Any, model_config: Any, *, min_tiles: int | None = None,
+                 max_tiles: int | None = None, **kwargs: Any) -> None:
+        super().__init__(tokenizer, image_processor, model_config, **kwargs)
+        ip = image_processor
+        self.placeholder = getattr(tokenizer, "context_image_token", None) or "<IMG_CONTEXT>"
+        self.start_token = getattr(tokenizer, "start_image_token", None) or "<img>"
+        self.end_token = getattr(tokenizer, "end_image_token", None) or "</img>"
+        size = ip.size
+        self.tile_size = int(size["height"] if isinstance(size, Mapping) else size.height)
+        self.min_tiles = int(min_tiles if min_tiles is not None else getattr(ip, "min_patches", 1))
+        self.max_tiles = int(max_tiles if max_tiles is not None else getattr(ip, "max_patches", 12))
+        self.tokens_per_tile = int(model_config.image_seq_length)
+        self.mean = tuple(float(v) for v in ip.image_mean)
+        self.std = tuple(float(v) for v in ip.image_std)
+        self.scale = float(ip.rescale_factor)
+        self.resample = int(getattr(ip, "resample", 3))  # PIL numbering; 3 = bicubic
+
+    def plan(self, width: int, height: int) -> TilePlan:
+        from pipeline import tiling
+
+        return tiling.plan_internvl(
+            width,
+            height,
+            min_num=self.min_tiles,
+            max_num=self.max_tiles,
+            image_size=self.tile_size,
+            use_thumbnail=True,
+            tokens_per_tile=self.tokens_per_tile,
+        )
+
+    def pixels(
+        self, image: "Image.Image", plan: TilePlan, thumbnail: "Image.Image | None" = None
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        from PIL import Image
+
+        from pipeline import tiling
+
+        # A thumbnail the rasterizer rendered directly (PDF pages) replaces the bicubic one.
+        tiles = tiling.cut_tiles(image, plan, Image.Resampling(self.resample), thumbnail=thumbnail)
+        return _normalise(tiles, self.mean, self.std, self.scale), {}
+
+    def image_text(self, plan: TilePlan) -> str:
+        return self.start_token + self.placeholder * (self.tokens_per_tile * plan.tiles) + self.end_token
+
+    def encode_page(self, model: Any, page: PreparedPage) -> PageFeatures:
+        import torch
+
+        pixel_values = torch.from_numpy(page.pixel_values).to(input_device(model), model.dtype)
+        return PageFeatures(model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output)
+
+    def feature_inputs(self, model: Any, feats: Sequence[PageFeatures], input_ids: "torch.Tensor") -> dict[str, Any]:
+        import torch
+
+        return {"mm_encoder_outputs": _output(torch.cat([f.features for f in feats]))}
+
+    def naive_inputs(self, prepared: PreparedPage, key: str, device: Any) -> dict[str, Any]:
+        import torch
+
+        ids = torch.from_numpy(prepared.prompts[key])[None].to(device)
+        return {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "pixel_values": torch.from_numpy(prepared.pixel_values).to(device),
+        }
+
+
+# ---------------------------------------------------------------------------------------
+# Qwen2-VL / Qwen2.5-VL
+# ---------------------------------------------------------------------------------------
+
+
+def qwen_smart_size(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's resize rule: sides multiples of `factor`, area within [min, max] pixels."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    return smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+class Qwen2VLBuilder(InputBuilder):
+    """Qwen2-VL / Qwen2.5-VL: the whole page at native resolution (within a pixel budget),
+    14 px patches merged 2x2 into one token: one "tile" whose token count depends on size."""
+
+    family = "qwen2_vl"
+
+    def __init__(self, tokenizer: Any, image_processor: Any, model_config: Any, **kwargs: Any) -> None:
+        super().__init__(tokenizer, image_processor, model_config, **kwargs)
+        ip = image_processor
+        self.placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
+        self.image_token = tokenizer.convert_ids_to_tokens(self.image_token_id)
+        self.patch = int(ip.patch_size)
+        self.merge = int(ip.merge_size)
+        size = ip.size
+        get = size.get if isinstance(size, Mapping) else (lambda k: getattr(size, k))
+        self.min_pixels = int(get("shortest_edge"))
+        self.max_pixels = int(get("longest_edge"))
+
+    def plan(self, width: int, height: int) -> TilePlan:
+        h, w = qwen_smart_size(height, width, self.patch * self.merge, self.min_pixels, self.max_pixels)
+        tokens = (h // self.patch) * (w // self.patch) // (self.merge**2)
+        return TilePlan(
+            policy="qwen2_vl",
+            cols=1,
+            rows=1,
+            tile_width=w,
+            tile_height=h,
+            resized_width=w,
+            resized_height=h,
+            boxes=(TileBox(0, 0, w, h),),
+            thumbnail=False,
+            thumbnail_size=None,
+            tokens_per_tile=tokens,
+        )
+
+    def pixels(
+        self, image: "Image.Image", plan: TilePlan, thumbnail: "Image.Image | None" = None
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        out = self.image_processor.preprocess([image], return_tensors="np")
+        grid = np.asarray(out["image_grid_thw"], dtype=np.int64)
+        expected = [1, plan.resized_height // self.patch, plan.resized_width // self.patch]
+        if grid.tolist() != [expected]:
+            raise ValueError(f"image processor grid {grid.tolist()} differs from the plan {expected}")
+        return np.asarray(out["pixel_values"], dtype=np.float32), {"image_grid_thw": grid}
+
+    def image_text(self, plan: TilePlan) -> str:
+        return self.placeholder.replace("<|image_pad|>", self.image_token * plan.visual_tokens)
+
+    def encode_page(self, model: Any, page: PreparedPage) -> PageFeatures:
+        import torch
+
+        device = input_device(model)
+        pixel_values = torch.from_numpy(page.pixel_values).to(device, model.dtype)
+        grid = torch.from_numpy(page.image_inputs["image_grid_thw"]).to(device)
+        out = model.get_image_features(pixel_values=pixel_values, image_grid_thw=grid, return_dict=True)
+        return PageFeatures(out.pooler_output[0], {"grid": grid})
+
+    def feature_inputs(self, model: Any, feats: Sequence[PageFeatures], input_ids: "torch.Tensor") -> dict[str, Any]:
+        import torch
+
+        return {
+            "mm_encoder_outputs": _output(tuple(f.features for f in feats)),
+            "image_grid_thw": torch.cat([f.extra["grid"] for f in feats]),
+            "mm_token_type_ids": (input_ids == self.image_token_id).to(torch.int32),
+        }
+
+    def naive_inputs(self, prepared: PreparedPage, key: str, device: Any) -> dict[str, Any]:
+        import torch
+
+        ids = torch.from_numpy(prepared.prompts[key])[None].to(device)
+        return {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "pixel_values": torch.from_numpy(prepared.pixel_values).to(device),
+            "image_grid_thw": torch.from_numpy(prepared.image_inputs["image_grid_thw"]).to(device),
+            "mm_token_type_ids": (ids == self.image_token_id).to(torch.int32),
+        }
+
+
+# ---------------------------------------------------------------------------------------
+# Idefics3 / SmolVLM
+# ---------------------------------------------------------------------------------------
+
+
+def idefics3_grid(height: int, width: int, longest_edge: int, tile: int, split: bool = True) -> tuple[int, int, int, int]:
+    """Idefics3's sizes: (resized height, resized width, rows, cols).
+
+    The page is scaled so its longest side is `longest_edge` (even sizes, at most 4096),
+    then up to multiples of `tile`, and cut into rows x cols tiles of `tile` px; rows =
+    cols = 0 means no split (the page is one tile-sized image).
+    """
+    aspect = width / height
+    if width >= height:
+        w, h = longest_edge, int(longest_edge / aspect)
+        h += h % 2
+    else:
+        h, w = longest_edge, int(longest_edge * aspect)
+        w += w % 2
+    h, w = max(h, 1), max(w, 1)
+    aspect = w / h
+    if w >= h and w > 4096:
+        w, h = 4096, int(4096 / aspect)
+    elif h > w and h > 4096:
+        h, w = 4096, int(4096 * aspect)
+    h, w = max(h, 1), max(w, 1)
+    if not split:
+        return tile, tile, 0, 0
+    aspect = w / h
+    if w >= h:
+        w = math.ceil(w / tile) * tile
+        h = math.ceil(int(w / aspect) / tile) * tile
+    else:
+        h = math.ceil(h / tile) * tile
+        w = math.ceil(int(h * aspect) / tile) * tile
+    if h > tile or w > tile:
+        return h, w, (h - tile) // tile + 1, (w - tile) // tile + 1
+    return h, w, 0, 0
+
+
+class Idefics3Builder(InputBuilder):
+    """Idefics3 / SmolVLM: the page scaled to a longest side, split into a grid of square
+    tiles plus a global view, each tile behind `<fake_token_around_image><row_r_col_c>`."""
+
+    family = "idefics3"
+
+    def __init__(self, tokenizer: Any, image_processor: Any, model_config: Any, **kwargs: Any) -> None:
+        super().__init__(tokenizer, image_processor, model_config, **kwargs)
+        ip = image_processor
+        self.placeholder = getattr(tokenizer, "image_token", None) or "<image>"
+        self.fake_token = getattr(tokenizer, "fake_image_token", None) or "<fake_token_around_image>"
+        self.global_token = getattr(tokenizer, "global_image_token", None) or "<global-img>"
+        vision = model_config.vision_config
+        self.tile = int(ip.max_image_size["longest_edge"])
+        self.longest_edge = int(ip.size["longest_edge"])
+        self.split = bool(getattr(ip, "do_image_splitting", True))
+        self.tokens_per_tile = int((vision.image_size // vision.patch_size) ** 2 / (model_config.scale_factor**2))
+
+    def plan(self, width: int, height: int) -> TilePlan:
+        h, w, rows, cols = idefics3_grid(height, width, self.longest_edge, self.tile, self.split)
+        t = self.tile
+        if rows == 0:  # one image, the whole page at tile size
+            return TilePlan("idefics3", 1, 1, t, t, t, t, (TileBox(0, 0, t, t),), False, None, self.tokens_per_tile)
+        boxes = tuple(TileBox(c * t, r * t, (c + 1) * t, (r + 1) * t) for r in range(rows) for c in range(cols))
+        return TilePlan("idefics3", cols, rows, t, t, w, h, boxes, True, (t, t), self.tokens_per_tile)
+
+    def pixels(
+        self, image: "Image.Image", plan: TilePlan, thumbnail: "Image.Image | None" = None
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        out = self.image_processor.preprocess([[image]], return_row_col_info=True, return_tensors="np")
+        rows, cols = int(out["rows"][0][0]), int(out["cols"][0][0])
+        expected = (plan.rows, plan.cols) if plan.thumbnail else (0, 0)
+        if (rows, cols) != expected:
+            raise ValueError(f"image processor grid {(rows, cols)} differs from the plan {expected}")
+        pixel_values = np.asarray(out["pixel_values"][0], dtype=np.float32)
+        mask = np.asarray(out["pixel_attention_mask"][0], dtype=bool)
+        return pixel_values, {"pixel_attention_mask": mask}
+
+    def image_text(self, plan: TilePlan) -> str:
+        image = self.placeholder * self.tokens_per_tile
+        glob = f"{self.fake_token}{self.global_token}{image}{self.fake_token}"
+        if not plan.thumbnail:
+            return glob
+        text = ""
+        for r in range(plan.rows):
+            for c in range(plan.cols):
+                text += f"{self.fake_token}<row_{r + 1}_col_{c + 1}>{image}"
+            text += "\n"
+        return text + "\n" + glob
+
+    def encode_page(self, model: Any, page: PreparedPage) -> PageFeatures:
+        import torch
+
+        device = input_device(model)
+        pixel_values = torch.from_numpy(page.pixel_values)[None].to(device, model.dtype)
+        mask = torch.from_numpy(page.image_inputs["pixel_attention_mask"])[None].to(device)
+        out = model.get_image_features(pixel_values=pixel_values, pixel_attention_mask=mask, return_dict=True)
+        features = out.pooler_output
+        features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
+        return PageFeatures(features.reshape(-1, features.shape[-1]))
+
+    def feature_inputs(self, model: Any, feats: Sequence[PageFeatures], input_ids: "torch.Tensor") -> dict[str, Any]:
+        return {"mm_encoder_outputs": _output([f.features for f in feats])}
+
+    def naive_inputs(self, prepared: PreparedPage, key: str, device: Any) -> dict[str, Any]:
+        import torch
+
+        ids = torch.from_numpy(prepared.prompts[key])[None].to(device)
+        return {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "pixel_values": torch.from_numpy(prepared.pixel_values)[None].to(device),
+            "pixel_attention_mask": torch.from_numpy(prepared.image_inputs["pixel_attention_mask"])[None].to(device),
+        }
+
+
+BUILDERS: dict[str, type[InputBuilder]] = {
+    "internvl": InternVLBuilder,
+    "qwen2_vl": Qwen2VLBuilder,
+    "idefics3": Idefics3Builder,
+}
+
+
+def family_of(model_type: str) -> str:
+    """The adapter family for a config `model_type`, or UnsupportedModelError."""
+    try:
+        return MODEL_TYPE_FAMILY[model_type]
+    except KeyError:
+        supported = ", ".join(sorted(MODEL_TYPE_FAMILY))
+        raise UnsupportedModelError(
+            f"model type {model_type!r} is not supported natively; supported: {supported}"
+        ) from None
+
+
+def load_chat_template(folder: Path | None) -> str | None:
+    """A chat template stored beside the processor (chat_template.jinja or legacy .json)."""
+    if folder is None:
+        return None
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    legacy = _read_json(folder, "chat_template.json")
+    template = legacy.get("chat_template")
+    return template if isinstance(template, str) else None
+
+
+__all__ = [
+    "BUILDERS",
+    "CHART",
+    "DESCRIPTION",
+    "Idefics3Builder",
+    "InputBuilder",
+    "InternVLBuilder",
+    "MODEL_TYPE_FAMILY",
+    "OCR",
+    "PageFeatures",
+    "PreparedPage",
+    "Qwen2VLBuilder",
+    "UnsupportedModelError",
+    "chart_key",
+    "family_of",
+    "idefics3_grid",
+    "input_device",
+    "load_chat_template",
+]

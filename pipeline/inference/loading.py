@@ -1,0 +1,376 @@
+"""Model loading: device, dtype, multi-GPU device map, revision, and the input builder.
+
+One code path for every supported family: `AutoModelForImageTextToText` from a local
+folder or a hub id (safetensors only, `trust_remote_code` passed through, off by
+default). On several GPUs the model is loaded once, sharded by a device map from
+`accelerate.infer_auto_device_map` that keeps the vision encoder, projector and token
+embeddings together on the first GPU and never splits a decoder layer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import RunConfig
+from pipeline.inference.adapters import (
+    BUILDERS,
+    InputBuilder,
+    family_of,
+    load_chat_template,
+)
+
+log = logging.getLogger(__name__)
+
+# Per family: module-name prefixes that must sit on the first device (where inputs go).
+VISION_GROUP: dict[str, tuple[str, ...]] = {
+    "internvl": ("model.vision_tower", "model.multi_modal_projector", "model.language_model.embed_tokens"),
+    "qwen2_vl": ("model.visual", "model.language_model.embed_tokens"),
+    "idefics3": ("model.vision_model", "model.connector", "model.text_model.embed_tokens"),
+}
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+class ModelConfigError(ValueError):
+    """The model settings cannot work (unknown family, does not fit, bad device list)."""
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """Where the model runs: CPU, or one or more CUDA devices (ids as torch sees them)."""
+
+    kind: str  # "cpu" or "cuda"
+    gpus: tuple[int, ...] = ()
+
+    @property
+    def first(self) -> str:
+        return f"cuda:{self.gpus[0]}" if self.kind == "cuda" else "cpu"
+
+
+def resolve_device(device: str, available_gpus: int | None = None) -> DevicePlan:
+    """`auto` -> every visible GPU (CPU when none); `cpu`; or a list of GPU ids like `0,1`."""
+    if available_gpus is None:
+        import torch
+
+        available_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    value = device.strip().lower()
+    if value == "cpu":
+        return DevicePlan("cpu")
+    if value == "auto":
+        return DevicePlan("cuda", tuple(range(available_gpus))) if available_gpus else DevicePlan("cpu")
+    value = value.replace("cuda:", "")
+    try:
+        ids = tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise ModelConfigError(f"device must be auto, cpu or GPU ids like 0,1; got {device!r}") from None
+    if not ids or len(set(ids)) != len(ids):
+        raise ModelConfigError(f"device lists no GPU ids or repeats one: {device!r}")
+    missing = [i for i in ids if i >= available_gpus or i < 0]
+    if missing:
+        raise ModelConfigError(f"GPU ids {missing} are not visible ({available_gpus} GPUs visible)")
+    return DevicePlan("cuda", ids)
+
+
+def resolve_dtype(dtype: str, plan: DevicePlan) -> Any:
+    """`auto` -> bfloat16 on GPU (float16 where bf16 is unsupported), float32 on CPU."""
+    import torch
+
+    if dtype == "auto":
+        if plan.kind == "cpu":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+
+
+def dtype_name(dtype: Any) -> str:
+    """torch.bfloat16 -> "bfloat16"."""
+    return str(dtype).removeprefix("torch.")
+
+
+def attention_implementation(plan: DevicePlan, dtype: Any) -> str:
+    """flash_attention_2 on GPU in half precision when the package is installed, else sdpa."""
+    import torch
+
+    half = dtype in (torch.float16, torch.bfloat16)
+    if plan.kind == "cuda" and half and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+# ---------------------------------------------------------------------------------------
+# device maps
+# ---------------------------------------------------------------------------------------
+
+
+def _meta_model(config_or_model: Any) -> Any:
+    """A weightless (meta) model for a config; a model is returned unchanged."""
+    import torch
+
+    if isinstance(config_or_model, torch.nn.Module):
+        return config_or_model
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForImageTextToText
+
+    with init_empty_weights():
+        return AutoModelForImageTextToText.from_config(config_or_model)
+
+
+def _in_group(name: str, prefixes: Sequence[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def compute_device_map(
+    config_or_model: Any,
+    gpu_memory: Mapping[int, int],
+    headroom: float,
+    dtype: Any,
+    *,
+    family: str | None = None,
+) -> dict[str, int]:
+    """Module name -> GPU id for one model instance sharded over `gpu_memory`'s GPUs.
+
+    `gpu_memory` is each GPU's total memory in bytes; weights may use total*(1-headroom).
+    The split is balanced over the GPUs (accelerate's get_balanced_memory +
+    infer_auto_device_map on a meta model, whole `_no_split_modules`), then the vision
+    encoder, projector and token embeddings are pinned to the first GPU, where inputs
+    go. Raises ModelConfigError when the weights do not fit. No GPU is needed.
+    """
+    from accelerate.utils import (
+        compute_module_sizes,
+        find_tied_parameters,
+        get_balanced_memory,
+        infer_auto_device_map,
+    )
+
+    if not gpu_memory:
+        raise ModelConfigError("no GPU memory given for the device map")
+    model = _meta_model(config_or_model)
+    model.tie_weights()  # a meta model from a config is not tied yet; tied weights share a device
+    tied = [list(group) for group in find_tied_parameters(model)]
+    family = family or family_of(model.config.model_type)
+    gpus = sorted(gpu_memory)
+    limits = {g: int(gpu_memory[g] * (1.0 - headroom)) for g in gpus}
+    no_split = sorted(set(getattr(model, "_no_split_modules", None) or []))
+    sizes = compute_module_sizes(model, dtype=dtype)
+    if sizes[""] > sum(limits.values()):
+        raise ModelConfigError(
+            f"the weights need {sizes[''] / 2**30:.1f} GiB but the GPUs offer {sum(limits.values()) / 2**30:.1f} GiB "
+            f"after {headroom:.0%} headroom; add GPUs or lower gpu_memory_headroom"
+        )
+    group = VISION_GROUP.get(family, ())
+
+    def attempt(budget: dict[int, int]) -> dict[str, int] | None:
+        found = infer_auto_device_map(model, max_memory=budget, no_split_module_classes=no_split, dtype=dtype)
+        if any(not isinstance(d, int) for d in found.values()):
+            return None  # something went to cpu/disk: it does not fit
+        pinned = pin_to_first(dict(found), group, gpus[0], tied)
+        used = _bytes_per_device(sizes, pinned)
+        return pinned if all(used.get(g, 0) <= limits[g] for g in gpus) else None
+
+    with _quiet_accelerate():
+        budgets = [limits]
+        if len(gpus) > 1:
+            balanced = get_balanced_memory(model, max_memory=dict(limits), no_split_module_classes=no_split, dtype=dtype)
+            budgets.insert(0, {g: min(limits[g], int(balanced.get(g, limits[g]))) for g in gpus})
+        for budget in budgets:
+            device_map = attempt(budget)
+            if device_map is not None:
+                return device_map
+    raise ModelConfigError(
+        f"the model ({sizes[''] / 2**30:.1f} GiB) cannot be split over GPUs {gpus} with "
+        f"{headroom:.0%} headroom without splitting a layer; add GPUs or lower gpu_memory_headroom"
+    )
+
+
+@contextmanager
+def _quiet_accelerate() -> Iterator[None]:
+    """Silence accelerate's 'device N is not available' warnings (maps for absent GPUs)."""
+    logger = logging.getLogger("accelerate.utils.modeling")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _bytes_per_device(sizes: Mapping[str, int], device_map: Mapping[str, int]) -> dict[int, int]:
+    used: dict[int, int] = {}
+    for name, device in device_map.items():
+        used[device] = used.get(device, 0) + sizes[name]
+    return used
+
+
+def pin_to_first(
+    device_map: dict[str, int], prefixes: Sequence[str], first: int, tied: Sequence[Sequence[str]] = ()
+) -> dict[str, int]:
+    """Put every module under `prefixes` on device `first` (a prefix mapped as a whole, or
+    its parts, wherever the split put them), with the modules of any parameters tied to
+    them (e.g. an lm_head sharing the embedding matrix)."""
+    moving = list(prefixes)
+    for group in tied:
+        if any(_in_group(param, prefixes) for param in group):
+            moving += [param.rsplit(".", 1)[0] for param in group]
+    return {name: first if _in_group(name, moving) else device for name, device in device_map.items()}
+
+
+def device_map_bytes(config_or_model: Any, device_map: Mapping[str, int], dtype: Any) -> dict[int, int]:
+    """Bytes of weights each device holds under `device_map` (for checks and logs)."""
+    from accelerate.utils import compute_module_sizes
+
+    return _bytes_per_device(compute_module_sizes(_meta_model(config_or_model), dtype=dtype), device_map)
+
+
+def gpu_total_memory(gpus: Sequence[int]) -> dict[int, int]:
+    """Total memory of each visible GPU, in bytes."""
+    import torch
+
+    return {g: int(torch.cuda.get_device_properties(g).total_memory) for g in gpus}
+
+
+# ---------------------------------------------------------------------------------------
+# revision
+# ---------------------------------------------------------------------------------------
+
+
+def resolve_revision(model_ref: str, requested: str | None, model_config: Any) -> str | None:
+    """The commit the weights came from when known: the hub's commit hash (recorded in the
+    config on download), a snapshot folder's name, or a requested 40-hex commit."""
+    commit = getattr(model_config, "_commit_hash", None)
+    if isinstance(commit, str) and _COMMIT.match(commit):
+        return commit
+    path = Path(model_ref)
+    if path.is_dir():
+        for part in reversed(path.absolute().parts):
+            if _COMMIT.match(part):
+                return part
+    if path.is_dir():
+        return None  # a plain local folder: no way to know
+    return requested  # a hub branch or tag as asked (the commit was not recorded)
+
+
+# ---------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    builder: InputBuilder
+    family: str
+    model_id: str
+    revision: str | None
+    dtype: Any
+    device: DevicePlan
+    device_map: dict[str, int] | None
+
+
+def _tile_override(config: RunConfig, name: str) -> int | None:
+    """A tile bound the user set (None: the checkpoint's own is used)."""
+    return getattr(config, name)
+
+
+def load_builder(config: RunConfig, model_config: Any | None = None) -> InputBuilder:
+    """The input builder for `config.model` (tokenizer + image processor; no weights)."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+    if config.model is None:
+        raise ModelConfigError("no model configured")
+    common = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
+    if model_config is None:
+        model_config = AutoConfig.from_pretrained(config.model, **common)
+    family = family_of(model_config.model_type)
+    tokenizer = AutoTokenizer.from_pretrained(config.model, **common)
+    tokenizer.padding_side = "left"
+    image_processor = AutoImageProcessor.from_pretrained(config.model, backend="pil", **common)
+    local = Path(config.model) if Path(config.model).is_dir() else None
+    chat_template = getattr(tokenizer, "chat_template", None) or load_chat_template(local)
+    kwargs: dict[str, Any] = {
+        "tasks": tuple(config.tasks),
+        "chart_questions": tuple(config.all_chart_questions()),
+        "chat_template": chat_template,
+    }
+    if family == "internvl":
+        kwargs["min_tiles"] = _tile_override(config, "min_tiles")
+        kwargs["max_tiles"] = _tile_override(config, "max_tiles")
+    return BUILDERS[family](tokenizer, image_processor, model_config, **kwargs)
+
+
+def load_model(config: RunConfig) -> LoadedModel:
+    """Load `config.model` once for this process, on CPU, one GPU, or sharded over several."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    if config.model is None:
+        raise ModelConfigError("no model configured")
+    common = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
+    model_config = AutoConfig.from_pretrained(config.model, **common)
+    family = family_of(model_config.model_type)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+
+    device_map: dict[str, int] | None = None
+    if device.kind == "cuda" and len(device.gpus) > 1:
+        meta = _meta_model(model_config)
+        device_map = compute_device_map(
+            meta, gpu_total_memory(device.gpus), config.gpu_memory_headroom, dtype, family=family
+        )
+        log.info("device map over GPUs %s: %s bytes", device.gpus, device_map_bytes(meta, device_map, dtype))
+        load_map: Any = device_map
+    elif device.kind == "cuda":
+        load_map = {"": device.gpus[0]}
+    else:
+        load_map = None
+
+    kwargs: dict[str, Any] = {**common, "dtype": dtype, "use_safetensors": True}
+    if load_map is not None:
+        kwargs["device_map"] = load_map
+    preferred = attention_implementation(device, dtype)
+    model = None
+    for attn in dict.fromkeys((preferred, "sdpa", "eager")):
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(config.model, attn_implementation=attn, **kwargs)
+            break
+        except (ValueError, ImportError) as exc:
+            if not re.search(r"attention|attn", str(exc), re.IGNORECASE):
+                raise
+            log.warning("attention implementation %s unavailable (%s); trying the next", attn, exc)
+    if model is None:
+        raise ModelConfigError(f"no attention implementation works for {config.model}")
+    model.eval()
+    builder = load_builder(config, model.config)
+    return LoadedModel(
+        model=model,
+        builder=builder,
+        family=family,
+        model_id=config.model,
+        revision=resolve_revision(config.model, config.revision, model.config),
+        dtype=dtype,
+        device=device,
+        device_map=device_map,
+    )
+
+
+__all__ = [
+    "DevicePlan",
+    "LoadedModel",
+    "ModelConfigError",
+    "VISION_GROUP",
+    "attention_implementation",
+    "compute_device_map",
+    "device_map_bytes",
+    "dtype_name",
+    "load_builder",
+    "load_model",
+    "pin_to_first",
+    "resolve_device",
+    "resolve_dtype",
+    "resolve_revision",
+]

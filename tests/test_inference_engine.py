@@ -1,0 +1,236 @@
+"""The engine end to end on tiny models: PageImage -> PreparedPage -> PageAnswers.
+
+Each family gets one tiny checkpoint and one engine per module (a few MB, loaded in
+well under a second once transformers is imported). Generation is kept to a handful of
+new tokens; torch runs single-threaded (2 shared cores: more threads only contend).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import RunConfig
+from pipeline.inference import PROMPT_VERSION, Engine, load_engine, prompts
+from pipeline.inference.adapters import CHART, DESCRIPTION, OCR, PreparedPage, chart_key
+from pipeline.records import PageAnswers, Stage
+from pipeline.testing import make_tiny_model, render_sample_page, sample_image_page
+
+MAIN = ("internvl", "qwen2_vl", "idefics3")
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-engine")
+    return {f: make_tiny_model(f, root / f) for f in (*MAIN, "qwen2_5_vl", "smolvlm")}
+
+
+def _config(model: Path, **kwargs: object) -> RunConfig:
+    base: dict[str, object] = {"max_new_tokens": NEW_TOKENS, "device": "cpu"}
+    base.update(kwargs)
+    return RunConfig(source="unused", output="unused", model=str(model), **base)
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_dirs: dict[str, Path]) -> dict[str, Engine]:
+    return {f: load_engine(_config(tiny_dirs[f])) for f in MAIN}
+
+
+def _prepare(engine: Engine, pages) -> list[PreparedPage]:
+    b = engine.builder
+    return [b.build(p, b.plan(p.image.width, p.image.height)) for p in pages]
+
+
+def _pages() -> list:
+    """Pages of different sizes (different tile counts, so prompts of different lengths)."""
+    return [
+        render_sample_page(dpi=72, doc_id="pdf"),
+        sample_image_page(900, 300, seed=1, doc_id="wide"),
+        sample_image_page(200, 260, seed=2, doc_id="small"),
+    ]
+
+
+def _content(answer: PageAnswers) -> PageAnswers:
+    """An answer without its timing (the only field allowed to differ between paths)."""
+    return dataclasses.replace(answer, latency_s=0.0)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", [*MAIN, "qwen2_5_vl", "smolvlm"])
+def test_rendered_pdf_page_to_answers_with_all_tasks(family, tiny_dirs, engines) -> None:
+    engine = engines.get(family) or load_engine(_config(tiny_dirs[family]))
+    page = render_sample_page(dpi=72)
+    [prepared] = _prepare(engine, [page])
+    assert prepared.text == page.text and (prepared.doc_id, prepared.page_number) == (page.doc_id, 1)
+    [answer] = engine.answer([prepared])
+
+    assert answer.error is None
+    assert (answer.model_id, answer.model_revision) == (str(tiny_dirs[family]), None)
+    assert answer.model_dtype == "float32" and answer.prompt_version == PROMPT_VERSION
+    assert isinstance(answer.description, str) and isinstance(answer.ocr_text, str)
+    assert answer.has_chart in (True, False, None)
+    if answer.has_chart:
+        assert [a.question for a in answer.chart_answers] == list(engine.builder.chart_questions)
+    else:
+        assert answer.chart_answers == ()
+    asked = [DESCRIPTION, OCR, CHART] + ([chart_key(i) for i in range(4)] if answer.has_chart else [])
+    assert answer.prompt_tokens == sum(len(prepared.prompts[k]) for k in asked)
+    assert 3 <= answer.generated_tokens <= NEW_TOKENS * len(asked)
+    assert answer.latency_s > 0
+
+
+@pytest.mark.parametrize("family", MAIN)
+def test_batched_shared_encoding_equals_one_at_a_time_and_naive(family, engines) -> None:
+    engine = engines[family]
+    prepared = _prepare(engine, _pages())
+    assert len({p.visual_tokens for p in prepared}) > 1  # padding is exercised
+    calls_before = engine.stats.encode_calls
+
+    batched = engine.answer(prepared)
+    assert engine.stats.encode_calls == calls_before + 1  # one vision pass for 3 pages x 3 tasks
+    single = [engine.answer([p])[0] for p in prepared]
+    naive = engine.answer_naive(prepared)  # raw pixels into generate, per page and task
+
+    assert [_content(a) for a in batched] == [_content(a) for a in single] == [_content(a) for a in naive]
+    assert all(a.error is None and a.generated_tokens > 0 for a in batched)
+
+
+@pytest.mark.parametrize("family", MAIN)
+def test_chart_questions_asked_only_of_chart_pages(family, engines, monkeypatch) -> None:
+    engine = engines[family]
+    prepared = _prepare(engine, _pages()[:2])
+    questions = list(engine.builder.chart_questions)
+
+    monkeypatch.setattr(prompts, "parse_yes_no", lambda text: True)
+    with_chart = engine.answer(prepared)
+    naive = engine.answer_naive(prepared)
+    for answer, reference in zip(with_chart, naive, strict=True):
+        assert answer.has_chart is True
+        assert [a.question for a in answer.chart_answers] == questions
+        assert all(isinstance(a.answer, str) for a in answer.chart_answers)
+        assert _content(answer) == _content(reference)
+
+    monkeypatch.setattr(prompts, "parse_yes_no", lambda text: False)
+    rows_before = engine.stats.rows
+    without = engine.answer(prepared)
+    assert engine.stats.rows - rows_before == 3 * len(prepared)  # no question rows
+    assert all(a.has_chart is False and a.chart_answers == () for a in without)
+    assert [a.description for a in without] == [a.description for a in with_chart]
+
+
+def test_out_of_memory_splits_the_batch_and_keeps_answers(engines, monkeypatch) -> None:
+    engine = engines["internvl"]
+    prepared = _prepare(engine, _pages())
+    reference = [_content(a) for a in engine.answer(prepared)]
+    encode = engine.builder.encode
+    sizes: list[int] = []
+
+    def small_batches_only(model, pages):
+        sizes.append(len(pages))
+        if len(pages) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return encode(model, pages)
+
+    monkeypatch.setattr(engine.builder, "encode", small_batches_only)
+    splits = engine.stats.oom_splits
+    answers = engine.answer(prepared)
+    assert [_content(a) for a in answers] == reference
+    assert sizes == [3, 2, 1, 1, 1] and engine.stats.oom_splits == splits + 2
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [(torch.OutOfMemoryError("CUDA out of memory (injected)"), "out_of_memory"), (RuntimeError("boom"), "generation_failed")],
+)
+def test_a_page_that_fails_alone_gets_an_error_row(exc, code, engines, monkeypatch) -> None:
+    engine = engines["qwen2_vl"]
+    prepared = _prepare(engine, _pages())
+    reference = [_content(a) for a in engine.answer(prepared)]
+    encode = engine.builder.encode
+
+    def fail_on_wide(model, pages):
+        if any(p.doc_id == "wide" for p in pages):
+            raise exc
+        return encode(model, pages)
+
+    monkeypatch.setattr(engine.builder, "encode", fail_on_wide)
+    answers = engine.answer(prepared)
+    assert [a.error for a in answers].count(None) == 2
+    bad = answers[1]
+    assert bad.error is not None and bad.error.stage is Stage.INFERENCE and bad.error.type == code
+    assert bad.description is None and bad.model_id == engine.model_id
+    assert [_content(answers[i]) for i in (0, 2)] == [reference[0], reference[2]]
+
+
+def test_batches_follow_the_visual_token_budget(tiny_dirs) -> None:
+    engine = load_engine(_config(tiny_dirs["idefics3"], batch_visual_tokens=300, max_batch_pages=2))
+    prepared = _prepare(engine, _pages())
+    costs = [p.visual_tokens for p in prepared]
+    answers = engine.answer(prepared)
+    assert all(a.error is None for a in answers)
+    # pages packed in order under 300 tokens and 2 pages; each batch is encoded once
+    from pipeline.inference.batching import pack_by_budget
+
+    batches = pack_by_budget(costs, 300, 2)
+    assert len(batches) > 1 and engine.stats.encode_calls == len(batches)
+
+
+def test_token_limit_and_repetition_flags(engines, monkeypatch) -> None:
+    engine = engines["idefics3"]
+    [prepared] = _prepare(engine, [sample_image_page(300, 300)])
+    real_generate = engine.model.generate
+    eos = min(engine.eos_token_ids)
+    loop = [7, 8, 7, 8, 7, 8]  # a repeating tail that runs into the limit
+    other = [5, 6, eos, 0, 0, 0]  # stops at EOS
+
+    def scripted(**kwargs):
+        out = real_generate(**kwargs)
+        width = kwargs["input_ids"].shape[1]
+        rows = [loop if i == 0 else other for i in range(out.shape[0])]
+        return torch.cat([out[:, :width], torch.tensor(rows, dtype=out.dtype)], dim=1)
+
+    monkeypatch.setattr(engine.model, "generate", scripted)
+    monkeypatch.setattr("pipeline.inference.batching.repeating_tail", lambda tokens, **kw: 2 if tokens == loop else None)
+    [answer] = engine.answer([prepared])
+    assert answer.truncated is True and answer.repetitive is True
+    assert answer.generated_tokens == 6 + 3 + 3  # description hit the limit; the others stopped at EOS
+
+
+def test_fixed_output_lengths_with_min_new_tokens(tiny_dirs) -> None:
+    engine = load_engine(_config(tiny_dirs["qwen2_vl"], tasks=["description", "ocr"]), min_new_tokens=NEW_TOKENS)
+    answers = engine.answer(_prepare(engine, _pages()[:2]))
+    assert [a.generated_tokens for a in answers] == [2 * NEW_TOKENS] * 2
+    assert all(a.truncated and a.has_chart is None for a in answers)
+
+
+def test_page_prepared_for_another_family_is_an_error(engines) -> None:
+    page = sample_image_page(120, 120)
+    [foreign] = _prepare(engines["qwen2_vl"], [page])
+    [answer] = engines["internvl"].answer([foreign])
+    assert answer.error is not None and answer.error.type == "wrong_model_family"
+
+
+def test_revision_from_a_hub_snapshot_folder(tiny_dirs, tmp_path) -> None:
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "models--tiny" / "snapshots" / commit
+    snapshot.parent.mkdir(parents=True)
+    snapshot.symlink_to(tiny_dirs["internvl"], target_is_directory=True)
+    engine = load_engine(_config(snapshot, tasks=["description"]))
+    assert engine.revision == commit and engine.dtype == "float32"
+    [answer] = engine.answer(_prepare(engine, [sample_image_page(100, 100)]))
+    assert answer.model_revision == commit and answer.ocr_text is None and answer.has_chart is None

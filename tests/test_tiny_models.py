@@ -1,0 +1,86 @@
+"""Tiny random checkpoints of real architectures, built offline."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.testing import FAMILIES, make_tiny_model
+
+CLASSES = {
+    "internvl": "InternVLForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "idefics3": "Idefics3ForConditionalGeneration",
+    "smolvlm": "SmolVLMForConditionalGeneration",
+}
+IMAGE_TOKENS = {
+    "internvl": "<IMG_CONTEXT>",
+    "qwen2_vl": "<|image_pad|>",
+    "qwen2_5_vl": "<|image_pad|>",
+    "idefics3": "<image>",
+    "smolvlm": "<image>",
+}
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_model_loads_like_a_hub_checkpoint(family: str, tmp_path: Path) -> None:
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    make_tiny_model(family, tmp_path / "warm")  # imports happen here, not in the timing below
+    start = time.perf_counter()
+    path = make_tiny_model(family, tmp_path / family)
+    built_s = time.perf_counter() - start
+    files = {p.name for p in path.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "preprocessor_config.json"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)  # safetensors only
+    size = sum(p.stat().st_size for p in path.iterdir())
+    assert size < 5_000_000, size
+    print(f"{family}: built in {built_s:.2f}s, {size / 1e6:.1f} MB")  # reported, not asserted
+
+    config = AutoConfig.from_pretrained(path)
+    assert config.model_type == family
+    model = AutoModelForImageTextToText.from_pretrained(path, use_safetensors=True)
+    assert type(model).__name__ == CLASSES[family]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert tokenizer.chat_template and tokenizer.eos_token and tokenizer.pad_token
+    image_token = IMAGE_TOKENS[family]
+    assert tokenizer(image_token * 3, add_special_tokens=False)["input_ids"] == [config.image_token_id] * 3
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer)
+    AutoImageProcessor.from_pretrained(path, backend="pil")  # no torchvision needed
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hello"}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    assert "Hello" in text and text.count(image_token) == 1
+
+
+def test_seed_decides_the_weights(tmp_path: Path) -> None:
+    a = make_tiny_model("qwen2_vl", tmp_path / "a", seed=1)
+    b = make_tiny_model("qwen2_vl", tmp_path / "b", seed=1)
+    c = make_tiny_model("qwen2_vl", tmp_path / "c", seed=2)
+    assert _digest(a) == _digest(b) != _digest(c)
+
+
+def test_random_weights_give_varied_tokens(tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    path = make_tiny_model("internvl", tmp_path / "m")
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    ids = torch.arange(10, 60)[None]
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    assert len(set(out[0, ids.shape[1]:].tolist())) > 3  # initializer_range 0.3: not one repeated token
+
+
+def test_unknown_family(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown family"):
+        make_tiny_model("llava", tmp_path)
