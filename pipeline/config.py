@@ -89,8 +89,17 @@ class RunConfig(BaseModel):
         description="Dynamic-resolution tiling: internvl (448 px tiles), minimax (336 px grid up to 2016 px), "
         "minicpm (LLaVA-UHD slices up to ~1.8 MP).",
     )
-    min_tiles: int = Field(default=1, ge=1, description="InternVL policy: fewest tiles per page.")
-    max_tiles: int = Field(default=12, ge=1, description="InternVL/MiniCPM policies: most tiles (slices) per page.")
+    min_tiles: int | None = Field(
+        default=None,
+        ge=1,
+        description="InternVL policy: fewest tiles per page. Default: the checkpoint's own, else 1.",
+    )
+    max_tiles: int | None = Field(
+        default=None,
+        ge=1,
+        description="InternVL/MiniCPM policies: most tiles (slices) per page. Default: the checkpoint's own, "
+        "else 12 (InternVL) or 9 (MiniCPM, its limit). MiniMax ignores it (its grid is 1..6 per side).",
+    )
     tokens_per_tile: int | None = Field(
         default=None,
         ge=1,
@@ -169,7 +178,7 @@ class RunConfig(BaseModel):
     def _check_ranges(self) -> "RunConfig":
         if self.min_dpi > self.max_dpi:
             raise ValueError(f"min_dpi ({self.min_dpi}) is above max_dpi ({self.max_dpi})")
-        if self.min_tiles > self.max_tiles:
+        if self.min_tiles is not None and self.max_tiles is not None and self.min_tiles > self.max_tiles:
             raise ValueError(f"min_tiles ({self.min_tiles}) is above max_tiles ({self.max_tiles})")
         return self
 

@@ -69,7 +69,7 @@ def _plan(settings: PrepSettings, width: int, height: int) -> TilePlan:
 
 
 def _strip_image(page: PageImage) -> PageImage:
-    return dataclasses.replace(page, image=None)  # type: ignore[arg-type]
+    return dataclasses.replace(page, image=None, thumbnail=None)  # type: ignore[arg-type]
 
 
 def iter_document(ref: DocumentRef, settings: PrepSettings) -> Iterator[PageWork | DocumentDone]:

@@ -82,8 +82,8 @@ class TilingOptions:
         """The tiling settings of a run."""
         return cls(
             policy=cfg.tiling_policy,
-            min_tiles=cfg.min_tiles,
-            max_tiles=cfg.max_tiles,
+            min_tiles=cfg.min_tiles if cfg.min_tiles is not None else 1,
+            max_tiles=cfg.max_tiles if cfg.max_tiles is not None else 12,
             tokens_per_tile=cfg.tokens_per_tile,
         )
 

@@ -83,7 +83,12 @@ PAGES_FIELDS: list[pa.Field] = [
     _f("downscaled", pa.bool_(), "True when the render was lowered below the request (pixel budget or renderer limit)."),
     _f("render_note", pa.string(), "Why the render differs from the request, when it does."),
     _f("rotation", pa.int16(), "Rotation applied in degrees (PDF /Rotate or EXIF orientation)."),
-    _f("tiling_policy", pa.string(), "internvl, minimax or minicpm."),
+    _f(
+        "tiling_policy",
+        pa.string(),
+        "Tiling the page was planned with: internvl, minimax or minicpm; with a model, the model family's own "
+        "(internvl, qwen2_vl, idefics3).",
+    ),
     _f("grid_cols", pa.int16(), "Tile grid columns."),
     _f("grid_rows", pa.int16(), "Tile grid rows."),
     _f("tile_count", pa.int16(), "Tiles fed to the model, thumbnail or overview included."),

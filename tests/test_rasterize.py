@@ -688,3 +688,22 @@ def test_words_to_text_keeps_table_rows_and_paragraphs() -> None:
     ]
     assert words_to_text(words) == "Region 2023 2024\n\nNorth 120 135\n\nNotes"
     assert words_to_text([]) == ""
+
+
+def test_pdf_pages_carry_a_directly_rendered_thumbnail() -> None:
+    from pipeline.tiling import cut_tiles
+
+    page = one_page(f.born_digital_pdf())
+    plan = plan_tiles(page.render.width, page.render.height, TilingOptions())
+    assert plan.thumbnail and page.thumbnail is not None and page.thumbnail.size == plan.thumbnail_size
+    tiles = cut_tiles(page.image, plan, thumbnail=page.thumbnail)
+    assert tiles[-1] is page.thumbnail and len(tiles) == plan.tiles
+    # it shows the same page as the bicubic thumbnail would
+    bicubic = page.image.resize(plan.thumbnail_size, Image.Resampling.BICUBIC)
+    diff = np.abs(np.asarray(bicubic, dtype=np.int16) - np.asarray(page.thumbnail, dtype=np.int16))
+    assert diff.mean() < 8.0
+
+
+def test_image_pages_get_no_prerendered_thumbnail() -> None:
+    items = all_pages(f.rgba_png((600, 800)), media_type="image/png")
+    assert all(isinstance(i, PageImage) and i.thumbnail is None for i in items)
