@@ -180,7 +180,8 @@ class PageAnswers:
     prompt_version: str
     description: str | None = None
     ocr_text: str | None = None
-    has_chart: bool | None = None
+    has_chart: bool | None = None  # None: not asked, or the answer was neither yes nor no
+    chart_check_answer: str | None = None  # the model's own words when asked whether there is a chart
     chart_answers: tuple[ChartAnswer, ...] = ()
     prompt_tokens: int = 0
     generated_tokens: int = 0

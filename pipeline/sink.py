@@ -90,7 +90,7 @@ def _plan_columns(plan: TilePlan | None) -> dict[str, Any]:
 
 def _answer_columns(answers: PageAnswers | None) -> dict[str, Any]:
     if answers is None:
-        names = ("description", "ocr_text", "has_chart", "chart_answers", "model_id", "model_revision",
+        names = ("description", "ocr_text", "has_chart", "chart_check_answer", "chart_answers", "model_id", "model_revision",
                  "model_dtype", "prompt_version", "prompt_tokens", "generated_tokens", "inference_latency_s",
                  "truncated", "repetitive")
         return dict.fromkeys(names)
@@ -98,6 +98,7 @@ def _answer_columns(answers: PageAnswers | None) -> dict[str, Any]:
         "description": answers.description,
         "ocr_text": answers.ocr_text,
         "has_chart": answers.has_chart,
+        "chart_check_answer": answers.chart_check_answer,
         "chart_answers": [{"question": a.question, "answer": a.answer} for a in answers.chart_answers],
         "model_id": answers.model_id,
         "model_revision": answers.model_revision,

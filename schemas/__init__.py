@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 VERSION_KEY = b"docpipe.schema_version"
 TABLE_KEY = b"docpipe.table"
 
@@ -100,6 +100,11 @@ PAGES_FIELDS: list[pa.Field] = [
     _f("description", pa.string(), "The model's description of what the page is and shows."),
     _f("ocr_text", pa.string(), "All text on the page in reading order (plain text or Markdown tables)."),
     _f("has_chart", pa.bool_(), "Whether the model found a chart, plot or diagram on the page."),
+    _f(
+        "chart_check_answer",
+        pa.string(),
+        "The model's reply when asked whether the page holds a chart; has_chart is null when it was neither yes nor no.",
+    ),
     _f("chart_answers", pa.list_(pa.field("element", CHART_ANSWER_TYPE)), "Answers to the run's chart questions (empty when no chart)."),
     _f("model_id", pa.string(), "Model folder or hub id that produced the model columns."),
     _f("model_revision", pa.string(), "Model commit hash or revision, when known."),

@@ -83,7 +83,9 @@ def test_rendered_pdf_page_to_answers_with_all_tasks(family, tiny_dirs, engines)
     assert (answer.model_id, answer.model_revision) == (str(tiny_dirs[family]), None)
     assert answer.model_dtype == "float32" and answer.prompt_version == PROMPT_VERSION
     assert isinstance(answer.description, str) and isinstance(answer.ocr_text, str)
-    assert answer.has_chart in (True, False, None)
+    # the reply to "is there a chart?" is kept, and has_chart is what it says (None: neither)
+    assert isinstance(answer.chart_check_answer, str)
+    assert answer.has_chart is prompts.parse_yes_no(answer.chart_check_answer)
     if answer.has_chart:
         assert [a.question for a in answer.chart_answers] == list(engine.builder.chart_questions)
     else:

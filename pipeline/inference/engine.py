@@ -344,6 +344,7 @@ class Engine:
             description=description.text if description else None,
             ocr_text=ocr.text if ocr else None,
             has_chart=has_chart,
+            chart_check_answer=chart.text if chart is not None else None,
             chart_answers=chart_answers,
             prompt_tokens=sum(t.prompt_tokens for t in tasks.values()),
             generated_tokens=sum(t.generated_tokens for t in tasks.values()),
