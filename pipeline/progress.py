@@ -15,7 +15,7 @@ from pipeline.runner import RunSummary, WorkPlan, run
 def summary_table(summary: RunSummary) -> Table:
     table = Table(title=f"docpipe run {summary.run_id}", show_header=False)
     table.add_column("metric")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="right", overflow="fold")
     for row in summary.as_table_rows():
         table.add_row(str(row["metric"]), str(row["value"]))
     return table
