@@ -1,0 +1,91 @@
+"""The `docpipe-ingest` flow: one machine, every shard of a run as one task each.
+
+Its parameters are exactly `RunConfig`'s fields, generated from the model (see
+`flows.parameters`), so `prefect deployment run 'docpipe-ingest/<name>' --param
+source=s3://bucket/prefix --param output=s3://bucket/out` takes the same settings as
+`docpipe run`. Shards run one after another in this process, sharing one loaded model;
+a failed shard does not stop the others, and the flow fails at the end naming them (a
+rerun resumes: finished shards are skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run as current_flow_run
+
+from flows import tasks
+from flows.parameters import build_config, public_url, with_config_parameters
+from pipeline import runner
+from pipeline.config import RunConfig
+
+FLOW_NAME = "docpipe-ingest"
+
+
+def resolve_run_id(config: RunConfig) -> str:
+    """The configured run id, else this flow run's id, else a fresh one."""
+    if config.run_id:
+        return config.run_id
+    flow_run_id = current_flow_run.get_id()
+    return str(flow_run_id) if flow_run_id else runner.new_run_id()
+
+
+def log_config(config: RunConfig, run_id: str) -> None:
+    """Log the settings without secrets (storage options reduced to their keys)."""
+    public = config.public_dict()
+    public["source"], public["output"] = public_url(config.source), public_url(config.output)
+    get_run_logger().info("docpipe run %s settings: %s", run_id, json.dumps(public, default=str, sort_keys=True))
+
+
+def run_shards_here(config: RunConfig, run_id: str) -> dict[str, Any]:
+    """Discover, process every shard as a task in this process, publish artifacts."""
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    plan = tasks.discover_task(config)
+    progress = tasks.Progress(len(plan.shards), run_id)
+    results: list[runner.ShardResult] = []
+    failed: list[tuple[str, str]] = []
+    for shard in plan.shards:
+        state = tasks.process_shard_task(shard, config, run_id, return_state=True)
+        if state.is_completed():
+            results.append(state.result())
+        else:
+            failed.append((shard.shard_id, state.message or state.name))
+            logger.error("shard %s failed: %s", shard.shard_id, state.message)
+        progress.advance()
+    summary = runner.summarize(
+        results,
+        run_id=run_id,
+        config=config,
+        seconds=time.perf_counter() - t0,
+        total_documents=plan.total_documents,
+        already_done=plan.already_done,
+    )
+    tasks.publish_summary(summary, failed_shards=[sid for sid, _ in failed])
+    logger.info(
+        "run %s: %d documents, %d pages (%d failed) in %.1f s, %.2f pages/s",
+        run_id, summary.documents, summary.pages, summary.pages_failed, summary.seconds, summary.pages_per_s,
+    )
+    if failed:
+        raise RuntimeError(tasks.failure_message(failed, len(plan.shards)))
+    return _public_summary(summary)
+
+
+def _public_summary(summary: runner.RunSummary) -> dict[str, Any]:
+    data = summary.to_dict()
+    data["output"] = public_url(summary.output)
+    return data
+
+
+@flow(name=FLOW_NAME, validate_parameters=False, persist_result=False)
+@with_config_parameters(
+    "Ingest a folder or bucket of PDFs and scans into Parquet (pages and documents tables), on this machine."
+)
+def ingest(**params: Any) -> dict[str, Any]:
+    config = build_config(params)
+    run_id = resolve_run_id(config)
+    log_config(config, run_id)
+    return run_shards_here(config, run_id)

@@ -1,0 +1,216 @@
+"""Prefect tasks over `pipeline.runner`: discovery, one task per shard, run artifacts.
+
+A task is a whole shard (never a page: Prefect costs ~200 ms per task run). Shard tasks
+retry with exponential back-off only for transient storage errors (`is_transient`); bad
+input never raises (it becomes rows) and a broken configuration fails at once.
+
+Task results stay in memory (`persist_result=False`, no cache): nothing of a run,
+storage options included, is written to Prefect's result storage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+from uuid import UUID
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State, TaskRun
+from prefect.tasks import Task, exponential_backoff
+
+from flows.parameters import ConfigurationError, public_url
+from pipeline import runner
+from pipeline.config import RunConfig
+from pipeline.planning import Shard
+
+SHARD_RETRIES = 3
+SHARD_BACKOFF_S = 2.0  # first retry after ~2 s, then ~4 s, ~8 s (with jitter)
+SUMMARY_KEY = "docpipe-run-summary"
+PROGRESS_KEY = "docpipe-progress"
+
+# S3 error codes that no retry will fix (wrong bucket, wrong or missing credentials).
+_PERMANENT_S3_CODES = frozenset(
+    {"AccessDenied", "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidBucketName"}
+)
+
+
+# ---------------------------------------------------------------------------------------
+# Which failures are worth a retry
+# ---------------------------------------------------------------------------------------
+
+
+def _s3_error_code(exc: BaseException) -> str | None:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        return str(code) if code is not None else None
+    return None
+
+
+# OSErrors that say the settings point at nothing (or at something forbidden): no retry.
+_PERMANENT_OS_ERRORS = (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def _is_permanent(exc: BaseException) -> bool:
+    return isinstance(exc, (ConfigurationError, *_PERMANENT_OS_ERRORS))
+
+
+def _is_transient_one(exc: BaseException) -> bool:
+    if _is_permanent(exc):
+        return False
+    if _s3_error_code(exc) in _PERMANENT_S3_CODES:
+        return False
+    if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
+        return True
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # pragma: no cover - s3fs brings botocore
+        return False
+    return isinstance(exc, (BotoCoreError, ClientError))
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """True for storage/network failures that may pass on a retry (OSError, botocore errors).
+
+    Follows explicit `raise ... from` causes, so a wrapped OSError still counts. Broken
+    configuration, missing or forbidden paths and programming errors are never transient.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if _is_transient_one(exc):
+            return True
+        if _is_permanent(exc):
+            return False
+        exc = exc.__cause__
+    return False
+
+
+def retry_if_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Prefect `retry_condition_fn`: retry a failed shard only for a transient error."""
+    data = state.data
+    if isinstance(data, BaseException):
+        return is_transient(data)
+    try:
+        state.result(raise_on_failure=True)
+    except BaseException as exc:  # noqa: BLE001 - we only classify it
+        return is_transient(exc)
+    return False
+
+
+# ---------------------------------------------------------------------------------------
+# Tasks
+# ---------------------------------------------------------------------------------------
+
+
+@task(name="discover", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=2.0,
+      retry_condition_fn=retry_if_transient)
+def discover_task(config: RunConfig) -> runner.WorkPlan:
+    """List and hash the source, read what the output already has, cut the rest into shards."""
+    plan = runner.discover_work(config)
+    get_run_logger().info(
+        "discovered %d documents in %.1f s: %d already done, %d to do in %d shards",
+        plan.total_documents, plan.discover_s, plan.already_done, plan.to_do, len(plan.shards),
+    )
+    return plan
+
+
+@task(
+    name="process-shard",
+    task_run_name="shard-{shard.shard_id}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=SHARD_RETRIES,
+    retry_delay_seconds=exponential_backoff(backoff_factor=SHARD_BACKOFF_S),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_if_transient,
+)
+def process_shard_task(shard: Shard, config: RunConfig, run_id: str) -> runner.ShardResult:
+    """Process one shard (idempotent: a shard whose documents file exists is skipped)."""
+    logger = get_run_logger()
+    result = runner.process_shard(shard, config, run_id=run_id, engine=runner.get_engine(config), progress=None)
+    if result.skipped:
+        logger.info("shard %s already done: skipped", shard.shard_id)
+    else:
+        logger.info(
+            "shard %s: %d documents, %d pages (%d failed) in %.1f s",
+            shard.shard_id, result.documents, result.pages, result.pages_failed, result.seconds,
+        )
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# Results and artifacts
+# ---------------------------------------------------------------------------------------
+
+
+def result_from_dict(data: dict[str, Any]) -> runner.ShardResult:
+    """Rebuild a ShardResult from `to_dict()` output (unknown keys ignored)."""
+    known = set(runner.ShardResult.__slots__)  # type: ignore[attr-defined]
+    return runner.ShardResult(**{k: v for k, v in data.items() if k in known})
+
+
+def summary_rows(summary: runner.RunSummary, *, failed_shards: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The run's table artifact: counts, errors by type, pages/s, model, output (no credentials)."""
+    rows = []
+    for row in summary.as_table_rows():
+        if row.get("metric") == "output":
+            row = {**row, "value": public_url(str(row["value"]))}
+        rows.append(row)
+    rows.append({"metric": "run id", "value": summary.run_id})
+    if failed_shards:
+        rows.append({"metric": "shards failed (rerun to resume)", "value": len(failed_shards)})
+    return rows
+
+
+def publish_summary(summary: runner.RunSummary, *, failed_shards: Sequence[str] = ()) -> UUID:
+    """Create the table artifact describing the run."""
+    state = "finished" if not failed_shards else f"finished with {len(failed_shards)} failed shard(s)"
+    description = (
+        f"docpipe run `{summary.run_id}` {state}: {summary.documents} documents, {summary.pages} pages "
+        f"({summary.pages_failed} failed) in {summary.seconds:.1f} s -> `{public_url(summary.output)}`"
+    )
+    return create_table_artifact(summary_rows(summary, failed_shards=failed_shards), key=SUMMARY_KEY,
+                                 description=description)
+
+
+class Progress:
+    """A progress artifact updated as shards finish."""
+
+    def __init__(self, total_shards: int, run_id: str) -> None:
+        self.total = total_shards
+        self.done = 0
+        self.run_id = run_id
+        self._last = 0.0
+        self.artifact_id = create_progress_artifact(
+            progress=0.0 if total_shards else 100.0, key=PROGRESS_KEY, description=self._text()
+        )
+
+    def _text(self) -> str:
+        return f"run `{self.run_id}`: {self.done} of {self.total} shards finished"
+
+    def advance(self, count: int = 1, *, force: bool = False) -> None:
+        """Count finished shards; the artifact is updated at most once a second (and at the end)."""
+        self.done = min(self.total, self.done + count)
+        now = time.monotonic()
+        if force or self.done == self.total or now - self._last >= 1.0:
+            self._last = now
+            update_progress_artifact(self.artifact_id, self.percent, description=self._text())
+
+    @property
+    def percent(self) -> float:
+        return 100.0 if not self.total else round(100.0 * self.done / self.total, 2)
+
+
+def failure_message(failed: Iterable[tuple[str, str]], total: int) -> str:
+    """Why the run failed, naming the shards; a rerun resumes (finished shards are skipped)."""
+    failed = list(failed)
+    listed = "; ".join(f"{sid}: {msg}" for sid, msg in failed[:5])
+    more = f" (and {len(failed) - 5} more)" if len(failed) > 5 else ""
+    return (
+        f"{len(failed)} of {total} shards failed: {listed}{more}. "
+        "Finished shards are kept; run again with the same source and output to resume."
+    )
