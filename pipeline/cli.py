@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, describe_validation_error
 
 EXIT_OK = 0
 EXIT_NOTHING_PROCESSED = 1
@@ -98,7 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="Serve the ingestion flow as a Prefect deployment from this process.")
     serve.add_argument("--name", default="docpipe", help="Deployment name. [default: docpipe]")
-    serve.add_argument("--cron", default=None, help="Cron schedule, e.g. '0 2 * * *' for 02:00 nightly.")
+    serve.add_argument(
+        "--cron", default=None, help="Cron schedule, e.g. '0 2 * * *' for 02:00 nightly (needs --param source/output)."
+    )
+    serve.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Default flow parameter (any `docpipe run` setting, value as JSON or a plain string); repeatable.",
+    )
 
     schemas_p = sub.add_parser("schemas", help="Write the output schemas as JSON.")
     schemas_p.add_argument("directory", nargs="?", default=".", help="Where to write them. [default: .]")
@@ -110,8 +119,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     try:
         config = config_from_args(args)
-    except ValidationError as exc:
-        print(f"docpipe: invalid configuration:\n{exc}", file=sys.stderr)
+    except ValidationError as exc:  # the values are left out: they may hold credentials
+        print(f"docpipe: invalid configuration: {describe_validation_error(exc)}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     try:
         summary = run_with_progress(config)
@@ -137,10 +146,30 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
+    """KEY=VALUE pairs; VALUE is read as JSON when it parses, else kept as a string."""
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param needs KEY=VALUE, got {pair!r}")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from flows.deploy import serve
+    from flows.parameters import ConfigurationError
 
-    serve(name=args.name, cron=args.cron)
+    try:
+        params = parse_params(args.param)
+        serve(name=args.name, cron=args.cron, parameters=params)
+    except (ValueError, ConfigurationError) as exc:
+        print(f"docpipe: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     return EXIT_OK
 
 

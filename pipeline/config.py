@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 TilingPolicyName = Literal["internvl", "minimax", "minicpm"]
 TaskName = Literal["description", "ocr", "chart"]
@@ -67,6 +67,7 @@ class RunConfig(BaseModel):
     )
     extensions: list[str] = Field(
         default_factory=lambda: list(DEFAULT_EXTENSIONS),
+        validate_default=True,
         description="File extensions to consider (case-insensitive, without dot). Content is sniffed as well.",
     )
     limit: int | None = Field(
@@ -117,6 +118,7 @@ class RunConfig(BaseModel):
     )
     tasks: list[TaskName] = Field(
         default_factory=lambda: ["description", "ocr", "chart"],
+        validate_default=True,
         description="What to ask the model for each page.",
     )
     chart_questions: list[str] = Field(
@@ -198,6 +200,15 @@ class RunConfig(BaseModel):
         data = self.model_dump()
         data["storage_options"] = sorted(self.storage_options)
         return data
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """`field: reason` pairs, without the offending values (they may be secrets)."""
+    parts = []
+    for err in exc.errors(include_input=False, include_url=False):
+        where = ".".join(str(p) for p in err.get("loc", ())) or "settings"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
 
 
 def field_help() -> dict[str, tuple[Any, str]]:

@@ -9,6 +9,14 @@ from collections.abc import Iterator
 
 import pytest
 
+# Prefect must never read or write the developer's ~/.prefect, nor phone home, from tests:
+# set before any test module imports it. Tests that start servers give each its own home.
+_PREFECT_HOME = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"docpipe-tests-prefect-{os.getpid()}")
+os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+if os.environ.get("PREFECT_API_URL") == "":  # empty is not "unset" to Prefect
+    del os.environ["PREFECT_API_URL"]
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

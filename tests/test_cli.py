@@ -40,3 +40,28 @@ def test_broken_configuration_exits_2(tmp_path, capsys):
 
     assert main(["run", str(tmp_path), "--output", str(tmp_path / "o"), "--min-dpi", "400", "--max-dpi", "100"]) == 2
     assert "min_dpi" in capsys.readouterr().err
+
+
+def test_invalid_configuration_never_echoes_values(tmp_path, capsys):
+    from pipeline.cli import main
+
+    code = main(["run", str(tmp_path), "--output", "o", "--storage-options", '{"secret": "hunter2"}', "--shard-size", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "shard_size" in err and "hunter2" not in err
+
+
+def test_serve_params_parse_as_json_or_text():
+    from pipeline.cli import parse_params
+
+    assert parse_params(["source=s3://b/in", "shard_size=8", 'tasks=["ocr"]']) == {
+        "source": "s3://b/in", "shard_size": 8, "tasks": ["ocr"]
+    }
+    with pytest.raises(ValueError):
+        parse_params(["no-equals-sign"])
+
+
+def test_serve_with_a_schedule_but_no_source_is_a_configuration_error(capsys):
+    from pipeline.cli import main
+
+    assert main(["serve", "--cron", "0 2 * * *"]) == 2
+    assert "source" in capsys.readouterr().err

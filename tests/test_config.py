@@ -67,3 +67,12 @@ def test_chart_questions_extend_the_default_set():
 
 def test_field_help_lists_every_field():
     assert set(field_help()) == set(RunConfig.model_fields)
+
+
+def test_defaults_are_normalised_like_explicit_values():
+    from pipeline.config import DEFAULT_EXTENSIONS
+
+    implicit = RunConfig(source="a", output="b")
+    explicit = RunConfig(source="a", output="b", extensions=list(DEFAULT_EXTENSIONS), tasks=["description", "ocr", "chart"])
+    assert implicit.extensions == explicit.extensions == sorted(DEFAULT_EXTENSIONS)
+    assert implicit.fingerprint() == explicit.fingerprint()
