@@ -10,6 +10,7 @@ storage options included, is written to Prefect's result storage.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -149,7 +150,7 @@ def process_shard_task(shard: Shard, config: RunConfig, run_id: str) -> runner.S
 
 def result_from_dict(data: dict[str, Any]) -> runner.ShardResult:
     """Rebuild a ShardResult from `to_dict()` output (unknown keys ignored)."""
-    known = set(runner.ShardResult.__slots__)  # type: ignore[attr-defined]
+    known = {f.name for f in dataclasses.fields(runner.ShardResult)}
     return runner.ShardResult(**{k: v for k, v in data.items() if k in known})
 
 

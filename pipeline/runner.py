@@ -7,6 +7,7 @@ flows (one task or child flow run per shard). The model is loaded once per proce
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -143,9 +144,10 @@ def get_engine(config: RunConfig) -> Any | None:
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class ShardResult:
-    shard_id: str
+@dataclass(slots=True, kw_only=True)
+class Counts:
+    """What a shard or a run did; shard counts add up to run counts."""
+
     documents: int = 0
     pages: int = 0
     pages_ok: int = 0
@@ -154,10 +156,27 @@ class ShardResult:
     errors_by_type: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     model_seconds: float = 0.0
-    skipped: bool = False
+
+    def add(self, other: "Counts", *, seconds: bool = False) -> None:
+        self.documents += other.documents
+        self.pages += other.pages
+        self.pages_ok += other.pages_ok
+        self.pages_failed += other.pages_failed
+        self.model_seconds += other.model_seconds
+        if seconds:
+            self.seconds += other.seconds
+        for mine, theirs in ((self.documents_by_status, other.documents_by_status), (self.errors_by_type, other.errors_by_type)):
+            for k, v in theirs.items():
+                mine[k] = mine.get(k, 0) + v
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
+        return dataclasses.asdict(self)
+
+
+@dataclass(slots=True, kw_only=True)
+class ShardResult(Counts):
+    shard_id: str
+    skipped: bool = False
 
 
 @dataclass(slots=True)
@@ -365,23 +384,15 @@ def process_shard(
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class RunSummary:
+@dataclass(slots=True, kw_only=True)
+class RunSummary(Counts):
     run_id: str
     output: str
     model: str | None
     total_documents: int = 0
     already_done: int = 0
-    documents: int = 0
-    pages: int = 0
-    pages_ok: int = 0
-    pages_failed: int = 0
-    documents_by_status: dict[str, int] = field(default_factory=dict)
-    errors_by_type: dict[str, int] = field(default_factory=dict)
     shards: int = 0
     shards_skipped: int = 0
-    seconds: float = 0.0
-    model_seconds: float = 0.0
 
     @property
     def pages_per_s(self) -> float:
@@ -411,7 +422,7 @@ class RunSummary:
         return rows
 
     def to_dict(self) -> dict[str, Any]:
-        data = {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
+        data = dataclasses.asdict(self)
         data["pages_per_s"] = self.pages_per_s
         return data
 
@@ -438,16 +449,8 @@ def summarize(
         summary.shards_skipped += int(r.skipped)
         if r.skipped:
             summary.already_done += r.documents
-            continue
-        summary.documents += r.documents
-        summary.pages += r.pages
-        summary.pages_ok += r.pages_ok
-        summary.pages_failed += r.pages_failed
-        summary.model_seconds += r.model_seconds
-        for k, v in r.documents_by_status.items():
-            summary.documents_by_status[k] = summary.documents_by_status.get(k, 0) + v
-        for k, v in r.errors_by_type.items():
-            summary.errors_by_type[k] = summary.errors_by_type.get(k, 0) + v
+        else:
+            summary.add(r)
     return summary
 
 
