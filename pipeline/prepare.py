@@ -9,6 +9,7 @@ With zero workers it runs inline, and the timeout is checked between pages only.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import multiprocessing as mp
 import queue
@@ -208,9 +209,10 @@ class PrepPool:
     on a full queue is backpressure, not slowness.
     """
 
-    def __init__(self, settings: PrepSettings, workers: int) -> None:
+    def __init__(self, settings: PrepSettings, workers: int, *, keep_alive: bool = False) -> None:
         self.settings = settings
         self.n_workers = max(1, workers)
+        self.keep_alive = keep_alive  # keep the workers for the next run (shard) instead of closing
         self.ctx = mp.get_context("spawn")
         self.results = self.ctx.Queue(maxsize=settings.config.prefetch_pages)
         self.workers: list[_Worker] = []
@@ -228,7 +230,10 @@ class PrepPool:
         pending = list(range(len(refs)))
         finished: set[int] = set()
         delivered_ok: dict[int, int] = {}
-        self.workers = [self._spawn(i) for i in range(min(self.n_workers, len(refs)))]
+        wanted = min(self.n_workers, len(refs))
+        self.workers += [self._spawn(i) for i in range(len(self.workers), wanted)]
+        for w in self.workers:
+            w.current, w.outstanding = None, []
         clock = 0.0  # seconds spent inside this generator
         resumed = time.monotonic()
 
@@ -300,7 +305,10 @@ class PrepPool:
                     yield DocumentDone(outcome)
                     resumed = time.monotonic()
                     feed(self.workers[wid])
-        finally:
+        except BaseException:  # includes the consumer stopping early: workers may be mid-document
+            self.close()
+            raise
+        if not self.keep_alive:
             self.close()
 
     def close(self) -> None:
@@ -330,4 +338,25 @@ def iter_shard_documents(refs: Sequence[DocumentRef], settings: PrepSettings) ->
         for ref in needs_work:
             yield from iter_document(ref, settings)
         return
-    yield from PrepPool(settings, workers).run(needs_work)
+    yield from shared_pool(settings, workers).run(needs_work)
+
+
+_SHARED: tuple[tuple[Any, ...], PrepPool] | None = None
+
+
+def shared_pool(settings: PrepSettings, workers: int) -> PrepPool:
+    """The worker pool of this process, kept across shards of the same run settings.
+
+    Starting a worker costs seconds (unpickling a model's input builder imports torch and
+    transformers), so shards of a run reuse the workers, as they reuse the loaded model.
+    """
+    global _SHARED
+    # Workers get documents by URI, so where a run reads and writes does not matter to them.
+    worker_config = settings.config.model_dump_json(exclude={"source", "output", "run_id", "limit", "progress"})
+    key = (worker_config, id(settings.builder), workers)
+    if _SHARED is None or _SHARED[0] != key:
+        if _SHARED is not None:
+            _SHARED[1].close()
+        _SHARED = (key, PrepPool(settings, workers, keep_alive=True))
+        atexit.register(_SHARED[1].close)
+    return _SHARED[1]

@@ -167,3 +167,21 @@ def test_done_shard_is_skipped(inputs: Path, tmp_path: Path):
     second = runner.process_shard(Shard.from_dict(shard.to_dict()), cfg, run_id="r2")
     assert not first.skipped and second.skipped
     assert {r["run_id"] for r in read(out, "documents")} == {"r1"}
+
+
+def test_worker_processes_are_reused_across_shards(inputs: Path, tmp_path: Path, monkeypatch):
+    from pipeline import prepare
+
+    spawned = []
+    real_spawn = prepare.PrepPool._spawn
+
+    def counting_spawn(self, worker_id):
+        spawned.append(worker_id)
+        return real_spawn(self, worker_id)
+
+    monkeypatch.setattr(prepare.PrepPool, "_spawn", counting_spawn)
+    summary = runner.run(
+        RunConfig(source=str(inputs), output=str(tmp_path / "o"), progress=False, shard_size=1, prep_workers=1)
+    )
+    assert summary.shards == 6 and summary.pages == 6
+    assert spawned == [0]  # one worker started for the whole run, not one per shard

@@ -8,6 +8,39 @@ from pipeline.testing.tiny_models import FAMILIES, make_tiny_model
 LETTER_PT = (612.0, 792.0)
 
 
+def sample_pdf(
+    *,
+    size_pt: tuple[float, float] = LETTER_PT,
+    title: str = "Quarterly report 2024",
+    chart: bool = True,
+    pages: int = 1,
+) -> bytes:
+    """A born-digital PDF (title, paragraph, optional bar chart on every page), made with PyMuPDF."""
+    import pymupdf
+
+    doc = pymupdf.open()
+    try:
+        width, height = size_pt
+        for number in range(1, pages + 1):
+            page = doc.new_page(width=width, height=height)
+            page.insert_text((36, 54), title if pages == 1 else f"{title}, page {number}", fontsize=16)
+            page.insert_textbox(
+                pymupdf.Rect(36, 70, width - 36, 160),
+                "Revenue grew by 12 percent. Costs fell in every region except the north.",
+                fontsize=10,
+            )
+            if chart:
+                base = min(height - 36, 360.0)
+                for i, value in enumerate((40, 90, 65, 120)):
+                    x = 60 + i * 50
+                    page.draw_rect(pymupdf.Rect(x, base - value, x + 30, base), color=(0, 0, 0), fill=(0.2, 0.4, 0.8))
+                page.draw_line((50, base), (270, base))
+                page.insert_text((60, base + 16), "North  East  South  West", fontsize=8)
+        return doc.tobytes()
+    finally:
+        doc.close()
+
+
 def render_sample_page(
     *,
     size_pt: tuple[float, float] = LETTER_PT,
@@ -17,33 +50,16 @@ def render_sample_page(
     doc_id: str = "sample",
     page_number: int = 1,
 ) -> PageImage:
-    """A born-digital PDF page (title, paragraph, optional bar chart) made with PyMuPDF,
-    rendered to a PageImage with its text layer, as the rasterize stage would hand it on."""
+    """The page of `sample_pdf` rendered to a PageImage with its text layer, as the rasterize
+    stage would hand it on (at a plain DPI, without the rasterizer's tile-canvas rendering)."""
     import pymupdf
     from PIL import Image
 
-    doc = pymupdf.open()
-    try:
-        width, height = size_pt
-        page = doc.new_page(width=width, height=height)
-        page.insert_text((36, 54), title, fontsize=16)
-        page.insert_textbox(
-            pymupdf.Rect(36, 70, width - 36, 160),
-            "Revenue grew by 12 percent. Costs fell in every region except the north.",
-            fontsize=10,
-        )
-        if chart:
-            base = min(height - 36, 360.0)
-            for i, value in enumerate((40, 90, 65, 120)):
-                x = 60 + i * 50
-                page.draw_rect(pymupdf.Rect(x, base - value, x + 30, base), color=(0, 0, 0), fill=(0.2, 0.4, 0.8))
-            page.draw_line((50, base), (270, base))
-            page.insert_text((60, base + 16), "North  East  South  West", fontsize=8)
+    with pymupdf.open(stream=sample_pdf(size_pt=size_pt, title=title, chart=chart), filetype="pdf") as doc:
+        page = doc[0]
         pix = page.get_pixmap(matrix=pymupdf.Matrix(dpi / 72.0, dpi / 72.0))
         image = Image.frombytes("RGB", (pix.width, pix.height), pix.samples)
         text = page.get_text()
-    finally:
-        doc.close()
     return PageImage(
         doc_id=doc_id,
         uri=f"memory://{doc_id}.pdf",
