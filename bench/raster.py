@@ -8,8 +8,9 @@
    layer, page kind, tile plan, cut tiles) is timed side by side with bare
    `page.get_pixmap` at the same pixel size, and the ratio of their speeds is printed.
    The best of `--repeat` runs is kept for both, to damp a noisy machine.
-2. Peak RSS of `docpipe run` (no model) in a fresh process for 20 pages, for 2,000 pages
-   in 100 documents, and for one 2,000-page document, made from the sample by repetition.
+2. Peak RSS of `docpipe run` (no model, --prep-workers 0 so every stage is in the one
+   measured process) in a fresh process for 20 pages, for 2,000 pages in 100 documents,
+   and for one 2,000-page document, made from the sample by repetition.
 
 Figures go to stdout; nothing is asserted (this is not a test).
 """
@@ -116,7 +117,7 @@ import resource, sys, time
 from pipeline.config import RunConfig
 from pipeline.runner import run
 t = time.perf_counter()
-s = run(RunConfig(source=sys.argv[1], output=sys.argv[2], progress=False))
+s = run(RunConfig(source=sys.argv[1], output=sys.argv[2], progress=False, prep_workers=0))  # all in this process
 print(s.pages, round(time.perf_counter() - t, 2), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 

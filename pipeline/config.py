@@ -150,7 +150,10 @@ class RunConfig(BaseModel):
     # ---- execution ---------------------------------------------------------------
     shard_size: int = Field(default=64, ge=1, description="Documents per shard (one Parquet file per table per shard).")
     prep_workers: int = Field(
-        default=0, ge=0, description="CPU worker processes preparing pages (0: in the main process)."
+        default=1,
+        ge=0,
+        description="CPU worker processes preparing pages while the model works; they also enforce the "
+        "document timeout (0: prepare in the main process, timeout checked between pages only).",
     )
     prefetch_pages: int = Field(default=32, ge=1, description="Prepared pages buffered ahead of the model.")
     document_timeout_s: float = Field(

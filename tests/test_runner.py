@@ -123,7 +123,7 @@ def test_cli_run_prints_a_summary_and_exit_codes(inputs: Path, tmp_path: Path, c
 
 def test_worker_pool_gives_the_same_rows(inputs: Path, tmp_path: Path):
     inline, pooled = tmp_path / "inline", tmp_path / "pooled"
-    runner.run(RunConfig(source=str(inputs), output=str(inline), progress=False))
+    runner.run(RunConfig(source=str(inputs), output=str(inline), progress=False, prep_workers=0))
     runner.run(RunConfig(source=str(inputs), output=str(pooled), progress=False, prep_workers=2))
     drop = {"run_id", "processed_at", "rasterize_s", "tiling_s", "inference_s", "total_s"}
 

@@ -51,7 +51,7 @@ def test_prepared_in_a_worker_process_gives_the_same_answers(tiny_internvl: Path
     shutil.copy(SAMPLES / "chart.png", src / "chart.png")
     shutil.copy(SAMPLES / "scanned_page.jpg", src / "scanned_page.jpg")
     base = ["run", str(src), "--model", str(tiny_internvl), "--max-new-tokens", "4", "--no-progress"]
-    assert main([*base, "--output", str(tmp_path / "inline")]) == 0
+    assert main([*base, "--output", str(tmp_path / "inline"), "--prep-workers", "0"]) == 0
     assert main([*base, "--output", str(tmp_path / "pooled"), "--prep-workers", "1"]) == 0
 
     def answers(out: Path) -> list[tuple]:
