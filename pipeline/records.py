@@ -71,6 +71,17 @@ class DocumentRef:
     media_type: str  # sniffed: application/pdf, image/png, ..., or application/octet-stream
     duplicate_of: str | None = None  # uri of the first input with the same bytes, if any
     error: StageError | None = None  # discovery-time problem (unreadable, empty, unknown type)
+    version: str | None = None  # what the listing says identifies this revision (ETag, mtime)
+
+
+@dataclass(frozen=True, slots=True)
+class KnownFile:
+    """What an earlier run recorded about a file: enough to skip re-reading it if unchanged."""
+
+    size: int
+    version: str
+    doc_id: str
+    media_type: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,18 +66,19 @@ def discover_work(config: RunConfig) -> WorkPlan:
     from pipeline import sink, sources
 
     t0 = time.perf_counter()
-    refs = sources.discover(
-        config.source,
-        extensions=config.extensions,
-        storage_options=config.storage_options,
-        limit=config.limit,
-    )
     # A pages file without its documents file is a shard killed between its two writes; it
     # would show up as duplicate pages to readers that glob the folder, so it goes. This
     # assumes one run per output at a time (the deployments set a concurrency limit of 1);
     # fanned-out shard runs never call this.
     sink.clean_orphans(config.output, config.storage_options)
     done = sink.read_done(config.output, config.storage_options)
+    refs = sources.discover(
+        config.source,
+        extensions=config.extensions,
+        storage_options=config.storage_options,
+        limit=config.limit,
+        known=done.known,  # unchanged files already recorded are not read again
+    )
     processed: dict[str, str] = {}
     for uri, doc_id in sorted(done.doc_keys):
         if doc_id in done.doc_ids_with_pages:

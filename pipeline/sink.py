@@ -19,7 +19,8 @@ import os
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -29,7 +30,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.records import DocumentOutcome, PageAnswers, PageImage, StageError, TilePlan
+from pipeline.records import DocumentOutcome, KnownFile, PageAnswers, PageImage, StageError, TilePlan
 from pipeline.sources import full_uri, is_local, resolve
 from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA, SCHEMAS
 
@@ -160,6 +161,7 @@ def document_row(
         "pages_failed": outcome.pages_failed,
         "status": outcome.status.value,
         "duplicate_of": ref.duplicate_of,
+        "source_version": ref.version,
         **_error_columns(outcome.error if outcome.error is not None else ref.error),
         "rasterize_s": timings.rasterize_s,
         "tiling_s": timings.tiling_s,
@@ -350,6 +352,9 @@ class DoneState:
     shard_ids: frozenset[str] = frozenset()  # shards whose documents file exists
     doc_keys: frozenset[tuple[str, str]] = frozenset()  # (source_uri, doc_id) of every documents row
     doc_ids_with_pages: frozenset[str] = frozenset()  # doc_ids processed (status ok, partial or error)
+    # source_uri -> size, version, id and media type, for files recorded with a version:
+    # discovery skips re-reading those whose listing still shows the same size and version.
+    known: Mapping[str, KnownFile] = field(default_factory=dict, hash=False, compare=False)
 
 
 _PROCESSED = ("ok", "partial", "error")
@@ -361,13 +366,20 @@ def read_done(output_url: str, storage_options: dict[str, Any] | None = None) ->
     parts = _part_files(fs, _join(root, DOCUMENTS))
     if not parts:
         return DoneState()
-    dataset = ds.dataset(sorted(parts.values()), format="parquet", filesystem=_arrow_fs(fs))
-    table = dataset.to_table(columns=["source_uri", "doc_id", "status"])
-    uris, ids, statuses = (table.column(c).to_pylist() for c in ("source_uri", "doc_id", "status"))
+    # The current schema, so files written before a column was added read it as null.
+    dataset = ds.dataset(sorted(parts.values()), schema=DOCUMENTS_SCHEMA, format="parquet", filesystem=_arrow_fs(fs))
+    names = ["source_uri", "doc_id", "status", "size_bytes", "source_version", "media_type"]
+    uris, ids, statuses, sizes, versions, media = (dataset.to_table(columns=names).column(c).to_pylist() for c in names)
+    known = {
+        uri: KnownFile(size=size, version=version, doc_id=doc_id, media_type=media_type)
+        for uri, doc_id, size, version, media_type in zip(uris, ids, sizes, versions, media)
+        if version and doc_id and size is not None and media_type
+    }
     return DoneState(
         shard_ids=frozenset(parts),
         doc_keys=frozenset(zip(uris, ids)),
         doc_ids_with_pages=frozenset(i for i, s in zip(ids, statuses) if s in _PROCESSED),
+        known=known,
     )
 
 

@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,7 +25,7 @@ import fsspec
 from fsspec.core import split_protocol, strip_protocol
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.records import DocumentRef, Stage, StageError
+from pipeline.records import DocumentRef, KnownFile, Stage, StageError
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,22 @@ class _Candidate:
     path: str  # file system path (protocol stripped)
     uri: str  # full URL, the sort key
     size: int | None  # from the listing; None when the listing did not say
+    version: str | None = None  # ETag / mtime from the listing (see file_version)
+
+
+# Listing keys that change whenever a file's content may have, most specific first:
+# object stores' ETag / MD5, then modification times (local mtime, S3 LastModified, GCS
+# updated, the memory file system's created).
+_VERSION_KEYS = ("ETag", "etag", "md5Hash", "mtime", "LastModified", "updated", "created")
+
+
+def file_version(info: dict[str, Any]) -> str | None:
+    """A string that changes when the file changes, from its listing entry; None if unknown."""
+    for key in _VERSION_KEYS:
+        value = info.get(key)
+        if value is not None and value != "":
+            return f"{key}:{str(value).strip(chr(34))}"
+    return None
 
 
 def _normalise_extensions(extensions: Iterable[str]) -> frozenset[str]:
@@ -221,13 +237,13 @@ def _candidates(fs: fsspec.AbstractFileSystem, root: str, extensions: frozenset[
         raise FileNotFoundError(f"source not found: {fs.unstrip_protocol(root)}") from None
     if root_info.get("type") != "directory":
         # A single file named explicitly is taken whatever its extension; content decides.
-        return [_Candidate(root, full_uri(fs, root), root_info.get("size"))]
+        return [_Candidate(root, full_uri(fs, root), root_info.get("size"), file_version(root_info))]
     out: list[_Candidate] = []
     for path, info in _list_files(fs, root).items():
         if path.endswith("/") or _is_hidden(root, path) or extension_of(path) not in extensions:
             continue  # "folder" marker objects on object stores, hidden and other files
         if info.get("type", "file") == "file":
-            out.append(_Candidate(path, full_uri(fs, path), info.get("size")))
+            out.append(_Candidate(path, full_uri(fs, path), info.get("size"), file_version(info)))
         elif _is_broken_link(fs, path, info):  # reported as unreadable; sockets, FIFOs... skipped
             out.append(_Candidate(path, full_uri(fs, path), None))
     out.sort(key=lambda c: c.uri)
@@ -263,8 +279,22 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _make_ref(fs: fsspec.AbstractFileSystem, cand: _Candidate) -> DocumentRef:
-    """Hash and sniff one candidate; any problem becomes `ref.error`, never an exception."""
+def _make_ref(fs: fsspec.AbstractFileSystem, cand: _Candidate, known: Mapping[str, KnownFile]) -> DocumentRef:
+    """Hash and sniff one candidate; any problem becomes `ref.error`, never an exception.
+
+    A file an earlier run recorded with the same size and version is not read again: its
+    recorded id and media type are reused (a nightly run over an unchanged bucket reads
+    nothing but the listing).
+    """
+    seen = known.get(cand.uri)
+    if seen is not None and cand.version is not None and (seen.size, seen.version) == (cand.size, cand.version):
+        return DocumentRef(cand.uri, seen.doc_id, seen.size, seen.media_type, version=cand.version)
+    ref = _read_ref(fs, cand)
+    # No version without a content hash (unreadable files): they are read again next time.
+    return dataclasses.replace(ref, version=cand.version) if ref.doc_id else ref
+
+
+def _read_ref(fs: fsspec.AbstractFileSystem, cand: _Candidate) -> DocumentRef:
     empty = _error("empty_file", "file is empty (0 bytes)")
     if cand.size == 0:
         return DocumentRef(cand.uri, _EMPTY_SHA256, 0, OCTET_STREAM, error=empty)
@@ -302,14 +332,17 @@ def discover(
     storage_options: dict[str, Any] | None = None,
     hash_workers: int = 8,
     limit: int | None = None,
+    known: Mapping[str, KnownFile] | None = None,
 ) -> list[DocumentRef]:
     """Every candidate document under `url` (a folder, prefix or single file), hashed and sniffed.
 
     Sorted by URI; `limit` keeps the first N after sorting (before any hashing). Hidden
     files and folders (a name starting with '.') and object-store folder markers are
     skipped. Bad files come back with `error` set. Raises FileNotFoundError only when
-    `url` itself does not exist (a broken configuration).
+    `url` itself does not exist (a broken configuration). `known` (uri -> what an earlier
+    run recorded) lets unchanged files skip the read.
     """
+    known = known or {}
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
     fs, root = resolve(url, storage_options)
@@ -322,8 +355,8 @@ def discover(
     cap = hash_workers if not is_local(fs) else min(hash_workers, os.cpu_count() or 1)
     workers = max(1, min(cap, len(cands)))
     if workers == 1:
-        refs = [_make_ref(fs, c) for c in cands]
+        refs = [_make_ref(fs, c, known) for c in cands]
     else:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docpipe-hash") as pool:
-            refs = list(pool.map(lambda c: _make_ref(fs, c), cands))
+            refs = list(pool.map(lambda c: _make_ref(fs, c, known), cands))
     return _mark_duplicates(refs)

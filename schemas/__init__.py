@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 VERSION_KEY = b"docpipe.schema_version"
 TABLE_KEY = b"docpipe.table"
 
@@ -47,6 +47,12 @@ DOCUMENTS_FIELDS: list[pa.Field] = [
         "ok: every page processed; partial: some pages failed; error: nothing usable; "
         "duplicate: same bytes as another input (see duplicate_of), pages not repeated.",
         nullable=False,
+    ),
+    _f(
+        "source_version",
+        pa.string(),
+        "The file's version from its listing when it was read (ETag on object stores, else modification time); "
+        "later runs skip re-reading a file whose size and version are unchanged.",
     ),
     _f("duplicate_of", pa.string(), "source_uri of the input with the same bytes that was processed, for duplicates."),
     *_error_fields(),

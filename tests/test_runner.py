@@ -185,3 +185,20 @@ def test_worker_processes_are_reused_across_shards(inputs: Path, tmp_path: Path,
     )
     assert summary.shards == 6 and summary.pages == 6
     assert spawned == [0]  # one worker started for the whole run, not one per shard
+
+
+def test_a_rerun_with_nothing_new_reads_no_file(inputs: Path, tmp_path: Path, monkeypatch):
+    from pipeline import sources
+
+    cfg = RunConfig(source=str(inputs), output=str(tmp_path / "o"), progress=False)
+    runner.run(cfg)
+    reads = []
+    real = sources._digest
+    monkeypatch.setattr(sources, "_digest", lambda fs, path: reads.append(path) or real(fs, path))
+    again = runner.run(cfg)
+    assert again.already_done == 6 and again.documents == 0
+    # only the files whose first read failed to give an id (none here) or that changed are read
+    assert reads == []
+    make_pdf(inputs / "memo-2.pdf", 1, text="New memo")
+    third = runner.run(cfg)
+    assert third.documents == 1 and reads == [str(inputs / "memo-2.pdf")]

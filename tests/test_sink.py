@@ -437,3 +437,30 @@ def test_s3_round_trip(s3_bucket: str, s3_storage_options: dict) -> None:
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/out/pages", refresh=True)) == [
         "part-s1.parquet", "part-s2.parquet"
     ]
+
+
+def test_read_done_knows_files_by_version_and_reads_older_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.sink import read_done
+    from schemas import DOCUMENTS_SCHEMA
+
+    docs = tmp_path / "out" / "documents"
+    docs.mkdir(parents=True)
+    row = {f.name: None for f in DOCUMENTS_SCHEMA}
+    row.update(
+        doc_id="d1", source_uri="/in/a.pdf", size_bytes=10, media_type="application/pdf", pages_ok=1,
+        pages_failed=0, status="ok", source_version="mtime:1.0", shard_id="s1", run_id="r", config_fingerprint="f",
+        processed_at=datetime.now(timezone.utc),
+    )
+    pq.write_table(pa.Table.from_pylist([row], schema=DOCUMENTS_SCHEMA), docs / "part-s1.parquet")
+    # a file from before source_version existed: the column is simply missing
+    old_schema = pa.schema([f for f in DOCUMENTS_SCHEMA if f.name != "source_version"])
+    old = {k: v for k, v in row.items() if k != "source_version"} | {"doc_id": "d2", "source_uri": "/in/b.pdf"}
+    pq.write_table(pa.Table.from_pylist([old], schema=old_schema), docs / "part-s2.parquet")
+
+    done = read_done(str(tmp_path / "out"))
+    assert done.doc_keys == {("/in/a.pdf", "d1"), ("/in/b.pdf", "d2")}
+    assert set(done.known) == {"/in/a.pdf"}  # b has no version recorded: it will be read again
+    assert done.known["/in/a.pdf"].doc_id == "d1" and done.known["/in/a.pdf"].version == "mtime:1.0"

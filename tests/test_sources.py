@@ -328,3 +328,55 @@ def test_s3_listing_costs_no_request_per_file(
     # One GET per file to hash it; sizes come from the listing, not from a HEAD per file.
     assert calls.get("get_object") == 12
     assert calls.get("head_object", 0) <= 1
+
+
+# ---------------------------------------------------------------------------------------
+# Skipping the read of files an earlier run recorded
+# ---------------------------------------------------------------------------------------
+
+
+def test_file_version_prefers_etags_then_times():
+    from pipeline.sources import file_version
+
+    assert file_version({"ETag": '"abc123"', "LastModified": "2026-01-01"}) == "ETag:abc123"
+    assert file_version({"mtime": 1700000000.5, "created": 1}) == "mtime:1700000000.5"
+    assert file_version({"created": 12.0}) == "created:12.0"
+    assert file_version({"size": 3}) is None
+
+
+def test_unchanged_known_files_are_not_read_again(tmp_path, monkeypatch):
+    import os
+
+    from pipeline import sources
+    from pipeline.records import KnownFile
+
+    (tmp_path / "a.pdf").write_bytes(b"%PDF-1.7 first")
+    (tmp_path / "b.pdf").write_bytes(b"%PDF-1.7 second")
+    first = {r.uri: r for r in sources.discover(str(tmp_path), extensions=["pdf"])}
+    assert all(r.version and r.version.startswith("mtime:") for r in first.values())
+    known = {u: KnownFile(r.size, r.version, r.doc_id, r.media_type) for u, r in first.items()}
+
+    reads = []
+    real = sources._digest
+    monkeypatch.setattr(sources, "_digest", lambda fs, path: reads.append(path) or real(fs, path))
+    again = {r.uri: r for r in sources.discover(str(tmp_path), extensions=["pdf"], known=known)}
+    assert reads == [] and again == first
+
+    (tmp_path / "b.pdf").write_bytes(b"%PDF-1.7 second, edited")  # new size
+    st = os.stat(tmp_path / "a.pdf")
+    os.utime(tmp_path / "a.pdf", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same size, touched
+    changed = {r.uri: r for r in sources.discover(str(tmp_path), extensions=["pdf"], known=known)}
+    assert sorted(reads) == sorted(str(tmp_path / n) for n in ("a.pdf", "b.pdf"))
+    assert changed[str(tmp_path / "b.pdf")].doc_id != first[str(tmp_path / "b.pdf")].doc_id
+    assert changed[str(tmp_path / "a.pdf")].doc_id == first[str(tmp_path / "a.pdf")].doc_id
+
+
+def test_bucket_objects_carry_their_etag(s3_bucket, s3_storage_options):
+    import s3fs
+
+    from pipeline.sources import discover
+
+    fs = s3fs.S3FileSystem(**s3_storage_options)
+    fs.pipe(f"{s3_bucket}/in/a.pdf", b"%PDF-1.7 bucket")
+    (ref,) = discover(f"s3://{s3_bucket}/in", extensions=["pdf"], storage_options=s3_storage_options)
+    assert ref.version and ref.version.startswith("ETag:") and '"' not in ref.version
