@@ -218,3 +218,24 @@ def test_unknown_family_and_missing_template_are_config_errors(tiny_dirs, tmp_pa
     (broken / "chat_template.jinja").unlink()
     with pytest.raises(UnsupportedModelError, match="chat template"):
         load_builder(_config(broken))
+
+
+def test_internvl_pixels_travel_as_uint8_codes_and_decode_identically(tiny_dirs) -> None:
+    import pickle
+
+    import torch
+
+    from pipeline.inference.adapters import CodedPixels
+    from pipeline.testing import render_sample_page
+
+    builder = load_builder(_config(tiny_dirs["internvl"]))
+    page = render_sample_page(dpi=100)
+    prepared = builder.build(page, builder.plan(page.image.width, page.image.height))
+    assert isinstance(prepared.pixels, CodedPixels) and prepared.pixels.codes.dtype == np.uint8
+    values = prepared.pixel_values  # decoded on the CPU
+    assert values.dtype == np.float32 and values.shape == prepared.pixels.shape
+    on_device = prepared.pixel_tensor("cpu")  # decoded by torch, as on a GPU
+    assert torch.equal(on_device, torch.from_numpy(values))
+    assert prepared.pixel_tensor("cpu", torch.bfloat16).dtype == torch.bfloat16
+    # what crosses from a prep worker to the model process is about a quarter of float32
+    assert len(pickle.dumps(prepared)) < 0.3 * values.nbytes

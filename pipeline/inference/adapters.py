@@ -71,7 +71,7 @@ class PreparedPage:
     text: str | None  # the page's text layer, kept for the record
     plan: TilePlan
     family: str
-    pixel_values: np.ndarray
+    pixels: "np.ndarray | CodedPixels"  # float32 pixel values, or uint8 codes + table (InternVL)
     image_inputs: Mapping[str, np.ndarray]
     prompts: Mapping[str, np.ndarray]
     image_tokens: int  # image placeholder tokens in each prompt (== plan.visual_tokens)
@@ -79,6 +79,51 @@ class PreparedPage:
     @property
     def visual_tokens(self) -> int:
         return self.plan.visual_tokens
+
+    @property
+    def pixel_values(self) -> np.ndarray:
+        """The float32 pixel values the model takes (decoded on the CPU when coded)."""
+        return self.pixels.decode() if isinstance(self.pixels, CodedPixels) else self.pixels
+
+    def pixel_tensor(self, device: Any, dtype: Any = None) -> "torch.Tensor":
+        """The pixel values as a tensor on `device` (coded pixels are decoded there)."""
+        import torch
+
+        if isinstance(self.pixels, CodedPixels):
+            tensor = self.pixels.to_torch(device)
+        else:
+            tensor = torch.from_numpy(self.pixels).to(device)
+        return tensor if dtype is None else tensor.to(dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class CodedPixels:
+    """Normalised pixel values as uint8 codes (tiles, H, W, 3) and a float32 table (3, 256).
+
+    value[n, c, y, x] = table[c, codes[n, y, x, c]]: a quarter of the float32 size to pickle
+    between processes and to copy to the GPU, where the lookup gives the very same values.
+    """
+
+    codes: np.ndarray
+    table: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        n, h, w, c = self.codes.shape
+        return (n, c, h, w)
+
+    def decode(self) -> np.ndarray:
+        out = np.empty(self.shape, dtype=np.float32)
+        for channel in range(3):
+            out[:, channel] = self.table[channel][self.codes[..., channel]]
+        return out
+
+    def to_torch(self, device: Any) -> "torch.Tensor":
+        import torch
+
+        codes = torch.from_numpy(self.codes).to(device).long()
+        table = torch.from_numpy(self.table).to(device)
+        return torch.stack([table[c][codes[..., c]] for c in range(3)], dim=1)
 
 
 @dataclass
@@ -99,21 +144,19 @@ def _read_json(folder: Path, name: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _normalise(tiles: Sequence["Image.Image"], mean: Sequence[float], std: Sequence[float], scale: float) -> np.ndarray:
-    """PIL tiles -> float32 array (tiles, 3, H, W): x * scale, minus mean, over std.
+def _normalise(tiles: Sequence["Image.Image"], mean: Sequence[float], std: Sequence[float], scale: float) -> "CodedPixels":
+    """PIL tiles -> coded pixel values (tiles, 3, H, W): x * scale, minus mean, over std.
 
     Computed through a 256-entry table per channel with the same float ops as
     transformers' rescale + normalize (float64 multiply, float32 subtract and divide), so
-    the values are identical, at a fraction of the cost of doing it per pixel.
+    the values are identical, at a fraction of the cost of doing it per pixel; kept as
+    uint8 codes plus the table until the model's device does the lookup.
     """
     arr = np.stack([np.asarray(_rgb(t)) for t in tiles])  # N, H, W, 3 uint8
     levels = (np.arange(256, dtype=np.float64) * scale).astype(np.float32)
     mean32, std32 = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     table = (levels[None, :] - mean32[:, None]) / std32[:, None]  # 3 x 256, float32
-    out = np.empty((arr.shape[0], 3, arr.shape[1], arr.shape[2]), dtype=np.float32)
-    for channel in range(3):
-        out[:, channel] = table[channel][arr[..., channel]]
-    return out
+    return CodedPixels(codes=np.ascontiguousarray(arr), table=table.astype(np.float32))
 
 
 def _rgb(image: "Image.Image") -> "Image.Image":
@@ -170,7 +213,7 @@ class InputBuilder:
 
     def pixels(
         self, image: "Image.Image", plan: TilePlan, thumbnail: "Image.Image | None" = None
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    ) -> tuple["np.ndarray | CodedPixels", dict[str, np.ndarray]]:
         """Pixel values (and extra image arrays) for `image` cut as `plan` says."""
         raise NotImplementedError
 
@@ -228,7 +271,7 @@ class InputBuilder:
             text=page.text,
             plan=plan,
             family=self.family,
-            pixel_values=pixel_values,
+            pixels=pixel_values,
             image_inputs=image_inputs,
             prompts=prompt_ids,
             image_tokens=plan.visual_tokens,
@@ -333,7 +376,7 @@ class InternVLBuilder(InputBuilder):
 
     def pixels(
         self, image: "Image.Image", plan: TilePlan, thumbnail: "Image.Image | None" = None
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    ) -> tuple["np.ndarray | CodedPixels", dict[str, np.ndarray]]:
         from PIL import Image
 
         from pipeline import tiling
@@ -348,7 +391,7 @@ class InternVLBuilder(InputBuilder):
     def encode_page(self, model: Any, page: PreparedPage) -> PageFeatures:
         import torch
 
-        pixel_values = torch.from_numpy(page.pixel_values).to(input_device(model), model.dtype)
+        pixel_values = page.pixel_tensor(input_device(model), model.dtype)
         return PageFeatures(model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output)
 
     def feature_inputs(self, model: Any, feats: Sequence[PageFeatures], input_ids: "torch.Tensor") -> dict[str, Any]:
@@ -363,7 +406,7 @@ class InternVLBuilder(InputBuilder):
         return {
             "input_ids": ids,
             "attention_mask": torch.ones_like(ids),
-            "pixel_values": torch.from_numpy(prepared.pixel_values).to(device),
+            "pixel_values": prepared.pixel_tensor(device),
         }
 
 
@@ -416,7 +459,7 @@ class Qwen2VLBuilder(InputBuilder):
 
     def pixels(
         self, image: "Image.Image", plan: TilePlan, thumbnail: "Image.Image | None" = None
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    ) -> tuple["np.ndarray | CodedPixels", dict[str, np.ndarray]]:
         out = self.image_processor.preprocess([image], return_tensors="np")
         grid = np.asarray(out["image_grid_thw"], dtype=np.int64)
         expected = [1, plan.resized_height // self.patch, plan.resized_width // self.patch]
@@ -526,7 +569,7 @@ class Idefics3Builder(InputBuilder):
 
     def pixels(
         self, image: "Image.Image", plan: TilePlan, thumbnail: "Image.Image | None" = None
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    ) -> tuple["np.ndarray | CodedPixels", dict[str, np.ndarray]]:
         out = self.image_processor.preprocess([[image]], return_row_col_info=True, return_tensors="np")
         rows, cols = int(out["rows"][0][0]), int(out["cols"][0][0])
         expected = (plan.rows, plan.cols) if plan.thumbnail else (0, 0)
