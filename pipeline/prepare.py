@@ -232,8 +232,11 @@ class PrepPool:
         delivered_ok: dict[int, int] = {}
         wanted = min(self.n_workers, len(refs))
         self.workers += [self._spawn(i) for i in range(len(self.workers), wanted)]
-        for w in self.workers:
-            w.current, w.outstanding = None, []
+        for i, w in enumerate(self.workers):
+            if not w.process.is_alive():  # died while idle since the last run: replace it
+                w.process.join(1)
+                self.workers[i] = self._spawn(i)
+            self.workers[i].current, self.workers[i].outstanding = None, []
         clock = 0.0  # seconds spent inside this generator
         resumed = time.monotonic()
 
@@ -281,6 +284,12 @@ class PrepPool:
                     index = w.outstanding[0]
                     w.process.kill()
                     w.process.join(5)
+                    if dead and w.current is None:
+                        # It died before it started this document: not the document's fault.
+                        pending.insert(0, index)
+                        self.workers[wid] = self._spawn(wid)
+                        feed(self.workers[wid])
+                        continue
                     ok = delivered_ok.get(index, 0)
                     if stuck:
                         err = StageError(

@@ -202,3 +202,18 @@ def test_a_rerun_with_nothing_new_reads_no_file(inputs: Path, tmp_path: Path, mo
     make_pdf(inputs / "memo-2.pdf", 1, text="New memo")
     third = runner.run(cfg)
     assert third.documents == 1 and reads == [str(inputs / "memo-2.pdf")]
+
+
+def test_a_worker_that_died_between_shards_is_replaced(inputs: Path, tmp_path: Path):
+    from pipeline import prepare
+
+    cfg = RunConfig(source=str(inputs), output=str(tmp_path / "o"), progress=False, shard_size=2, prep_workers=1)
+    plan = runner.discover_work(cfg)
+    first, second = plan.shards[0], plan.shards[1]
+    runner.process_shard(first, cfg, run_id="r")
+    pool = prepare._SHARED[1]
+    pool.workers[0].process.kill()  # e.g. the OOM killer, while the worker was idle
+    pool.workers[0].process.join(5)
+    result = runner.process_shard(second, cfg, run_id="r")
+    assert result.documents == 2 and "worker_died" not in result.errors_by_type
+    assert pool.workers[0].process.is_alive()
