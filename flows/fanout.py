@@ -38,7 +38,7 @@ from prefect.runtime import flow_run as current_flow_run
 
 from flows import tasks
 from flows.ingest import log_config, resolve_run_id
-from flows.parameters import build_config, public_url, with_config_parameters
+from flows.parameters import build_config, with_config_parameters
 from pipeline import runner
 from pipeline.config import RunConfig
 from pipeline.planning import Shard
@@ -215,21 +215,4 @@ def fanout(**params: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     plan = tasks.discover_task(config)
     results, failed = fan_out(config, run_id, plan.shards, deployment=deployment, max_resubmits=max_resubmits)
-    summary = runner.summarize(
-        results,
-        run_id=run_id,
-        config=config,
-        seconds=time.perf_counter() - t0,
-        total_documents=plan.total_documents,
-        already_done=plan.already_done,
-    )
-    tasks.publish_summary(summary, failed_shards=[sid for sid, _ in failed])
-    get_run_logger().info(
-        "run %s: %d documents, %d pages in %.1f s (%.2f pages/s) over %d shard runs",
-        run_id, summary.documents, summary.pages, summary.seconds, summary.pages_per_s, len(plan.shards),
-    )
-    if failed:
-        raise RuntimeError(tasks.failure_message(failed, len(plan.shards)))
-    data = summary.to_dict()
-    data["output"] = public_url(summary.output)
-    return data
+    return tasks.finish_run(results, failed, plan=plan, config=config, run_id=run_id, started=t0)

@@ -56,28 +56,7 @@ def run_shards_here(config: RunConfig, run_id: str) -> dict[str, Any]:
             failed.append((shard.shard_id, state.message or state.name))
             logger.error("shard %s failed: %s", shard.shard_id, state.message)
         progress.advance()
-    summary = runner.summarize(
-        results,
-        run_id=run_id,
-        config=config,
-        seconds=time.perf_counter() - t0,
-        total_documents=plan.total_documents,
-        already_done=plan.already_done,
-    )
-    tasks.publish_summary(summary, failed_shards=[sid for sid, _ in failed])
-    logger.info(
-        "run %s: %d documents, %d pages (%d failed) in %.1f s, %.2f pages/s",
-        run_id, summary.documents, summary.pages, summary.pages_failed, summary.seconds, summary.pages_per_s,
-    )
-    if failed:
-        raise RuntimeError(tasks.failure_message(failed, len(plan.shards)))
-    return _public_summary(summary)
-
-
-def _public_summary(summary: runner.RunSummary) -> dict[str, Any]:
-    data = summary.to_dict()
-    data["output"] = public_url(summary.output)
-    return data
+    return tasks.finish_run(results, failed, plan=plan, config=config, run_id=run_id, started=t0)
 
 
 @flow(name=FLOW_NAME, validate_parameters=False, persist_result=False)

@@ -206,6 +206,38 @@ class Progress:
         return 100.0 if not self.total else round(100.0 * self.done / self.total, 2)
 
 
+def finish_run(
+    results: Sequence[runner.ShardResult],
+    failed: Sequence[tuple[str, str]],
+    *,
+    plan: runner.WorkPlan,
+    config: RunConfig,
+    run_id: str,
+    started: float,
+) -> dict[str, Any]:
+    """End of a run (ingest or fan-out): summary artifact, log line, failure if any shard
+    failed (a rerun resumes), else the summary as the flow's result (output URL public)."""
+    summary = runner.summarize(
+        results,
+        run_id=run_id,
+        config=config,
+        seconds=time.perf_counter() - started,
+        total_documents=plan.total_documents,
+        already_done=plan.already_done,
+    )
+    publish_summary(summary, failed_shards=[sid for sid, _ in failed])
+    get_run_logger().info(
+        "run %s: %d documents, %d pages (%d failed) in %.1f s, %.2f pages/s over %d shards",
+        run_id, summary.documents, summary.pages, summary.pages_failed, summary.seconds, summary.pages_per_s,
+        len(plan.shards),
+    )
+    if failed:
+        raise RuntimeError(failure_message(failed, len(plan.shards)))
+    data = summary.to_dict()
+    data["output"] = public_url(summary.output)
+    return data
+
+
 def failure_message(failed: Iterable[tuple[str, str]], total: int) -> str:
     """Why the run failed, naming the shards; a rerun resumes (finished shards are skipped)."""
     failed = list(failed)

@@ -181,9 +181,9 @@ def document_row(
 
 
 def _check_not_null(table: pa.Table, schema: pa.Schema) -> None:
-    for field in schema:
-        if not field.nullable and table.column(field.name).null_count:
-            raise ValueError(f"column {field.name!r} must not be null")
+    for column in schema:
+        if not column.nullable and table.column(column.name).null_count:
+            raise ValueError(f"column {column.name!r} must not be null")
 
 
 def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:

@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import sink
 from pipeline.records import (
     ChartAnswer,
     DocStatus,
