@@ -70,23 +70,29 @@ def internvl3_1b_config(image_token_id: int, pad_token_id: int, eos_token_id: in
     )
 
 
-def _engine(args: argparse.Namespace, model_dir: Path) -> Any:
-    """The engine under test: a tiny checkpoint from disk, or (real size) random weights made on the GPU."""
-    import torch
-
+def _config(args: argparse.Namespace, model_dir: Path, **more: Any) -> Any:
+    """The run settings every path shares (model, output lengths, batching, device)."""
     from pipeline.config import RunConfig
-    from pipeline.inference import Engine, load_builder, load_engine
 
-    config = RunConfig(
-        source="unused",
-        output="unused",
+    settings: dict[str, Any] = {"source": "unused", "output": "unused", **more}
+    return RunConfig(
         model=str(model_dir),
         max_new_tokens=args.new_tokens,
         batch_visual_tokens=args.budget,
         max_batch_pages=args.max_batch_pages,
         device=args.device,
         dtype=args.dtype,
+        **settings,
     )
+
+
+def _engine(args: argparse.Namespace, model_dir: Path) -> Any:
+    """The engine under test: a tiny checkpoint from disk, or (real size) random weights made on the GPU."""
+    import torch
+
+    from pipeline.inference import Engine, load_builder, load_engine
+
+    config = _config(args, model_dir)
     if not args.real_size:
         return load_engine(config, min_new_tokens=args.new_tokens)
     from transformers import AutoModelForImageTextToText, AutoTokenizer
@@ -128,7 +134,6 @@ def run_pipeline(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     import torch
 
     from pipeline import runner
-    from pipeline.config import RunConfig
     from pipeline.testing import sample_pdf
 
     torch.set_num_threads(args.threads)
@@ -140,13 +145,11 @@ def run_pipeline(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
         src.mkdir()
         for i in range(args.pipeline_pages):
             (src / f"doc{i:04d}.pdf").write_bytes(sample_pdf(title=f"Report {i}"))
-        config = RunConfig(
+        config = _config(
+            args,
+            model_dir,
             source=str(src),
             output=str(work / "out"),
-            model=str(model_dir),
-            max_new_tokens=args.new_tokens,
-            batch_visual_tokens=args.budget,
-            max_batch_pages=args.max_batch_pages,
             prep_workers=args.prep_workers,
             shard_size=args.pipeline_pages,
             progress=False,

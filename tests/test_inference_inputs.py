@@ -239,3 +239,25 @@ def test_internvl_pixels_travel_as_uint8_codes_and_decode_identically(tiny_dirs)
     assert prepared.pixel_tensor("cpu", torch.bfloat16).dtype == torch.bfloat16
     # what crosses from a prep worker to the model process is about a quarter of float32
     assert len(pickle.dumps(prepared)) < 0.3 * values.nbytes
+
+
+def test_coded_pixels_gather_path_equals_the_cpu_decode(monkeypatch) -> None:
+    """The one-gather path (used on GPUs) gives the same values as the numpy decode."""
+    import torch
+
+    from pipeline.inference.adapters import CodedPixels
+
+    rng = np.random.default_rng(0)
+    coded = CodedPixels(codes=rng.integers(0, 256, (2, 8, 6, 3), dtype=np.uint8),
+                        table=rng.standard_normal((3, 256)).astype(np.float32))
+    real_device = torch.device
+
+    class _PretendGpu:  # route a CPU tensor through the non-CPU branch
+        def __init__(self, *_: object) -> None:
+            self.type = "cuda"
+
+    monkeypatch.setattr(torch, "device", _PretendGpu)
+    gathered = coded.to_torch("cpu")
+    monkeypatch.setattr(torch, "device", real_device)
+    assert gathered.shape == (2, 3, 8, 6)
+    assert torch.equal(gathered, torch.from_numpy(coded.decode()))

@@ -121,9 +121,12 @@ class CodedPixels:
     def to_torch(self, device: Any) -> "torch.Tensor":
         import torch
 
-        codes = torch.from_numpy(self.codes).to(device).long()
-        table = torch.from_numpy(self.table).to(device)
-        return torch.stack([table[c][codes[..., c]] for c in range(3)], dim=1)
+        if torch.device(device).type == "cpu":  # numpy's table lookup is the fast one on a CPU
+            return torch.from_numpy(self.decode())
+        codes = torch.from_numpy(self.codes).to(device).long()  # only the uint8 codes cross
+        table = torch.from_numpy(self.table).to(device).flatten()  # channel c at 256 * c
+        offsets = torch.arange(3, device=codes.device) * 256
+        return table[codes + offsets].permute(0, 3, 1, 2).contiguous()
 
 
 @dataclass
@@ -389,7 +392,6 @@ class InternVLBuilder(InputBuilder):
         return self.start_token + self.placeholder * (self.tokens_per_tile * plan.tiles) + self.end_token
 
     def encode_page(self, model: Any, page: PreparedPage) -> PageFeatures:
-        import torch
 
         pixel_values = page.pixel_tensor(input_device(model), model.dtype)
         return PageFeatures(model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output)
