@@ -56,6 +56,10 @@ class StageError:
     stage: Stage
     type: str
     message: str
+    # True for what may go away by itself (storage/network errors, timeouts, dead workers,
+    # device failures): the next run tries the document again. False for bad input, which
+    # is recorded once and never retried.
+    retryable: bool = False
 
     def __str__(self) -> str:
         return f"{self.stage.value}/{self.type}: {self.message}"
