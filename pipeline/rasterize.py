@@ -74,7 +74,8 @@ _PDF_HEADER = re.compile(rb"^(?:\xef\xbb\xbf|[ \t\r\n\f\x00])*%PDF-")  # BOM/whi
 _LIMIT_WARNING = re.compile(
     r"overly large|too large|out of memory|cannot allocate|malloc|memory limit|limit exceeded|overflow", re.I
 )
-_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM", b"GIF8")
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+", b"BM", b"GIF8")
+_BMP_DIB_SIZES = frozenset({12, 16, 40, 52, 56, 64, 108, 124})  # BITMAPCOREHEADER ... BITMAPV5HEADER
 
 # Damaged files make MuPDF print "MuPDF error: ..." to stdout; they are still collected
 # (TOOLS.mupdf_warnings) and surface in RenderInfo.note or the StageError instead.
@@ -223,12 +224,20 @@ def _to_8bit(arr: np.ndarray, mode: str) -> np.ndarray:
 
 
 class OpenedDocument(ABC):
-    """An opened file whose pages are rasterized on demand. Close it (or use `with`)."""
+    """An opened file whose pages are rasterized on demand. Close it (or use `with`).
+
+    `repaired` says MuPDF had to rebuild a damaged PDF's structure to read it (the pages
+    may not be what the author wrote); `open_note` is one plain sentence about what was
+    wrong with a file that still opened (a repair, a TIFF cut after some frame), or None.
+    Both are final once `pages()` has run: a PDF can be repaired while a page is loaded.
+    """
 
     def __init__(self, uri: str, doc_id: str, page_count: int) -> None:
         self.uri = uri
         self.doc_id = doc_id
         self.page_count = page_count
+        self.repaired = False
+        self.open_note: str | None = None
         self._closed = False
 
     @abstractmethod
@@ -258,9 +267,22 @@ STORE_SHRINK_EVERY = 32  # pages between emptying MuPDF's resource store
 class PdfDocument(OpenedDocument):
     """A PDF opened with PyMuPDF."""
 
-    def __init__(self, doc: pymupdf.Document, uri: str, doc_id: str) -> None:
+    def __init__(self, doc: pymupdf.Document, uri: str, doc_id: str, *, truncated: bool = False) -> None:
         super().__init__(uri, doc_id, doc.page_count)
         self._doc = doc
+        self._truncated = truncated
+        self._note_repair(None)
+
+    def _note_repair(self, page_number: int | None) -> None:
+        """Record that MuPDF repaired the file (at opening, or while loading `page_number`)."""
+        if self.repaired or self._closed or not getattr(self._doc, "is_repaired", False):
+            return
+        self.repaired = True
+        if page_number is None:
+            cut = "the file is truncated (no %%EOF marker); " if self._truncated else ""
+            self.open_note = f"{cut}MuPDF repaired the file's cross-reference table on opening"
+        else:
+            self.open_note = f"MuPDF repaired the file's cross-reference table while reading page {page_number}"
 
     def close(self) -> None:
         if not self._closed:
@@ -273,7 +295,9 @@ class PdfDocument(OpenedDocument):
                 # MuPDF caches decoded resources in a global store that otherwise grows with
                 # the length of the document (about 35 MB per 1,000 Letter pages).
                 pymupdf.TOOLS.store_shrink(100)
-            yield self._page(index, options)
+            page = self._page(index, options)
+            self._note_repair(index + 1)
+            yield page
 
     def _page(self, index: int, options: RasterOptions) -> PageImage | PageFailure:
         number = index + 1
@@ -496,11 +520,23 @@ def _measure(page: pymupdf.Page, image: Image.Image, text: str | None) -> PageFe
 
 
 class ImageDocument(OpenedDocument):
-    """An image file opened with Pillow; each TIFF frame is a page."""
+    """An image file opened with Pillow; each TIFF frame is a page.
 
-    def __init__(self, image: Image.Image, uri: str, doc_id: str, page_count: int) -> None:
-        super().__init__(uri, doc_id, page_count)
+    `broken_frame` (why the frame after the last readable one cannot be sought to) makes
+    that frame one more page, which fails: the file is cut or damaged there, so how many
+    frames it had is unknown, but the frames before the break are kept.
+    """
+
+    def __init__(
+        self, image: Image.Image, uri: str, doc_id: str, page_count: int, *, broken_frame: str | None = None
+    ) -> None:
+        super().__init__(uri, doc_id, page_count + (broken_frame is not None))
         self._image = image
+        self._readable = page_count
+        self._broken_frame = broken_frame
+        if broken_frame is not None:
+            kept = "frame 1 is" if page_count == 1 else f"frames 1-{page_count} are"
+            self.open_note = f"the file is cut off or damaged after frame {page_count}: {kept} read, any later ones are lost"
 
     def close(self) -> None:
         if not self._closed:
@@ -516,6 +552,13 @@ class ImageDocument(OpenedDocument):
         where = f"frame {number} of {self.page_count}" if self.page_count > 1 else "the image"
         if self._closed:
             return self._failure(number, "corrupt_image", "the document was closed before this frame was read")
+        if index >= self._readable:
+            return self._failure(
+                number,
+                "corrupt_image",
+                f"frame {number} cannot be read: the file is cut off or damaged after frame {self._readable}"
+                f" ({self._broken_frame})",
+            )
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -611,8 +654,8 @@ def open_document(data: bytes | str, *, uri: str, doc_id: str, media_type: str) 
     """Open a PDF or image from its bytes or a local path. Returns a StageError instead of raising."""
     try:
         head, tail, size = _head_tail(data)
-    except OSError as exc:
-        return _error("unreadable", f"cannot read {uri}: {_describe(exc)}")
+    except OSError as exc:  # storage, not content: the next run may read it
+        return _error("unreadable", f"cannot read {uri}: {_describe(exc)}", retryable=True)
     if size == 0:
         return _error("empty_file", "the file is empty (0 bytes)")
     kind = _kind(media_type, head)
@@ -627,13 +670,29 @@ def open_document(data: bytes | str, *, uri: str, doc_id: str, media_type: str) 
 
 
 def _kind(media_type: str, head: bytes) -> str | None:
-    """pdf, image or None: the content decides, the claimed media type breaks ties."""
+    """pdf, image or None: the content decides, the claimed media type only when it cannot.
+
+    A PDF claimed to be an image (or named .png) is read as a PDF, an image claimed to be
+    a PDF as an image. Content that is neither goes by the claim, so that a "PDF" without
+    a header is rejected as not_a_pdf and a damaged "image" as corrupt_image.
+    """
+    if _PDF_HEADER.match(head):
+        return "pdf"
+    if _looks_like_image(head):
+        return "image"
     media = (media_type or "").split(";")[0].strip().lower()
-    if _PDF_HEADER.match(head) or media == "application/pdf":
-        return "pdf"  # a claimed PDF without a header is rejected as not_a_pdf
-    if media.startswith("image/") or head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+    if media == "application/pdf":
+        return "pdf"
+    if media.startswith("image/"):
         return "image"
     return None
+
+
+def _looks_like_image(head: bytes) -> bool:
+    """Whether `head` starts with the magic bytes of an image format (BMP by its header size)."""
+    if head[:2] == b"BM":
+        return len(head) >= 18 and int.from_bytes(head[14:18], "little") in _BMP_DIB_SIZES
+    return head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
 def _head_tail(data: bytes | str) -> tuple[bytes, bytes, int]:
@@ -675,7 +734,7 @@ def _open_pdf(data: bytes | str, head: bytes, tail: bytes, uri: str, doc_id: str
             reason = "no %%EOF marker" if truncated else "its cross-reference table had to be rebuilt"
             return _error("no_pages", f"no pages could be read: the file is truncated or damaged ({reason})")
         return _error("no_pages", "the PDF has no pages")
-    return PdfDocument(doc, uri, doc_id)
+    return PdfDocument(doc, uri, doc_id, truncated=truncated)
 
 
 def _open_image(data: bytes | str, head: bytes, uri: str, doc_id: str) -> OpenedDocument | StageError:
@@ -698,16 +757,38 @@ def _open_image(data: bytes | str, head: bytes, uri: str, doc_id: str) -> Opened
     if too_large:
         image.close()
         return _error("image_too_large", too_large)
-    try:
-        frames = int(getattr(image, "n_frames", 1)) if image.format in MULTI_FRAME_FORMATS else 1
-    except Exception as exc:  # noqa: BLE001 - a broken frame chain
-        image.close()
-        return _error("corrupt_image", f"the frames of the image cannot be listed: {_describe(exc)}")
-    return ImageDocument(image, uri, doc_id, max(1, frames))
+    if image.format not in MULTI_FRAME_FORMATS:
+        return ImageDocument(image, uri, doc_id, 1)
+    frames, broken = _count_frames(image)
+    return ImageDocument(image, uri, doc_id, frames, broken_frame=broken)
 
 
-def _error(type_: str, message: str) -> StageError:
-    return StageError(Stage.RASTERIZE, type_, message)
+def _count_frames(image: Image.Image) -> tuple[int, str | None]:
+    """(frames that can be sought to, why the next one cannot or None) of a multi-frame image.
+
+    `n_frames` walks the whole chain of frame directories and fails as a whole when the
+    file is cut or damaged part way; sought one at a time, every frame before the break is
+    still there. Leaves `image` on its first frame.
+    """
+    count = 1
+    broken: str | None = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Corrupt EXIF data" for the cut directory
+        while True:
+            try:
+                image.seek(count)
+            except EOFError:  # the clean end of the chain
+                break
+            except Exception as exc:  # noqa: BLE001 - TypeError, SyntaxError, OSError... from a cut directory
+                broken = _describe(exc)
+                break
+            count += 1
+        image.seek(0)
+    return count, broken
+
+
+def _error(type_: str, message: str, *, retryable: bool = False) -> StageError:
+    return StageError(Stage.RASTERIZE, type_, message, retryable=retryable)
 
 
 def _describe(exc: BaseException) -> str:

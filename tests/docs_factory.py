@@ -321,6 +321,22 @@ def multipage_tiff(frames: int = 3, corrupt_frame: int | None = None, size: tupl
     return bytes(data)
 
 
+def truncated_tiff(frames: int = 4, keep: int = 2) -> bytes:
+    """A multi-page TIFF cut off in the middle of frame `keep + 1`'s pixel data (0-based `keep`).
+
+    Pillow writes each frame's pixels before its directory, so the cut also loses that
+    frame's directory and every later one: `n_frames` fails, while frames 1..keep still
+    decode when sought one at a time (an interrupted copy or download).
+    """
+    if not 0 < keep < frames:
+        raise ValueError("keep must leave at least one frame before the cut and one after it")
+    full = multipage_tiff(frames)
+    with Image.open(io.BytesIO(full)) as tif:
+        tif.seek(keep)
+        offset, count = tif.tag_v2[273][0], tif.tag_v2[279][0]  # StripOffsets, StripByteCounts
+    return full[: offset + count // 2]
+
+
 @lru_cache(maxsize=2)
 def bomb_png(width: int = 14_000, height: int = 14_000) -> bytes:
     """A valid 1-bit PNG of width x height pixels (196 MP by default) in a few tens of KB.
@@ -378,6 +394,26 @@ def truncated_tail_pdf() -> bytes:
     """A PDF cut short near its end (no xref, no %%EOF) that still has its pages."""
     full = born_digital_pdf(pages=2)
     return full[: int(len(full) * 0.9)]
+
+
+def misplaced_object_pdf() -> bytes:
+    """A PDF whose cross-reference table points one object (page 1's) at the wrong offset.
+
+    It opens without complaint; MuPDF notices and repairs the table only when that page is
+    loaded, and the page still renders.
+    """
+    doc = pymupdf.open(stream=born_digital_pdf(pages=2), filetype="pdf")
+    try:
+        full = bytearray(doc.tobytes(garbage=0, deflate=False, no_new_id=True))
+        xref = doc.page_xref(0)
+    finally:
+        doc.close()
+    table = re.search(rb"\nxref\n0 \d+\n", full)
+    assert table is not None, "no classic cross-reference table"
+    entry = table.end() + 20 * xref  # entries are 20 bytes: "oooooooooo ggggg n\r\n"
+    assert full[entry + 17 : entry + 18] == b"n", "unexpected cross-reference entry"
+    full[entry : entry + 10] = b"%010d" % 20  # inside the header: not an object
+    return bytes(full)
 
 
 def zero_page_pdf() -> bytes:

@@ -280,8 +280,92 @@ def test_unknown_and_unsupported_formats() -> None:
     assert err.type == "unsupported_format" and "GIF" in err.message
 
 
-def test_missing_path_is_unreadable(tmp_path: Path) -> None:
-    assert open_error(str(tmp_path / "nope.pdf")).type == "unreadable"
+def test_missing_path_is_unreadable_and_retryable(tmp_path: Path) -> None:
+    err = open_error(str(tmp_path / "nope.pdf"))
+    assert err.type == "unreadable" and err.retryable  # storage, not content: a later run retries
+
+
+def test_bad_content_is_not_retryable() -> None:
+    for data, media_type in [(f.html_named_pdf(), PDF), (f.encrypted_pdf(), PDF), (f.truncated_pdf(), PDF),
+                             (b"just some bytes", "image/png"), (f.bomb_png(), "image/png"), (b"", PDF)]:
+        err = open_error(data, media_type)
+        assert not err.retryable, err
+
+
+# ---------------------------------------------------------------- the content decides the type
+
+
+@pytest.mark.parametrize("claimed", ["image/png", "image/jpeg", "image/tiff", "application/octet-stream"])
+def test_pdf_claimed_to_be_an_image_is_read_as_a_pdf(claimed: str) -> None:
+    items = all_pages(f.text_pdf(2), claimed, LOW)
+    assert [type(i) for i in items] == [PageImage, PageImage]
+    assert items[0].kind is PageKind.BORN_DIGITAL and items[0].text == "Page 1"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF"])
+def test_image_claimed_to_be_a_pdf_is_read_as_an_image(fmt: str) -> None:
+    page = one_page(f.encode_image(f.chart_image(), fmt), PDF)
+    assert page.kind is PageKind.IMAGE and page.image.size == (800, 500)
+
+
+def test_content_that_is_neither_goes_by_the_claim() -> None:
+    assert open_error(f.html_named_pdf(), PDF).type == "not_a_pdf"
+    assert open_error(f.html_named_pdf(), "image/png").type == "unsupported_format"
+    # "BM" starts a bitmap only with a real header after it: text is not an image
+    assert open_error(b"BM is not a bitmap, just text", PDF).type == "not_a_pdf"
+
+
+# ---------------------------------------------------------------- files that open damaged
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_truncated_multipage_tiff_keeps_every_frame_before_the_cut() -> None:
+    data = f.truncated_tiff(frames=4, keep=2)
+    with Image.open(io.BytesIO(data)) as tif, pytest.raises(Exception):
+        tif.n_frames  # what made the whole file an error before
+    with opened(data, "image/tiff") as doc:
+        items = list(doc.pages(OPTS))
+        assert doc.page_count == 3 and not doc.repaired
+        assert doc.open_note and "after frame 2" in doc.open_note
+    assert [type(i) for i in items] == [PageImage, PageImage, PageFailure]
+    assert [i.page_number for i in items] == [1, 2, 3]
+    assert items[2].error.type == "corrupt_image" and not items[2].error.retryable
+    assert "frame 3 cannot be read" in items[2].error.message and "cut off" in items[2].error.message
+    # the kept frames are the file's own first two frames, pixel for pixel
+    with Image.open(io.BytesIO(f.multipage_tiff(4))) as whole:
+        for index, page in enumerate(items[:2]):
+            whole.seek(index)
+            assert np.array_equal(np.asarray(page.image), np.asarray(whole.convert("RGB")))
+
+
+def test_tiff_cut_after_its_first_frame_has_that_frame_and_one_failure() -> None:
+    items = all_pages(f.truncated_tiff(frames=3, keep=1), "image/tiff")
+    assert [type(i) for i in items] == [PageImage, PageFailure]
+
+
+def test_whole_files_carry_no_damage_note() -> None:
+    for data, media_type in [(f.text_pdf(2), PDF), (f.multipage_tiff(3), "image/tiff"),
+                             (f.encode_image(f.chart_image(), "PNG"), "image/png")]:
+        with opened(data, media_type) as doc:
+            list(doc.pages(LOW))
+            assert (doc.repaired, doc.open_note) == (False, None)
+
+
+def test_pdf_repaired_on_opening_says_so() -> None:
+    with opened(f.truncated_tail_pdf()) as doc:
+        assert doc.repaired is True
+        assert doc.open_note == (
+            "the file is truncated (no %%EOF marker); MuPDF repaired the file's cross-reference table on opening"
+        )
+
+
+def test_pdf_repaired_while_a_page_loads_says_so_after_the_pages() -> None:
+    with opened(f.misplaced_object_pdf()) as doc:
+        assert (doc.repaired, doc.open_note) == (False, None)  # nothing is wrong until page 1 is read
+        items = list(doc.pages(LOW))
+    assert all(isinstance(i, PageImage) for i in items)
+    assert doc.repaired is True
+    assert doc.open_note == "MuPDF repaired the file's cross-reference table while reading page 1"
 
 
 def test_cut_pdfs_never_raise() -> None:
