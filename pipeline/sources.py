@@ -6,8 +6,11 @@ and `memory://` behave alike.
 
 `discover` lists candidates (recursively, in a stable order), streams each file once to
 get its SHA-256 (the document id) and its first bytes (to sniff the media type), and
-returns one `DocumentRef` per file. Problems found at this stage (empty, unreadable or
-mislabelled files) are carried in `DocumentRef.error`; they never stop discovery.
+returns one `DocumentRef` per file. Extensions choose which files are candidates; the
+content decides what a file is (a PDF named .png is a PDF). Problems found at this stage
+(empty or unreadable files, content that is neither a PDF nor an image) are carried in
+`DocumentRef.error`; they never stop discovery. A read that failed on a storage or network
+error is marked `retryable`; bad content is not.
 """
 
 from __future__ import annotations
@@ -155,11 +158,25 @@ def extension_of(path: str) -> str:
     return name.rsplit(".", 1)[-1].lower() if "." in name.lstrip(".") else ""
 
 
+def is_document_content(media_type: str) -> bool:
+    """Whether sniffed content is something the rasterizer may read: a PDF or an image.
+
+    Which image formats decode is the rasterizer's call (a GIF is refused there, with its
+    own error); here only content that is neither (HTML, text, archives...) is singled out.
+    """
+    return media_type == "application/pdf" or media_type.startswith("image/")
+
+
 def mislabel_message(extension: str, media_type: str) -> str | None:
-    """Why the content contradicts the extension, or None when it does not."""
-    if extension in PDF_EXTENSIONS and media_type != "application/pdf":
-        return f"named .{extension} but content is {media_type}"
-    if extension in IMAGE_EXTENSIONS and not media_type.startswith("image/"):
+    """Why the content makes the file unusable despite its name, or None when it does not.
+
+    The content decides the type: a PDF named .png is read as a PDF and an image named
+    .pdf as an image. Only a document-like name over content that is neither a PDF nor an
+    image (an HTML error page saved as .pdf, text named .png) is reported.
+    """
+    if is_document_content(media_type):
+        return None
+    if extension in PDF_EXTENSIONS or extension in IMAGE_EXTENSIONS:
         return f"named .{extension} but content is {media_type}"
     return None
 
@@ -270,8 +287,39 @@ def _digest(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, bytes, int]:
     return sha.hexdigest(), bytes(head), size
 
 
-def _error(type_: str, message: str) -> StageError:
-    return StageError(Stage.SOURCES, type_, message)
+def _error(type_: str, message: str, *, retryable: bool = False) -> StageError:
+    return StageError(Stage.SOURCES, type_, message, retryable=retryable)
+
+
+# Libraries whose exceptions are storage or network failures (clients of object stores
+# and HTTP), named by module so that none of them has to be installed.
+_TRANSIENT_MODULES = (
+    "botocore.",
+    "aiobotocore.",
+    "s3fs.",
+    "aiohttp.",
+    "gcsfs.",
+    "google.api_core.",
+    "google.auth.",
+    "adlfs.",
+    "azure.core.",
+    "requests.",
+    "urllib3.",
+    "http.client",
+    "fsspec.exceptions",
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether `exc` is a storage or network failure that may go away on its own.
+
+    OS errors (missing, unreadable or vanished files, I/O errors, timeouts, refused or
+    reset connections) and the exceptions of storage/network client libraries are;
+    anything else (a bug, a value the code did not expect) is not.
+    """
+    if isinstance(exc, (OSError, TimeoutError)):
+        return True
+    return any(f"{cls.__module__}.".startswith(_TRANSIENT_MODULES) for cls in type(exc).__mro__)
 
 
 def _describe(exc: BaseException) -> str:
@@ -301,7 +349,7 @@ def _read_ref(fs: fsspec.AbstractFileSystem, cand: _Candidate) -> DocumentRef:
     try:
         doc_id, head, size = _digest(fs, cand.path)
     except Exception as exc:  # noqa: BLE001 - any failure to read one file is that file's error
-        unreadable = _error("unreadable", f"cannot read file: {_describe(exc)}")
+        unreadable = _error("unreadable", f"cannot read file: {_describe(exc)}", retryable=is_transient(exc))
         # No content hash is known: doc_id stays empty, so once the file reads, its new
         # (uri, doc_id) key is not in the dataset and a later run picks it up.
         return DocumentRef(cand.uri, "", cand.size or 0, OCTET_STREAM, error=unreadable)

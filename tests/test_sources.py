@@ -216,8 +216,117 @@ def test_unreadable_files_do_not_stop_discovery(tree: Path, monkeypatch: pytest.
         error = refs[name].error
         assert (error.stage, error.type) == (Stage.SOURCES, "unreadable"), name
         assert cause in error.message, (name, error.message)
+        assert error.retryable, name  # a storage error: the next run reads the file again
         assert refs[name].doc_id == "" and refs[name].duplicate_of is None
     assert refs["a.pdf"].error is None and refs["a.pdf"].doc_id == _sha(TREE["a.pdf"])
+
+
+def test_content_decides_the_type_where_the_extension_lies(tmp_path: Path) -> None:
+    pdf, png, tiff = _pdf("a pdf"), _image("PNG"), _image("TIFF")
+    files = {
+        "pdf-named.png": (pdf, "application/pdf"),
+        "pdf-named.jpg": (pdf + b"\n", "application/pdf"),
+        "pdf-named.tiff": (pdf + b"\n\n", "application/pdf"),
+        "png-named.pdf": (png, "image/png"),
+        "tiff-named.jpg": (tiff, "image/tiff"),
+        "jpeg-named.png": (_image("JPEG"), "image/jpeg"),
+    }
+    for name, (data, _) in files.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "pdf-named.txt").write_bytes(pdf)  # extensions still choose the candidates
+    refs = _by_name(discover(str(tmp_path), extensions=EXTS), str(tmp_path))
+    assert set(refs) == set(files)
+    for name, (data, media_type) in files.items():
+        assert refs[name].error is None, (name, refs[name].error)
+        assert (refs[name].media_type, refs[name].doc_id) == (media_type, _sha(data)), name
+
+
+@pytest.mark.parametrize(
+    ("extension", "media_type", "problem"),
+    [
+        ("pdf", "application/pdf", None),
+        ("png", "application/pdf", None),
+        ("pdf", "image/png", None),
+        ("tif", "image/jpeg", None),
+        ("pdf", "image/gif", None),  # an image: the rasterizer says which formats it reads
+        ("pdf", "text/html", "named .pdf but content is text/html"),
+        ("jpeg", "text/plain", "named .jpeg but content is text/plain"),
+        ("pdf", "application/octet-stream", "named .pdf but content is application/octet-stream"),
+        ("txt", "text/plain", None),  # a file named explicitly: the rasterizer rejects it
+    ],
+)
+def test_mislabel_message(extension: str, media_type: str, problem: str | None) -> None:
+    assert sources.mislabel_message(extension, media_type) == problem
+
+
+def test_zip_named_pdf_is_still_mislabelled(tmp_path: Path) -> None:
+    (tmp_path / "archive.pdf").write_bytes(b"PK\x03\x04\x14\x00\x00\x00\x08\x00" + bytes(range(256)))
+    [ref] = discover(str(tmp_path), extensions=EXTS)
+    assert (ref.error.type, ref.error.retryable) == ("mislabelled", False)
+    assert ref.error.message == "named .pdf but content is application/octet-stream"
+
+
+def test_bad_content_is_not_retryable(tree: Path) -> None:
+    refs = _by_name(discover(str(tree), extensions=EXTS), str(tree))
+    for name in ("empty.pdf", "fake.pdf", "fake.png"):
+        assert refs[name].error is not None and not refs[name].error.retryable, name
+
+
+def _failing_memory_tree(exc: Exception, monkeypatch: pytest.MonkeyPatch) -> tuple[str, dict[str, object]]:
+    """A memory:// folder of two PDFs whose second one fails to open with `exc`."""
+    fs = fsspec.filesystem("memory")
+    base = f"/docpipe-test-{uuid.uuid4().hex[:8]}"
+    fs.pipe_file(f"{base}/good.pdf", TREE["a.pdf"])
+    fs.pipe_file(f"{base}/flaky.pdf", TREE["sub/Report.PDF"])
+    real_open = MemoryFileSystem._open
+
+    def flaky_open(self, path, *args, **kwargs):
+        if str(path).endswith("flaky.pdf"):
+            raise exc
+        return real_open(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "_open", flaky_open)
+    try:
+        refs = discover(f"memory://{base}", extensions=EXTS)
+    finally:
+        fs.rm(base, recursive=True)
+    return base, _by_name(refs, f"memory://{base}")
+
+
+def _client_errors() -> list[Exception]:
+    import botocore.exceptions as boto
+
+    return [
+        OSError(5, "Input/output error"),
+        TimeoutError("read timed out"),
+        ConnectionResetError(104, "Connection reset by peer"),
+        boto.EndpointConnectionError(endpoint_url="http://127.0.0.1:9"),
+        boto.ReadTimeoutError(endpoint_url="http://127.0.0.1:9"),
+        boto.ClientError({"Error": {"Code": "SlowDown", "Message": "Please reduce your request rate."}}, "GetObject"),
+    ]
+
+
+@pytest.mark.parametrize("exc", _client_errors(), ids=lambda e: type(e).__name__)
+def test_storage_errors_while_hashing_are_retryable(exc: Exception, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, refs = _failing_memory_tree(exc, monkeypatch)
+    flaky = refs["flaky.pdf"].error
+    assert (flaky.stage, flaky.type, flaky.retryable) == (Stage.SOURCES, "unreadable", True)
+    assert type(exc).__name__ in flaky.message
+    assert refs["flaky.pdf"].doc_id == ""
+    assert refs["good.pdf"].error is None and refs["good.pdf"].doc_id == _sha(TREE["a.pdf"])
+
+
+def test_a_bug_while_hashing_is_not_marked_retryable(monkeypatch: pytest.MonkeyPatch) -> None:
+    _, refs = _failing_memory_tree(ValueError("unexpected value"), monkeypatch)
+    flaky = refs["flaky.pdf"].error
+    assert (flaky.type, flaky.retryable) == ("unreadable", False)
+
+
+def test_is_transient() -> None:
+    for exc in _client_errors():
+        assert sources.is_transient(exc), exc
+    for exc in (ValueError("x"), KeyError("k"), RuntimeError("r"), MemoryError()):
+        assert not sources.is_transient(exc), exc
 
 
 def test_single_file_url(tree: Path) -> None:
