@@ -220,44 +220,73 @@ def test_unknown_family_and_missing_template_are_config_errors(tiny_dirs, tmp_pa
         load_builder(_config(broken))
 
 
-def test_internvl_pixels_travel_as_uint8_codes_and_decode_identically(tiny_dirs) -> None:
-    import pickle
-
+def test_internvl_pixels_travel_as_uint8_codes_and_decode_identically(tiny_dirs, builders, reference_processor) -> None:
     import torch
 
-    from pipeline.inference.adapters import CodedPixels
-    from pipeline.testing import render_sample_page
+    from pipeline.inference.adapters import CodedPixels, gather_decode
 
-    builder = load_builder(_config(tiny_dirs["internvl"]))
+    builder = builders["internvl"]
     page = render_sample_page(dpi=100)
     prepared = builder.build(page, builder.plan(page.image.width, page.image.height))
     assert isinstance(prepared.pixels, CodedPixels) and prepared.pixels.codes.dtype == np.uint8
-    values = prepared.pixel_values  # decoded on the CPU
+    values = prepared.pixel_values  # the numpy decode (what a CPU model gets)
     assert values.dtype == np.float32 and values.shape == prepared.pixels.shape
-    on_device = prepared.pixel_tensor("cpu")  # decoded by torch, as on a GPU
-    assert torch.equal(on_device, torch.from_numpy(values))
+    # ... equals transformers' own pixel values for the page
+    processor = reference_processor("internvl", tiny_dirs["internvl"], **_reference_kwargs("internvl", builder))
+    expected = processor(images=[page.image], text=[processor.image_token], return_tensors="np")["pixel_values"]
+    np.testing.assert_allclose(values, expected, rtol=0, atol=1e-6)
+    # the device decode (one gather where the codes are) gives the very same values
+    codes, table = torch.from_numpy(prepared.pixels.codes), torch.from_numpy(prepared.pixels.table)
+    assert torch.equal(gather_decode(codes, table), torch.from_numpy(values))
+    assert torch.equal(prepared.pixel_tensor("cpu"), torch.from_numpy(values))
     assert prepared.pixel_tensor("cpu", torch.bfloat16).dtype == torch.bfloat16
     # what crosses from a prep worker to the model process is about a quarter of float32
     assert len(pickle.dumps(prepared)) < 0.3 * values.nbytes
 
 
-def test_coded_pixels_gather_path_equals_the_cpu_decode(monkeypatch) -> None:
-    """The one-gather path (used on GPUs) gives the same values as the numpy decode."""
-    import torch
-
+def _random_coded(seed: int = 0):
     from pipeline.inference.adapters import CodedPixels
 
-    rng = np.random.default_rng(0)
-    coded = CodedPixels(codes=rng.integers(0, 256, (2, 8, 6, 3), dtype=np.uint8),
-                        table=rng.standard_normal((3, 256)).astype(np.float32))
-    real_device = torch.device
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 256, (2, 8, 6, 3), dtype=np.uint8)
+    codes[0, 0, :3] = [[0, 0, 0], [255, 255, 255], [0, 128, 255]]  # both ends of the table, every channel
+    return CodedPixels(codes=codes, table=rng.standard_normal((3, 256)).astype(np.float32))
 
-    class _PretendGpu:  # route a CPU tensor through the non-CPU branch
-        def __init__(self, *_: object) -> None:
-            self.type = "cuda"
 
-    monkeypatch.setattr(torch, "device", _PretendGpu)
-    gathered = coded.to_torch("cpu")
-    monkeypatch.setattr(torch, "device", real_device)
-    assert gathered.shape == (2, 3, 8, 6)
-    assert torch.equal(gathered, torch.from_numpy(coded.decode()))
+def test_gather_decode_equals_the_numpy_decode() -> None:
+    """The one-gather decode used on accelerators, run for real (on CPU tensors)."""
+    import torch
+
+    from pipeline.inference.adapters import gather_decode
+
+    coded = _random_coded()
+    reference = np.empty(coded.shape, dtype=np.float32)  # value[n, c, y, x] = table[c, codes[n, y, x, c]]
+    for n, y, x, c in np.ndindex(coded.codes.shape):
+        reference[n, c, y, x] = coded.table[c, coded.codes[n, y, x, c]]
+    gathered = gather_decode(torch.from_numpy(coded.codes), torch.from_numpy(coded.table))
+    assert gathered.dtype == torch.float32 and gathered.is_contiguous()
+    assert torch.equal(gathered, torch.from_numpy(reference))
+    assert np.array_equal(coded.decode(), reference)
+
+
+def test_to_torch_off_the_cpu_moves_only_codes_and_gathers_there(monkeypatch) -> None:
+    """A device that is not the CPU takes the gather path, on that device (the meta device
+    runs it without memory or values: placement, shape and dtype are what it checks)."""
+    import torch
+
+    from pipeline.inference import adapters
+
+    calls: list[tuple[str, str, torch.dtype]] = []
+    real = adapters.gather_decode
+
+    def spy(codes, table):
+        calls.append((codes.device.type, table.device.type, codes.dtype))
+        return real(codes, table)
+
+    monkeypatch.setattr(adapters, "gather_decode", spy)
+    coded = _random_coded()
+    out = coded.to_torch("meta")
+    assert calls == [("meta", "meta", torch.uint8)]  # the uint8 codes cross, not float32 values
+    assert (out.device.type, tuple(out.shape), out.dtype) == ("meta", coded.shape, torch.float32)
+    assert torch.equal(coded.to_torch("cpu"), torch.from_numpy(coded.decode()))
+    assert calls == [("meta", "meta", torch.uint8)]  # the CPU takes numpy's lookup instead

@@ -123,10 +123,16 @@ class CodedPixels:
 
         if torch.device(device).type == "cpu":  # numpy's table lookup is the fast one on a CPU
             return torch.from_numpy(self.decode())
-        codes = torch.from_numpy(self.codes).to(device).long()  # only the uint8 codes cross
-        table = torch.from_numpy(self.table).to(device).flatten()  # channel c at 256 * c
-        offsets = torch.arange(3, device=codes.device) * 256
-        return table[codes + offsets].permute(0, 3, 1, 2).contiguous()
+        # only the uint8 codes cross to the device; the lookup happens there
+        return gather_decode(torch.from_numpy(self.codes).to(device), torch.from_numpy(self.table).to(device))
+
+
+def gather_decode(codes: "torch.Tensor", table: "torch.Tensor") -> "torch.Tensor":
+    """values (N, 3, H, W) from codes (N, H, W, 3) and table (3, 256) by one gather, on their device."""
+    import torch
+
+    offsets = torch.arange(3, device=codes.device) * 256  # channel c's entries start at 256 * c
+    return table.flatten()[codes.long() + offsets].permute(0, 3, 1, 2).contiguous()
 
 
 @dataclass
