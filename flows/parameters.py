@@ -16,11 +16,11 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Annotated, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import ValidationError
 
 from pipeline.config import RunConfig, describe_validation_error
+from pipeline.sources import public_url  # noqa: F401 - re-exported for the flows
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -96,11 +96,3 @@ def build_config(params: Mapping[str, Any]) -> RunConfig:
         return RunConfig(**explicit_settings(params))
     except ValidationError as exc:
         raise ConfigurationError(f"invalid docpipe settings: {describe_validation_error(exc)}") from None
-
-
-def public_url(url: str) -> str:
-    """The URL without any user:password part, for logs and artifacts."""
-    parts = urlsplit(url)
-    if parts.netloc and "@" in parts.netloc:
-        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-    return url

@@ -16,8 +16,10 @@ from pydantic import ValidationError
 from pipeline.config import RunConfig, describe_validation_error
 
 EXIT_OK = 0
-EXIT_NOTHING_PROCESSED = 1
+EXIT_NOTHING_PROCESSED = 1  # also: the run failed (device failure, storage failure); a rerun resumes
 EXIT_BAD_CONFIG = 2
+EXIT_OUTPUT_BUSY = 3  # another live run owns the output
+EXIT_INTERRUPTED = 130
 
 _POSITIONAL = ("source",)
 
@@ -114,27 +116,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(message: str, code: int) -> int:
+    print(f"docpipe: {message}", file=sys.stderr)
+    return code
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.dataset import LeaseLost, OutputBusy
+    from pipeline.preflight import SetupError, check_setup
     from pipeline.progress import run_with_progress
+    from pipeline.runner import DeviceFailure, SettingsChanged
 
     try:
         config = config_from_args(args)
     except ValidationError as exc:  # the values are left out: they may hold credentials
-        print(f"docpipe: invalid configuration: {describe_validation_error(exc)}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return _fail(f"invalid configuration: {describe_validation_error(exc)}", EXIT_BAD_CONFIG)
+    resume = "finished shards are kept; run the same command again to resume"
     try:
+        check_setup(config)
         summary = run_with_progress(config)
-    except (FileNotFoundError, NotADirectoryError) as exc:
-        print(f"docpipe: source not found: {exc}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+    except KeyboardInterrupt:
+        return _fail(f"interrupted; {resume}", EXIT_INTERRUPTED)
+    except (SetupError, SettingsChanged) as exc:
+        return _fail(str(exc), EXIT_BAD_CONFIG)
+    except OutputBusy as exc:
+        return _fail(f"{exc}; try again when it has finished, or pass --wait-for-output-s", EXIT_OUTPUT_BUSY)
+    except (DeviceFailure, LeaseLost) as exc:
+        return _fail(f"{exc}; {resume}", EXIT_NOTHING_PROCESSED)
+    except Exception as exc:
+        from pipeline.prepare import PrepWorkersFailing
+
+        if isinstance(exc, PrepWorkersFailing):
+            return _fail(str(exc), EXIT_NOTHING_PROCESSED)
+        if isinstance(exc, OSError):  # storage failing while writing: one line, the rest in the log
+            logging.getLogger("docpipe").debug("run failed", exc_info=True)
+            return _fail(f"storage error: {type(exc).__name__}: {exc}; {resume}", EXIT_NOTHING_PROCESSED)
+        raise
     if summary.total_documents == 0:
-        print("docpipe: no documents found under the source (check the path and --extensions)", file=sys.stderr)
-        return EXIT_NOTHING_PROCESSED
+        return _fail("no documents found under the source (check the path and --extensions)", EXIT_NOTHING_PROCESSED)
     attempted = summary.documents
     failed = summary.documents_by_status.get("error", 0)
     if attempted and failed == attempted:
-        print("docpipe: every document failed; see the documents table for the reasons", file=sys.stderr)
-        return EXIT_NOTHING_PROCESSED
+        return _fail("every document failed; see the documents table for the reasons", EXIT_NOTHING_PROCESSED)
     return EXIT_OK
 
 

@@ -44,6 +44,8 @@ _NON_OUTPUT_FIELDS = frozenset(
         "device",
         "gpu_memory_headroom",
         "limit",
+        "reprocess",
+        "wait_for_output_s",
     }
 )
 
@@ -134,7 +136,8 @@ class RunConfig(BaseModel):
     )
     device: str = Field(
         default="auto",
-        description="auto (all visible GPUs, else CPU), cpu, or a comma-separated list of GPU ids to shard one model over.",
+        description="auto (all visible GPUs, else CPU), cpu, or a comma-separated list of GPU ids to shard one model "
+        "over (0,1; cuda:0,cuda:1 means the same). Ids that are not visible are an error before any work.",
     )
     gpu_memory_headroom: float = Field(
         default=0.2,
@@ -160,6 +163,18 @@ class RunConfig(BaseModel):
         default=600.0, gt=0, description="A document taking longer than this to prepare becomes an error row."
     )
     run_id: str | None = Field(default=None, description="Identifier of this run (generated when not given).")
+    reprocess: bool = Field(
+        default=False,
+        description="Redo documents that the output holds from runs with other output settings (new rows are added "
+        "beside the old ones; select one answer per page by config_fingerprint, see the runs table). Without it, a "
+        "run whose settings differ from the output's refuses to start.",
+    )
+    wait_for_output_s: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="When another live run owns the output, wait up to this many seconds for it (0: exit at once "
+        "with a one-line message, exit code 3).",
+    )
     progress: bool = Field(default=True, description="Show a progress bar on the terminal.")
 
     @field_validator("extensions")
@@ -194,9 +209,16 @@ class RunConfig(BaseModel):
 
     def fingerprint(self) -> str:
         """Short hash of the settings that change what is written for a page."""
-        payload = self.model_dump(exclude=set(_NON_OUTPUT_FIELDS))
-        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        blob = json.dumps(self.output_settings(), sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def tiling_policy_explicit(self) -> bool:
+        """Whether the tiling policy was chosen rather than left at its default."""
+        return "tiling_policy" in self.model_fields_set
+
+    def output_settings(self) -> dict[str, Any]:
+        """The settings the fingerprint covers (what changes the rows written)."""
+        return json.loads(json.dumps(self.model_dump(exclude=set(_NON_OUTPUT_FIELDS)), default=str))
 
     def public_dict(self) -> dict[str, Any]:
         """Settings safe to log or store: storage options are reduced to their keys."""

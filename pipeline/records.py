@@ -226,3 +226,5 @@ class DocumentOutcome:
     pages_failed: int = 0
     error: StageError | None = None
     timings: DocTimings = field(default_factory=DocTimings)
+    attempt: int = 1  # runs that have tried this document, this one included
+    open_note: str | None = None  # e.g. MuPDF had to repair the file to open it

@@ -8,7 +8,9 @@ flows (one task or child flow run per shard). The model is loaded once per proce
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -17,8 +19,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pipeline.config import RunConfig
+from pipeline.dataset import DOCUMENTS, MAX_ATTEMPTS, Dataset, Lease, PlanRecord
 from pipeline.planning import Shard, ShardPlan, plan_shards
-from pipeline.prepare import DocumentDone, PageWork, PrepSettings, iter_shard_documents
+from pipeline.prepare import DocumentDone, DocumentRetry, PageWork, PrepSettings, iter_shard_documents
 from pipeline.records import DocStatus, DocumentOutcome, DocumentRef, PageAnswers, Stage, StageError
 
 log = logging.getLogger("docpipe")
@@ -44,6 +47,152 @@ def new_run_id() -> str:
 
 
 # ---------------------------------------------------------------------------------------
+# Owning the output for a run
+# ---------------------------------------------------------------------------------------
+
+
+class SettingsChanged(ValueError):
+    """The output holds rows written with other output settings and the run did not ask to reprocess."""
+
+
+class DeviceFailure(RuntimeError):
+    """The model failed on every page of consecutive batches: the device (or model) is broken."""
+
+
+@dataclass
+class RunHandle:
+    """A run that owns its output: the dataset, the lease, and when it started."""
+
+    config: RunConfig
+    run_id: str
+    dataset: Dataset
+    lease: Lease
+    started_at: datetime
+    t0: float = field(default_factory=time.perf_counter)
+    model_revision: str | None = None
+
+
+def begin_run(config: RunConfig, run_id: str | None = None) -> RunHandle:
+    """Take the output's lease, check the settings against what it holds, record the run.
+
+    Raises OutputBusy (another live run owns it), SettingsChanged, OutputNotWritable.
+    """
+    run_id = run_id or config.run_id or new_run_id()
+    dataset = Dataset(config.output, config.storage_options)
+    lease = dataset.acquire(run_id, wait_s=config.wait_for_output_s).start_heartbeat()
+    handle = RunHandle(config=config, run_id=run_id, dataset=dataset, lease=lease, started_at=datetime.now(timezone.utc))
+    try:
+        check_settings(dataset, config, run_id)
+        handle.model_revision = model_revision(config)
+        dataset.write_run(run_row(handle, "running"))
+        dataset.clean(current_fingerprint=config.fingerprint())
+    except BaseException:
+        lease.release()
+        raise
+    return handle
+
+
+def end_run(handle: RunHandle, status: str, summary: "RunSummary | None" = None, message: str | None = None) -> None:
+    """Record how the run ended and give the output up."""
+    try:
+        handle.dataset.write_run(run_row(handle, status, summary, message))
+    except Exception as exc:  # noqa: BLE001 - the rows are committed; the record is best effort
+        log.warning("could not record the end of run %s (%s)", handle.run_id, exc)
+    finally:
+        handle.lease.release()
+
+
+def check_settings(dataset: Dataset, config: RunConfig, run_id: str) -> None:
+    """SettingsChanged when the output was last written with other output settings."""
+    if config.reprocess:
+        return
+    fingerprint = config.fingerprint()
+    runs = [r for r in dataset.read_runs() if r["run_id"] != run_id]
+    if runs:
+        last = runs[-1]
+        if last["config_fingerprint"] == fingerprint:
+            return
+        before = json.loads(last["output_settings"] or "{}")
+        now = config.output_settings()
+        names = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        raise SettingsChanged(
+            f"the output was written by run {last['run_id']} with other settings ({', '.join(names) or 'fingerprint'}"
+            f" differ); use the same settings to resume, or --reprocess to redo its documents with the new ones"
+        )
+    fingerprints = dataset.read_state().fingerprints
+    if fingerprints and fingerprint not in fingerprints:
+        raise SettingsChanged(
+            "the output holds rows written with other settings (config_fingerprint "
+            f"{', '.join(sorted(fingerprints))}, now {fingerprint}); use the same settings to resume, or "
+            "--reprocess to redo its documents with the new ones"
+        )
+
+
+def model_revision(config: RunConfig) -> str | None:
+    """The model's revision as recorded for the run: a hub commit or a local folder's content hash."""
+    if config.model is None:
+        return None
+    from pipeline.inference.loading import content_revision
+
+    return content_revision(config.model, config.revision)
+
+
+def _versions() -> dict[str, str | None]:
+    import platform
+    from importlib import metadata
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "docpipe_version": version("docpipe") or "unknown",
+        "transformers_version": version("transformers"),
+        "torch_version": version("torch"),
+        "python_version": platform.python_version(),
+    }
+
+
+def run_row(handle: RunHandle, status: str, summary: "RunSummary | None" = None, message: str | None = None) -> dict[str, Any]:
+    """The run's row of the runs table."""
+    from pipeline.sources import public_url
+
+    config = handle.config
+    public = config.public_dict()
+    public["source"], public["output"] = public_url(config.source), public_url(config.output)
+    ended = None if status == "running" else datetime.now(timezone.utc)
+    counts = None
+    if summary is not None:
+        counts = json.dumps(
+            {"documents_by_status": summary.documents_by_status, "errors_by_type": summary.errors_by_type},
+            sort_keys=True,
+        )
+    return {
+        "run_id": handle.run_id,
+        "status": status,
+        "started_at": handle.started_at,
+        "ended_at": ended,
+        "source": public_url(config.source),
+        "config_fingerprint": config.fingerprint(),
+        "output_settings": json.dumps(config.output_settings(), sort_keys=True),
+        "settings": json.dumps(public, sort_keys=True, default=str),
+        "reprocess": config.reprocess,
+        "model_id": config.model,
+        "model_revision": handle.model_revision,
+        **_versions(),
+        "host": socket.gethostname(),
+        "documents_discovered": summary.total_documents if summary else None,
+        "documents_processed": summary.documents if summary else None,
+        "pages": summary.pages if summary else None,
+        "pages_failed": summary.pages_failed if summary else None,
+        "counts": counts,
+        "message": message,
+    }
+
+
+# ---------------------------------------------------------------------------------------
 # Planning
 # ---------------------------------------------------------------------------------------
 
@@ -55,47 +204,63 @@ class WorkPlan:
     total_documents: int
     already_done: int
     discover_s: float
+    replayed: int = 0  # shards of an earlier, unfinished run replayed under their own ids
 
     @property
     def to_do(self) -> int:
         return sum(len(s.refs) for s in self.shards)
 
 
-def discover_work(config: RunConfig) -> WorkPlan:
-    """List and hash the source, read what the output already holds, cut the rest into shards."""
-    from pipeline import sink, sources
+def discover_work(config: RunConfig, handle: RunHandle) -> WorkPlan:
+    """List and hash the source, read what the output holds, cut the rest into shards, and
+    write every shard's plan before any of its files (call while owning the output)."""
+    from pipeline import sources
 
     t0 = time.perf_counter()
-    # A pages file without its documents file is a shard killed between its two writes; it
-    # would show up as duplicate pages to readers that glob the folder, so it goes. This
-    # assumes one run per output at a time (the deployments set a concurrency limit of 1);
-    # fanned-out shard runs never call this.
-    sink.clean_orphans(config.output, config.storage_options)
-    done = sink.read_done(config.output, config.storage_options)
+    dataset = handle.dataset
+    fingerprint = config.fingerprint()
+    state = dataset.read_state(fingerprint=fingerprint, reprocess=config.reprocess)
+    committed = set(dataset.part_files(DOCUMENTS))
+    pending = [p for p in dataset.plans().values() if p.fingerprint == fingerprint and p.shard_id not in committed]
+    replay = [Shard.from_dict(p.shard) for p in sorted(pending, key=lambda p: p.shard_id)]
+    in_plans = {(r.uri, r.doc_id) for shard in replay for r in shard.refs}
     refs = sources.discover(
         config.source,
         extensions=config.extensions,
         storage_options=config.storage_options,
         limit=config.limit,
-        known=done.known,  # unchanged files already recorded are not read again
+        known=state.known,  # unchanged files already recorded are not read again
     )
-    processed: dict[str, str] = {}
-    for uri, doc_id in sorted(done.doc_keys):
-        if doc_id in done.doc_ids_with_pages:
-            processed.setdefault(doc_id, uri)
     plan: ShardPlan = plan_shards(
         refs,
-        done_keys=done.doc_keys,
-        processed_elsewhere=processed,
+        done_keys=state.doc_keys | in_plans,
+        processed_elsewhere=state.processed,
         shard_size=config.shard_size,
-        fingerprint=config.fingerprint(),
+        fingerprint=fingerprint,
+        retry=state.retry,
     )
+    for shard in plan.shards:
+        handle.lease.ensure()
+        dataset.write_plan(
+            PlanRecord(
+                shard_id=shard.shard_id,
+                run_id=handle.run_id,
+                fingerprint=fingerprint,
+                shard=shard.to_dict(),
+                created_at=time.time(),
+                attempts=dict(shard.attempts),
+            )
+        )
+    if replay:
+        log.info("replaying %d unfinished shards of an earlier run", len(replay))
+    listed = {(r.uri, r.doc_id) for r in refs}
     return WorkPlan(
         refs=tuple(refs),
-        shards=plan.shards,
+        shards=tuple(replay) + plan.shards,
         total_documents=len(refs),
-        already_done=plan.already_done,
+        already_done=plan.already_done - len(in_plans & listed),
         discover_s=time.perf_counter() - t0,
+        replayed=len(replay),
     )
 
 
@@ -182,14 +347,27 @@ class ShardResult(Counts):
 
 @dataclass(slots=True)
 class _DocState:
+    attempt: int = 1  # the pool's attempt whose pages count
     outcome: DocumentOutcome | None = None  # set when preparation of the document has ended
     pending: int = 0  # pages waiting for the model
+    rows: list[dict[str, Any]] = field(default_factory=list)  # page rows of the current attempt
+    errors: list[StageError] = field(default_factory=list)  # page errors of the current attempt
     failed_in_model: int = 0
     model_s: float = 0.0
 
 
+# Error types the prep pool already retried in a fresh worker; the runner does not retry them again.
+_POOL_RETRIED = frozenset({"worker_crashed", "document_timeout"})
+IN_RUN_ROUNDS = 3  # a document with a retryable failure is tried up to this often within a run
+RETRY_BACKOFF_S = (1.0, 3.0)
+DEVICE_FAILURE_WINDOWS = 2  # consecutive batches failing on every page stop the shard
+
+
 class _ShardRun:
-    """State of one shard in progress: rows collected, documents waiting for their pages."""
+    """State of one shard in progress: rows collected, documents waiting for their pages.
+
+    One place decides a document's status: `_final_outcome`, once its pages are answered.
+    """
 
     def __init__(
         self, shard: Shard, config: RunConfig, run_id: str, engine: Any | None, progress: ProgressFn | None
@@ -197,27 +375,40 @@ class _ShardRun:
         self.shard, self.config, self.run_id = shard, config, run_id
         self.engine, self.progress = engine, progress
         self.fingerprint = config.fingerprint()
-        self.result = ShardResult(shard_id=shard.shard_id)
         self.states: dict[str, _DocState] = {ref.uri: _DocState() for ref in shard.refs}
-        self.page_rows: list[dict[str, Any]] = []
-        self.doc_rows: list[dict[str, Any]] = []
         self.window: list[PageWork] = []
         self.window_tokens = 0
+        self.model_seconds = 0.0
+        self.failed_windows = 0
 
     # ---- events --------------------------------------------------------------------
+    def on_event(self, event: Any) -> None:
+        if isinstance(event, DocumentDone):
+            state = self.states[event.outcome.ref.uri]
+            state.outcome = event.outcome
+        elif isinstance(event, DocumentRetry):
+            self.restart(event.ref_uri, event.attempt)
+        else:
+            self.on_page(event)
+
+    def restart(self, uri: str, attempt: int) -> None:
+        """Forget everything of `uri` before `attempt` (its pages come again)."""
+        self.window = [w for w in self.window if w.ref_uri != uri]
+        self.window_tokens = sum(w.plan.visual_tokens for w in self.window if w.plan)
+        self.states[uri] = _DocState(attempt=attempt)
+
     def on_page(self, work: PageWork) -> None:
+        state = self.states[work.ref_uri]
+        if work.attempt < state.attempt:
+            return  # a page of an attempt that was given up
         if self.engine is None or work.error is not None or work.prepared is None:
             self._record_page(work, None)
             return
-        self.states[work.ref_uri].pending += 1
+        state.pending += 1
         self.window.append(work)
         self.window_tokens += work.plan.visual_tokens if work.plan else 0
         if len(self.window) >= self.config.max_batch_pages or self.window_tokens >= self.config.batch_visual_tokens:
             self.answer_window()
-
-    def on_document(self, outcome: DocumentOutcome) -> None:
-        self.states[outcome.ref.uri].outcome = outcome
-        self._maybe_finish(outcome.ref.uri)
 
     def answer_window(self) -> None:
         window, self.window, self.window_tokens = self.window, [], 0
@@ -227,9 +418,20 @@ class _ShardRun:
         try:
             answers = self.engine.answer([w.prepared for w in window])
         except Exception as exc:  # the engine handles page errors itself; last line of defence
-            err = StageError(Stage.INFERENCE, "engine_failure", f"{type(exc).__name__}: {exc}")
+            err = StageError(Stage.INFERENCE, "engine_failure", f"{type(exc).__name__}: {exc}", retryable=True)
             answers = [self._failed_answer(err) for _ in window]
-        self.result.model_seconds += time.perf_counter() - t0
+        self.model_seconds += time.perf_counter() - t0
+        failed = [a.error for a in answers if a.error is not None]
+        if len(failed) == len(answers) and all(e.retryable for e in failed):
+            self.failed_windows += 1
+            if self.failed_windows >= DEVICE_FAILURE_WINDOWS:
+                raise DeviceFailure(
+                    f"the model failed on every page of {self.failed_windows} consecutive batches "
+                    f"({failed[0].type}: {failed[0].message}); stopping (nothing of shard {self.shard.shard_id} "
+                    "was committed; a rerun resumes)"
+                )
+        else:
+            self.failed_windows = 0
         for work, ans in zip(window, answers, strict=True):
             work.prepared = None  # free the tensors now
             state = self.states[work.ref_uri]
@@ -237,22 +439,84 @@ class _ShardRun:
             state.model_s += ans.latency_s
             state.failed_in_model += int(ans.error is not None)
             self._record_page(work, ans)
-        for uri in dict.fromkeys(w.ref_uri for w in window):
-            self._maybe_finish(uri)
 
-    def finish(self) -> ShardResult:
+    def retry_candidates(self) -> list[str]:
+        """Documents to run again in this run: a retryable failure the pool did not retry."""
+        out = []
+        for uri, state in self.states.items():
+            outcome = state.outcome
+            if outcome is None:
+                continue
+            errors = [e for e in ([outcome.error] if outcome.error else []) + state.errors if e.retryable]
+            if errors and not any(e.type in _POOL_RETRIED for e in errors):
+                out.append(uri)
+        return out
+
+    def finish(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], ShardResult]:
+        """Final rows of the shard: (pages, documents) and its counts."""
         self.answer_window()
-        for uri, state in list(self.states.items()):
-            if state.outcome is None:  # only if a stage broke its contract: never lose a document
-                ref = next(r for r in self.shard.refs if r.uri == uri)
-                err = StageError(Stage.RASTERIZE, "lost_document", "no outcome was reported for this document")
-                state.outcome = DocumentOutcome(ref=ref, status=DocStatus.ERROR, error=err)
-                state.pending = 0
-                self._maybe_finish(uri)
-        self._write()
-        return self.result
+        outcomes: dict[str, DocumentOutcome] = {}
+        pages: list[dict[str, Any]] = []
+        for ref in self.shard.refs:
+            state = self.states[ref.uri]
+            outcome, rows = self._final_outcome(ref, state)
+            outcomes[ref.uri] = outcome
+            pages.extend(rows)
+        for ref in self.shard.refs:  # copies take their original's outcome when it failed
+            outcome = outcomes[ref.uri]
+            original = outcomes.get(ref.duplicate_of or "")
+            if outcome.status is DocStatus.DUPLICATE and original is not None and original.status is DocStatus.ERROR:
+                err = original.error
+                assert err is not None
+                outcome.status = DocStatus.ERROR
+                outcome.error = dataclasses.replace(err, message=f"same bytes as {original.ref.uri}: {err.message}")
+        docs = [self._document_row(outcomes[r.uri]) for r in self.shard.refs]
+        pages.sort(key=lambda row: (row["source_uri"], row["page_number"]))
+        docs.sort(key=lambda row: row["source_uri"])
+        return pages, docs, self._counts(pages, docs)
 
     # ---- helpers -------------------------------------------------------------------
+    def _final_outcome(self, ref: DocumentRef, state: _DocState) -> tuple[DocumentOutcome, list[dict[str, Any]]]:
+        """The one place a document's status is decided, with the page rows that stand."""
+        outcome = state.outcome
+        if outcome is None:  # only if a stage broke its contract: never lose a document
+            err = StageError(Stage.RASTERIZE, "lost_document", "no outcome was reported for this document", True)
+            outcome = DocumentOutcome(ref=ref, status=DocStatus.ERROR, error=err)
+        outcome.attempt = self.shard.attempt_of(ref.uri)
+        outcome.timings.inference_s += state.model_s
+        rows = state.rows
+        if state.failed_in_model:
+            outcome.pages_ok -= state.failed_in_model
+            outcome.pages_failed += state.failed_in_model
+            if outcome.status is DocStatus.OK:
+                total = outcome.pages_ok + outcome.pages_failed
+                outcome.status = DocStatus.PARTIAL if outcome.pages_ok else DocStatus.ERROR
+                first = next(e for e in state.errors if e.stage is Stage.INFERENCE)
+                outcome.error = StageError(
+                    Stage.INFERENCE,
+                    "page_errors",
+                    f"{state.failed_in_model} of {total} pages failed in the model (first: {first.type}: "
+                    f"{first.message})",
+                    retryable=any(e.retryable for e in state.errors),
+                )
+        retryable = [e for e in ([outcome.error] if outcome.error else []) + state.errors if e.retryable]
+        if retryable and outcome.status is not DocStatus.DUPLICATE:
+            if outcome.attempt < MAX_ATTEMPTS:
+                # Tried again by the next run: none of its pages are kept now, so none repeat then.
+                err = outcome.error if outcome.error is not None and outcome.error.retryable else retryable[0]
+                outcome.status = DocStatus.ERROR
+                outcome.error = dataclasses.replace(err, retryable=True)
+                outcome.pages_ok = outcome.pages_failed = 0
+                rows = []
+            else:  # the last allowed attempt: what it got stands, and is not retried again
+                if outcome.error is not None:
+                    outcome.error = dataclasses.replace(
+                        outcome.error, retryable=False,
+                        message=f"{outcome.error.message} (after {outcome.attempt} attempts)",
+                    )
+                rows = [{**r, "error_retryable": False if r["error_retryable"] else r["error_retryable"]} for r in rows]
+        return outcome, rows
+
     def _failed_answer(self, err: StageError) -> PageAnswers:
         e = self.engine
         return PageAnswers(
@@ -266,7 +530,10 @@ class _ShardRun:
     def _record_page(self, work: PageWork, answers: PageAnswers | None) -> None:
         from pipeline import sink
 
-        self.page_rows.append(
+        state = self.states[work.ref_uri]
+        if work.attempt < state.attempt:
+            return
+        state.rows.append(
             sink.page_row(
                 doc_id=work.doc_id,
                 source_uri=work.ref_uri,
@@ -281,69 +548,43 @@ class _ShardRun:
             )
         )
         error = work.error or (answers.error if answers is not None else None)
-        r = self.result
-        r.pages += 1
-        if error is None:
-            r.pages_ok += 1
-        else:
-            r.pages_failed += 1
-            r.errors_by_type[error.type] = r.errors_by_type.get(error.type, 0) + 1
+        if error is not None:
+            state.errors.append(error)
         if self.progress:
             self.progress("page", 1)
 
-    def _maybe_finish(self, uri: str) -> None:
+    def _document_row(self, outcome: DocumentOutcome) -> dict[str, Any]:
         from pipeline import sink
 
-        state = self.states.get(uri)
-        if state is None or state.outcome is None or state.pending:
-            return
-        outcome = state.outcome
-        outcome.timings.inference_s += state.model_s
-        if state.failed_in_model:
-            outcome.pages_ok -= state.failed_in_model
-            outcome.pages_failed += state.failed_in_model
-            if outcome.status is DocStatus.OK:
-                total = outcome.pages_ok + outcome.pages_failed
-                outcome.status = DocStatus.PARTIAL if outcome.pages_ok else DocStatus.ERROR
-                outcome.error = StageError(
-                    Stage.INFERENCE,
-                    "page_errors",
-                    f"{state.failed_in_model} of {total} pages failed in the model (see the pages table)",
-                )
-        self.doc_rows.append(
-            sink.document_row(
-                outcome,
-                shard_id=self.shard.shard_id,
-                run_id=self.run_id,
-                fingerprint=self.fingerprint,
-                processed_at=datetime.now(timezone.utc),
-            )
-        )
-        r = self.result
-        r.documents += 1
-        r.documents_by_status[outcome.status.value] = r.documents_by_status.get(outcome.status.value, 0) + 1
-        err = outcome.error
-        if err is not None and outcome.status is not DocStatus.DUPLICATE:
-            # Page-level errors are already counted per page; count document-level ones here.
-            if (outcome.pages_ok == 0 and outcome.pages_failed == 0) or err.stage is Stage.TIMEOUT:
-                r.errors_by_type[err.type] = r.errors_by_type.get(err.type, 0) + 1
-        del self.states[uri]
         if self.progress:
             self.progress("document", 1)
-
-    def _write(self) -> None:
-        from pipeline import sink
-        from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA
-
-        self.page_rows.sort(key=lambda row: (row["source_uri"], row["page_number"]))
-        self.doc_rows.sort(key=lambda row: row["source_uri"])
-        sink.write_shard(
-            self.config.output,
-            self.shard.shard_id,
-            sink.rows_to_table(self.page_rows, PAGES_SCHEMA),
-            sink.rows_to_table(self.doc_rows, DOCUMENTS_SCHEMA),
-            self.config.storage_options,
+        return sink.document_row(
+            outcome,
+            shard_id=self.shard.shard_id,
+            run_id=self.run_id,
+            fingerprint=self.fingerprint,
+            processed_at=datetime.now(timezone.utc),
         )
+
+    def _counts(self, pages: list[dict[str, Any]], docs: list[dict[str, Any]]) -> ShardResult:
+        r = ShardResult(shard_id=self.shard.shard_id, model_seconds=self.model_seconds)
+        r.documents = len(docs)
+        r.pages = len(pages)
+        for row in pages:
+            if row["status"] == "ok":
+                r.pages_ok += 1
+            else:
+                r.pages_failed += 1
+                r.errors_by_type[row["error_type"]] = r.errors_by_type.get(row["error_type"], 0) + 1
+        for row in docs:
+            status = row["status"]
+            r.documents_by_status[status] = r.documents_by_status.get(status, 0) + 1
+            # Page-level errors are counted per page; count document-level ones here.
+            if row["error_type"] and status != "duplicate" and (
+                (row["pages_ok"] == 0 and row["pages_failed"] == 0) or row["error_stage"] == Stage.TIMEOUT.value
+            ):
+                r.errors_by_type[row["error_type"]] = r.errors_by_type.get(row["error_type"], 0) + 1
+        return r
 
 
 def process_shard(
@@ -353,16 +594,21 @@ def process_shard(
     run_id: str,
     engine: Any | None = None,
     progress: ProgressFn | None = None,
+    dataset: Dataset | None = None,
+    lease: Lease | None = None,
 ) -> ShardResult:
-    """Process one shard and write its two Parquet files (idempotent: done shards are skipped).
+    """Process one shard and commit its two Parquet files (idempotent: done shards are skipped).
 
-    Raises only for a broken configuration or a storage failure writing the output; bad
-    documents and pages become rows.
+    Documents with a retryable failure are tried again within the shard (with back-off)
+    before their rows are decided. With a `lease`, nothing is committed once the output
+    belongs to another run (LeaseLost). Raises only for a broken configuration, a broken
+    device (DeviceFailure) or a storage failure writing the output; bad documents and
+    pages become rows.
     """
-    from pipeline import sink
-
+    dataset = dataset or Dataset(config.output, config.storage_options)
     t_start = time.perf_counter()
-    if sink.shard_done(config.output, shard.shard_id, config.storage_options):
+    if dataset.shard_done(shard.shard_id):
+        dataset.delete_plan(shard.shard_id)
         if progress:
             progress("document", len(shard.refs))
         return ShardResult(shard_id=shard.shard_id, documents=len(shard.refs), skipped=True)
@@ -370,12 +616,32 @@ def process_shard(
         engine = get_engine(config)
     settings = PrepSettings(config=config, builder=engine.builder if engine is not None else None)
     state = _ShardRun(shard, config, run_id, engine, progress)
-    for event in iter_shard_documents(shard.refs, settings):
-        if isinstance(event, DocumentDone):
-            state.on_document(event.outcome)
-        else:
-            state.on_page(event)
-    result = state.finish()
+    refs = list(shard.refs)
+    for round_ in range(IN_RUN_ROUNDS):
+        for event in iter_shard_documents(refs, settings):
+            state.on_event(event)
+        state.answer_window()
+        again = set(state.retry_candidates()) if round_ < IN_RUN_ROUNDS - 1 else set()
+        if not again:
+            break
+        delay = RETRY_BACKOFF_S[min(round_, len(RETRY_BACKOFF_S) - 1)]
+        log.warning("shard %s: %d documents failed transiently; trying them again in %.0f s",
+                    shard.shard_id, len(again), delay)
+        time.sleep(delay)
+        for uri in again:
+            state.restart(uri, state.states[uri].attempt)
+        refs = [r for r in shard.refs if r.uri in again]
+    pages, docs, result = state.finish()
+    from pipeline import sink
+    from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA
+
+    dataset.commit_shard(
+        shard.shard_id,
+        sink.rows_to_table(pages, PAGES_SCHEMA),
+        sink.rows_to_table(docs, DOCUMENTS_SCHEMA),
+        lease=lease,
+        supersedes=shard.retried(),
+    )
     result.seconds = time.perf_counter() - t_start
     return result
 
@@ -456,21 +722,39 @@ def summarize(
 
 
 def run(config: RunConfig, *, progress: ProgressFn | None = None, on_plan: Callable[[WorkPlan], None] | None = None) -> RunSummary:
-    """Discover, plan and process every shard in this process; return the summary."""
-    run_id = config.run_id or new_run_id()
-    t0 = time.perf_counter()
-    plan = discover_work(config)
-    if on_plan:
-        on_plan(plan)
-    engine = get_engine(config) if plan.shards else None
-    results = []
-    for shard in plan.shards:
-        results.append(process_shard(shard, config, run_id=run_id, engine=engine, progress=progress))
-    return summarize(
-        results,
-        run_id=run_id,
-        config=config,
-        seconds=time.perf_counter() - t0,
-        total_documents=plan.total_documents,
-        already_done=plan.already_done,
-    )
+    """Own the output, discover, plan and process every shard in this process; return the summary.
+
+    The run is recorded in the output's runs table (running, then completed, failed or
+    interrupted); whatever happens, the output's lease is given up at the end.
+    """
+    handle = begin_run(config)
+    summary: RunSummary | None = None
+    try:
+        plan = discover_work(config, handle)
+        if on_plan:
+            on_plan(plan)
+        engine = get_engine(config) if plan.shards else None
+        results = []
+        for shard in plan.shards:
+            results.append(
+                process_shard(
+                    shard, config, run_id=handle.run_id, engine=engine, progress=progress,
+                    dataset=handle.dataset, lease=handle.lease,
+                )
+            )
+        summary = summarize(
+            results,
+            run_id=handle.run_id,
+            config=config,
+            seconds=time.perf_counter() - handle.t0,
+            total_documents=plan.total_documents,
+            already_done=plan.already_done,
+        )
+    except KeyboardInterrupt:
+        end_run(handle, "interrupted", summary, "interrupted by the user")
+        raise
+    except BaseException as exc:
+        end_run(handle, "failed", summary, f"{type(exc).__name__}: {exc}")
+        raise
+    end_run(handle, "completed", summary)
+    return summary

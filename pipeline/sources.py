@@ -408,3 +408,13 @@ def discover(
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docpipe-hash") as pool:
             refs = list(pool.map(lambda c: _make_ref(fs, c, known), cands))
     return _mark_duplicates(refs)
+
+
+def public_url(url: str) -> str:
+    """The URL without any user:password part, for logs, artifacts and the runs table."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.netloc and "@" in parts.netloc:
+        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    return url

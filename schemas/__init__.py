@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 VERSION_KEY = b"docpipe.schema_version"
 TABLE_KEY = b"docpipe.table"
 
@@ -30,7 +30,15 @@ ERROR_FIELDS = (
 
 
 def _error_fields() -> list[pa.Field]:
-    return [_f(name, pa.string(), desc) for name, desc in ERROR_FIELDS]
+    return [_f(name, pa.string(), desc) for name, desc in ERROR_FIELDS] + [
+        _f(
+            "error_retryable",
+            pa.bool_(),
+            "True when the error may go away by itself (storage or network error, timeout, crashed worker, device "
+            "failure): a later run tries the document again and drops this row once it has a newer one. False for "
+            "bad input, which is recorded once; null when there is no error.",
+        )
+    ]
 
 
 DOCUMENTS_FIELDS: list[pa.Field] = [
@@ -56,6 +64,9 @@ DOCUMENTS_FIELDS: list[pa.Field] = [
     ),
     _f("duplicate_of", pa.string(), "source_uri of the input with the same bytes that was processed, for duplicates."),
     *_error_fields(),
+    _f("attempt", pa.int32(), "How many runs have tried this document (1 the first time; retryable failures are "
+       "tried again up to 3 times).", nullable=False),
+    _f("open_note", pa.string(), "What the reader had to do to open the file, e.g. that MuPDF repaired a damaged PDF."),
     _f("rasterize_s", pa.float64(), "Seconds spent opening and rasterizing the document."),
     _f("tiling_s", pa.float64(), "Seconds spent planning and cutting tiles."),
     _f("inference_s", pa.float64(), "Seconds of model time attributed to this document's pages."),
@@ -146,7 +157,39 @@ DOCUMENTS_SCHEMA = _schema(
 )
 PAGES_SCHEMA = _schema(PAGES_FIELDS, "pages", "One row per page (or image frame) of every processed document.")
 
-SCHEMAS: dict[str, pa.Schema] = {"documents": DOCUMENTS_SCHEMA, "pages": PAGES_SCHEMA}
+RUNS_FIELDS: list[pa.Field] = [
+    _f("run_id", pa.string(), "The run's identifier (rows of the other tables carry it).", nullable=False),
+    _f("status", pa.string(), "running, completed, failed (some shards failed; a rerun resumes) or interrupted.",
+       nullable=False),
+    _f("started_at", pa.timestamp("us", tz="UTC"), "When the run took the output's lease.", nullable=False),
+    _f("ended_at", pa.timestamp("us", tz="UTC"), "When the run ended; null while it runs (or if it died)."),
+    _f("source", pa.string(), "The source URL, without credentials.", nullable=False),
+    _f("config_fingerprint", pa.string(), "Hash of the output-affecting settings (as in the other tables).",
+       nullable=False),
+    _f("output_settings", pa.string(), "JSON of the settings that change what is written (those the fingerprint "
+       "covers).", nullable=False),
+    _f("settings", pa.string(), "JSON of every public setting of the run (storage options reduced to their keys).",
+       nullable=False),
+    _f("reprocess", pa.bool_(), "The run was asked to redo documents written with other settings.", nullable=False),
+    _f("model_id", pa.string(), "Model folder or hub id; null without a model."),
+    _f("model_revision", pa.string(), "Hub commit, or for a local folder a content hash of its weight files' names, "
+       "sizes and safetensors headers; null without a model."),
+    _f("docpipe_version", pa.string(), "docpipe version.", nullable=False),
+    _f("transformers_version", pa.string(), "transformers version (null when not installed)."),
+    _f("torch_version", pa.string(), "torch version (null when not installed)."),
+    _f("python_version", pa.string(), "Python version.", nullable=False),
+    _f("host", pa.string(), "Host name of the machine that ran it.", nullable=False),
+    _f("documents_discovered", pa.int64(), "Documents found under the source."),
+    _f("documents_processed", pa.int64(), "Documents this run wrote rows for."),
+    _f("pages", pa.int64(), "Pages this run wrote rows for."),
+    _f("pages_failed", pa.int64(), "Of which with status error."),
+    _f("counts", pa.string(), "JSON: documents by status and errors by type."),
+    _f("message", pa.string(), "Why the run failed or was interrupted, when it did."),
+]
+
+RUNS_SCHEMA = _schema(RUNS_FIELDS, "runs", "One row per run that wrote to this output: settings, versions, counts.")
+
+SCHEMAS: dict[str, pa.Schema] = {"documents": DOCUMENTS_SCHEMA, "pages": PAGES_SCHEMA, "runs": RUNS_SCHEMA}
 
 
 def _type_to_json(type_: pa.DataType) -> object:

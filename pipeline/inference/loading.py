@@ -256,6 +256,35 @@ def resolve_revision(model_ref: str, requested: str | None, model_config: Any) -
     return requested  # a hub branch or tag as asked (the commit was not recorded)
 
 
+def content_revision(model_ref: str, requested: str | None = None) -> str | None:
+    """A revision for the record without loading anything: for a local folder, a content
+    hash ("sha256:...") of its weight files' names, sizes and safetensors headers (cheap:
+    the tensors are not read); for a hub id, a requested 40-hex commit or the snapshot
+    folder's name, else the requested branch or tag."""
+    import hashlib
+    import struct
+
+    path = Path(model_ref)
+    if not path.is_dir():
+        return requested
+    for part in reversed(path.absolute().parts):
+        if _COMMIT.match(part):
+            return part
+    digest = hashlib.sha256()
+    weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt") or p.name.endswith(".index.json"))
+    for file in weights:
+        digest.update(f"{file.name}\t{file.stat().st_size}\n".encode())
+        if file.suffix == ".safetensors":
+            with open(file, "rb") as fh:
+                head = fh.read(8)
+                if len(head) == 8:
+                    (size,) = struct.unpack("<Q", head)
+                    digest.update(fh.read(min(size, 64 * 2**20)))
+        elif file.name.endswith(".index.json"):
+            digest.update(file.read_bytes())
+    return "sha256:" + digest.hexdigest()[:24] if weights else None
+
+
 # ---------------------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------------------

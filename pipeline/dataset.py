@@ -1,0 +1,794 @@
+"""The output as a dataset: the one home of its commit protocol.
+
+Layout under the output root (a folder or any fsspec URL):
+
+    pages/part-<shard>.parquet          one file per shard
+    documents/part-<shard>.parquet      written last: the shard's commit marker
+    runs/part-<run>.parquet             one row per run (settings, versions, counts)
+    _docpipe/lease/<generation>.json    who owns the output now (one run at a time)
+    _docpipe/plans/<shard>.json         a shard's documents, written before its files
+
+The protocol, which every writer follows:
+
+1. **Lease.** A run owns the output while it holds the newest lease generation and keeps
+   it fresh (heartbeat). A generation file is created exclusively (`O_EXCL`-style link on
+   local disks, `If-None-Match: *` on S3), so two runs can never both take the same
+   generation; a new owner takes `generation + 1` only once the old lease has expired or
+   was released (or, on the same host, its process is gone). Fanned-out shard runs act
+   under their parent's generation and stop before committing once a newer one exists.
+2. **Plans before work.** Shards are cut under the lease and each plan is written before
+   any of its files. A rerun replays an uncommitted plan under the same shard id (its
+   files are overwritten whole) instead of re-sharding its documents.
+3. **Commit.** A shard writes its pages file, then its documents file; each file appears
+   whole or not at all (temp + rename locally, one PUT on object stores). Readers take
+   only shards whose documents file exists (`open_table`), so pages of a shard being
+   written are never visible. The plan is removed after the commit.
+4. **Cleanup** only under the lease: stale temp files, pages files with neither a
+   documents file nor a plan, plans of committed shards, and documents rows superseded
+   by a retry of a retryable failure.
+5. **What is done.** A documents row marks its (source_uri, doc_id) done unless it is a
+   retryable failure with attempts left, or it was written with other output settings
+   and the run reprocesses.
+
+`sink` only turns rows into Arrow tables; this module decides where and when they land.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.records import KnownFile
+from pipeline.sources import full_uri, is_local, resolve
+from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA, RUNS_SCHEMA, SCHEMAS
+
+log = logging.getLogger(__name__)
+
+PAGES = "pages"
+DOCUMENTS = "documents"
+RUNS = "runs"
+META = "_docpipe"
+PARQUET_COMPRESSION = "zstd"
+
+LEASE_TTL_S = 60.0  # a lease not refreshed for this long has lapsed
+HEARTBEAT_S = 10.0  # how often the owner refreshes it
+MAX_ATTEMPTS = 3  # runs that try a document whose failures were retryable
+
+_PART_RE = re.compile(r"^part-(?P<shard>[^/\\]+)\.parquet$")
+_TEMP_MARK = ".tmp-"
+_GEN_RE = re.compile(r"^(?P<gen>\d{12})\.json$")
+
+
+class OutputBusy(RuntimeError):
+    """Another live run owns the output."""
+
+
+class LeaseLost(RuntimeError):
+    """This run no longer owns the output (a newer run took it over): nothing more is committed."""
+
+
+class OutputNotWritable(RuntimeError):
+    """The output cannot be written (read-only, missing permission, a file in the way)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Paths and files
+# ---------------------------------------------------------------------------------------
+
+
+def shard_file_name(shard_id: str) -> str:
+    """File name of a shard's part file (the same in both tables)."""
+    if not shard_id or shard_id.startswith(".") or any(c in shard_id for c in "/\\") or shard_id != shard_id.strip():
+        raise ValueError(f"invalid shard id {shard_id!r}: non-empty, no slashes, no leading dot or spaces")
+    return f"part-{shard_id}.parquet"
+
+
+def shard_id_of(name: str) -> str | None:
+    """Shard id from a part file name (basename or path); None for anything else."""
+    match = _PART_RE.match(name.rstrip("/").rsplit("/", 1)[-1])
+    return match["shard"] if match else None
+
+
+def _is_temp(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    return base.startswith(".") and _TEMP_MARK in base
+
+
+def _join(*parts: str) -> str:
+    return "/".join([parts[0].rstrip("/"), *(p.strip("/") for p in parts[1:])])
+
+
+def _fsync_path(path: str, directory: bool = False) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # some platforms cannot open folders; durability is best effort there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _age_s(info: Mapping[str, Any], now: float) -> float | None:
+    """Seconds since the file was last written, from its listing entry; None when unknown."""
+    stamp = info.get("mtime", info.get("LastModified", info.get("created")))
+    if isinstance(stamp, datetime):
+        stamp = stamp.timestamp()
+    return None if not isinstance(stamp, (int, float)) else now - float(stamp)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _host() -> str:
+    return socket.gethostname()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+# Lease records
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseInfo:
+    """One lease generation as stored in `_docpipe/lease/<generation>.json`."""
+
+    generation: int
+    run_id: str
+    host: str
+    pid: int
+    acquired_at: float  # unix seconds
+    heartbeat_at: float
+    ttl_s: float
+    released: bool = False
+
+    def expired(self, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        return now - self.heartbeat_at > self.ttl_s
+
+    def owner_gone(self) -> bool:
+        """The owner was on this host and its process no longer exists."""
+        return self.host == _host() and not _pid_alive(self.pid)
+
+    def lapsed(self) -> bool:
+        return self.released or self.expired() or self.owner_gone()
+
+    def describe(self) -> str:
+        age = time.time() - self.heartbeat_at
+        return f"run {self.run_id} (pid {self.pid} on {self.host}, last heartbeat {age:.0f} s ago)"
+
+
+# ---------------------------------------------------------------------------------------
+# What the output holds
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DoneState:
+    """What an output dataset already holds (for planning a run)."""
+
+    shard_ids: frozenset[str] = frozenset()  # committed shards
+    doc_keys: frozenset[tuple[str, str]] = frozenset()  # (source_uri, doc_id) that are done
+    # doc_id -> a source URI whose pages are in the dataset (status ok or partial)
+    processed: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
+    # (source_uri, doc_id) -> attempts so far, for documents to try again (retryable failures)
+    retry: Mapping[tuple[str, str], int] = field(default_factory=dict, hash=False, compare=False)
+    # source_uri -> size, version, id and media type, for files recorded with a version:
+    # discovery skips re-reading those whose listing still shows the same size and version.
+    known: Mapping[str, KnownFile] = field(default_factory=dict, hash=False, compare=False)
+    fingerprints: frozenset[str] = frozenset()  # config fingerprints of the documents rows
+
+
+@dataclass(frozen=True, slots=True)
+class PlanRecord:
+    """A shard's composition, written before any of its files."""
+
+    shard_id: str
+    run_id: str
+    fingerprint: str
+    shard: dict[str, Any]  # Shard.to_dict()
+    created_at: float
+    attempts: dict[str, int] = field(default_factory=dict)  # source_uri -> attempt number in this shard
+
+
+# ---------------------------------------------------------------------------------------
+# The dataset
+# ---------------------------------------------------------------------------------------
+
+
+class Dataset:
+    """An output root and the operations of its commit protocol."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.url = url
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = resolve(url, self.storage_options)
+        self.local = is_local(self.fs)
+
+    # ---- files -------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return _join(self.root, *parts)
+
+    def shard_path(self, table: str, shard_id: str) -> str:
+        return self.path(table, shard_file_name(shard_id))
+
+    def _listing(self, folder: str) -> list[dict[str, Any]]:
+        """Files directly in `folder` (with details); empty when the folder does not exist."""
+        if not self.local:
+            self.fs.invalidate_cache(folder)  # other processes write here: never trust a cached listing
+        try:
+            entries = self.fs.ls(folder, detail=True)
+        except FileNotFoundError:
+            return []
+        return [e for e in entries if e.get("type") == "file" and not e["name"].endswith("/")]
+
+    def part_files(self, table: str) -> dict[str, str]:
+        """shard id -> path of the part files of `table` (temp files excluded)."""
+        out: dict[str, str] = {}
+        for entry in self._listing(self.path(table)):
+            shard = shard_id_of(entry["name"])
+            if shard is not None:
+                out[shard] = entry["name"]
+        return out
+
+    def arrow_fs(self) -> pafs.FileSystem:
+        return pafs.LocalFileSystem() if self.local else pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write `data` under `path` atomically (temp + rename locally, one PUT elsewhere)."""
+        if not self.local:
+            self.fs.pipe_file(path, data)
+            return
+        folder, name = path.rsplit("/", 1)
+        os.makedirs(folder, exist_ok=True)
+        temp = f"{folder}/.{name}{_TEMP_MARK}{uuid.uuid4().hex}"
+        try:
+            with open(temp, "wb") as fh:
+                fh.write(data)
+            _fsync_path(temp)
+            os.replace(temp, path)
+        except BaseException:
+            try:
+                os.remove(temp)
+            except FileNotFoundError:
+                pass
+            raise
+        _fsync_path(folder, directory=True)
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Create `path` with `data` only if nothing is there; False when something was.
+
+        Locally a temp file is hard-linked to the final name (link fails if it exists, and
+        the file appears with its content); on S3 the PUT carries `If-None-Match: *`.
+        Other stores fall back to check-then-write (documented as best effort).
+        """
+        if self.local:
+            folder, name = path.rsplit("/", 1)
+            os.makedirs(folder, exist_ok=True)
+            temp = f"{folder}/.{name}{_TEMP_MARK}{uuid.uuid4().hex}"
+            with open(temp, "wb") as fh:
+                fh.write(data)
+            try:
+                os.link(temp, path)
+                _fsync_path(folder, directory=True)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.remove(temp)
+        if self.fs.protocol in ("s3", "s3a") or "s3" in tuple(self.fs.protocol):
+            try:
+                self.fs.pipe_file(path, data, mode="create")
+                return True
+            except FileExistsError:
+                return False
+        if self.fs.exists(path):
+            return False
+        self.fs.pipe_file(path, data)
+        return True
+
+    def read_json(self, path: str) -> dict[str, Any] | None:
+        try:
+            with self.fs.open(path, "rb") as fh:
+                return json.loads(fh.read())
+        except FileNotFoundError:
+            return None
+        except (ValueError, UnicodeDecodeError):
+            log.warning("unreadable metadata file %s", full_uri(self.fs, path))
+            return None
+
+    def remove(self, path: str) -> bool:
+        try:
+            self.fs.rm_file(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def write_table(self, path: str, table: pa.Table) -> None:
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer, compression=PARQUET_COMPRESSION)
+        self.write_bytes(path, buffer.getvalue().to_pybytes())
+
+    # ---- set-up checks ------------------------------------------------------------------
+    def check_writable(self) -> None:
+        """Write and remove a probe file under the output; OutputNotWritable if that fails."""
+        where = full_uri(self.fs, self.root)
+        if self.local and os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise OutputNotWritable(f"output {where} is a file, not a folder")
+        probe = self.path(META, f".probe{_TEMP_MARK}{uuid.uuid4().hex}")
+        try:
+            self.write_bytes(probe, b"docpipe write probe\n")
+            self.remove(probe)
+        except (OSError, PermissionError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            raise OutputNotWritable(f"output {where} is not writable: {reason}") from None
+
+    # ---- lease -------------------------------------------------------------------------
+    def _lease_dir(self) -> str:
+        return self.path(META, "lease")
+
+    def _lease_path(self, generation: int) -> str:
+        return _join(self._lease_dir(), f"{generation:012d}.json")
+
+    def lease_generations(self) -> list[int]:
+        gens = []
+        for entry in self._listing(self._lease_dir()):
+            match = _GEN_RE.match(entry["name"].rsplit("/", 1)[-1])
+            if match:
+                gens.append(int(match["gen"]))
+        return sorted(gens)
+
+    def read_lease(self, generation: int) -> LeaseInfo | None:
+        data = self.read_json(self._lease_path(generation))
+        if data is None:
+            return None
+        try:
+            return LeaseInfo(**data)
+        except TypeError:
+            return None
+
+    def current_lease(self) -> LeaseInfo | None:
+        gens = self.lease_generations()
+        return self.read_lease(gens[-1]) if gens else None
+
+    def acquire(
+        self, run_id: str, *, wait_s: float = 0.0, ttl_s: float = LEASE_TTL_S, heartbeat_s: float = HEARTBEAT_S
+    ) -> "Lease":
+        """Own the output for `run_id`; OutputBusy when a live run holds it past `wait_s`."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            gens = self.lease_generations()
+            current = self.read_lease(gens[-1]) if gens else None
+            if gens and current is None:
+                # Created but not yet readable (or corrupt): treat as held unless old.
+                entry = self._lease_entry(gens[-1])
+                age = _age_s(entry, time.time()) if entry else None
+                lapsed = age is not None and age > ttl_s
+            else:
+                lapsed = current is None or current.lapsed()
+            if lapsed:
+                generation = (gens[-1] + 1) if gens else 1
+                now = time.time()
+                info = LeaseInfo(generation, run_id, _host(), os.getpid(), now, now, ttl_s)
+                if self.create_exclusive(self._lease_path(generation), _lease_bytes(info)):
+                    if current is not None and not current.released:
+                        log.warning("took over the output from %s, whose lease had lapsed", current.describe())
+                    self._prune_leases(generation)
+                    return Lease(self, info, heartbeat_s=heartbeat_s)
+                continue  # someone else took this generation first: look again
+            if time.monotonic() >= deadline:
+                holder = current.describe() if current else "another run"
+                raise OutputBusy(f"output {full_uri(self.fs, self.root)} is in use by {holder}")
+            time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+
+    def _lease_entry(self, generation: int) -> dict[str, Any] | None:
+        path = self._lease_path(generation)
+        for entry in self._listing(self._lease_dir()):
+            if entry["name"].rstrip("/").endswith(path.rsplit("/", 1)[-1]):
+                return entry
+        return None
+
+    def _prune_leases(self, keep_from: int) -> None:
+        for gen in self.lease_generations():
+            if gen < keep_from - 2:  # a few old generations stay for the record
+                self.remove(self._lease_path(gen))
+
+    # ---- plans --------------------------------------------------------------------------
+    def _plan_path(self, shard_id: str) -> str:
+        return self.path(META, "plans", f"{shard_id}.json")
+
+    def write_plan(self, plan: PlanRecord) -> None:
+        self.write_bytes(self._plan_path(plan.shard_id), json.dumps(asdict(plan), sort_keys=True).encode())
+
+    def plans(self) -> dict[str, PlanRecord]:
+        out: dict[str, PlanRecord] = {}
+        for entry in self._listing(self.path(META, "plans")):
+            name = entry["name"].rsplit("/", 1)[-1]
+            if not name.endswith(".json") or name.startswith("."):
+                continue
+            data = self.read_json(entry["name"])
+            if data is None:
+                continue
+            try:
+                plan = PlanRecord(**data)
+            except TypeError:
+                continue
+            out[plan.shard_id] = plan
+        return out
+
+    def delete_plan(self, shard_id: str) -> None:
+        self.remove(self._plan_path(shard_id))
+
+    # ---- shards -------------------------------------------------------------------------
+    def shard_done(self, shard_id: str) -> bool:
+        path = self.shard_path(DOCUMENTS, shard_id)
+        if not self.local:
+            self.fs.invalidate_cache(path)
+        return bool(self.fs.exists(path))
+
+    def commit_shard(
+        self,
+        shard_id: str,
+        pages: pa.Table,
+        documents: pa.Table,
+        *,
+        lease: "Lease | None" = None,
+        supersedes: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        """Write a shard's pages file, then its documents file (the commit), atomically.
+
+        With a lease, ownership is checked right before each write (LeaseLost: nothing
+        more is written). Rewriting a shard id replaces both files; the documents file is
+        removed first, so a crash in between leaves the shard uncommitted, never mixed.
+        `supersedes`: (source_uri, doc_id) whose retryable failure rows elsewhere this
+        shard replaces; they are dropped from their old shards after the commit.
+        """
+        pages = conform(pages, PAGES_SCHEMA)
+        documents = conform(documents, DOCUMENTS_SCHEMA)
+        docs_path = self.shard_path(DOCUMENTS, shard_id)
+        if lease is not None:
+            lease.ensure()
+        self.remove(docs_path)  # un-commit first: a crash below leaves the shard "not done"
+        self.write_table(self.shard_path(PAGES, shard_id), pages)
+        if lease is not None:
+            lease.ensure()
+        self.write_table(docs_path, documents)
+        self.delete_plan(shard_id)
+        keys = set(supersedes)
+        if keys:
+            self.drop_superseded(keys, keep_shard=shard_id)
+
+    def drop_superseded(self, keys: set[tuple[str, str]], *, keep_shard: str | None = None) -> int:
+        """Remove retryable-failure rows of `keys` from committed shards other than
+        `keep_shard` (their documents file is rewritten whole). Returns rows removed."""
+        removed = 0
+        for shard, path in sorted(self.part_files(DOCUMENTS).items()):
+            if shard == keep_shard:
+                continue
+            table = self._read_part(path, DOCUMENTS_SCHEMA)
+            uris, ids = table.column("source_uri").to_pylist(), table.column("doc_id").to_pylist()
+            retryable = table.column("error_retryable").to_pylist()
+            keep = [not (bool(r) and (u, d) in keys) for u, d, r in zip(uris, ids, retryable)]
+            if all(keep):
+                continue
+            removed += keep.count(False)
+            self.write_table(path, conform(table.filter(pa.array(keep)), DOCUMENTS_SCHEMA))
+            log.info("dropped %d superseded retryable rows from shard %s", keep.count(False), shard)
+        return removed
+
+    def _read_part(self, path: str, schema: pa.Schema) -> pa.Table:
+        return ds.dataset([path], schema=schema, format="parquet", filesystem=self.arrow_fs()).to_table()
+
+    # ---- reading back --------------------------------------------------------------------
+    def open_table(self, table: str) -> ds.Dataset:
+        """The committed files of one table as a pyarrow dataset (uncommitted pages never show)."""
+        if table not in SCHEMAS:
+            raise ValueError(f"unknown table {table!r}; expected one of {sorted(SCHEMAS)}")
+        if table == RUNS:
+            paths = sorted(self.part_files(RUNS).values())
+        else:
+            committed = self.part_files(DOCUMENTS)
+            parts = committed if table == DOCUMENTS else self.part_files(PAGES)
+            paths = sorted(path for shard, path in parts.items() if shard in committed)
+        return ds.dataset(paths, schema=SCHEMAS[table], format="parquet", filesystem=self.arrow_fs())
+
+    def read_state(
+        self, *, fingerprint: str | None = None, reprocess: bool = False, max_attempts: int = MAX_ATTEMPTS
+    ) -> DoneState:
+        """Committed shards and which documents are done (see the module docstring, step 5)."""
+        parts = self.part_files(DOCUMENTS)
+        if not parts:
+            return DoneState()
+        names = ["source_uri", "doc_id", "status", "size_bytes", "source_version", "media_type",
+                 "error_retryable", "attempt", "config_fingerprint"]
+        table = self.open_table(DOCUMENTS).to_table(columns=names)
+        cols = {n: table.column(n).to_pylist() for n in names}
+        done: set[tuple[str, str]] = set()
+        retry: dict[tuple[str, str], int] = {}
+        processed: dict[str, str] = {}
+        known: dict[str, KnownFile] = {}
+        rows = zip(*(cols[n] for n in names))
+        for uri, doc_id, status, size, version, media, retryable, attempt, fp in sorted(rows, key=_row_order):
+            key = (uri, doc_id)
+            if reprocess and fingerprint is not None and fp != fingerprint:
+                continue  # written with other settings: this run does it again
+            attempts = int(attempt or 1)
+            if retryable and attempts < max_attempts:
+                if key not in done:
+                    retry[key] = max(retry.get(key, 0), attempts)
+                continue
+            done.add(key)
+            retry.pop(key, None)
+            if status in ("ok", "partial"):
+                processed.setdefault(doc_id, uri)
+            if version and doc_id and size is not None and media:
+                known[uri] = KnownFile(size=size, version=version, doc_id=doc_id, media_type=media)
+        return DoneState(
+            shard_ids=frozenset(parts),
+            doc_keys=frozenset(done),
+            processed=processed,
+            retry=retry,
+            known=known,
+            fingerprints=frozenset(fp for fp in cols["config_fingerprint"] if fp),
+        )
+
+    # ---- cleanup ------------------------------------------------------------------------
+    def clean(self, *, current_fingerprint: str | None = None, temp_older_than_s: float = LEASE_TTL_S) -> list[str]:
+        """Tidy the output; call only while holding its lease.
+
+        Removes plans of committed shards; plans made under other settings than
+        `current_fingerprint` (with their pages file); pages files with neither a
+        documents file nor a plan; temp files older than `temp_older_than_s`; and rows of
+        retryable failures that a later row of the same document superseded.
+        """
+        committed = set(self.part_files(DOCUMENTS))
+        removed: list[str] = []
+        plans = self.plans()
+        for shard_id, plan in plans.items():
+            stale = current_fingerprint is not None and plan.fingerprint != current_fingerprint
+            if shard_id in committed or stale:
+                self.delete_plan(shard_id)
+                removed.append(full_uri(self.fs, self._plan_path(shard_id)))
+        live_plans = {s for s, p in plans.items() if s not in committed and not (
+            current_fingerprint is not None and p.fingerprint != current_fingerprint)}
+        now = time.time()
+        for table in (PAGES, DOCUMENTS, RUNS, f"{META}/plans", f"{META}/lease", META):
+            for entry in self._listing(self.path(table)):
+                path = entry["name"]
+                shard = shard_id_of(path) if table == PAGES else None
+                orphan = shard is not None and shard not in committed and shard not in live_plans
+                if _is_temp(path):
+                    age = _age_s(entry, now)
+                    if age is None or age < temp_older_than_s:
+                        continue
+                elif not orphan:
+                    continue
+                if self.remove(path):
+                    removed.append(full_uri(self.fs, path))
+                    log.info("removed stale output file %s", full_uri(self.fs, path))
+        self._repair_superseded()
+        return removed
+
+    def _repair_superseded(self) -> None:
+        """Finish a retry's commit that a crash cut short: drop superseded failure rows."""
+        parts = self.part_files(DOCUMENTS)
+        if len(parts) < 2:
+            return
+        table = self.open_table(DOCUMENTS).to_table(
+            columns=["source_uri", "doc_id", "error_retryable", "attempt", "shard_id"]
+        )
+        latest: dict[tuple[str, str], int] = {}
+        rows = list(zip(*(table.column(c).to_pylist() for c in table.column_names)))
+        for uri, doc_id, _retryable, attempt, _shard in rows:
+            key = (uri, doc_id)
+            latest[key] = max(latest.get(key, 0), int(attempt or 1))
+        stale = {(u, d) for u, d, r, a, _s in rows if r and int(a or 1) < latest[(u, d)]}
+        if stale:
+            keep: dict[tuple[str, str], str] = {}
+            for uri, doc_id, _r, attempt, shard in rows:
+                if (uri, doc_id) in stale and int(attempt or 1) == latest[(uri, doc_id)]:
+                    keep[(uri, doc_id)] = shard
+            for key, shard in keep.items():
+                self.drop_superseded({key}, keep_shard=shard)
+
+    # ---- runs ---------------------------------------------------------------------------
+    def write_run(self, row: Mapping[str, Any]) -> None:
+        """Write (or replace) this run's row of the runs table."""
+        table = pa.Table.from_pylist([dict(row)], schema=RUNS_SCHEMA)
+        self.write_table(self.path(RUNS, shard_file_name(str(row["run_id"]))), conform(table, RUNS_SCHEMA))
+
+    def read_runs(self) -> list[dict[str, Any]]:
+        """Rows of the runs table, oldest first."""
+        if not self.part_files(RUNS):
+            return []
+        rows = self.open_table(RUNS).to_table().to_pylist()
+        return sorted(rows, key=lambda r: r["started_at"])
+
+
+def _row_order(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Documents rows in attempt order, so a later attempt's verdict wins."""
+    return (row[0], row[1], int(row[7] or 1))
+
+
+def _lease_bytes(info: LeaseInfo) -> bytes:
+    return json.dumps(asdict(info), sort_keys=True).encode()
+
+
+# ---------------------------------------------------------------------------------------
+# A held lease
+# ---------------------------------------------------------------------------------------
+
+
+class Lease:
+    """Ownership of an output by one run (and its fanned-out shard runs), kept fresh by a
+    background heartbeat. `ensure()` before each commit; `release()` at the end."""
+
+    def __init__(self, dataset: Dataset, info: LeaseInfo, *, heartbeat_s: float = HEARTBEAT_S) -> None:
+        self.dataset = dataset
+        self.info = info
+        self.heartbeat_s = heartbeat_s
+        self._lost: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def generation(self) -> int:
+        return self.info.generation
+
+    @property
+    def run_id(self) -> str:
+        return self.info.run_id
+
+    @classmethod
+    def join(cls, dataset: Dataset, generation: int, run_id: str, *, heartbeat_s: float = HEARTBEAT_S) -> "Lease":
+        """Act under a parent run's lease (fanned-out shards): LeaseLost if it is not current."""
+        lease = cls(dataset, LeaseInfo(generation, run_id, _host(), os.getpid(), 0.0, 0.0, LEASE_TTL_S),
+                    heartbeat_s=heartbeat_s)
+        current = dataset.read_lease(generation)
+        if current is None or current.run_id != run_id:
+            raise LeaseLost(f"run {run_id} holds no lease generation {generation} on the output")
+        lease.info = current
+        lease.ensure()
+        return lease
+
+    def check(self) -> str | None:
+        """Why this lease is no longer ours (None while it is)."""
+        if self._lost:
+            return self._lost
+        gens = self.dataset.lease_generations()
+        if gens and gens[-1] > self.generation:
+            newer = self.dataset.read_lease(gens[-1])
+            who = newer.describe() if newer else f"generation {gens[-1]}"
+            return f"the output was taken over by {who}"
+        current = self.dataset.read_lease(self.generation)
+        if current is None:
+            return "the lease file disappeared"
+        if current.run_id != self.run_id:
+            return f"the lease belongs to run {current.run_id}"
+        if current.released:
+            return "the lease was released"
+        return None
+
+    def ensure(self) -> None:
+        reason = self.check()
+        if reason:
+            self._lost = reason
+            raise LeaseLost(f"run {self.run_id} lost the output: {reason}")
+
+    def refresh(self) -> None:
+        """Renew the heartbeat (only while this generation is still the newest)."""
+        self.ensure()
+        current = self.dataset.read_lease(self.generation) or self.info
+        renewed = LeaseInfo(**{**asdict(current), "heartbeat_at": time.time()})
+        self.dataset.write_bytes(self.dataset._lease_path(self.generation), _lease_bytes(renewed))
+        self.info = renewed
+
+    def start_heartbeat(self) -> "Lease":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._beat, name="docpipe-lease", daemon=True)
+            self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                self.refresh()
+            except LeaseLost as exc:
+                log.error("%s", exc)
+                return
+            except Exception as exc:  # noqa: BLE001 - a storage blip: try again next beat
+                log.warning("lease heartbeat failed (%s); retrying", exc)
+
+    def stop_heartbeat(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+    def release(self) -> None:
+        """Give the output up (the next run may take it at once)."""
+        self.stop_heartbeat()
+        if self.check() is None:
+            released = LeaseInfo(**{**asdict(self.info), "released": True, "heartbeat_at": time.time()})
+            try:
+                self.dataset.write_bytes(self.dataset._lease_path(self.generation), _lease_bytes(released))
+            except Exception as exc:  # noqa: BLE001 - it lapses by itself after its ttl
+                log.warning("could not release the output lease (%s); it lapses in %.0f s", exc, self.info.ttl_s)
+
+    def __enter__(self) -> "Lease":
+        return self.start_heartbeat()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------
+
+
+def _check_not_null(table: pa.Table, schema: pa.Schema) -> None:
+    for column in schema:
+        if not column.nullable and table.column(column.name).null_count:
+            raise ValueError(f"column {column.name!r} must not be null")
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with exactly `schema` (order, types, field and schema metadata)."""
+    if not table.schema.equals(schema, check_metadata=True):
+        missing = sorted(set(schema.names) - set(table.column_names))
+        extra = sorted(set(table.column_names) - set(schema.names))
+        if missing or extra:
+            raise ValueError(f"table does not match the schema: missing {missing}, unexpected {extra}")
+        table = table.select(schema.names).cast(schema)
+    _check_not_null(table, schema)
+    return table
+
+
+__all__ = [
+    "DOCUMENTS",
+    "Dataset",
+    "DoneState",
+    "Lease",
+    "LeaseInfo",
+    "LeaseLost",
+    "MAX_ATTEMPTS",
+    "OutputBusy",
+    "OutputNotWritable",
+    "PAGES",
+    "PlanRecord",
+    "RUNS",
+    "conform",
+    "shard_file_name",
+    "shard_id_of",
+]

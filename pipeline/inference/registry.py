@@ -1,0 +1,91 @@
+"""Which model families the pipeline serves, and how a checkpoint is recognised.
+
+One entry per family. Natively supported families (transformers has their classes) load
+through `AutoModelForImageTextToText`; the seed models (MiniCPM-V 2.0, Mono-InternVL-2B,
+MiniMax-VL-01) are ported in `pipeline.inference.families.<name>`, which holds all of that
+family's knowledge (config and model classes, geometry, chat format, tiny builder,
+placement). Recognition reads only config.json: nothing is imported from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint is not of a family this pipeline can drive natively."""
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """A model family: how to recognise it and where its implementation lives."""
+
+    name: str
+    model_types: tuple[str, ...]
+    tiling_policy: str  # the page geometry its preprocessing wants (pipeline.tiling policy or its own)
+    module: str | None = None  # pipeline.inference.families.<name> for ported families
+    architectures: tuple[str, ...] = ()
+
+    @property
+    def ported(self) -> bool:
+        return self.module is not None
+
+    def implementation(self) -> ModuleType:
+        """The family's module (ported families only)."""
+        if self.module is None:
+            raise UnsupportedModelError(f"family {self.name} is served by transformers' own classes")
+        return importlib.import_module(self.module)
+
+    def matches(self, config: Mapping[str, Any]) -> bool:
+        if self.module is not None:
+            return bool(self.implementation().recognise(config))
+        return config.get("model_type") in self.model_types
+
+
+FAMILIES: tuple[Family, ...] = (
+    # ported seed models first: their recognisers look at architectures, not only model_type
+    Family("minicpm_v2", ("minicpmv",), "minicpm", "pipeline.inference.families.minicpm_v2", ("MiniCPMV",)),
+    Family(
+        "mono_internvl", ("internvl_chat",), "internvl", "pipeline.inference.families.mono_internvl",
+        ("InternVLChatModel",),
+    ),
+    Family(
+        "minimax_vl_01", ("minimax_vl_01",), "minimax", "pipeline.inference.families.minimax_vl_01",
+        ("MiniMaxVL01ForConditionalGeneration",),
+    ),
+    Family("internvl", ("internvl",), "internvl"),
+    Family("qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), "qwen2_vl"),
+    Family("idefics3", ("idefics3", "smolvlm"), "idefics3"),
+)
+
+BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
+
+
+def recognise(config: Mapping[str, Any]) -> Family:
+    """The family of a checkpoint from its config.json, or UnsupportedModelError."""
+    for family in FAMILIES:
+        try:
+            if family.matches(config):
+                return family
+        except ModuleNotFoundError:  # a port not installed in this build
+            continue
+    model_type = config.get("model_type")
+    arch = ", ".join(config.get("architectures") or []) or "none"
+    supported = ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in FAMILIES)
+    raise UnsupportedModelError(
+        f"model type {model_type!r} (architectures: {arch}) is not supported; supported families: {supported}"
+    )
+
+
+def family_by_name(name: str) -> Family:
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise UnsupportedModelError(f"unknown family {name!r}; known: {', '.join(BY_NAME)}") from None
+
+
+__all__ = ["BY_NAME", "FAMILIES", "Family", "UnsupportedModelError", "family_by_name", "recognise"]

@@ -1,0 +1,467 @@
+"""dataset: the output's commit protocol — atomic shards, what is done, cleanup, leases, plans, S3."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import duckdb
+import fsspec
+import fsspec.implementations.memory
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.dataset import Dataset, DoneState, Lease, LeaseLost, OutputBusy, OutputNotWritable, PlanRecord
+from pipeline.records import DocStatus, Stage, StageError
+from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA, SCHEMA_VERSION, VERSION_KEY
+from tests.test_sink import WHEN, COMMON, _doc, _files, _same_schema, _shard_tables
+
+
+def write_shard(url, shard_id, pages, documents, storage_options=None):
+    Dataset(url, storage_options).commit_shard(shard_id, pages, documents)
+
+
+def read_done(url, storage_options=None) -> DoneState:
+    return Dataset(url, storage_options).read_state()
+
+
+def open_dataset(url, table, storage_options=None):
+    return Dataset(url, storage_options).open_table(table)
+
+
+def shard_done(url, shard_id, storage_options=None) -> bool:
+    return Dataset(url, storage_options).shard_done(shard_id)
+
+
+def test_round_trip_keeps_schema_and_metadata(tmp_path: Path) -> None:
+    pages, documents = _shard_tables("s1", ["a", "b"])
+    write_shard(str(tmp_path), "s1", pages, documents)
+    for folder, table, schema in (("pages", pages, PAGES_SCHEMA), ("documents", documents, DOCUMENTS_SCHEMA)):
+        path = tmp_path / folder / "part-s1.parquet"
+        back = pq.read_table(path)
+        assert _same_schema(back.schema, schema)
+        assert back.schema.metadata[VERSION_KEY] == SCHEMA_VERSION.encode()
+        assert back.schema.field("doc_id").metadata[b"description"]
+        assert back.to_pylist() == table.to_pylist()
+        assert pq.ParquetFile(path).metadata.row_group(0).column(0).compression == "ZSTD"
+    answers_type = pq.read_schema(tmp_path / "pages" / "part-s1.parquet").field("chart_answers").type.value_type
+    assert answers_type.field("question").metadata[b"description"] == b"Question asked about the chart."
+    assert _files(tmp_path / "pages") == _files(tmp_path / "documents") == ["part-s1.parquet"]
+
+
+def test_duckdb_and_pyarrow_read_the_output(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    for shard, names in (("s1", ["a", "b"]), ("s2", ["c"])):
+        write_shard(str(out), shard, *_shard_tables(shard, names))
+    (out / "pages" / ".part-s3.parquet.tmp-123").write_bytes(b"half a file")  # a crashed writer's leftover
+
+    with duckdb.connect() as con:
+        count, docs, first_answer = con.execute(
+            f"select count(*), count(distinct doc_id), min(chart_answers[1].answer) "
+            f"from read_parquet('{out}/pages/**/*.parquet')"
+        ).fetchone()
+        assert (count, docs, first_answer) == (6, 3, "bar")
+        documents_glob = f"{out}/documents/*.parquet"
+        statuses = con.execute(f"select status, count(*) from read_parquet('{documents_glob}') group by 1").fetchall()
+        assert statuses == [("ok", 3)]
+
+    pages = open_dataset(str(out), "pages").to_table()
+    assert pages.num_rows == 6 and pages.schema.equals(PAGES_SCHEMA, check_metadata=True)
+    assert pages.column("chart_answers")[0].as_py()[0] == {"question": "What type of chart?", "answer": "bar"}
+    assert open_dataset(str(out), "documents").to_table().schema.equals(DOCUMENTS_SCHEMA, check_metadata=False)
+    plain = ds.dataset(str(out / "pages"), format="parquet")  # dot-prefixed temp files are ignored
+    assert plain.to_table(columns=["shard_id"]).column("shard_id").to_pylist().count("s1") == 4
+
+
+def test_rewriting_a_shard_replaces_it(tmp_path: Path) -> None:
+    write_shard(str(tmp_path), "s1", *_shard_tables("s1", ["a", "b"]))
+    write_shard(str(tmp_path), "s1", *_shard_tables("s1", ["c"]))
+    state = read_done(str(tmp_path))
+    assert state.shard_ids == {"s1"} and {uri for uri, _ in state.doc_keys} == {"/in/c"}
+    assert open_dataset(str(tmp_path), "pages").count_rows() == 2
+    assert _files(tmp_path / "pages") == ["part-s1.parquet"]
+
+
+def test_write_shard_conforms_and_rejects_tables(tmp_path: Path) -> None:
+    pages, documents = _shard_tables("s1", ["a"])
+    reordered = pages.select(list(reversed(pages.column_names))).replace_schema_metadata(None)
+    write_shard(str(tmp_path), "s1", reordered, documents)
+    assert _same_schema(pq.read_schema(tmp_path / "pages" / "part-s1.parquet"), PAGES_SCHEMA)
+    with pytest.raises(ValueError, match="missing"):
+        write_shard(str(tmp_path), "s2", pages.drop_columns(["ocr_text"]), documents)
+    for bad in ("", "../up", "a/b", ".hidden", " pad"):
+        with pytest.raises(ValueError, match="invalid shard id"):
+            write_shard(str(tmp_path), bad, pages, documents)
+    assert read_done(str(tmp_path)).shard_ids == {"s1"}
+
+
+def test_read_done(tmp_path: Path) -> None:
+    assert read_done(str(tmp_path / "missing")) == DoneState()
+    (tmp_path / "out" / "documents").mkdir(parents=True)
+    assert read_done(str(tmp_path / "out")) == DoneState()
+    pages, documents = _shard_tables("s1", ["a", "b", "c"], {"b": DocStatus.DUPLICATE, "c": DocStatus.ERROR})
+    write_shard(str(tmp_path / "out"), "s1", pages, documents)
+    write_shard(str(tmp_path / "out"), "s2", *_shard_tables("s2", ["d"], {"d": DocStatus.PARTIAL}))
+    state = read_done(str(tmp_path / "out"))
+    assert state.shard_ids == frozenset({"s1", "s2"})
+    assert state.doc_keys == frozenset((f"/in/{n}", (n * 64)[:64]) for n in "abcd")
+    # duplicates and failures are done, but only ok/partial documents have pages to point copies at
+    assert set(state.processed) == {(n * 64)[:64] for n in "ad"}
+
+
+# ---- atomicity ---------------------------------------------------------------------------
+
+
+def _crash_on_write(monkeypatch: pytest.MonkeyPatch, crash_on_call: int) -> list[str]:
+    """Make the n-th file write (1-based) die: locally after the temp file is written and
+    before its rename, on object stores in the PUT. Returns the names in the target folder at
+    the moment of the crash: what a reader would see, and what a kill there would leave."""
+    calls: list[int] = []
+    seen_at_crash: list[str] = []
+    real_replace = os.replace
+    real_pipe = fsspec.implementations.memory.MemoryFileSystem.pipe_file
+
+    def flaky_replace(src, dst, *args, **kwargs):
+        calls.append(1)
+        if len(calls) != crash_on_call:
+            return real_replace(src, dst, *args, **kwargs)
+        seen_at_crash.extend(sorted(os.listdir(os.path.dirname(dst))))
+        os.remove(src)  # what the writer's own clean-up does on the way out
+        raise OSError(28, "No space left on device")
+
+    def flaky_pipe(self, path, value, *args, **kwargs):
+        calls.append(1)
+        if len(calls) != crash_on_call:
+            return real_pipe(self, path, value, *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", flaky_replace)
+    monkeypatch.setattr(fsspec.implementations.memory.MemoryFileSystem, "pipe_file", flaky_pipe)
+    return seen_at_crash
+
+
+def test_crash_while_writing_pages_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_shard(str(tmp_path), "s1", *_shard_tables("s1", ["a"]))
+    before = read_done(str(tmp_path))
+    seen = _crash_on_write(monkeypatch, crash_on_call=1)
+    with pytest.raises(OSError, match="No space"):
+        write_shard(str(tmp_path), "s2", *_shard_tables("s2", ["b"]))
+    # At the crash the half file had a dot-prefixed temporary name, never the final one.
+    assert "part-s2.parquet" not in seen and any(n.startswith(".part-s2.parquet.tmp-") for n in seen)
+    assert _files(tmp_path / "pages") == _files(tmp_path / "documents") == ["part-s1.parquet"]
+    assert read_done(str(tmp_path)) == before
+
+
+def test_crash_while_writing_documents_leaves_an_orphan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_shard(str(tmp_path), "s1", *_shard_tables("s1", ["a"]))
+    before = read_done(str(tmp_path))
+    seen = _crash_on_write(monkeypatch, crash_on_call=2)
+    with pytest.raises(OSError):
+        write_shard(str(tmp_path), "s2", *_shard_tables("s2", ["b"]))
+    assert "part-s2.parquet" not in seen and any(n.startswith(".part-s2.parquet.tmp-") for n in seen)
+    assert _files(tmp_path / "pages") == ["part-s1.parquet", "part-s2.parquet"]
+    assert _files(tmp_path / "documents") == ["part-s1.parquet"]  # no half file, no temp file
+    assert read_done(str(tmp_path)) == before
+    assert shard_done(str(tmp_path), "s1") and not shard_done(str(tmp_path), "s2")
+    assert open_dataset(str(tmp_path), "pages").count_rows() == 2  # the orphan is not visible
+    assert Dataset(str(tmp_path)).clean() == [str(tmp_path / "pages" / "part-s2.parquet")]
+    assert _files(tmp_path / "pages") == ["part-s1.parquet"]
+
+
+def test_crash_while_rewriting_uncommits_the_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_shard(str(tmp_path), "s1", *_shard_tables("s1", ["a"]))
+    _crash_on_write(monkeypatch, crash_on_call=2)
+    with pytest.raises(OSError):
+        write_shard(str(tmp_path), "s1", *_shard_tables("s1", ["b"]))
+    # New pages but old documents would be a lie: the shard is simply not done any more.
+    assert read_done(str(tmp_path)) == DoneState()
+    monkeypatch.undo()
+    write_shard(str(tmp_path), "s1", *_shard_tables("s1", ["b"]))
+    assert {uri for uri, _ in read_done(str(tmp_path)).doc_keys} == {"/in/b"}
+
+
+def test_crash_on_an_object_store_leaves_no_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"memory://docpipe-sink-{uuid.uuid4().hex[:8]}"
+    fs, root = fsspec.core.url_to_fs(url)
+    try:
+        _crash_on_write(monkeypatch, crash_on_call=1)
+        with pytest.raises(OSError):
+            write_shard(url, "s1", *_shard_tables("s1", ["a"]))
+        assert not fs.exists(f"{root}/pages/part-s1.parquet")
+        assert read_done(url) == DoneState()
+        monkeypatch.undo()
+        write_shard(url, "s1", *_shard_tables("s1", ["a"]))
+        assert read_done(url).shard_ids == {"s1"}
+        assert open_dataset(url, "pages").count_rows() == 2
+    finally:
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+
+
+def test_clean_removes_orphans_stale_temp_files_and_finished_plans(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    data = Dataset(str(out))
+    assert data.clean() == []  # nothing there yet
+    write_shard(str(out), "s1", *_shard_tables("s1", ["a"]))
+    orphan = out / "pages" / "part-s9.parquet"
+    orphan.write_bytes((out / "pages" / "part-s1.parquet").read_bytes())
+    planned = out / "pages" / "part-s8.parquet"  # a shard whose plan says it is still to be (re)written
+    planned.write_bytes(orphan.read_bytes())
+    data.write_plan(PlanRecord("s8", "r", "fp", {"shard_id": "s8", "refs": []}, time.time()))
+    data.write_plan(PlanRecord("s1", "r", "fp", {"shard_id": "s1", "refs": []}, time.time()))  # committed already
+    temp_pages = out / "pages" / ".part-s7.parquet.tmp-abc"
+    temp_docs = out / "documents" / ".part-s7.parquet.tmp-def"
+    temp_pages.write_bytes(b"partial")
+    temp_docs.write_bytes(b"partial")
+
+    removed = data.clean(current_fingerprint="fp")
+    # fresh temp files may belong to a writer at work: kept; the plan-less orphan goes
+    assert str(orphan) in removed and temp_pages.exists() and temp_docs.exists()
+    assert planned.exists() and set(data.plans()) == {"s8"}
+    old = time.time() - 7200
+    for temp in (temp_pages, temp_docs):
+        os.utime(temp, (old, old))
+    removed = data.clean(current_fingerprint="fp")
+    assert sorted(removed) == sorted([str(temp_pages), str(temp_docs)])
+    # a plan made under other settings is dropped with its pages file
+    data.clean(current_fingerprint="other")
+    assert data.plans() == {} and not planned.exists()
+    assert _files(out / "pages") == _files(out / "documents") == ["part-s1.parquet"]
+    assert read_done(str(out)).shard_ids == {"s1"}
+
+
+def test_open_dataset_edge_cases(tmp_path: Path) -> None:
+    empty = open_dataset(str(tmp_path / "missing"), "pages")
+    assert empty.count_rows() == 0 and empty.schema.equals(PAGES_SCHEMA, check_metadata=False)
+    with pytest.raises(ValueError, match="unknown table"):
+        open_dataset(str(tmp_path), "tiles")
+
+
+# ---- S3 (moto server) --------------------------------------------------------------------
+
+
+def test_s3_round_trip(s3_bucket: str, s3_storage_options: dict) -> None:
+    url = f"s3://{s3_bucket}/out"
+    assert read_done(url, s3_storage_options) == DoneState()
+    pages, documents = _shard_tables("s1", ["a", "b"], {"b": DocStatus.DUPLICATE})
+    write_shard(url, "s1", pages, documents, s3_storage_options)
+    write_shard(url, "s2", *_shard_tables("s2", ["c"]), storage_options=s3_storage_options)
+
+    state = read_done(url, s3_storage_options)
+    assert state.shard_ids == {"s1", "s2"}
+    assert shard_done(url, "s2", s3_storage_options) and not shard_done(url, "s3", s3_storage_options)
+    assert set(state.processed) == {(n * 64)[:64] for n in "ac"}
+    fs = fsspec.filesystem("s3", **s3_storage_options)
+    with fs.open(f"{s3_bucket}/out/pages/part-s1.parquet", "rb") as fh:
+        back = pq.read_table(fh)
+    assert _same_schema(back.schema, PAGES_SCHEMA) and back.to_pylist() == pages.to_pylist()
+    assert open_dataset(url, "pages", s3_storage_options).count_rows() == 4
+    assert open_dataset(url, "documents", s3_storage_options).count_rows() == 3
+
+    fs.pipe_file(f"{s3_bucket}/out/pages/part-s9.parquet", b"orphan")
+    assert Dataset(url, s3_storage_options).clean() == [f"{url}/pages/part-s9.parquet"]
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/out/pages", refresh=True)) == [
+        "part-s1.parquet", "part-s2.parquet"
+    ]
+
+
+def test_read_done_knows_files_by_version_and_reads_older_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+
+    docs = tmp_path / "out" / "documents"
+    docs.mkdir(parents=True)
+    row = {f.name: None for f in DOCUMENTS_SCHEMA}
+    row.update(
+        doc_id="d1", source_uri="/in/a.pdf", size_bytes=10, media_type="application/pdf", pages_ok=1,
+        pages_failed=0, status="ok", source_version="mtime:1.0", shard_id="s1", run_id="r", config_fingerprint="f",
+        attempt=1,
+        processed_at=datetime.now(timezone.utc),
+    )
+    pq.write_table(pa.Table.from_pylist([row], schema=DOCUMENTS_SCHEMA), docs / "part-s1.parquet")
+    # a file from before source_version existed: the column is simply missing
+    newer = ("source_version", "error_retryable", "attempt", "open_note")
+    old_schema = pa.schema([f for f in DOCUMENTS_SCHEMA if f.name not in newer])
+    old = {k: v for k, v in row.items() if k not in newer} | {"doc_id": "d2", "source_uri": "/in/b.pdf"}
+    pq.write_table(pa.Table.from_pylist([old], schema=old_schema), docs / "part-s2.parquet")
+
+    done = read_done(str(tmp_path / "out"))
+    assert done.doc_keys == {("/in/a.pdf", "d1"), ("/in/b.pdf", "d2")}
+    assert set(done.known) == {"/in/a.pdf"}  # b has no version recorded: it will be read again
+    assert done.known["/in/a.pdf"].doc_id == "d1" and done.known["/in/a.pdf"].version == "mtime:1.0"
+
+
+# ---- leases ------------------------------------------------------------------------------
+
+
+def _stale(data: Dataset, generation: int, **changes) -> None:
+    """Rewrite a lease generation as if its owner had stopped beating long ago (or died)."""
+    path = data._lease_path(generation)
+    info = json.loads(data.fs.cat_file(path))
+    info.update(changes)
+    data.write_bytes(path, json.dumps(info).encode())
+
+
+def test_one_run_owns_an_output_until_it_releases_it(tmp_path: Path) -> None:
+    data = Dataset(str(tmp_path / "out"))
+    first = data.acquire("run-a")
+    t0 = time.monotonic()
+    with pytest.raises(OutputBusy, match="in use by run run-a"):
+        Dataset(str(tmp_path / "out")).acquire("run-b")
+    assert time.monotonic() - t0 < 2  # no wait asked: refused at once
+    first.ensure()
+    first.release()
+    second = Dataset(str(tmp_path / "out")).acquire("run-b")
+    assert second.generation == first.generation + 1
+    with pytest.raises(LeaseLost):
+        first.ensure()  # a released lease is not ours any more
+
+
+def test_a_waiting_run_gets_the_output_when_the_owner_releases_it(tmp_path: Path) -> None:
+    import threading
+
+    data = Dataset(str(tmp_path / "out"))
+    first = data.acquire("run-a")
+    threading.Timer(1.0, first.release).start()
+    second = data.acquire("run-b", wait_s=30)
+    assert second.run_id == "run-b" and second.generation == 2
+
+
+def test_a_lapsed_lease_is_taken_over_and_its_owner_can_no_longer_commit(tmp_path: Path) -> None:
+    data = Dataset(str(tmp_path / "out"))
+    old = data.acquire("run-old")
+    _stale(data, old.generation, heartbeat_at=time.time() - 3600)
+    new = Dataset(str(tmp_path / "out")).acquire("run-new")
+    assert new.generation == old.generation + 1
+    pages, documents = _shard_tables("s1", ["a"])
+    with pytest.raises(LeaseLost, match="taken over by run run-new"):
+        data.commit_shard("s1", pages, documents, lease=old)
+    assert _files(tmp_path / "out" / "pages") == [] and not data.shard_done("s1")
+    data.commit_shard("s1", pages, documents, lease=new)
+    assert data.shard_done("s1")
+
+
+def test_a_dead_owner_on_this_host_is_taken_over_at_once(tmp_path: Path) -> None:
+    data = Dataset(str(tmp_path / "out"))
+    old = data.acquire("run-killed")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _stale(data, old.generation, pid=dead.pid)  # fresh heartbeat, but the process is gone
+    assert data.acquire("run-next").generation == old.generation + 1
+
+
+def test_racing_runs_never_share_a_generation(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def attempt(i: int) -> int | None:
+        try:
+            return Dataset(str(tmp_path / "out")).acquire(f"run-{i}").generation
+        except OutputBusy:
+            return None
+
+    with ThreadPoolExecutor(8) as pool:
+        won = [g for g in pool.map(attempt, range(8)) if g is not None]
+    assert won == [1]
+
+
+def test_shard_runs_act_under_their_parents_lease(tmp_path: Path) -> None:
+    data = Dataset(str(tmp_path / "out"))
+    parent = data.acquire("parent-1")
+    child = Lease.join(Dataset(str(tmp_path / "out")), parent.generation, "parent-1")
+    child.refresh()  # a child's heartbeat keeps the parent's lease alive
+    with pytest.raises(LeaseLost):
+        Lease.join(data, parent.generation, "someone-else")
+    _stale(data, parent.generation, heartbeat_at=time.time() - 3600)
+    Dataset(str(tmp_path / "out")).acquire("parent-2")  # a newer parent after the old one died
+    with pytest.raises(LeaseLost):
+        child.ensure()
+    with pytest.raises(LeaseLost):
+        Lease.join(data, parent.generation, "parent-1")
+
+
+def test_s3_leases_are_exclusive(s3_bucket: str, s3_storage_options: dict) -> None:
+    url = f"s3://{s3_bucket}/out"
+    first = Dataset(url, s3_storage_options).acquire("run-a")
+    with pytest.raises(OutputBusy):
+        Dataset(url, s3_storage_options).acquire("run-b")
+    # the exclusive create itself: a second PUT of the same generation is refused by the store
+    data = Dataset(url, s3_storage_options)
+    assert not data.create_exclusive(data._lease_path(first.generation), b"{}")
+    first.release()
+    assert Dataset(url, s3_storage_options).acquire("run-b").generation == 2
+
+
+def test_output_probe(tmp_path: Path) -> None:
+    Dataset(str(tmp_path / "new" / "out")).check_writable()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputNotWritable, match="is a file"):
+        Dataset(str(tmp_path / "file")).check_writable()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user that may write anywhere")
+        with pytest.raises(OutputNotWritable, match="not writable"):
+            Dataset(str(ro)).check_writable()
+    finally:
+        ro.chmod(0o755)
+
+
+# ---- retries -----------------------------------------------------------------------------
+
+
+def _docs_with(shard_id: str, name: str, *, status: DocStatus, retryable: bool | None, attempt: int) -> pa.Table:
+    from pipeline.sink import document_row, rows_to_table
+
+    outcome = _doc(name, status)
+    outcome.attempt = attempt
+    if retryable is not None:
+        outcome.error = StageError(Stage.SOURCES, "unreadable", "connection reset", retryable=retryable)
+        outcome.pages_ok = 0
+    row = document_row(outcome, shard_id=shard_id, processed_at=WHEN, **COMMON)
+    return rows_to_table([row], DOCUMENTS_SCHEMA)
+
+
+def test_retryable_failures_are_not_done_until_attempts_run_out(tmp_path: Path) -> None:
+    data = Dataset(str(tmp_path))
+    empty = PAGES_SCHEMA.empty_table()
+    data.commit_shard("s1", empty, _docs_with("s1", "a", status=DocStatus.ERROR, retryable=True, attempt=1))
+    data.commit_shard("s2", empty, _docs_with("s2", "b", status=DocStatus.ERROR, retryable=False, attempt=1))
+    state = data.read_state()
+    key_a = ("/in/a", ("a" * 64))
+    assert key_a not in state.doc_keys and state.retry == {key_a: 1}
+    assert ("/in/b", "b" * 64) in state.doc_keys  # bad input is recorded once
+    # the retry commits; the superseded failure row disappears from its old shard
+    pages, _ = _shard_tables("s3", ["a"])
+    data.commit_shard("s3", pages, _docs_with("s3", "a", status=DocStatus.OK, retryable=None, attempt=2),
+                      supersedes=[key_a])
+    rows = data.open_table("documents").to_table().to_pylist()
+    assert sorted((r["source_uri"], r["status"], r["attempt"]) for r in rows) == [
+        ("/in/a", "ok", 2), ("/in/b", "error", 1)
+    ]
+    assert key_a in data.read_state().doc_keys
+    # a third attempt that still fails retryably is final
+    data.commit_shard("s4", empty, _docs_with("s4", "c", status=DocStatus.ERROR, retryable=True, attempt=3))
+    assert ("/in/c", "c" * 64) in data.read_state().doc_keys
+
+
+def test_a_crash_between_a_retry_and_its_clean_up_is_repaired(tmp_path: Path) -> None:
+    data = Dataset(str(tmp_path))
+    empty = PAGES_SCHEMA.empty_table()
+    data.commit_shard("s1", empty, _docs_with("s1", "a", status=DocStatus.ERROR, retryable=True, attempt=1))
+    pages, _ = _shard_tables("s2", ["a"])
+    data.commit_shard("s2", pages, _docs_with("s2", "a", status=DocStatus.OK, retryable=None, attempt=2))  # no supersedes
+    assert data.open_table("documents").count_rows() == 2
+    data.clean()
+    rows = data.open_table("documents").to_table().to_pylist()
+    assert [(r["status"], r["attempt"]) for r in rows] == [("ok", 2)]
