@@ -1,0 +1,185 @@
+"""Mono-InternVL-2B: this project's port against the ORIGINAL code, number for number.
+
+Not part of the test suite (the original code cannot be vendored). For each case it
+
+1. runs the reference harness (`../shared/refharness/run_mono_internvl.py`, the original
+   GitHub code as remote code, transformers 4.37 in its own venv) with REF_SEED /
+   REF_SIZE / REF_QUESTION: a tiny random checkpoint in the official layout, its prompt
+   ids, pixel values, fp32 logits and 8 greedy ids;
+2. runs the ORIGINAL tokenizer (InternLM2Tokenizer, slow) of that folder on a few extra
+   strings and decodes a few id lists, in the same venv;
+3. loads the same folder with this project (trust_remote_code off, nothing of the
+   folder executed), builds the prompt with the family's builder (its own tiling,
+   pixels and chat format), and compares prompt ids (equal), pixel values, fp32 logits
+   (max |diff| <= 1e-4) and greedy ids (equal), plus the tokenizer cases.
+
+One table row per case. Exit status 1 when a case fails.
+
+    python tools/equivalence/mono_internvl.py [--work /tmp/mono_internvl-ref] [--ref-venv /tmp/ref-venv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+HARNESS = ROOT.parent / "shared" / "refharness"
+TOLERANCE = 1e-4
+
+CASES = (  # (seed, WxH, question)
+    (0, "448x448", "Please describe the image shortly."),
+    (1, "1000x600", "What is shown in this picture? Answer briefly."),
+    (2, "600x1400", "请描述这张图片。"),
+    (3, "1700x2200", "Transcribe the text:\n  keep  the spacing, then say 'done'."),
+    (4, "2400x500", "Is there a chart? yes or no"),
+)
+
+# Strings for the tokenizer comparison: prefix spaces, newlines, special tokens glued to
+# text, unknown characters (byte fallback), a literal BOS in the middle.
+TOKENIZER_STRINGS = (
+    "hello world",
+    " hello  world ",
+    "\n\nline one\nline two\n",
+    "<|im_start|>user\nhi<|im_end|><|im_start|>assistant\n",
+    "x<img><IMG_CONTEXT><IMG_CONTEXT></img>y",
+    "emoji 😀 and ünïcödé, 图片",
+    "a <s> b </s> c",
+    "",
+)
+
+REF_TOKENIZER_SCRIPT = r"""
+import json, sys
+import harness_common  # noqa: F401  (offline HF caches)
+from transformers import AutoTokenizer
+folder, strings, id_lists = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True, use_fast=False)
+print(json.dumps({
+    "ids": [tok(s)["input_ids"] for s in strings],
+    "decoded": [tok.decode(ids, skip_special_tokens=True) for ids in id_lists],
+    "eos": tok.eos_token_id, "pad": tok.pad_token_id, "im_end": tok.convert_tokens_to_ids("<|im_end|>"),
+}))
+"""
+
+
+def run_reference(work: Path, case_dir: Path, seed: int, size: str, question: str) -> dict:
+    """Run the harness for one case; its outputs are moved into `case_dir`."""
+    import torch
+
+    env = dict(os.environ, REF_SEED=str(seed), REF_SIZE=size, REF_QUESTION=question)
+    folder = case_dir / "checkpoint"
+    proc = subprocess.run(
+        [str(work / "venv" / "bin" / "python"), "run_mono_internvl.py", "--out", str(folder)],
+        cwd=work, env=env, capture_output=True, text=True,
+    )
+    (case_dir / "harness.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode:
+        raise RuntimeError(f"reference harness failed for {size}: see {case_dir / 'harness.log'}")
+    shutil.copy(work / "out" / "mono_internvl_reference_io.pt", case_dir / "reference_io.pt")
+    return torch.load(case_dir / "reference_io.pt", weights_only=False)
+
+
+def reference_tokenizer(work: Path, folder: Path, id_lists: list[list[int]]) -> dict:
+    proc = subprocess.run(
+        [str(work / "venv" / "bin" / "python"), "-c", REF_TOKENIZER_SCRIPT, str(folder),
+         json.dumps(list(TOKENIZER_STRINGS)), json.dumps(id_lists)],
+        cwd=work, capture_output=True, text=True,
+    )
+    if proc.returncode:
+        raise RuntimeError(f"reference tokenizer failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def check_case(work: Path, case_dir: Path, seed: int, size: str, question: str) -> dict:
+    import torch
+    from PIL import Image
+    from transformers import GenerationConfig
+
+    from pipeline.inference.families import mono_internvl as family
+
+    ref = run_reference(work, case_dir, seed, size, question)
+    folder = case_dir / "checkpoint"
+    config = family.load_config(folder)
+    model = family.load_model(folder, dtype=torch.float32)
+    builder = family.load_builder(folder, config, tasks=("description",), chart_questions=())
+
+    image = Image.fromarray(ref["image_uint8"].numpy(), "RGB")
+    plan = builder.plan(*image.size)
+    prompt_ids = builder.encode_text(builder.chat_text(question, plan))
+    ref_ids = ref["input_ids"][0].tolist()
+    pixels, _ = builder.pixels(image, plan)
+    pixel_values = torch.from_numpy(pixels.decode())
+    row = {"case": f"{size} seed {seed}", "tiles": plan.tiles, "prompt_tokens": len(prompt_ids),
+           "prompt_ids_equal": prompt_ids.tolist() == ref_ids,
+           "pixels_max_diff": float((pixel_values - ref["pixel_values"]).abs().max())
+           if pixel_values.shape == ref["pixel_values"].shape else float("inf")}
+
+    ids = torch.tensor([ref_ids])
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, use_cache=False).logits
+        row["logits_max_diff"] = float((logits - ref["logits"]).abs().max())
+        generation = GenerationConfig(max_new_tokens=8, min_new_tokens=8, do_sample=False, num_beams=1,
+                                      eos_token_id=[builder.tokenizer.eos_token_id], pad_token_id=builder.pad_token_id)
+        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixel_values,
+                             generation_config=generation)
+    ours = out[0, ids.shape[1]:].tolist()
+    theirs = ref["greedy_ids"][0].tolist()
+    # transformers 4.37 generate() from inputs_embeds returns a leading BOS before the new tokens
+    if len(theirs) == len(ours) + 1 and theirs[0] == builder.tokenizer.bos_token_id:
+        theirs = theirs[1:]
+    row["greedy_ids_equal"] = ours == theirs
+    row["greedy_ids"] = ours
+
+    id_lists = [ours, ours + [builder.tokenizer.eos_token_id, 2, 1], ref_ids[-20:], list(range(0, 40))]
+    tok_ref = reference_tokenizer(work, folder, id_lists)
+    tok = builder.tokenizer
+    ids_ok = [tok.encode(s) == r for s, r in zip(TOKENIZER_STRINGS, tok_ref["ids"], strict=True)]
+    dec_ok = [tok.decode(i, skip_special_tokens=True) == r for i, r in zip(id_lists, tok_ref["decoded"], strict=True)]
+    row["tokenizer_ok"] = all(ids_ok) and all(dec_ok) and tok_ref["im_end"] == tok.eos_token_id
+    row["tokenizer_detail"] = {"encode": ids_ok, "decode": dec_ok}
+    row["ok"] = (row["prompt_ids_equal"] and row["greedy_ids_equal"] and row["logits_max_diff"] <= TOLERANCE
+                 and row["tokenizer_ok"])
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="/tmp/mono_internvl-ref", help="writable copy of the harness")
+    parser.add_argument("--ref-venv", default="/tmp/ref-venv", help="the reference venv (transformers 4.37)")
+    parser.add_argument("--cases", type=int, default=len(CASES), help="run only the first N cases")
+    args = parser.parse_args()
+
+    work = Path(args.work)
+    if not (work / "run_mono_internvl.py").is_file():
+        shutil.copytree(HARNESS, work, ignore=shutil.ignore_patterns("venv", "out", "hf_home", "logs"))
+    if not (work / "venv").exists():
+        (work / "venv").symlink_to(args.ref_venv)
+    (work / "out").mkdir(exist_ok=True)
+
+    rows = []
+    print(f"{'case':<20} {'tiles':>5} {'prompt':>6} {'ids=':>5} {'pixels':>8} {'max|dlogit|':>12} {'greedy=':>7} "
+          f"{'tok=':>5}  ok")
+    for k, (seed, size, question) in enumerate(CASES[: args.cases]):
+        case_dir = work / "cases" / f"{k}_{size}"
+        if case_dir.exists():
+            shutil.rmtree(case_dir)
+        case_dir.mkdir(parents=True)
+        row = check_case(work, case_dir, seed, size, question)
+        rows.append(row)
+        print(f"{row['case']:<20} {row['tiles']:>5} {row['prompt_tokens']:>6} {str(row['prompt_ids_equal']):>5} "
+              f"{row['pixels_max_diff']:>8.1e} {row['logits_max_diff']:>12.3e} {str(row['greedy_ids_equal']):>7} "
+              f"{str(row['tokenizer_ok']):>5}  {'PASS' if row['ok'] else 'FAIL'}", flush=True)
+    (work / "cases" / "summary.json").write_text(json.dumps(rows, indent=1))
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
