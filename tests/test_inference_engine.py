@@ -192,25 +192,45 @@ def test_batches_follow_the_visual_token_budget(tiny_dirs) -> None:
     assert len(batches) > 1 and engine.stats.encode_calls == len(batches)
 
 
-def test_token_limit_and_repetition_flags(engines, monkeypatch) -> None:
-    engine = engines["idefics3"]
-    [prepared] = _prepare(engine, [sample_image_page(300, 300)])
-    real_generate = engine.model.generate
+def test_token_limit_and_repetition_flags(tiny_dirs, monkeypatch) -> None:
+    """The real repetition detector on scripted generations (the tiny model's own output is
+    noise): a loop that runs into the limit is flagged; a long output without a loop, or a
+    loop that stopped on its own, is not."""
+    limit = 24  # long enough for the detector's minimum span (16 tokens)
+    engine = load_engine(_config(tiny_dirs["idefics3"], max_new_tokens=limit, tasks=["description", "ocr"]))
     eos = min(engine.eos_token_ids)
-    loop = [7, 8, 7, 8, 7, 8]  # a repeating tail that runs into the limit
-    other = [5, 6, eos, 0, 0, 0]  # stops at EOS
+    words = [t for t in range(10, 200) if t not in engine.eos_token_ids]
+    a, b = words[:2]
+    loop = [a, b] * (limit // 2)  # repeats to the limit
+    long = words[2 : 2 + limit]  # merely long: hits the limit, no loop
+    stopped_loop = [a, b] * 9 + [eos] + [0] * (limit - 19)  # loops, then stops on its own
+    script: list[list[list[int]]] = []  # rows of each generate call, in call order
+    real_generate = engine.model.generate
 
     def scripted(**kwargs):
         out = real_generate(**kwargs)
         width = kwargs["input_ids"].shape[1]
-        rows = [loop if i == 0 else other for i in range(out.shape[0])]
+        rows = script.pop(0)
+        assert len(rows) == out.shape[0]
         return torch.cat([out[:, :width], torch.tensor(rows, dtype=out.dtype)], dim=1)
 
     monkeypatch.setattr(engine.model, "generate", scripted)
-    monkeypatch.setattr("pipeline.inference.batching.repeating_tail", lambda tokens, **kw: 2 if tokens == loop else None)
-    [answer] = engine.answer([prepared])
-    assert answer.truncated is True and answer.repetitive is True
-    assert answer.generated_tokens == 6 + 3 + 3  # description hit the limit; the others stopped at EOS
+    page = _prepare(engine, [sample_image_page(300, 300)])
+
+    script.append([loop, loop])
+    [looping] = engine.answer(page)
+    assert (looping.truncated, looping.repetitive) == (True, True)
+    assert looping.generated_tokens == 2 * limit
+
+    script.append([long, stopped_loop])
+    [fine] = engine.answer(page)
+    assert (fine.truncated, fine.repetitive) == (True, False)
+    assert fine.generated_tokens == limit + 19
+
+    script.append([stopped_loop, stopped_loop])
+    [stopped] = engine.answer(page)
+    assert (stopped.truncated, stopped.repetitive) == (False, False)
+    assert not script
 
 
 def test_fixed_output_lengths_with_min_new_tokens(tiny_dirs) -> None:

@@ -1,9 +1,11 @@
 """Tiling policies: InternVL, MiniMax-VL-01 (anyres), MiniCPM-V 2.0 (LLaVA-UHD slicing).
 
 The grids are checked against independent references: the loop of InternVL's reference
-code (seed 002) written out here, transformers' GotOcr2 image processor (InternVL's tiling
-in transformers), transformers' `select_best_resolution` (LLaVA-NeXT) and transformers'
-MiniCPM-V 4.6 slicer (the same LLaVA-UHD slicing as MiniCPM-V 2.0, see below).
+code (seed 002) written out here and, at exact ties, what that code itself output
+(recorded) and GotOcr2's tie-break loop walking the seed's candidate order; transformers'
+GotOcr2 image processor (InternVL's tiling in transformers), transformers'
+`select_best_resolution` (LLaVA-NeXT) and transformers' MiniCPM-V 4.6 slicer (the same
+LLaVA-UHD slicing as MiniCPM-V 2.0, see below).
 """
 
 from __future__ import annotations
@@ -119,16 +121,57 @@ def test_internvl_grid_matches_transformers_gotocr2(min_num: int, max_num: int) 
         assert plan.tiles == processor.get_number_of_image_patches(height, width, kwargs), (width, height)
 
 
-def test_internvl_tie_order_follows_the_seed() -> None:
-    # With min_num > 1, grids of equal area can tie exactly; the seed's candidate order
-    # (a sorted Python set) and GotOcr2's (cols, then rows) then pick different grids,
-    # e.g. a 5x2 image with min = max = 4 tiles: seed (4, 1), GotOcr2 (2, 2). We follow
-    # the seed (the reference code of the seed checkpoint).
-    for min_num, max_num in [(4, 4), (5, 5), (6, 7), (8, 9), (10, 10)]:
-        for width, height in TIES:
-            plan = plan_internvl(width, height, min_num=min_num, max_num=max_num)
-            assert (plan.cols, plan.rows) == _seed_grid(width, height, min_num, max_num)
-    assert (plan_internvl(5, 2, min_num=4, max_num=4).cols, plan_internvl(5, 2, min_num=4, max_num=4).rows) == (4, 1)
+# What the seed's own code (InternVL's `dynamic_preprocess`, seed 002) picks for each size in
+# TIES, recorded by running that code; and its candidate grids in the order it tries them
+# (a Python set of (i, j), sorted stably by area). Recorded values, not a re-implementation.
+SEED_TIE_GRIDS = {
+    (4, 4): [(2, 2), (2, 2), (2, 2), (2, 2), (4, 1), (2, 2), (4, 1), (4, 1), (4, 1), (4, 1), (1, 4), (1, 4)],
+    (5, 5): [(1, 5), (1, 5), (1, 5), (1, 5), (1, 5), (1, 5), (5, 1), (1, 5), (5, 1), (5, 1), (1, 5), (1, 5)],
+    (6, 7): [(3, 2), (3, 2), (2, 3), (3, 2), (3, 2), (3, 2), (3, 2), (3, 2), (6, 1), (3, 2), (1, 6), (1, 6)],
+    (8, 9): [(3, 3), (3, 3), (3, 3), (3, 3), (4, 2), (4, 2), (4, 2), (4, 2), (4, 2), (4, 2), (2, 4), (1, 8)],
+    (10, 10): [(2, 5), (2, 5), (2, 5), (2, 5), (5, 2), (5, 2), (5, 2), (5, 2), (5, 2), (5, 2), (2, 5), (2, 5)],
+    (2, 12): [(4, 3), (4, 3), (3, 4), (4, 3), (5, 2), (5, 2), (5, 2), (5, 2), (4, 1), (4, 1), (1, 3), (2, 6)],
+}
+SEED_CANDIDATE_ORDER = {
+    (4, 4): [(4, 1), (1, 4), (2, 2)],
+    (5, 5): [(5, 1), (1, 5)],
+    (6, 7): [(6, 1), (2, 3), (1, 6), (3, 2), (7, 1), (1, 7)],
+    (8, 9): [(2, 4), (8, 1), (1, 8), (4, 2), (3, 3), (9, 1), (1, 9)],
+    (10, 10): [(2, 5), (10, 1), (1, 10), (5, 2)],
+}
+
+
+@pytest.mark.parametrize(("min_num", "max_num"), sorted(SEED_TIE_GRIDS))
+def test_internvl_tie_order_follows_the_seed(min_num: int, max_num: int) -> None:
+    # With min_num > 1, grids of equal area can tie exactly; the seed's candidate order and
+    # GotOcr2's (cols, then rows) then pick different grids, e.g. a 5x2 image with
+    # min = max = 4 tiles: seed (4, 1), GotOcr2 (2, 2). We follow the seed (the reference
+    # code of the seed checkpoint), as its own output says.
+    got = [(p.cols, p.rows) for p in (plan_internvl(w, h, min_num=min_num, max_num=max_num) for w, h in TIES)]
+    assert got == SEED_TIE_GRIDS[(min_num, max_num)]
+
+
+def test_internvl_ties_equal_gotocr2_walking_the_seed_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers' GotOcr2 tie-break loop (independent code) over the seed's candidate order
+    picks our grids; over its own order it picks others at some ties (so the order matters)."""
+    from transformers.models.got_ocr2 import image_processing_pil_got_ocr2 as got_ocr2
+
+    from pipeline.tiling import internvl_candidate_grids
+
+    pick = got_ocr2.get_optimal_tiled_canvas.__wrapped__  # its lru_cache would hide the patched order
+
+    def got_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
+        return [pick((h, w), (448, 448), min_num, max_num) for w, h in TIES]
+
+    differs = 0
+    for (min_num, max_num), order in SEED_CANDIDATE_ORDER.items():
+        assert list(internvl_candidate_grids(min_num, max_num)) == order
+        ours = [(p.cols, p.rows) for p in (plan_internvl(w, h, min_num=min_num, max_num=max_num) for w, h in TIES)]
+        differs += ours != got_grids(min_num, max_num)
+        with monkeypatch.context() as patch:
+            patch.setattr(got_ocr2, "get_all_supported_aspect_ratios", lambda lo, hi, order=order: list(order))
+            assert ours == got_grids(min_num, max_num), (min_num, max_num)
+    assert differs >= 3
 
 
 @pytest.mark.parametrize("size", [(700, 900), (1000, 300), (120, 90), (448, 448), (449, 448), (1700, 2200)])
