@@ -29,6 +29,9 @@ CASES = {
     "i-corrupt-frame.tiff": (f.multipage_tiff(frames=3, corrupt_frame=1), "partial", "page_errors"),
     "j-huge-page.pdf": (f.page_pdf(14_400, 14_400), "ok", None),
     "k-good.png": (f.encode_image(f.chart_image(), "PNG"), "ok", None),
+    "l-pdf-named.png": (f.text_pdf(2), "ok", None),  # the content decides, not the name
+    "m-png-named.pdf": (f.encode_image(f.marker_image(), "PNG"), "ok", None),
+    "n-cut.tiff": (f.truncated_tiff(frames=4, keep=2), "partial", "page_errors"),
 }
 
 
@@ -71,6 +74,25 @@ def test_good_frames_of_a_corrupt_tiff_are_kept(run_output):
         if p["source_uri"].endswith("i-corrupt-frame.tiff")
     )
     assert frames == [(1, "ok", None), (2, "error", "corrupt_image"), (3, "ok", None)]
+
+
+def _pages_of(out: Path, name: str) -> list[tuple]:
+    return sorted(
+        (p["page_number"], p["status"], p["error_type"]) for p in _rows(out, "pages") if p["source_uri"].endswith(name)
+    )
+
+
+def test_misnamed_files_are_read_as_what_they_are(run_output):
+    _, out = run_output
+    assert _pages_of(out, "l-pdf-named.png") == [(1, "ok", None), (2, "ok", None)]
+    assert _pages_of(out, "m-png-named.pdf") == [(1, "ok", None)]
+    media = {Path(r["source_uri"]).name: r["media_type"] for r in _rows(out, "documents")}
+    assert (media["l-pdf-named.png"], media["m-png-named.pdf"]) == ("application/pdf", "image/png")
+
+
+def test_frames_before_the_cut_of_a_truncated_tiff_are_kept(run_output):
+    _, out = run_output
+    assert _pages_of(out, "n-cut.tiff") == [(1, "ok", None), (2, "ok", None), (3, "error", "corrupt_image")]
 
 
 def test_an_oversized_page_is_rendered_lower_and_says_so(run_output):
