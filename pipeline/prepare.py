@@ -343,8 +343,9 @@ class _Worker:
     started: bool = False  # it said it began that document (before: a death is not the document's fault)
     started_at: float = 0.0  # run clock when it did
     credits: int = 0  # pages it may still send
-    kill_reason: str | None = None  # set when the pool killed it: "timeout", "startup_timeout", ...
+    kill_reason: str | None = None  # set when the pool killed it: "timeout", "not ready after ...", ...
     gone: bool = False  # reaped: process joined, pipe closed
+    exitcode: int | None = None  # once reaped
 
 
 class _Clock:
@@ -482,6 +483,7 @@ class PrepPool:
         if w.process.is_alive():
             w.process.kill()
             w.process.join(5)
+        w.exitcode = w.process.exitcode
         w.conn.close()
         self._free += w.credits
         w.credits = 0
@@ -494,7 +496,7 @@ class PrepPool:
         self._deaths_in_a_row += 1
         if not w.ready:
             self._startup_deaths_in_a_row += 1
-        how = _describe_exit(w.process.exitcode)
+        how = _describe_exit(w.exitcode)
         if self._startup_deaths_in_a_row >= self.max_startup_deaths:
             raise PrepWorkersFailing(
                 f"prep workers died at start-up {self._startup_deaths_in_a_row} times in a row (last one {how}); "
@@ -558,7 +560,7 @@ class PrepPool:
         return StageError(
             Stage.RASTERIZE,
             "worker_crashed",
-            f"the prep worker {_describe_exit(w.process.exitcode)}{extra} on {attempt}, after {pages} pages",
+            f"the prep worker {_describe_exit(w.exitcode)}{extra} on {attempt}, after {pages} pages",
             retryable=True,
         )
 
@@ -749,9 +751,13 @@ class PrepPool:
                 w.process.kill()
                 w.process.join(5)
             w.gone = True
+            w.exitcode = w.process.exitcode
             w.conn.close()
         self.workers = []
         self._free = self.prefetch
+        # A closed pool starts afresh (a later run in a long-lived process is not blamed
+        # for deaths before it); a run that hit the limits has raised already.
+        self._deaths_in_a_row = self._startup_deaths_in_a_row = 0
 
 
 def iter_shard_documents(
