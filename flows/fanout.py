@@ -41,6 +41,7 @@ from flows.ingest import log_config, resolve_run_id
 from flows.parameters import build_config, with_config_parameters
 from pipeline import runner
 from pipeline.config import RunConfig
+from pipeline.dataset import Dataset, Lease, LeaseLost
 from pipeline.planning import Shard
 
 PARENT_FLOW_NAME = "docpipe-fanout"
@@ -83,17 +84,36 @@ class ChildRun:
 
 @flow(name=CHILD_FLOW_NAME, validate_parameters=False, persist_result=False,
       flow_run_name="shard-{shard[shard_id]}")
-def process_shard_flow(shard: dict[str, Any], config: dict[str, Any], run_id: str) -> dict[str, Any]:
+def process_shard_flow(
+    shard: dict[str, Any], config: dict[str, Any], run_id: str, lease_generation: int | None = None
+) -> dict[str, Any]:
     """Process one shard of a fanned-out run and publish its result as a table artifact.
 
     Args:
         shard: The shard, as `Shard.to_dict()` gives it (id and document references).
         config: The run's settings, as `RunConfig.model_dump(mode="json")` gives them.
         run_id: The parent run's id, written into every row.
+        lease_generation: The parent's lease on the output; the shard runs under it and
+            commits nothing once a newer run owns the output (a child left queued by a
+            parent that died is then skipped: the newer parent replays its shard).
     """
     cfg = build_config(config)
     work = Shard.from_dict(shard)
-    result = tasks.process_shard_task(work, cfg, run_id)
+    lease: Lease | None = None
+    if lease_generation is not None:
+        try:
+            lease = Lease.join(Dataset(cfg.output, cfg.storage_options), int(lease_generation), run_id)
+        except LeaseLost as exc:
+            get_run_logger().warning("shard %s not processed: %s", work.shard_id, exc)
+            result = runner.ShardResult(shard_id=work.shard_id, skipped=True)
+            create_table_artifact([result.to_dict()], description=f"docpipe shard `{work.shard_id}`: {exc}")
+            return result.to_dict()
+        lease.start_heartbeat()  # a running shard keeps its parent's lease fresh
+    try:
+        result = tasks.process_shard_task(work, cfg, run_id, lease)
+    finally:
+        if lease is not None:
+            lease.stop_heartbeat()
     create_table_artifact(
         [result.to_dict()],
         description=f"docpipe shard `{work.shard_id}` of run `{run_id}`"
@@ -107,11 +127,16 @@ def process_shard_flow(shard: dict[str, Any], config: dict[str, Any], run_id: st
 # ---------------------------------------------------------------------------------------
 
 
-def _submit(shard: Shard, config: RunConfig, run_id: str, deployment: str, attempt: int) -> UUID:
+def _submit(shard: Shard, config: RunConfig, run_id: str, deployment: str, attempt: int, generation: int) -> UUID:
     parent = current_flow_run.get_id() or run_id
     child = run_deployment(
         deployment,
-        parameters={"shard": shard.to_dict(), "config": config.model_dump(mode="json"), "run_id": run_id},
+        parameters={
+            "shard": shard.to_dict(),
+            "config": config.model_dump(mode="json"),
+            "run_id": run_id,
+            "lease_generation": generation,
+        },
         timeout=0,
         idempotency_key=f"{parent}:{shard.shard_id}:{attempt}",
         tags=["docpipe"],
@@ -150,12 +175,13 @@ def _state_types(client: SyncPrefectClient, ids: list[UUID]) -> dict[UUID, State
 
 
 def fan_out(
-    config: RunConfig, run_id: str, shards: tuple[Shard, ...], *, deployment: str, max_resubmits: int
+    config: RunConfig, run_id: str, shards: tuple[Shard, ...], *, deployment: str, max_resubmits: int,
+    generation: int,
 ) -> tuple[list[runner.ShardResult], list[tuple[str, str]]]:
     """Submit one child run per shard and wait for all; returns (results, failed shards)."""
     logger = get_run_logger()
     progress = tasks.Progress(len(shards), run_id)
-    active = {s.shard_id: ChildRun(s, _submit(s, config, run_id, deployment, 1)) for s in shards}
+    active = {s.shard_id: ChildRun(s, _submit(s, config, run_id, deployment, 1, generation)) for s in shards}
     logger.info("submitted %d shard runs to %s", len(active), deployment)
     results: list[runner.ShardResult] = []
     failed: list[tuple[str, str]] = []
@@ -179,7 +205,7 @@ def fan_out(
                     child.attempts += 1
                     logger.warning("shard %s run %s ended %s: resubmitting (attempt %d)",
                                    shard_id, child.flow_run_id, ended, child.attempts)
-                    child.flow_run_id = _submit(child.shard, config, run_id, deployment, child.attempts)
+                    child.flow_run_id = _submit(child.shard, config, run_id, deployment, child.attempts, generation)
                 elif verdict == "failed":
                     failed.append((shard_id, f"child run {child.flow_run_id} ended {ended}"))
                     logger.error("shard %s failed for good: %s", shard_id, failed[-1][1])
@@ -212,7 +238,15 @@ def fanout(**params: Any) -> dict[str, Any]:
     config = build_config(params)
     run_id = resolve_run_id(config)
     log_config(config, run_id)
-    t0 = time.perf_counter()
-    plan = tasks.discover_task(config)
-    results, failed = fan_out(config, run_id, plan.shards, deployment=deployment, max_resubmits=max_resubmits)
-    return tasks.finish_run(results, failed, plan=plan, config=config, run_id=run_id, started=t0)
+    handle = tasks.begin(config, run_id)
+    try:
+        plan = tasks.discover_task(config, handle)
+        results, failed = fan_out(
+            config, run_id, plan.shards, deployment=deployment, max_resubmits=max_resubmits,
+            generation=handle.lease.generation,
+        )
+    except BaseException as exc:
+        runner.end_run(handle, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", None,
+                       f"{type(exc).__name__}: {exc}")
+        raise
+    return tasks.finish_run(results, failed, plan=plan, config=config, handle=handle)

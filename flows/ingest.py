@@ -11,7 +11,6 @@ rerun resumes: finished shards are skipped).
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -41,22 +40,27 @@ def log_config(config: RunConfig, run_id: str) -> None:
 
 
 def run_shards_here(config: RunConfig, run_id: str) -> dict[str, Any]:
-    """Discover, process every shard as a task in this process, publish artifacts."""
+    """Own the output, discover, process every shard as a task in this process, publish artifacts."""
     logger = get_run_logger()
-    t0 = time.perf_counter()
-    plan = tasks.discover_task(config)
-    progress = tasks.Progress(len(plan.shards), run_id)
-    results: list[runner.ShardResult] = []
-    failed: list[tuple[str, str]] = []
-    for shard in plan.shards:
-        state = tasks.process_shard_task(shard, config, run_id, return_state=True)
-        if state.is_completed():
-            results.append(state.result())
-        else:
-            failed.append((shard.shard_id, state.message or state.name))
-            logger.error("shard %s failed: %s", shard.shard_id, state.message)
-        progress.advance()
-    return tasks.finish_run(results, failed, plan=plan, config=config, run_id=run_id, started=t0)
+    handle = tasks.begin(config, run_id)
+    try:
+        plan = tasks.discover_task(config, handle)
+        progress = tasks.Progress(len(plan.shards), run_id)
+        results: list[runner.ShardResult] = []
+        failed: list[tuple[str, str]] = []
+        for shard in plan.shards:
+            state = tasks.process_shard_task(shard, config, run_id, handle.lease, return_state=True)
+            if state.is_completed():
+                results.append(state.result())
+            else:
+                failed.append((shard.shard_id, state.message or state.name))
+                logger.error("shard %s failed: %s", shard.shard_id, state.message)
+            progress.advance()
+    except BaseException as exc:
+        runner.end_run(handle, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", None,
+                       f"{type(exc).__name__}: {exc}")
+        raise
+    return tasks.finish_run(results, failed, plan=plan, config=config, handle=handle)
 
 
 @flow(name=FLOW_NAME, validate_parameters=False, persist_result=False)

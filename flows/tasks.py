@@ -25,6 +25,7 @@ from prefect.tasks import Task, exponential_backoff
 from flows.parameters import ConfigurationError, public_url
 from pipeline import runner
 from pipeline.config import RunConfig
+from pipeline.dataset import Lease
 from pipeline.planning import Shard
 
 SHARD_RETRIES = 3
@@ -107,14 +108,27 @@ def retry_if_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any
 # ---------------------------------------------------------------------------------------
 
 
+def begin(config: RunConfig, run_id: str) -> runner.RunHandle:
+    """Check the setup and take the output for this run, or fail in one line (ConfigurationError)."""
+    from pipeline.dataset import OutputBusy
+    from pipeline.preflight import SetupError, check_setup
+
+    try:
+        check_setup(config)
+        return runner.begin_run(config, run_id)
+    except (SetupError, runner.SettingsChanged, OutputBusy) as exc:
+        raise ConfigurationError(str(exc)) from None
+
+
 @task(name="discover", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=2.0,
       retry_condition_fn=retry_if_transient)
-def discover_task(config: RunConfig) -> runner.WorkPlan:
-    """List and hash the source, read what the output already has, cut the rest into shards."""
-    plan = runner.discover_work(config)
+def discover_task(config: RunConfig, handle: runner.RunHandle) -> runner.WorkPlan:
+    """List and hash the source, read what the output already has, plan the rest into shards."""
+    plan = runner.discover_work(config, handle)
     get_run_logger().info(
-        "discovered %d documents in %.1f s: %d already done, %d to do in %d shards",
-        plan.total_documents, plan.discover_s, plan.already_done, plan.to_do, len(plan.shards),
+        "discovered %d documents in %.1f s: %d already done, %d to do in %d shards (%d replayed from an "
+        "unfinished run)",
+        plan.total_documents, plan.discover_s, plan.already_done, plan.to_do, len(plan.shards), plan.replayed,
     )
     return plan
 
@@ -129,10 +143,14 @@ def discover_task(config: RunConfig) -> runner.WorkPlan:
     retry_jitter_factor=0.5,
     retry_condition_fn=retry_if_transient,
 )
-def process_shard_task(shard: Shard, config: RunConfig, run_id: str) -> runner.ShardResult:
-    """Process one shard (idempotent: a shard whose documents file exists is skipped)."""
+def process_shard_task(shard: Shard, config: RunConfig, run_id: str, lease: Lease | None = None) -> runner.ShardResult:
+    """Process one shard (idempotent: a shard whose documents file exists is skipped); with a
+    lease, nothing is committed once another run owns the output."""
     logger = get_run_logger()
-    result = runner.process_shard(shard, config, run_id=run_id, engine=runner.get_engine(config), progress=None)
+    result = runner.process_shard(
+        shard, config, run_id=run_id, engine=runner.get_engine(config), progress=None,
+        dataset=lease.dataset if lease is not None else None, lease=lease,
+    )
     if result.skipped:
         logger.info("shard %s already done: skipped", shard.shard_id)
     else:
@@ -212,11 +230,12 @@ def finish_run(
     *,
     plan: runner.WorkPlan,
     config: RunConfig,
-    run_id: str,
-    started: float,
+    handle: runner.RunHandle,
 ) -> dict[str, Any]:
-    """End of a run (ingest or fan-out): summary artifact, log line, failure if any shard
-    failed (a rerun resumes), else the summary as the flow's result (output URL public)."""
+    """End of a run (ingest or fan-out): summary artifact, log line, the runs table row and
+    the lease given up; failure if any shard failed (a rerun resumes), else the summary as
+    the flow's result (output URL public)."""
+    run_id, started = handle.run_id, handle.t0
     summary = runner.summarize(
         results,
         run_id=run_id,
@@ -232,7 +251,10 @@ def finish_run(
         len(plan.shards),
     )
     if failed:
-        raise RuntimeError(failure_message(failed, len(plan.shards)))
+        message = failure_message(failed, len(plan.shards))
+        runner.end_run(handle, "failed", summary, message)
+        raise RuntimeError(message)
+    runner.end_run(handle, "completed", summary)
     data = summary.to_dict()
     data["output"] = public_url(summary.output)
     return data

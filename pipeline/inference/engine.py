@@ -204,7 +204,9 @@ class Engine:
                     f"page does not fit in accelerator memory even alone ({page.visual_tokens} visual tokens)",
                 )
             else:
-                err = StageError(Stage.INFERENCE, "generation_failed", f"{type(exc).__name__}: {exc}")
+                # Not the page's fault as far as we can tell (a device or library error): the
+                # runner retries it, and stops the shard if every page fails (a broken device).
+                err = StageError(Stage.INFERENCE, "generation_failed", f"{type(exc).__name__}: {exc}", retryable=True)
             log.warning("page %s#%d failed: %s", page.uri, page.page_number, err)
             return [(indices[0], self._error(err))]
 
