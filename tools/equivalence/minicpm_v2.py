@@ -9,6 +9,7 @@ and greedy ids; then this script loads the same folder with the project
 
     python tools/equivalence/minicpm_v2.py [--harness ../shared/refharness] [--work /tmp/minicpm_v2-ref]
                                            [--venv /tmp/ref-venv] [--cases 448x448,1000x600,...]
+    python tools/equivalence/minicpm_v2.py --write-fixture tests/fixtures/minicpm_v2_prompt_ids.json
 
 One table row per case; exit status 1 when any case differs (ids unequal or logits
 beyond 1e-4).
@@ -42,6 +43,61 @@ def run_reference(work: Path, size: str, seed: int, question: str, case_dir: Pat
     saved = case_dir / "reference_io.pt"
     shutil.move(str(work / "out" / "minicpmv2_reference_io.pt"), saved)
     return saved
+
+
+# Texts whose ids the fixture records: user symbols, prefix spaces, newlines, added tokens, Chinese.
+FIXTURE_TEXTS = (
+    "<用户>hello<AI>",
+    " leading space and  two spaces",
+    "<用户>(<image>./</image>)What is in this picture?<AI><AI>",
+    "line one\nline two\n\n<slice>x</slice> <image> after",
+    "你好, 这是什么? <AI> answer",
+    "<s>already a bos</s> tail",
+)
+FIXTURE_PROMPTS = ((448, 448, "What is in this picture?"), (1000, 600, "Describe the page."),
+                   (600, 1400, "Is there a chart? Answer yes or no."), (1700, 2200, " spaced  question "))
+FIXTURE_DECODE = ((1, 473, 113, 5, 200, 300, 2), (102, 112, 473, 511, 202), (250, 251, 101, 0, 0, 102, 252))
+
+_FIXTURE_SCRIPT = r"""
+import json, sys
+import harness_common  # the torchvision stub
+from PIL import Image
+from transformers import AutoProcessor, AutoTokenizer
+folder, texts, prompts, decodes = sys.argv[1], *map(json.loads, sys.argv[2:5])
+tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+proc = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+out = {"texts": [{"text": t, "ids": tok.encode(t)} for t in texts], "prompts": [], "decode": []}
+for w, h, q in prompts:
+    prompt = tok.apply_chat_template([{"role": "user", "content": q}])
+    ids = proc(prompt, [Image.new("RGB", (w, h), (120, 30, 200))], return_tensors="pt")["input_ids"][0].tolist()
+    out["prompts"].append({"width": w, "height": h, "question": q, "ids": ids})
+for ids in decodes:
+    out["decode"].append({"ids": ids, "skip_special_tokens": tok.decode(ids, skip_special_tokens=True),
+                          "raw": tok.decode(ids)})
+print(json.dumps(out, ensure_ascii=False))
+"""
+
+
+def write_fixture(work: Path, folder: Path, path: Path) -> None:
+    """Ids the ORIGINAL slow tokenizer and processor give, with the tiny tokenizer.model they came from."""
+    import base64
+    import json
+
+    result = subprocess.run(
+        [str(work / "venv" / "bin" / "python"), "-c", _FIXTURE_SCRIPT, str(folder), json.dumps(FIXTURE_TEXTS),
+         json.dumps(FIXTURE_PROMPTS), json.dumps(FIXTURE_DECODE)],
+        cwd=work, capture_output=True, text=True, check=True,
+    )
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    data = {
+        "how": "tools/equivalence/minicpm_v2.py --write-fixture: the reference harness (../shared/refharness, "
+               "REF_SEED=0) trained tokenizer.model; the ORIGINAL MiniCPMVTokenizer (slow, transformers 4.37.2) "
+               "and MiniCPMVProcessor produced the ids from it (chat prompts: apply_chat_template + processor "
+               "on a plain image of that size)",
+        "tokenizer_model_base64": base64.b64encode((folder / "tokenizer.model").read_bytes()).decode(),
+        **data,
+    }
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n")
 
 
 def compare(folder: Path, reference: Path) -> dict[str, object]:
@@ -105,6 +161,8 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/minicpm_v2-ref"))
     ap.add_argument("--venv", type=Path, default=Path("/tmp/ref-venv"))
     ap.add_argument("--cases", default=DEFAULT_CASES, help="comma-separated WxH image sizes")
+    ap.add_argument("--write-fixture", type=Path, default=None,
+                    help="write the prompt-id fixture of the tests (ids from the original tokenizer) and stop")
     args = ap.parse_args()
 
     if not (args.work / "run_minicpmv2.py").is_file():
@@ -112,6 +170,15 @@ def main() -> int:
     if not (args.work / "venv").exists():
         (args.work / "venv").symlink_to(args.venv)
     (args.work / "out").mkdir(exist_ok=True)
+
+    if args.write_fixture is not None:
+        case_dir = args.work / "cases" / "fixture"
+        shutil.rmtree(case_dir, ignore_errors=True)
+        case_dir.mkdir(parents=True)
+        run_reference(args.work, "448x448", 0, QUESTIONS[0], case_dir)
+        write_fixture(args.work, case_dir / "checkpoint", args.write_fixture)
+        print(f"wrote {args.write_fixture}")
+        return 0
 
     header = f"{'case':>10} {'seed':>4} {'slices':>7} {'tokens':>6} {'ids':>5} {'pixels':>9} {'logits':>9} {'greedy':>6}"
     print(header)
