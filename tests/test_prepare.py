@@ -14,13 +14,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import RunConfig
-from pipeline.prepare import PrepPool, PrepSettings, PrepWorkersFailing
+from pipeline.prepare import DocumentDone, PrepPool, PrepSettings, PrepWorkersFailing
 from pipeline.records import DocStatus, DocumentRef
 from tests.docs_factory import text_pdf
 from tests.prep_faults import FaultyBuilder, StartupCrash, collect, pid_alive, wait_gone
@@ -119,6 +120,39 @@ def test_documents_that_kill_or_hang_every_worker_end_retryable_after_two_attemp
         # the pages of the last attempt stand: page 1 rendered before the crash on page 2
         assert outcome.status is DocStatus.PARTIAL and outcome.pages_ok == 1
         assert got.page_numbers(ref.uri) == [1] and got.kept[ref.uri][0].attempt == 2
+
+
+def test_a_worker_dying_before_it_began_or_while_idle_costs_no_document_anything(tmp_path: Path):
+    pages = {"a-fast.pdf": 1, "b-slow.pdf": 4, "c-slow.pdf": 4}
+    refs = write_pdfs(tmp_path / "in", pages)
+    builder = FaultyBuilder(state_dir=str(tmp_path), delay_s=0.5, delay_on="slow")
+    pool = PrepPool(settings(tmp_path, builder), workers=3)
+    early, idle = [], []
+
+    def kill_second_worker_at_birth():  # it was given b-slow.pdf but is still importing
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not early:
+            workers = list(pool.workers)
+            if len(workers) >= 2:
+                early.append(workers[1].process.pid)
+                os.kill(early[0], signal.SIGKILL)
+            time.sleep(0.001)
+
+    def kill_the_idle_worker(event, got):
+        if isinstance(event, DocumentDone) and "a-fast" in event.outcome.ref.uri and not idle:
+            busy = {pool.worker_pid_for(r.uri) for r in refs if r.uri not in got.outcomes}
+            if len(busy - {None}) == 2:  # both slow documents still running: a-fast's worker is idle
+                idle.extend(p for p in pool.worker_pids() if p not in busy)
+                os.kill(idle[0], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_second_worker_at_birth)
+    killer.start()
+    got = collect(pool.run(refs), kill_the_idle_worker)
+    killer.join()
+    assert len(early) == 1 and len(idle) == 1
+    assert_complete(got, refs, pages)
+    assert got.retries == {}  # neither death was any document's fault
+    assert [builder.count(Path(r.uri).name, ".starts") for r in refs] == [1, 1, 1]
 
 
 @pytest.mark.timeout(150)
