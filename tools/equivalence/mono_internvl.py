@@ -16,6 +16,12 @@ Not part of the test suite (the original code cannot be vendored). For each case
 One table row per case. Exit status 1 when a case fails.
 
     python tools/equivalence/mono_internvl.py [--work /tmp/mono_internvl-ref] [--ref-venv /tmp/ref-venv]
+    python tools/equivalence/mono_internvl.py --write-fixture tests/fixtures/mono_internvl_ref
+
+`--write-fixture` instead writes the small fixture the unit tests compare against: the
+original's tokenizer files and config.json of a seed-0 harness checkpoint (no weights),
+the prompt ids its chat format gave for a few sizes and questions, and the original
+tokenizer's ids / decodes for TOKENIZER_STRINGS.
 """
 
 from __future__ import annotations
@@ -150,11 +156,58 @@ def check_case(work: Path, case_dir: Path, seed: int, size: str, question: str) 
     return row
 
 
+FIXTURE_CASES = (  # all seed 0: one tokenizer.model for the whole fixture
+    ("448x448", "Please describe the image shortly."),
+    ("1000x600", "请描述这张图片。"),
+    ("600x1400", "Transcribe the text:\n  keep  the spacing, then say 'done'."),
+)
+FIXTURE_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                 "config.json")
+
+
+def write_fixture(work: Path, dest: Path) -> None:
+    """Run the harness for FIXTURE_CASES (seed 0) and keep what the unit tests need."""
+    dest.mkdir(parents=True, exist_ok=True)
+    cases, model_bytes = [], None
+    for k, (size, question) in enumerate(FIXTURE_CASES):
+        case_dir = work / "fixture" / f"{k}_{size}"
+        if case_dir.exists():
+            shutil.rmtree(case_dir)
+        case_dir.mkdir(parents=True)
+        ref = run_reference(work, case_dir, 0, size, question)
+        folder = case_dir / "checkpoint"
+        data = (folder / "tokenizer.model").read_bytes()
+        if model_bytes is not None and data != model_bytes:
+            raise RuntimeError("the harness trained a different tokenizer for the same seed")
+        model_bytes = data
+        run = "<IMG_CONTEXT>" * ref["query"].count("<IMG_CONTEXT>")
+        cases.append({"size": size, "question": question, "tiles": int(ref["pixel_values"].shape[0]),
+                      "image_tokens": ref["query"].count("<IMG_CONTEXT>"),
+                      "query_image_run_collapsed": ref["query"].replace(run, "<IMG_CONTEXT>", 1),
+                      "input_ids": ref["input_ids"][0].tolist()})
+    for name in FIXTURE_FILES:
+        shutil.copy(folder / name, dest / name)
+    ids = [case["input_ids"][-12:] for case in cases] + [list(range(0, 40)), list(range(495, 515))]
+    tok = reference_tokenizer(work, folder, ids)
+    reference = {
+        "produced_by": "tools/equivalence/mono_internvl.py --write-fixture: ../shared/refharness/"
+                       "run_mono_internvl.py with REF_SEED=0 (original OpenGVLab/Mono-InternVL code, transformers "
+                       "4.37.2, InternLM2Tokenizer slow), REF_SIZE / REF_QUESTION per case; input_ids as its "
+                       "chat() builds them; tokenizer ids/decodes from that folder's original tokenizer",
+        "cases": cases,
+        "tokenizer": {"strings": list(TOKENIZER_STRINGS), "ids": tok["ids"], "decode_inputs": ids,
+                      "decoded": tok["decoded"], "im_end": tok["im_end"], "pad": tok["pad"], "eos": tok["eos"]},
+    }
+    (dest / "reference.json").write_text(json.dumps(reference, ensure_ascii=False, separators=(",", ":")))
+    print(f"fixture written to {dest}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="/tmp/mono_internvl-ref", help="writable copy of the harness")
     parser.add_argument("--ref-venv", default="/tmp/ref-venv", help="the reference venv (transformers 4.37)")
     parser.add_argument("--cases", type=int, default=len(CASES), help="run only the first N cases")
+    parser.add_argument("--write-fixture", type=Path, help="write the unit-test fixture here and stop")
     args = parser.parse_args()
 
     work = Path(args.work)
@@ -163,6 +216,9 @@ def main() -> int:
     if not (work / "venv").exists():
         (work / "venv").symlink_to(args.ref_venv)
     (work / "out").mkdir(exist_ok=True)
+    if args.write_fixture is not None:
+        write_fixture(work, args.write_fixture)
+        return 0
 
     rows = []
     print(f"{'case':<20} {'tiles':>5} {'prompt':>6} {'ids=':>5} {'pixels':>8} {'max|dlogit|':>12} {'greedy=':>7} "
