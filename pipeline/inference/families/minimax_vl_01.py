@@ -455,6 +455,29 @@ class MiniMaxVL01DecoderLayer(native.MiniMaxDecoderLayer):
         return residual * self.mlp_alpha_factor + moe * self.mlp_beta_factor
 
 
+class MiniMaxVL01Cache(native.MiniMaxCache):
+    """MiniMaxCache that answers length and mask-size questions from the first softmax
+    layer. The native cache creates a plain layer for every index up to the one updated, so
+    with MiniMax-01's layout (layer 0 is lightning attention) it would report 0 tokens seen
+    at every decode step and build wrong masks for left-padded rows."""
+
+    def __init__(self, full_layer: int = 0) -> None:
+        super().__init__()
+        self.full_layer = full_layer
+
+    def _index(self, layer_idx: int | None) -> int:
+        return self.full_layer if not layer_idx else layer_idx
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return super().get_seq_length(self._index(layer_idx))
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return super().get_mask_sizes(query_length, self._index(layer_idx))
+
+    def get_query_offset(self, layer_idx: int = 0) -> Any:
+        return super().get_query_offset(self._index(layer_idx))
+
+
 class MiniMaxVL01TextModel(native.MiniMaxModel):
     """transformers' MiniMaxModel (same forward, same MiniMaxCache) built from the layers above."""
 
@@ -623,6 +646,9 @@ class MiniMaxVL01ForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 if flat.shape[0] != count:
                     raise ValueError(f"{count} image placeholders, {flat.shape[0]} image feature vectors")
                 inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], flat)
+        if use_cache and cache is None:
+            kinds = self.config.text_config.layer_types
+            cache = MiniMaxVL01Cache(kinds.index("full_attention") if "full_attention" in kinds else 0)
         out = self.language_model.model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
             cache=cache, use_cache=use_cache,
@@ -633,7 +659,7 @@ class MiniMaxVL01ForConditionalGeneration(PreTrainedModel, GenerationMixin):
         else:
             hidden = hidden[:, logits_to_keep, :]
         logits = self.language_model.lm_head(hidden).float()
-        return CausalLMOutputWithPast(logits=logits, past_key_values=out.cache if use_cache else None)
+        return CausalLMOutputWithPast(logits=logits, cache=out.cache if use_cache else None)
 
     def prepare_inputs_for_generation(self, *args: Any, is_first_iteration: bool | None = False, **kwargs: Any) -> dict:
         inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
@@ -641,13 +667,6 @@ class MiniMaxVL01ForConditionalGeneration(PreTrainedModel, GenerationMixin):
             for key in ("image_features", "pixel_values", "image_plans"):
                 inputs.pop(key, None)
         return inputs
-
-    def _update_model_kwargs_for_generation(self, outputs: Any, model_kwargs: dict, *args: Any, **kwargs: Any) -> dict:
-        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
-        cache = getattr(outputs, "past_key_values", None)
-        if cache is not None:
-            model_kwargs["cache"] = cache
-        return model_kwargs
 
 
 # ---------------------------------------------------------------------------------------
