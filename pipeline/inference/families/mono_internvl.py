@@ -419,9 +419,11 @@ class InternLM2VEDecoderLayer(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
-        visual_token_mask: torch.Tensor | None = None,
+        expert_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
+        """`expert_rows`: (image rows, text rows) of the flattened (batch * seq) positions
+        at a prefill with images; None: every position takes the text FFN."""
         residual = hidden_states
         hidden_states = self.attention(
             self.attention_norm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs
@@ -429,17 +431,18 @@ class InternLM2VEDecoderLayer(nn.Module):
         hidden_states = residual + hidden_states
         residual = hidden_states
         normed = self.ffn_norm(hidden_states)
-        if visual_token_mask is None or not bool(visual_token_mask.any()):
+        if expert_rows is None:
             out = self.feed_forward(normed)
         else:
             # Each position through one expert only (the original computes both and blends
             # with a 0/1 mask, which gives the same numbers at twice the cost).
-            mask = visual_token_mask.to(torch.bool)
-            out = torch.empty_like(normed)
-            out[mask] = self.feed_forward_ve(normed[mask])
-            text = ~mask
-            if bool(text.any()):
-                out[text] = self.feed_forward(normed[text])
+            image_rows, text_rows = expert_rows
+            flat = normed.reshape(-1, normed.shape[-1])
+            out = torch.empty_like(flat)
+            out.index_copy_(0, image_rows, self.feed_forward_ve(flat.index_select(0, image_rows)))
+            if text_rows.numel():
+                out.index_copy_(0, text_rows, self.feed_forward(flat.index_select(0, text_rows)))
+            out = out.view_as(normed)
         return residual + out
 
 
@@ -474,10 +477,16 @@ class InternLM2VEModel(nn.Module):
             position_ids=position_ids,
         )
         position_embeddings = rope_cos_sin(self.config, position_ids, past + length, inputs_embeds.dtype)
+        expert_rows = None
+        if visual_token_mask is not None:
+            flat = visual_token_mask.reshape(-1).to(device=inputs_embeds.device, dtype=torch.bool)
+            image_rows = flat.nonzero().squeeze(1)
+            if image_rows.numel():
+                expert_rows = (image_rows, (~flat).nonzero().squeeze(1))
         hidden_states = inputs_embeds
         for layer in self.layers:
             hidden_states = layer(
-                hidden_states, position_embeddings, mask, cache=cache, visual_token_mask=visual_token_mask, **kwargs
+                hidden_states, position_embeddings, mask, cache=cache, expert_rows=expert_rows, **kwargs
             )
         return self.norm(hidden_states)
 
