@@ -159,7 +159,7 @@ def test_a_worker_dying_before_it_began_or_while_idle_costs_no_document_anything
 def test_killed_workers_in_a_burst_of_240_documents_never_hang_nor_lose_a_page(tmp_path: Path):
     pages = {f"doc-{i:03d}.pdf": 1 for i in range(240)}
     refs = write_pdfs(tmp_path / "in", pages)
-    pool = PrepPool(settings(tmp_path), workers=2)
+    pool = PrepPool(settings(tmp_path), workers=2, keep_alive=True)
     kills = []
 
     def kill_at(event, got):
@@ -174,6 +174,10 @@ def test_killed_workers_in_a_burst_of_240_documents_never_hang_nor_lose_a_page(t
     assert len(kills) == 2 and wait_gone(kills, 5) == []
     assert_complete(got, refs, pages)
     assert got.duplicates() == 0 and sum(len(v) for v in got.kept.values()) == 240
+    # every credit is back: with the workers, or free (none lost with the killed workers)
+    assert pool._free + sum(w.credits for w in pool.workers) == pool.prefetch
+    assert all(w.index is None for w in pool.workers) and len(pool.worker_pids()) == 2
+    pool.close()
     assert time.monotonic() - t0 < 120
 
 
