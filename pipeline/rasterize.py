@@ -9,7 +9,13 @@ Errors are data: a file that cannot be opened gives a `StageError` (stable `type
 empty_file, unreadable, not_a_pdf, encrypted_pdf, no_pages, corrupt_pdf, corrupt_image,
 image_too_large, unsupported_format); a page that cannot be rendered gives a
 `PageFailure` (corrupt_page, page_too_large, empty_page, render_failed, corrupt_image,
-image_too_large). Nothing is raised out of `open_document` or `pages()`.
+image_too_large). Nothing is raised out of `open_document` or `pages()`. Only an error
+reading the file itself is `retryable`; bad content never is.
+
+The content decides whether a file is read as a PDF or an image (the claimed media type
+only when the content is neither). A file that opens damaged says so in
+`OpenedDocument.repaired` / `open_note`; a multi-page TIFF cut part way keeps every frame
+before the cut, and the frame at the cut becomes a failed page.
 
 PDF pages are rendered at the resolution the tiling policy needs (clamped to
 [min_dpi, max_dpi], then held to the pixel budget); a page too large for the renderer is
