@@ -230,7 +230,8 @@ _POLL_S = 0.25
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _MAIN_GUARD_HINT = (
     'if you call docpipe from a Python script, put the call under `if __name__ == "__main__":` '
-    "(prep workers are started with the spawn method and import the main module again)"
+    "(prep workers are started with the spawn method and import the main module again; code piped "
+    "to python on stdin cannot be imported: use a file), or run with --prep-workers 0"
 )
 
 
@@ -499,8 +500,8 @@ class PrepPool:
         how = _describe_exit(w.exitcode)
         if self._startup_deaths_in_a_row >= self.max_startup_deaths:
             raise PrepWorkersFailing(
-                f"prep workers died at start-up {self._startup_deaths_in_a_row} times in a row (last one {how}); "
-                + _MAIN_GUARD_HINT
+                f"prep workers died at start-up {self._startup_deaths_in_a_row} times in a row (last one {how},"
+                " its error is printed above); " + _MAIN_GUARD_HINT
             )
         if self._deaths_in_a_row > self.max_deaths_in_a_row:
             raise PrepWorkersFailing(
