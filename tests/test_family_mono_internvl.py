@@ -193,8 +193,9 @@ def test_tokenizer_matches_the_original_slow_tokenizer() -> None:
     tokenizer = mono.InternLM2Tokenizer.from_folder(FIXTURE)
     for text, ids in zip(ref["strings"], ref["ids"], strict=True):
         assert tokenizer.encode(text) == ids, text
-    for ids, text in zip(ref["decode_inputs"], ref["decoded"], strict=True):
+    for ids, text, raw in zip(ref["decode_inputs"], ref["decoded"], ref["decoded_raw"], strict=True):
         assert tokenizer.decode(ids, skip_special_tokens=True) == text, ids
+        assert tokenizer.decode(ids) == raw, ids
     assert tokenizer.pad_token_id == ref["pad"] and tokenizer.eos_token_id == ref["eos"]
     builder = mono.MonoInternVLBuilder(tokenizer, mono.MonoInternVLConfig.from_pretrained(FIXTURE))
     assert builder.tokenizer.eos_token_id == ref["im_end"]  # generation stops at the end of turn, as chat()

@@ -70,6 +70,7 @@ tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True, use_fast=Fal
 print(json.dumps({
     "ids": [tok(s)["input_ids"] for s in strings],
     "decoded": [tok.decode(ids, skip_special_tokens=True) for ids in id_lists],
+    "decoded_raw": [tok.decode(ids) for ids in id_lists],
     "eos": tok.eos_token_id, "pad": tok.pad_token_id, "im_end": tok.convert_tokens_to_ids("<|im_end|>"),
 }))
 """
@@ -149,6 +150,7 @@ def check_case(work: Path, case_dir: Path, seed: int, size: str, question: str) 
     tok = builder.tokenizer
     ids_ok = [tok.encode(s) == r for s, r in zip(TOKENIZER_STRINGS, tok_ref["ids"], strict=True)]
     dec_ok = [tok.decode(i, skip_special_tokens=True) == r for i, r in zip(id_lists, tok_ref["decoded"], strict=True)]
+    dec_ok += [tok.decode(i) == r for i, r in zip(id_lists, tok_ref["decoded_raw"], strict=True)]
     row["tokenizer_ok"] = all(ids_ok) and all(dec_ok) and tok_ref["im_end"] == tok.eos_token_id
     row["tokenizer_detail"] = {"encode": ids_ok, "decode": dec_ok}
     row["ok"] = (row["prompt_ids_equal"] and row["greedy_ids_equal"] and row["logits_max_diff"] <= TOLERANCE
@@ -187,7 +189,8 @@ def write_fixture(work: Path, dest: Path) -> None:
                       "input_ids": ref["input_ids"][0].tolist()})
     for name in FIXTURE_FILES:
         shutil.copy(folder / name, dest / name)
-    ids = [case["input_ids"][-12:] for case in cases] + [list(range(0, 40)), list(range(495, 515))]
+    ids = [case["input_ids"][-12:] for case in cases] + [list(range(0, 40)), list(range(495, 515)),
+                                                          [1, 1, 300, 2, 504, 505, 77, 0, 510, 512, 44]]
     tok = reference_tokenizer(work, folder, ids)
     reference = {
         "produced_by": "tools/equivalence/mono_internvl.py --write-fixture: ../shared/refharness/"
@@ -196,7 +199,7 @@ def write_fixture(work: Path, dest: Path) -> None:
                        "chat() builds them; tokenizer ids/decodes from that folder's original tokenizer",
         "cases": cases,
         "tokenizer": {"strings": list(TOKENIZER_STRINGS), "ids": tok["ids"], "decode_inputs": ids,
-                      "decoded": tok["decoded"], "im_end": tok["im_end"], "pad": tok["pad"], "eos": tok["eos"]},
+                      "decoded": tok["decoded"], "decoded_raw": tok["decoded_raw"], "im_end": tok["im_end"], "pad": tok["pad"], "eos": tok["eos"]},
     }
     (dest / "reference.json").write_text(json.dumps(reference, ensure_ascii=False, separators=(",", ":")))
     print(f"fixture written to {dest}")

@@ -695,13 +695,18 @@ class InternLM2Tokenizer:
                 self.added_tokens[token] = self.sp.piece_to_id(token)
         self._id_to_added = {i: t for t, i in self.added_tokens.items()}
         named = [t for t in (self.bos_token, self.eos_token, self.unk_token, self.pad_token) if t is not None]
-        self.all_special_ids = frozenset(self.convert_tokens_to_ids(t) for t in (*named, *self._special_names))
+        self._special_strings = frozenset((*named, *self._special_names))
+        self.all_special_ids = frozenset(self.convert_tokens_to_ids(t) for t in self._special_strings)
+        # added tokens decoded on their own: the non-special ones, and special ones past the sp vocabulary
+        self._standalone_ids = frozenset(
+            i for t, i in self.added_tokens.items() if t not in self._special_strings or i >= self.vocab_size
+        )
         alternatives = sorted(self.added_tokens, key=len, reverse=True)
         self._splitter = re.compile("(" + "|".join(re.escape(t) for t in alternatives) + ")") if alternatives else None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("sp", "_splitter", "_id_to_added", "all_special_ids"):
+        for key in ("sp", "_splitter", "_id_to_added", "all_special_ids", "_special_strings", "_standalone_ids"):
             state.pop(key, None)
         return state
 
@@ -795,29 +800,50 @@ class InternLM2Tokenizer:
         return {"input_ids": ids, "attention_mask": [1] * len(ids)}
 
     def decode(self, ids: Sequence[int] | np.ndarray | torch.Tensor, skip_special_tokens: bool = False) -> str:
-        if isinstance(ids, torch.Tensor):
+        """Text of `ids`, as the original's decode (transformers 4.37 slow path) gives it.
+
+        Runs of ordinary pieces are joined by sentencepiece; added tokens that are not
+        special, and special added tokens beyond the sentencepiece vocabulary, stand
+        alone and are joined to their neighbours with a space; special tokens inside the
+        sentencepiece vocabulary follow InternLM2Tokenizer's own spacing rule.
+        """
+        if isinstance(ids, (torch.Tensor, np.ndarray)):
             ids = ids.tolist()
         texts: list[str] = []
         run: list[int] = []
         for index in (int(i) for i in ids):
             if skip_special_tokens and index in self.all_special_ids:
                 continue
-            if index in self._id_to_added and index >= self.vocab_size:
+            if index in self._standalone_ids:
                 if run:
-                    texts.append(self._pieces_text(run))
+                    text = self._pieces_text(run)
+                    if text:
+                        texts.append(text)
                     run = []
                 texts.append(self._id_to_added[index])
             else:
                 run.append(index)
         if run:
             texts.append(self._pieces_text(run))
-        return " ".join(t for t in texts if t)
+        return " ".join(texts)
 
     def _pieces_text(self, ids: list[int]) -> str:
-        text = self.sp.decode(ids)
+        """InternLM2Tokenizer.convert_tokens_to_string: special tokens met here get a space
+        before them (unless right after another), the rest is sentencepiece's text; then
+        the 4.37 clean-up of spaces before punctuation."""
+        out, run, after_special = "", [], False
+        for index in ids:
+            token = self.convert_ids_to_tokens(index)
+            if token in self._special_strings:
+                out += ("" if after_special else " ") + self.sp.decode(run) + token
+                run, after_special = [], True
+            else:
+                run.append(index)
+                after_special = False
+        out += self.sp.decode(run)
         for old, new in _CLEANUPS:
-            text = text.replace(old, new)
-        return text
+            out = out.replace(old, new)
+        return out
 
     def batch_decode(self, rows: Sequence[Sequence[int]], skip_special_tokens: bool = False) -> list[str]:
         return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in rows]
