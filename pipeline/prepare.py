@@ -224,7 +224,7 @@ def _prepare_page(
 
 MAX_ATTEMPTS = 2  # a document whose worker dies or times out runs once more, in a fresh worker
 MAX_DEATHS_IN_A_ROW = 5  # more worker deaths than this with no document finished between: stop
-MAX_STARTUP_DEATHS = 3  # workers that die before they are ready, in a row: stop
+MAX_STARTUP_DEATHS = 3  # workers that exit by themselves before they are ready, in a row: stop
 STARTUP_TIMEOUT_S = 300.0  # a worker not ready after this long is killed (counts as a start-up death)
 _POLL_S = 0.25
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -495,7 +495,11 @@ class PrepPool:
         if w.kill_reason == "timeout":
             return  # the pool stopped it for being slow: not a worker failing
         self._deaths_in_a_row += 1
-        if not w.ready:
+        exited_by_itself = w.exitcode is not None and w.exitcode >= 0
+        if not w.ready and (exited_by_itself or w.kill_reason is not None):
+            # It exited before it was ready (no main guard, an import failing), or hung while
+            # starting: it cannot start. One killed by someone else while starting (the OOM
+            # killer, an operator) counts as any other death.
             self._startup_deaths_in_a_row += 1
         how = _describe_exit(w.exitcode)
         if self._startup_deaths_in_a_row >= self.max_startup_deaths:

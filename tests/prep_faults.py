@@ -179,6 +179,20 @@ def children_of(pid: int) -> list[int]:
     return kids
 
 
+def spawned_children_of(pid: int) -> list[int]:
+    """Live multiprocessing children of `pid` started with spawn (prep workers), not its
+    resource tracker: for finding the workers of a `docpipe run` running in another process."""
+    found = []
+    for kid in children_of(pid):
+        try:
+            cmdline = Path(f"/proc/{kid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"spawn_main(" in cmdline and b"--multiprocessing-fork" in cmdline:
+            found.append(kid)
+    return sorted(found)
+
+
 def wait_gone(pids: Iterable[int], timeout_s: float) -> list[int]:
     """Wait up to `timeout_s` for every pid to be dead; return those still alive."""
     pids = list(pids)
