@@ -10,7 +10,9 @@ this project's module:
    `plan_anyres(...).visual_tokens`, over many page sizes and aspect ratios;
 2. feature packing: vLLM's `MiniMaxVL01ForConditionalGeneration.pack_image_features` run on
    random projected features, against `pack_page` (exact equality);
-3. the LLM against transformers' native `minimax` (same weights, full-width RoPE): max |logit diff|.
+3. a softmax-attention layer with MiniMax-Text-01's partial RoPE (64 of 128 channels)
+   against vLLM's `RotaryEmbedding.forward_static` + a plain causal softmax;
+4. the LLM against transformers' native `minimax` (same weights, full-width RoPE): max |logit diff|.
 
 Usage:
     pip download --no-deps --only-binary :all: vllm==0.23.0 -d /tmp/vllm023   # or the sdist
@@ -58,6 +60,13 @@ def load_vllm_pieces(src: Path) -> dict:
                 "unpad_image": unpad_image}
     exec(function_source(models / "llava_next.py", "LlavaNextProcessingInfo._get_num_unpadded_features"), ns)
     exec(function_source(models / "minimax_vl_01.py", "MiniMaxVL01ForConditionalGeneration.pack_image_features"), ns)
+    rope = src / "vllm" / "model_executor" / "layers" / "rotary_embedding"
+    rope_ns: dict = {"torch": torch}
+    exec(function_source(rope / "common.py", "ApplyRotaryEmb.forward_static"), rope_ns)
+    rope_ns["ApplyRotaryEmb"] = types.SimpleNamespace(forward_static=rope_ns["forward_static"])
+    exec(function_source(rope / "base.py", "RotaryEmbedding.forward_static"), rope_ns)
+    exec(function_source(rope / "base.py", "RotaryEmbeddingBase._compute_inv_freq"), rope_ns)
+    ns["rope"] = rope_ns
     return ns
 
 
@@ -120,6 +129,7 @@ def check_llm() -> None:
     native = _native_copy(model, full_rotary=True)
     cfg.rope_parameters = {**cfg.rope_parameters, "partial_rotary_factor": 1.0}
     full = fam.MiniMaxVL01TextModel(cfg).eval()
+    full.config._attn_implementation = "eager"
     full.load_state_dict({k.removeprefix("language_model.model."): v for k, v in model.state_dict().items()
                           if k.startswith("language_model.model.")}, strict=False)
     ids = torch.randint(0, cfg.vocab_size, (3, 300))
@@ -131,6 +141,44 @@ def check_llm() -> None:
           f"| max |logit| {theirs.abs().max().item():.3g} | greedy equal {bool((ours.argmax(-1) == theirs.argmax(-1)).all())} |")
 
 
+def check_attention(ns: dict) -> None:
+    """One softmax-attention layer (head_dim 128, rotary_dim 64 as MiniMax-Text-01) against
+    q/k/v projections + vLLM's RotaryEmbedding.forward_static (neox, partial) + causal softmax."""
+    from transformers import MiniMaxConfig
+
+    rope_ns = ns["rope"]
+    torch.manual_seed(0)
+    cfg = fam.text_config_from_official({
+        "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128, "rotary_dim": 64,
+        "rope_theta": 10_000_000, "attn_type_list": [1], "num_hidden_layers": 1, "intermediate_size": 8,
+        "num_local_experts": 2, "vocab_size": 10})
+    assert isinstance(cfg, MiniMaxConfig)
+    cfg._attn_implementation = "eager"
+    layer = fam.MiniMaxVL01Attention(cfg, 0).eval()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    rotary = fam.MiniMaxVL01RotaryEmbedding(cfg)
+    n = 50
+    x = torch.randn(1, n, 256)
+    pos = torch.arange(n)[None]
+    mask = torch.full((n, n), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        ours, _ = layer(x, rotary(x, pos), mask)
+        q, k, v = layer.q_proj(x[0]), layer.k_proj(x[0]), layer.v_proj(x[0])
+        fake = types.SimpleNamespace(rotary_dim=64)
+        inv = rope_ns["_compute_inv_freq"](fake, 10_000_000.0)
+        freqs = torch.einsum("i,j -> ij", torch.arange(n, dtype=torch.float), inv)
+        cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+        q, k = rope_ns["forward_static"](pos[0], q, k, 128, 64, cache, True)
+        q = q.view(n, 4, 128).transpose(0, 1)
+        k = k.view(n, 2, 128).transpose(0, 1).repeat_interleave(2, 0)
+        v = v.view(n, 2, 128).transpose(0, 1).repeat_interleave(2, 0)
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(128) + mask[0], dim=-1) @ v
+        ref = layer.o_proj(att.transpose(0, 1).reshape(n, 512))
+    print(f"| softmax attention, partial RoPE (64 of 128) vs vLLM rotary | max abs diff "
+          f"{(ours[0] - ref).abs().max().item():.3g} | max |out| {ref.abs().max().item():.3g} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vllm-src", type=Path, default=Path("/tmp/vllm023/src"))
@@ -139,6 +187,7 @@ def main() -> None:
     ns = load_vllm_pieces(args.vllm_src)
     check_tokens(ns, args.sizes)
     check_packing(ns)
+    check_attention(ns)
     check_llm()
 
 

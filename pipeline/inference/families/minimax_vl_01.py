@@ -404,7 +404,7 @@ class MiniMaxVL01SparseMoe(nn.Module):
         out = torch.zeros_like(x)
         for e in torch.unique(chosen).tolist():
             rows, slot = torch.where(chosen == e)
-            out.index_add_(0, rows, self.experts[e](x[rows]) * weights[rows, slot, None])
+            out[rows] += self.experts[e](x[rows]) * weights[rows, slot, None]  # a token meets an expert once
         return out.reshape(shape)
 
 
