@@ -255,3 +255,21 @@ def mono_chart_key() -> str:
     from pipeline.inference.adapters import chart_key
 
     return chart_key(0)
+
+
+def test_load_model_refuses_a_folder_whose_keys_differ(tiny: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    for name in ("config.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(tiny / name, tmp_path / name)
+    state = load_file(str(tiny / "model.safetensors"))
+    state["language_model.model.layers.0.feed_forward_ve.w9.weight"] = state.pop(
+        "language_model.model.layers.0.feed_forward_ve.w1.weight"
+    )
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="feed_forward_ve"):
+        mono.load_model(tmp_path, dtype=torch.float32)
+    with pytest.raises(TypeError, match="max_slices"):
+        mono.load_builder(tiny, mono.load_config(tiny), tasks=(DESCRIPTION,), chart_questions=(), max_slices=3)

@@ -1042,7 +1042,13 @@ def load_builder(
     chart_questions: Sequence[str],
     **tiling_overrides: Any,
 ) -> MonoInternVLBuilder:
-    """The input builder (tokenizer + page geometry + chat format; no weights)."""
+    """The input builder (tokenizer + page geometry + chat format; no weights).
+
+    `tiling_overrides`: `min_tiles` / `max_tiles` (None: the config's min/max_dynamic_patch).
+    """
+    unknown = set(tiling_overrides) - {"min_tiles", "max_tiles"}
+    if unknown:
+        raise TypeError(f"unknown tiling overrides for {NAME}: {sorted(unknown)}")
     tokenizer = InternLM2Tokenizer.from_folder(folder)
     return MonoInternVLBuilder(
         tokenizer,
