@@ -29,7 +29,6 @@ Key names are the official ones, so an official folder loads with no key renamed
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
