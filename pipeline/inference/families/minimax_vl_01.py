@@ -82,8 +82,18 @@ BOS = "<beginning_of_sentence>"
 EOS = "<end_of_sentence>"
 # The model card's system message (its Quickstart); the chat format puts it first.
 DEFAULT_SYSTEM = "You are a helpful assistant created by MiniMax based on MiniMax-VL-01 model."
-# int8 as the model card recommends: what its QuantoConfig leaves in bf16 (plus the MoE routers).
+# int8 as the model card recommends: what its QuantoConfig leaves in bf16 (see int8_skip_modules).
 INT8_SKIP: tuple[str, ...] = ("vision_tower", "image_newline", "multi_modal_projector", "lm_head", "embed_tokens")
+
+
+def int8_skip_modules(num_hidden_layers: int) -> list[str]:
+    """The model card's `modules_to_not_convert` for int8 weights: the vision side, the
+    embeddings and lm_head, and per layer the MoE router (and the shared-expert coefficient,
+    which MiniMax-VL-01 does not have). No quantization library is installed here; this is
+    the list to hand to one (e.g. optimum-quanto's QuantoConfig)."""
+    per_layer = [f"model.layers.{i}.coefficient" for i in range(num_hidden_layers)]
+    per_layer += [f"model.layers.{i}.block_sparse_moe.gate" for i in range(num_hidden_layers)]
+    return list(INT8_SKIP) + per_layer
 
 
 def recognise(config: Mapping[str, Any]) -> bool:
