@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import time
-import warnings
 from pathlib import Path
 from uuid import UUID
 
@@ -63,14 +62,70 @@ def _flow_run(stack: PrefectStack, flow_run_id: UUID):
         return client.read_flow_run(flow_run_id)
 
 
+def _running_child(stack: PrefectStack, before: set[str]) -> tuple[UUID, int] | None:
+    """(id, pid) of a new child run whose process has started and is not finished, if any."""
+    for run in _child_runs(stack):
+        if str(run.id) in before or run.state is None or run.state.is_final() or not run.infrastructure_pid:
+            continue
+        return run.id, int(str(run.infrastructure_pid).rsplit(":", 1)[-1])
+    return None
+
+
+def _worker_of(stack: PrefectStack, pid: int) -> str | None:
+    """Name of the worker whose process tree `pid` belongs to (walking parents in /proc)."""
+    workers = {w.pid: w.name for w in stack.workers}
+    for _ in range(16):
+        if pid in workers:
+            return workers[pid]
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state is the parent pid
+        if pid <= 1:
+            return None
+    return None
+
+
+def _wait_final(stack: PrefectStack, flow_run_id: UUID, timeout_s: float = 300):
+    deadline = time.monotonic() + timeout_s
+    while not (run := _flow_run(stack, flow_run_id)).state.is_final() and time.monotonic() < deadline:
+        time.sleep(1)
+    return run
+
+
 def test_two_workers_share_the_shards_every_page_once(stack: PrefectStack, tmp_path: Path):
+    """Both GPU workers take shards. Made deterministic by holding the first child run
+    (SIGSTOP) until another one starts: a worker with --limit 1 cannot take a second run
+    while its first is running, so the other worker must take it."""
     src, out = tmp_path / "in", tmp_path / "out"
     expected = make_corpus(src, 8)
     before = {str(r.id) for r in _child_runs(stack)}
-    result = stack.cli("deployment", "run", "docpipe-fanout/fanout", "--param", f"source={src}",
-                       "--param", f"output={out}", "--param", "shard_size=2", "--watch", "--watch-timeout", "300",
-                       timeout_s=360)
-    assert "Completed" in result.stdout, result.stdout[-3000:]
+    started = stack.cli("deployment", "run", "docpipe-fanout/fanout", "--param", f"source={src}",
+                        "--param", f"output={out}", "--param", "shard_size=2")
+    parent_id = UUID(_UUID_RE.search(started.stdout).group(1))
+
+    deadline = time.monotonic() + 240
+    while (first := _running_child(stack, before)) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert first is not None, "no child run was seen running"
+    held, pid = first
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        holder = _worker_of(stack, pid)
+        deadline = time.monotonic() + 120
+        while (other := _running_child(stack, before | {str(held)})) is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert other is not None, "no other child run started while the first was held"
+        other_worker = _worker_of(stack, other[1])
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # Each run's process is a descendant of the worker that took it (the workers' logs do
+    # not tell: every worker that tries to claim a run logs "submitting" for it).
+    assert {holder, other_worker} == {"gpu-0", "gpu-1"}, (holder, other_worker)
+
+    parent = _wait_final(stack, parent_id)
+    assert parent.state.type is StateType.COMPLETED, parent.state.message
     pages = read_rows(str(out), "pages")
     assert pages_by_name(pages) == expected_pages(expected)
     assert max(page_key_counts(pages).values()) == 1
@@ -82,8 +137,7 @@ def test_two_workers_share_the_shards_every_page_once(stack: PrefectStack, tmp_p
     taken = {w.name: flow_runs_taken(w) & {str(r.id) for r in children} for w in stack.workers}
     assert taken["control"] == set()
     assert taken["gpu-0"] | taken["gpu-1"] == {str(r.id) for r in children}
-    if not (taken["gpu-0"] and taken["gpu-1"]):  # timing-dependent: reported, not failed
-        warnings.warn(f"one worker took every shard: { {k: len(v) for k, v in taken.items()} }", stacklevel=1)
+    assert str(held) in taken[holder] and str(other[0]) in taken[other_worker]
 
 
 def test_crashed_child_run_is_resubmitted(stack: PrefectStack, tmp_path: Path):
