@@ -306,3 +306,17 @@ def test_placement_follows_model_card(tiny: Path) -> None:
     names = {n for n, _ in meta.named_parameters()} | {n for n, _ in meta.named_buffers()}
     assert all(any(n == k or n.startswith(k + ".") for k in m) for n in names)  # every tensor has a GPU
     assert [m[f"language_model.model.layers.{i}"] for i in range(4)] == [0, 0, 1, 2]
+
+
+def test_engine_batched_equals_naive(model: fam.MiniMaxVL01ForConditionalGeneration,
+                                     builder: fam.MiniMaxVL01Builder) -> None:
+    from pipeline.inference.engine import Engine
+
+    engine = Engine(model, builder, model_id="tiny", revision=None, dtype="float32", max_new_tokens=4,
+                    batch_visual_tokens=10_000, max_batch_pages=4)
+    assert builder.tokenizer.convert_tokens_to_ids("<end_of_sentence>") in engine.eos_token_ids
+    pages = [builder.build(p, builder.plan(p.image.width, p.image.height)) for p in (_page(90, 70, 3), _page(70, 150, 4))]
+    batched, naive = engine.answer(pages), engine.answer_naive(pages)
+    assert [a.error for a in batched] == [None, None]
+    keys = ("description", "ocr_text", "chart_check_answer", "generated_tokens")
+    assert [[getattr(a, k) for k in keys] for a in batched] == [[getattr(a, k) for k in keys] for a in naive]
