@@ -529,9 +529,10 @@ class MiniCPMV2ForConditionalGeneration(MiniCPMV2PreTrainedModel, GenerationMixi
         super().__init__(config)
         spec = vision_spec(config)
         keep = spec.depth - 1 if config.drop_vision_last_layer else spec.depth
-        self.llm = MiniCPMCausalLM(config)
+        # registered in input-to-output order, so that a sequential device map puts the vision side first
         self.vpm = VisionTower(spec, keep)
         self.resampler = Resampler(config.query_num, config.hidden_size, spec.width)
+        self.llm = MiniCPMCausalLM(config)
         self.rotary = MiniCPMRotary(config)
         self.post_init()
 
