@@ -146,8 +146,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except Exception as exc:
         from pipeline.prepare import PrepWorkersFailing
 
-        if isinstance(exc, PrepWorkersFailing):
-            return _fail(str(exc), EXIT_NOTHING_PROCESSED)
+        if isinstance(exc, PrepWorkersFailing):  # the environment cannot run workers: a setup problem
+            return _fail(str(exc), EXIT_BAD_CONFIG)
         if isinstance(exc, OSError):  # storage failing while writing: one line, the rest in the log
             logging.getLogger("docpipe").debug("run failed", exc_info=True)
             return _fail(f"storage error: {type(exc).__name__}: {exc}; {resume}", EXIT_NOTHING_PROCESSED)

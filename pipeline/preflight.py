@@ -89,16 +89,29 @@ def read_model_config(model: str, revision: str | None = None) -> dict[str, Any]
     elif model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise SetupError(f"model folder not found: {model}")
     else:
-        from transformers.utils import cached_file
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-        try:
-            resolved = cached_file(model, "config.json", revision=revision, _raise_exceptions_for_missing_entries=False)
-        except Exception as exc:  # noqa: BLE001 - offline, unknown repo, gated, ...
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise SetupError(f"model {model} cannot be resolved (no local folder of that name; hub: {reason})") from None
-        if resolved is None:
-            raise SetupError(f"model {model} has no config.json on the hub: it is not a model checkpoint")
-        file = Path(resolved)
+        cached = try_to_load_from_cache(model, "config.json", revision=revision)
+        if isinstance(cached, str):
+            file = Path(cached)
+        else:
+            try:
+                file = Path(hf_hub_download(model, "config.json", revision=revision))
+            except LocalEntryNotFoundError:
+                raise SetupError(
+                    f"model {model} cannot be resolved: no local folder of that name, not in the hub cache, and the "
+                    "hub cannot be reached (offline)"
+                ) from None
+            except EntryNotFoundError:
+                raise SetupError(f"model {model} has no config.json on the hub: it is not a model checkpoint") from None
+            except Exception as exc:  # noqa: BLE001 - offline, unknown repo, gated, ...
+                text = str(exc).strip().splitlines()
+                reason = text[0] if text else type(exc).__name__
+                raise SetupError(
+                    f"model {model} cannot be resolved: no local folder of that name, not in the hub cache, "
+                    f"and the hub said: {reason}"
+                ) from None
     try:
         data = json.loads(file.read_text())
     except (OSError, ValueError) as exc:

@@ -111,10 +111,12 @@ def iter_document(ref: DocumentRef, settings: PrepSettings, attempt: int = 1) ->
     timings = DocTimings()
     started = time.perf_counter()
     outcome = DocumentOutcome(ref=ref, status=DocStatus.OK, timings=timings)
+    opened: Any = None
 
     def done(status: DocStatus, error: StageError | None = None) -> DocumentDone:
         outcome.status = status
         outcome.error = error
+        outcome.open_note = getattr(opened, "open_note", None)  # e.g. MuPDF repaired the file
         timings.total_s = time.perf_counter() - started
         return DocumentDone(outcome)
 
@@ -128,8 +130,9 @@ def iter_document(ref: DocumentRef, settings: PrepSettings, attempt: int = 1) ->
     t0 = time.perf_counter()
     try:
         data: bytes | str = sources.local_path(ref.uri) or sources.read_bytes(ref.uri, cfg.storage_options)
-    except Exception as exc:  # storage errors on one file are that file's error
-        yield done(DocStatus.ERROR, StageError(Stage.SOURCES, "unreadable", f"{type(exc).__name__}: {exc}"))
+    except Exception as exc:  # storage errors on one file are that file's error, and may pass
+        err = StageError(Stage.SOURCES, "unreadable", f"{type(exc).__name__}: {exc}", retryable=sources.is_transient(exc))
+        yield done(DocStatus.ERROR, err)
         return
     opened = rasterize.open_document(data, uri=ref.uri, doc_id=ref.doc_id, media_type=ref.media_type)
     timings.rasterize_s += time.perf_counter() - t0
@@ -150,6 +153,7 @@ def iter_document(ref: DocumentRef, settings: PrepSettings, attempt: int = 1) ->
                     "document_timeout",
                     f"stopped after {cfg.document_timeout_s:g} s with {outcome.pages_ok + outcome.pages_failed}"
                     f" of {outcome.page_count} pages done",
+                    retryable=True,  # a loaded machine may be the cause: a later run tries again
                 )
                 yield done(DocStatus.PARTIAL if outcome.pages_ok else DocStatus.ERROR, err)
                 return

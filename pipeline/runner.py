@@ -629,7 +629,7 @@ def process_shard(
                     shard.shard_id, len(again), delay)
         time.sleep(delay)
         for uri in again:
-            state.restart(uri, state.states[uri].attempt)
+            state.restart(uri, 1)  # the pool numbers attempts from 1 on each run
         refs = [r for r in shard.refs if r.uri in again]
     pages, docs, result = state.finish()
     from pipeline import sink
@@ -727,6 +727,10 @@ def run(config: RunConfig, *, progress: ProgressFn | None = None, on_plan: Calla
     The run is recorded in the output's runs table (running, then completed, failed or
     interrupted); whatever happens, the output's lease is given up at the end.
     """
+    from pipeline.prepare import _MAIN_GUARD_HINT, PrepWorkersFailing, in_worker_bootstrap
+
+    if in_worker_bootstrap():  # a script without a main guard, re-imported in a prep worker
+        raise PrepWorkersFailing("docpipe.run was called while a prep worker was starting; " + _MAIN_GUARD_HINT)
     handle = begin_run(config)
     summary: RunSummary | None = None
     try:

@@ -290,11 +290,17 @@ def read_rows(output: str, table: str, storage_options: dict[str, Any] | None = 
 
 
 def stray_files(output_dir: Path) -> list[str]:
-    """Files under a local output that are neither final part files nor hidden temporaries."""
+    """Files under a local output that are neither final part files, hidden temporaries, nor
+    lease records (`_docpipe/lease/<generation>.json`). A shard plan left behind is stray: a
+    finished run removes each plan once its shard is committed."""
     out = []
     for path in output_dir.rglob("*"):
-        if path.is_file() and not re.fullmatch(r"part-[^/]+\.parquet", path.name) and not path.name.startswith("."):
-            out.append(str(path.relative_to(output_dir)))
+        rel = path.relative_to(output_dir).as_posix()
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        if re.fullmatch(r"(pages|documents|runs)/part-[^/]+\.parquet", rel) or re.fullmatch(r"_docpipe/lease/\d{12}\.json", rel):
+            continue
+        out.append(rel)
     return out
 
 

@@ -41,9 +41,13 @@ class Family:
         return importlib.import_module(self.module)
 
     def matches(self, config: Mapping[str, Any]) -> bool:
+        named = config.get("model_type") in self.model_types or bool(
+            set(config.get("architectures") or ()) & set(self.architectures)
+        )
         if self.module is not None:
-            return bool(self.implementation().recognise(config))
-        return config.get("model_type") in self.model_types
+            # the family's own recogniser has the last word (it is imported only when named)
+            return named and bool(self.implementation().recognise(config))
+        return named
 
 
 FAMILIES: tuple[Family, ...] = (

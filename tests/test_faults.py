@@ -1,0 +1,230 @@
+"""Exactly once under the faults a nightly pipeline meets, each run for real in subprocesses.
+
+Two runs on one output (same or other shard size), a rerun with other settings, Ctrl-C, and
+every broken setting failing before any work in one line with exit 2. Each scenario ends
+by checking every page exactly once, no stray files, and no process left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.prefect_support import (
+    BIN,
+    expected_pages,
+    make_corpus,
+    page_key_counts,
+    pages_by_name,
+    read_rows,
+    start_process,
+    stray_files,
+)
+
+pytestmark = pytest.mark.slow
+
+DOCPIPE = str(BIN / "docpipe")
+
+
+def docpipe(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([DOCPIPE, *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def run_args(src: Path, out: Path, *extra: str) -> list[str]:
+    return ["run", str(src), "--output", str(out), "--no-progress", *extra]
+
+
+def assert_exactly_once(out: Path, expected: dict[str, int]) -> None:
+    pages = read_rows(str(out), "pages")
+    docs = read_rows(str(out), "documents")
+    counts = page_key_counts(pages)
+    assert max(counts.values()) == 1, [k for k, c in counts.items() if c > 1][:5]
+    assert pages_by_name(pages) == expected_pages(expected)
+    assert sorted(Path(d["source_uri"]).name for d in docs) == sorted(expected)  # one row per document
+    assert stray_files(out) == []
+
+
+def children_of(pid: int) -> list[int]:
+    """Live processes whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pids: list[int], wait_s: float = 5.0) -> list[int]:
+    """Those of `pids` still running (zombies waiting for their reaper do not count) after up to `wait_s`."""
+
+    def running(pid: int) -> bool:
+        try:
+            return (Path(f"/proc/{pid}") / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + wait_s
+    while any(running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [p for p in pids if running(p)]
+
+
+@pytest.fixture()
+def corpus(tmp_path: Path) -> tuple[Path, dict[str, int]]:
+    src = tmp_path / "in"
+    return src, make_corpus(src, 40)
+
+
+def test_a_second_run_on_a_busy_output_exits_at_once_and_nothing_is_written_twice(corpus, tmp_path: Path):
+    src, expected = corpus
+    out = tmp_path / "out"
+    first = start_process("first", [DOCPIPE, *run_args(src, out, "--shard-size", "8")], os.environ, tmp_path / "logs")
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "_docpipe" / "lease").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # the same job deployed twice with other settings: another shard size
+        second = docpipe(*run_args(src, out, "--shard-size", "5"))
+        assert second.returncode == 3, second.stderr
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and "in use by run" in lines[0] and "Traceback" not in second.stderr
+        # one that is told to wait runs after the first and finds nothing left to do
+        waiting = docpipe(*run_args(src, out, "--shard-size", "5", "--wait-for-output-s", "240"))
+        assert waiting.returncode == 0, waiting.stderr
+        assert first.popen.wait(timeout=240) == 0, first.log()[-2000:]
+    finally:
+        first.stop()
+    assert_exactly_once(out, expected)
+    runs = read_rows(str(out), "runs")
+    assert sorted(r["status"] for r in runs) == ["completed", "completed"]  # the refused run never started
+    by_run = {r["run_id"]: r["documents_processed"] for r in runs}
+    assert sorted(by_run.values()) == [0, 40]
+
+
+def test_a_rerun_with_other_settings_refuses_and_names_them(tmp_path: Path):
+    src = tmp_path / "in"
+    expected = make_corpus(src, 3)
+    out = tmp_path / "out"
+    assert docpipe(*run_args(src, out)).returncode == 0
+    tiny = tmp_path / "tiny"
+    assert docpipe("make-tiny-model", "internvl", str(tiny)).returncode == 0
+    changed = docpipe(*run_args(src, out, "--model", str(tiny), "--max-new-tokens", "4"))
+    assert changed.returncode == 2
+    (line,) = changed.stderr.strip().splitlines()
+    assert "max_new_tokens" in line and "model" in line and "--reprocess" in line
+    # asked for, the new settings redo every document; old and new rows are told apart by fingerprint
+    redo = docpipe(*run_args(src, out, "--model", str(tiny), "--max-new-tokens", "4", "--reprocess", "--device", "cpu"))
+    assert redo.returncode == 0, redo.stderr
+    pages = read_rows(str(out), "pages")
+    fingerprints = {p["config_fingerprint"] for p in pages}
+    assert len(fingerprints) == 2
+    runs = sorted(read_rows(str(out), "runs"), key=lambda r: r["started_at"])
+    latest = [p for p in pages if p["config_fingerprint"] == runs[-1]["config_fingerprint"]]
+    assert max(page_key_counts(latest).values()) == 1
+    assert pages_by_name(latest) == expected_pages(expected)
+    assert all(p["description"] is not None for p in latest)
+    assert runs[-1]["model_revision"].startswith("sha256:") and runs[-1]["reprocess"] is True
+
+
+def test_ctrl_c_says_a_rerun_resumes_and_it_does(corpus, tmp_path: Path):
+    src, expected = corpus
+    out = tmp_path / "out"
+    # A shell's background jobs (and so this test, under some runners) inherit SIGINT ignored;
+    # a terminal's foreground job has it at its default, which is what is restored here.
+    proc = subprocess.Popen([DOCPIPE, *run_args(src, out, "--shard-size", "1")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((out / "documents").glob("part-*"))) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        workers = children_of(proc.pid)
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C: the whole group
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("docpipe: interrupted; finished shards are kept")
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert alive(workers) == []
+    (run,) = read_rows(str(out), "runs")
+    assert run["status"] == "interrupted"
+    again = docpipe(*run_args(src, out, "--shard-size", "1"))
+    assert again.returncode == 0, again.stderr
+    assert_exactly_once(out, expected)
+
+
+def test_a_killed_run_leaves_no_worker_behind_and_the_next_run_takes_over_at_once(corpus, tmp_path: Path):
+    src, expected = corpus
+    out = tmp_path / "out"
+    proc = subprocess.Popen([DOCPIPE, *run_args(src, out, "--shard-size", "2", "--prep-workers", "2")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(list((out / "documents").glob("part-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    workers = children_of(proc.pid)
+    assert workers, "the run had no worker processes"
+    proc.kill()
+    proc.wait()
+    assert alive(workers) == []  # no orphans
+    t0 = time.monotonic()
+    again = docpipe(*run_args(src, out, "--shard-size", "2"))  # the dead run's lease is not waited for
+    assert again.returncode == 0, again.stderr
+    assert time.monotonic() - t0 < 120
+    assert_exactly_once(out, expected)
+
+
+# ---- a broken setup fails before any work, in one line, with exit 2 -----------------------
+
+
+def _setup_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    src = tmp_path / "in"
+    make_corpus(src, 2)
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    (not_a_model / "notes.txt").write_text("hello")
+    odd = tmp_path / "odd-model"
+    odd.mkdir()
+    (odd / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    out = str(tmp_path / "out")
+    tiny = tmp_path / "tiny"
+    return {
+        "missing source": (run_args(tmp_path / "nowhere", Path(out)), "source not found"),
+        "output is a file": (run_args(src, a_file), "output"),
+        "model folder is not a model": (run_args(src, Path(out), "--model", str(not_a_model)), "not a model"),
+        "missing model path": (run_args(src, Path(out), "--model", str(tmp_path / "gone")), "not found"),
+        "offline hub id": (run_args(src, Path(out), "--model", "nobody-here/no-such-model"), "cannot be resolved"),
+        "unsupported model type": (run_args(src, Path(out), "--model", str(odd)), "not supported"),
+        "GPU that does not exist": (run_args(src, Path(out), "--model", str(tiny), "--device", "3"), "--device 3"),
+        "tiling policy against the model": (
+            run_args(src, Path(out), "--model", str(tiny), "--tiling-policy", "minimax"), "contradicts the model"
+        ),
+    }
+
+
+def test_every_broken_setting_fails_before_any_work(tmp_path: Path):
+    assert docpipe("make-tiny-model", "internvl", str(tmp_path / "tiny")).returncode == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for name, (args, expected) in _setup_cases(tmp_path).items():
+        proc = subprocess.run([DOCPIPE, *args], capture_output=True, text=True, timeout=120, env=env,
+                              stdin=subprocess.DEVNULL)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, (name, proc.stderr[-2000:])
+        assert len(lines) == 1 and expected in lines[0] and lines[0].startswith("docpipe: "), (name, lines)
+        assert not (tmp_path / "out" / "documents").exists(), name  # nothing was processed
+        assert not (tmp_path / "out" / "runs").exists(), name  # no run was even recorded
