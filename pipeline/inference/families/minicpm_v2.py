@@ -492,7 +492,6 @@ class MiniCPMV2PreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_attention_backend = True
-    _keys_to_ignore_on_load_unexpected: list[str] = []
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
