@@ -13,6 +13,10 @@ Not part of the test suite (the original code cannot be vendored). For each case
    pixels and chat format), and compares prompt ids (equal), pixel values, fp32 logits
    (max |diff| <= 1e-4) and greedy ids (equal), plus the tokenizer cases.
 
+Then two cases marked (p) run the ORIGINAL code on this project's own `make_tiny_model`
+folder (the original remote-code files copied in for that run only): larger weights,
+generation stopping by itself, chat()'s answer text compared with ours.
+
 One table row per case. Exit status 1 when a case fails.
 
     python tools/equivalence/mono_internvl.py [--work /tmp/mono_internvl-ref] [--ref-venv /tmp/ref-venv]
@@ -158,6 +162,128 @@ def check_case(work: Path, case_dir: Path, seed: int, size: str, question: str) 
     return row
 
 
+# The harness's checkpoints have 0.02-scale weights (logits below 1). These cases run the
+# ORIGINAL code on this project's make_tiny_model folder instead (0.3-scale weights, 28 px
+# patches, the project's tokenizer.model), with the original remote-code files copied in:
+# generation is left to stop at <|im_end|> by itself, and chat()'s answer text is compared.
+PROJECT_CASES = (  # (seed, WxH, question)
+    (7, "900x1300", "Describe this page."),
+    (8, "1600x700", "What does the chart show?"),
+)
+
+REF_PROJECT_SCRIPT = r"""
+import json, sys
+import harness_common  # noqa: F401  (torchvision stub, offline HF caches)
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from transformers import AutoModel, AutoTokenizer
+folder, out, seed, size, question = sys.argv[1:6]
+torch.manual_seed(int(seed))
+model = AutoModel.from_pretrained(folder, trust_remote_code=True, torch_dtype=torch.float32).eval()
+tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True, use_fast=False)
+w, h = (int(v) for v in size.split("x"))
+g = torch.Generator().manual_seed(int(seed))
+image = Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy(), "RGB")
+# the model card's load_image: dynamic_preprocess (closest-aspect grid, thumbnail) + ToTensor/Normalize
+cfg, tile = model.config, model.config.force_image_size
+grids = sorted({(i, j) for n in range(cfg.min_dynamic_patch, cfg.max_dynamic_patch + 1) for i in range(1, n + 1)
+                for j in range(1, n + 1) if cfg.min_dynamic_patch <= i * j <= cfg.max_dynamic_patch},
+               key=lambda r: r[0] * r[1])
+best, diff = (1, 1), float("inf")
+for r in grids:
+    d = abs(w / h - r[0] / r[1])
+    if d < diff:
+        best, diff = r, d
+    elif d == diff and w * h > 0.5 * tile * tile * r[0] * r[1]:
+        best = r
+resized = image.resize((tile * best[0], tile * best[1]))
+tiles = [resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(best[1]) for c in range(best[0])]
+if len(tiles) > 1:
+    tiles.append(image.resize((tile, tile)))
+tf = T.Compose([T.Resize((tile, tile), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
+                T.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))])
+pixel_values = torch.stack([tf(t) for t in tiles])
+_cuda = torch.Tensor.cuda
+torch.Tensor.cuda = lambda self, *a, **k: self
+try:
+    captured = {}
+    original_generate = model.generate
+    def spy(**kw):
+        captured.update(kw)
+        captured["out"] = original_generate(**kw)
+        return captured["out"]
+    model.generate = spy
+    response = model.chat(tok, pixel_values, question, dict(max_new_tokens=12, do_sample=False, num_beams=1))
+finally:
+    torch.Tensor.cuda = _cuda
+with torch.inference_mode():
+    logits = model(pixel_values=pixel_values, input_ids=captured["input_ids"], attention_mask=captured["attention_mask"],
+                   image_flags=torch.ones(pixel_values.shape[0], 1, dtype=torch.long)).logits
+torch.save({"image_uint8": torch.from_numpy(__import__("numpy").asarray(image)), "pixel_values": pixel_values,
+            "input_ids": captured["input_ids"], "logits": logits, "greedy_ids": captured["out"],
+            "response": response}, out)
+"""
+
+
+def check_project_case(work: Path, case_dir: Path, seed: int, size: str, question: str) -> dict:
+    """The original code on this project's tiny folder (larger weights, natural stop)."""
+    import torch
+    from PIL import Image
+    from transformers import GenerationConfig
+
+    from pipeline.inference.families import mono_internvl as family
+
+    folder = family.make_tiny_model(case_dir / "checkpoint", seed=seed)
+    remote = next((work / "cases").glob("*/checkpoint"), None) or next((work / "fixture").glob("*/checkpoint"))
+    for source in remote.glob("*.py"):  # the original code, as the harness assembled it
+        shutil.copy(source, folder / source.name)
+    proc = subprocess.run(
+        [str(work / "venv" / "bin" / "python"), "-c", REF_PROJECT_SCRIPT, str(folder), str(case_dir / "ref.pt"),
+         str(seed), size, question],
+        cwd=work, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(work)),
+    )
+    (case_dir / "reference.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode:
+        raise RuntimeError(f"original code failed on the project's tiny folder: see {case_dir / 'reference.log'}")
+    for source in folder.glob("*.py"):  # the project side loads the folder as shipped: no code in it
+        source.unlink()
+    ref = torch.load(case_dir / "ref.pt", weights_only=False)
+
+    config = family.load_config(folder)
+    model = family.load_model(folder, dtype=torch.float32)
+    builder = family.load_builder(folder, config, tasks=("description",), chart_questions=())
+    image = Image.fromarray(ref["image_uint8"].numpy(), "RGB")
+    plan = builder.plan(*image.size)
+    prompt_ids = builder.encode_text(builder.chat_text(question, plan))
+    ref_ids = ref["input_ids"][0].tolist()
+    pixels = torch.from_numpy(builder.pixels(image, plan)[0].decode())
+    row = {"case": f"{size} seed {seed} (p)", "tiles": plan.tiles, "prompt_tokens": len(prompt_ids),
+           "prompt_ids_equal": prompt_ids.tolist() == ref_ids,
+           "pixels_max_diff": float((pixels - ref["pixel_values"]).abs().max())
+           if pixels.shape == ref["pixel_values"].shape else float("inf")}
+    ids = torch.tensor([ref_ids])
+    with torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, use_cache=False).logits
+        row["logits_max_diff"] = float((logits - ref["logits"]).abs().max())
+        generation = GenerationConfig(max_new_tokens=12, do_sample=False, num_beams=1,
+                                      eos_token_id=[builder.tokenizer.eos_token_id], pad_token_id=builder.pad_token_id)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                             generation_config=generation)
+    ours = out[0, ids.shape[1]:].tolist()
+    theirs = ref["greedy_ids"][0].tolist()
+    if theirs and theirs[0] == builder.tokenizer.bos_token_id and len(theirs) == len(ours) + 1:
+        theirs = theirs[1:]
+    row["greedy_ids_equal"] = ours == theirs
+    row["greedy_ids"] = ours
+    stop = builder.tokenizer.eos_token_id
+    text = builder.tokenizer.decode(ours[: ours.index(stop)] if stop in ours else ours, skip_special_tokens=True)
+    row["tokenizer_ok"] = text.strip() == ref["response"]  # chat()'s answer text
+    row["ok"] = (row["prompt_ids_equal"] and row["greedy_ids_equal"] and row["logits_max_diff"] <= TOLERANCE
+                 and row["tokenizer_ok"])
+    return row
+
+
 FIXTURE_CASES = (  # all seed 0: one tokenizer.model for the whole fixture
     ("448x448", "Please describe the image shortly."),
     ("1000x600", "请描述这张图片。"),
@@ -210,6 +336,8 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/mono_internvl-ref", help="writable copy of the harness")
     parser.add_argument("--ref-venv", default="/tmp/ref-venv", help="the reference venv (transformers 4.37)")
     parser.add_argument("--cases", type=int, default=len(CASES), help="run only the first N cases")
+    parser.add_argument("--project-cases", type=int, default=len(PROJECT_CASES),
+                        help="run only the first N cases on the project's own tiny folder")
     parser.add_argument("--write-fixture", type=Path, help="write the unit-test fixture here and stop")
     args = parser.parse_args()
 
@@ -232,6 +360,16 @@ def main() -> int:
             shutil.rmtree(case_dir)
         case_dir.mkdir(parents=True)
         row = check_case(work, case_dir, seed, size, question)
+        rows.append(row)
+        print(f"{row['case']:<20} {row['tiles']:>5} {row['prompt_tokens']:>6} {str(row['prompt_ids_equal']):>5} "
+              f"{row['pixels_max_diff']:>8.1e} {row['logits_max_diff']:>12.3e} {str(row['greedy_ids_equal']):>7} "
+              f"{str(row['tokenizer_ok']):>5}  {'PASS' if row['ok'] else 'FAIL'}", flush=True)
+    for k, (seed, size, question) in enumerate(PROJECT_CASES[: args.project_cases]):
+        case_dir = work / "cases" / f"p{k}_{size}"
+        if case_dir.exists():
+            shutil.rmtree(case_dir)
+        case_dir.mkdir(parents=True)
+        row = check_project_case(work, case_dir, seed, size, question)
         rows.append(row)
         print(f"{row['case']:<20} {row['tiles']:>5} {row['prompt_tokens']:>6} {str(row['prompt_ids_equal']):>5} "
               f"{row['pixels_max_diff']:>8.1e} {row['logits_max_diff']:>12.3e} {str(row['greedy_ids_equal']):>7} "
