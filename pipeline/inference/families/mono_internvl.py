@@ -652,7 +652,7 @@ class InternLM2Tokenizer:
 
     Encoding as the original (a transformers 4.37 slow tokenizer) does it: the text is
     cut at every added token (tokenizer_config's `added_tokens_decoder` and the named
-    special tokens; longest match first, nothing stripped around them), every other
+    special tokens; longest match first; spaces beside one stripped only where it says lstrip/rstrip), every other
     piece is encoded by sentencepiece on its own (so each gets sentencepiece's own
     dummy prefix), and BOS goes in front when `add_bos_token`. Decoding drops the special
     ids when asked and joins the pieces with sentencepiece.
@@ -674,9 +674,11 @@ class InternLM2Tokenizer:
         pad_token: str | None = "</s>",
         add_bos_token: bool = True,
         stop_token: str | None = None,
+        strip: Mapping[str, tuple[bool, bool]] | None = None,
     ) -> None:
         self._proto = bytes(model_proto)
         self.added_tokens = dict(added_tokens)
+        self.strip = dict(strip or {})  # added token -> (lstrip, rstrip): whitespace it swallows beside it
         self.add_bos_token = add_bos_token
         self.bos_token, self.eos_token, self.unk_token, self.pad_token = bos_token, eos_token, unk_token, pad_token
         self.stop_token = stop_token
@@ -721,9 +723,12 @@ class InternLM2Tokenizer:
         smap = _read_json(folder / "special_tokens_map.json")
         added: dict[str, int] = {}
         specials: list[str] = []
+        strip: dict[str, tuple[bool, bool]] = {}
         for index, entry in (cfg.get("added_tokens_decoder") or {}).items():
             content = entry["content"] if isinstance(entry, Mapping) else str(entry)
             added[content] = int(index)
+            if isinstance(entry, Mapping):
+                strip[content] = (bool(entry.get("lstrip")), bool(entry.get("rstrip")))
             if not isinstance(entry, Mapping) or entry.get("special", True):
                 specials.append(content)
         for content, index in _read_json(folder / "added_tokens.json").items():
@@ -746,6 +751,7 @@ class InternLM2Tokenizer:
             pad_token=named("pad_token", "</s>"),
             add_bos_token=bool(cfg.get("add_bos_token", True)),
             stop_token=stop_token,
+            strip=strip,
         )
 
     # ---- ids ------------------------------------------------------------------------------
@@ -785,6 +791,12 @@ class InternLM2Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = [self.bos_token_id] if add_special_tokens and self.add_bos_token else []
         parts = self._splitter.split(text) if self._splitter is not None else [text]
+        for k in range(1, len(parts), 2):  # added tokens flagged lstrip/rstrip eat the spaces beside them
+            lstrip, rstrip = self.strip.get(parts[k], (False, False))
+            if lstrip:
+                parts[k - 1] = parts[k - 1].rstrip()
+            if rstrip:
+                parts[k + 1] = parts[k + 1].lstrip()
         for k, part in enumerate(parts):
             if not part:
                 continue
