@@ -94,7 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(run_p)
 
     tiny = sub.add_parser("make-tiny-model", help="Build a tiny random model of a family, offline, for smoke tests.")
-    tiny.add_argument("family", help="Model family, e.g. internvl, qwen2_vl, idefics3.")
+    tiny.add_argument(
+        "family",
+        help="Model family: internvl, qwen2_vl, qwen2_5_vl, idefics3, smolvlm, or a seed model: minicpm_v2, "
+        "mono_internvl, minimax_vl_01.",
+    )
     tiny.add_argument("directory", help="Folder to write the model to.")
     tiny.add_argument("--seed", type=int, default=0, help="Random seed. [default: 0]")
 
@@ -110,6 +114,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="Default flow parameter (any `docpipe run` setting, value as JSON or a plain string); repeatable.",
     )
+
+    devices = sub.add_parser(
+        "devices",
+        help="Show where each module of a model goes on N GPUs (reads config.json only: no GPU, no weights).",
+    )
+    devices.add_argument("model", help="Checkpoint folder or hub id.")
+    devices.add_argument("--gpus", type=int, required=True, help="Number of GPUs.")
+    devices.add_argument("--gpu-memory", required=True, type=_memory_size, metavar="SIZE",
+                         help="Memory of each GPU, e.g. 80GiB, 141GB, 24000MiB.")
+    devices.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                         help="Weight dtype. [default: bfloat16]")
+    devices.add_argument("--headroom", type=float, default=None,
+                         help="Share of each GPU kept free of weights. [default: the run setting's, 0.2]")
+    devices.add_argument("--revision", default=None, help="Hub revision of the checkpoint.")
+    devices.add_argument("--json", action="store_true", help="Print one JSON object: module name -> GPU index.")
+
+    ask_p = sub.add_parser("ask", help="Ask one question about one image, in the model's own chat format (greedy).")
+    ask_p.add_argument("model", help="Checkpoint folder or hub id.")
+    ask_p.add_argument("image", help="Image file (PNG, JPEG, ...).")
+    ask_p.add_argument("question", help="The question.")
+    ask_p.add_argument("--max-new-tokens", type=int, default=256, help="Most tokens to generate. [default: 256]")
+    ask_p.add_argument("--device", default="auto", help="auto, cpu, or GPU ids like 0,1. [default: auto]")
+    ask_p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                       help="Model dtype. [default: auto]")
+    ask_p.add_argument("--json", action="store_true", help="Print text, token ids and prompt ids as JSON.")
 
     schemas_p = sub.add_parser("schemas", help="Write the output schemas as JSON.")
     schemas_p.add_argument("directory", nargs="?", default=".", help="Where to write them. [default: .]")
@@ -169,6 +198,107 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory_size(text: str) -> int:
+    """'80GiB' -> bytes; decimal (GB) and binary (GiB) units, a plain number is bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"memory size must be a number with a unit like 80GiB or 141GB, got {text!r}")
+    value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"memory size must be positive, got {text!r}")
+    return value
+
+
+def _memory_size(text: str) -> int:
+    try:
+        return parse_memory_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _cmd_devices(args: argparse.Namespace) -> int:
+    import torch
+
+    from pipeline.inference.loading import (
+        ModelConfigError,
+        compute_device_map,
+        device_map_bytes,
+        meta_model,
+        model_config_for,
+        model_folder,
+        top_level_map,
+    )
+    from pipeline.inference.registry import UnsupportedModelError, recognise
+    from pipeline.preflight import SetupError, read_model_config
+
+    if args.gpus < 1:
+        return _fail("--gpus must be at least 1", EXIT_BAD_CONFIG)
+    headroom = args.headroom if args.headroom is not None else RunConfig.model_fields["gpu_memory_headroom"].default
+    if not 0.0 <= headroom < 1.0:
+        return _fail("--headroom must be in [0, 1)", EXIT_BAD_CONFIG)
+    dtype = getattr(torch, args.dtype)
+    try:
+        family = recognise(read_model_config(args.model, args.revision))
+        folder = model_folder(args.model, args.revision) if family.ported else args.model
+        model = meta_model(model_config_for(family, folder, args.revision), family)
+        device_map = compute_device_map(model, {g: args.gpu_memory for g in range(args.gpus)}, headroom, dtype,
+                                        family=family)
+    except (SetupError, UnsupportedModelError, ModelConfigError) as exc:
+        return _fail(str(exc), EXIT_BAD_CONFIG)
+    shown = top_level_map(model, device_map)
+    if args.json:
+        print(json.dumps(shown))
+        return EXIT_OK
+    used = device_map_bytes(model, device_map, dtype, family=family)
+    total = sum(p.numel() for p in model.parameters())
+    limit = args.gpu_memory * (1.0 - headroom)
+    print(f"{args.model}: {family.name}, {total / 1e9:.3f} B parameters, {args.dtype} weights, "
+          f"{args.gpus} GPU(s) of {_bytes(args.gpu_memory)} ({headroom:.0%} kept free)")
+    width = max(len(name) for name in shown)
+    for name, gpu in shown.items():
+        print(f"  {name:<{width}}  GPU {gpu}")
+    for gpu in range(args.gpus):
+        print(f"GPU {gpu}: {_bytes(used.get(gpu, 0)):>12} of weights (limit {_bytes(limit)})")
+    return EXIT_OK
+
+
+def _bytes(value: float) -> str:
+    return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.2f} MiB"
+
+
+def _cmd_ask(args: argparse.Namespace) -> int:
+    from PIL import Image, UnidentifiedImageError
+
+    from pipeline.inference.ask import ask
+    from pipeline.inference.loading import ModelConfigError
+    from pipeline.inference.registry import UnsupportedModelError
+    from pipeline.preflight import SetupError
+
+    try:
+        with Image.open(args.image) as opened:
+            image = opened.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        return _fail(f"image {args.image} cannot be read: {exc}", EXIT_BAD_CONFIG)
+    try:
+        answer = ask(args.model, image, args.question, max_new_tokens=args.max_new_tokens, device=args.device,
+                     dtype=args.dtype)
+    except (SetupError, UnsupportedModelError, ModelConfigError, ValidationError) as exc:
+        return _fail(str(exc), EXIT_BAD_CONFIG)
+    if args.json:
+        print(json.dumps({"text": answer.text, "token_ids": list(answer.token_ids),
+                          "prompt_ids": list(answer.prompt_ids), "hit_token_limit": answer.hit_token_limit}))
+    else:
+        print(answer.text)
+    return EXIT_OK
+
+
 def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
     """KEY=VALUE pairs; VALUE is read as JSON when it parses, else kept as a string."""
     params: dict[str, Any] = {}
@@ -212,6 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {
         "run": _cmd_run,
         "make-tiny-model": _cmd_make_tiny_model,
+        "devices": _cmd_devices,
+        "ask": _cmd_ask,
         "serve": _cmd_serve,
         "schemas": _cmd_schemas,
     }

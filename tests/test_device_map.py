@@ -10,7 +10,6 @@ import torch
 from pipeline.inference.loading import (
     DevicePlan,
     ModelConfigError,
-    VISION_GROUP,
     compute_device_map,
     device_map_bytes,
     pin_to_first,
@@ -79,7 +78,11 @@ def _check_map(model, device_map: dict[str, int], gpus: int, per_gpu: int, famil
         assert len(owners) == 1, name
     assert set(device_map.values()) == set(range(gpus))  # all GPUs carry weights
     # the vision tower, projector and embeddings sit on the first GPU
-    for prefix in VISION_GROUP[family]:
+    from pipeline.inference.registry import family_by_name
+
+    first, _last = family_by_name(family).device_groups()
+    assert first
+    for prefix in first:
         placed = {d for k, d in device_map.items() if k == prefix or k.startswith(prefix + ".") or prefix.startswith(k + ".")}
         assert placed == {0}, prefix
     # decoder layers are never split, and follow each other GPU by GPU

@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.config import RunConfig
 from pipeline.inference import adapters
-from pipeline.inference.adapters import UnsupportedModelError, family_of
+from pipeline.inference.registry import UnsupportedModelError, recognise
 from pipeline.inference.loading import load_builder
 from pipeline.testing import make_tiny_model, render_sample_page, sample_image_page
 
@@ -213,7 +213,7 @@ def test_tile_bounds_follow_the_checkpoint_unless_set(tiny_dirs) -> None:
 
 def test_unknown_family_and_missing_template_are_config_errors(tiny_dirs, tmp_path) -> None:
     with pytest.raises(UnsupportedModelError, match="llava_next"):
-        family_of("llava_next")
+        recognise({"model_type": "llava_next", "architectures": ["LlavaNextForConditionalGeneration"]})
     broken = make_tiny_model("qwen2_vl", tmp_path / "no-template")
     (broken / "chat_template.jinja").unlink()
     with pytest.raises(UnsupportedModelError, match="chat template"):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -27,20 +27,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from pipeline.inference import prompts
+from pipeline.inference.registry import UnsupportedModelError
 from pipeline.records import PageImage, PageKind, TileBox, TilePlan
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from PIL import Image
-
-# model_type in a checkpoint's config.json -> the adapter family that serves it
-MODEL_TYPE_FAMILY: dict[str, str] = {
-    "internvl": "internvl",
-    "qwen2_vl": "qwen2_vl",
-    "qwen2_5_vl": "qwen2_vl",
-    "idefics3": "idefics3",
-    "smolvlm": "idefics3",
-}
 
 # Task keys of a prepared page. Chart questions are "chart:<index>".
 DESCRIPTION, OCR, CHART = "description", "ocr", "chart"
@@ -49,10 +41,6 @@ DESCRIPTION, OCR, CHART = "description", "ocr", "chart"
 def chart_key(index: int) -> str:
     """Prompt key of the `index`-th chart question."""
     return f"{CHART}:{index}"
-
-
-class UnsupportedModelError(ValueError):
-    """The checkpoint is not of a family this pipeline can drive natively."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -172,6 +160,51 @@ def _rgb(image: "Image.Image") -> "Image.Image":
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def _cover(width_pt: float, height_pt: float, width: int, height: int) -> tuple[int, int]:
+    """The smallest whole-pixel size of the page's aspect ratio covering width x height."""
+    scale = max(width / width_pt, height / height_pt)
+    return max(1, math.ceil(width_pt * scale - 1e-6)), max(1, math.ceil(height_pt * scale - 1e-6))
+
+
+def fixed_point_render_size(
+    plan: Callable[[int, int], TilePlan], width_pt: float, height_pt: float
+) -> tuple[int, int]:
+    """A render size of the page's aspect ratio whose plan's canvas fits inside it.
+
+    Starts from the canvas `plan` picks for a huge render of the page (what it wants when
+    pixels are plentiful), covers it at the page's aspect ratio, grows until planning at
+    that size gives a canvas that fits (a plan may depend on the area), then shrinks while
+    the cover of the planned canvas still fits. The same fixed point as
+    `pipeline.tiling.target_render_size`, for any family's planner.
+    """
+    if not (width_pt > 0 and height_pt > 0) or not (math.isfinite(width_pt) and math.isfinite(height_pt)):
+        raise ValueError(f"page size must be positive, got {width_pt!r} x {height_pt!r}")
+
+    def fits(size: tuple[int, int]) -> TilePlan | None:
+        p = plan(*size)
+        return p if p.resized_width <= size[0] and p.resized_height <= size[1] else None
+
+    big = plan(*_cover(width_pt, height_pt, 16_384, 16_384))
+    size = _cover(width_pt, height_pt, big.resized_width, big.resized_height)
+    for _ in range(32):
+        found = fits(size)
+        if found is not None:
+            break
+        grown = plan(*size)
+        size = _cover(width_pt, height_pt, max(size[0], grown.resized_width), max(size[1], grown.resized_height))
+    else:  # pragma: no cover - defensive
+        return size
+    for _ in range(32):
+        smaller = _cover(width_pt, height_pt, found.resized_width, found.resized_height)
+        if smaller == size or not (smaller[0] <= size[0] and smaller[1] <= size[1]):
+            break
+        smaller_plan = fits(smaller)
+        if smaller_plan is None:
+            break
+        size, found = smaller, smaller_plan
+    return size
+
+
 # ---------------------------------------------------------------------------------------
 # base builder
 # ---------------------------------------------------------------------------------------
@@ -214,6 +247,19 @@ class InputBuilder:
             if candidate is not None:
                 return int(candidate)
         return 0
+
+    # ---- page geometry (the model owns it) ----------------------------------------------
+    # True when the family's preprocessing stretches every page to its plan's canvas
+    # (resized_width x resized_height) whatever the page's aspect ratio, so the rasterizer
+    # may render straight at that canvas (and the thumbnail at its size). False: pages are
+    # rendered at their own aspect ratio and the family's preprocessing resizes them.
+    stretches_to_canvas: ClassVar[bool] = False
+
+    def target_size(self, width_pt: float, height_pt: float) -> tuple[int, int]:
+        """Pixel size (aspect ratio of the page) to render a width_pt x height_pt page at, so
+        that this family's own preprocessing only ever downsamples it: the smallest such size
+        whose plan's canvas fits inside it. The rasterizer clamps it to its DPI bounds."""
+        return fixed_point_render_size(self.plan, width_pt, height_pt)
 
     # ---- tiling ------------------------------------------------------------------------
     def plan(self, width: int, height: int) -> TilePlan:
@@ -352,6 +398,7 @@ class InternVLBuilder(InputBuilder):
     """
 
     family = "internvl"
+    stretches_to_canvas = True  # the page is resized to the grid's canvas, aspect ratio or not
 
     def __init__(self, tokenizer: Any, image_processor: Any, model_config: Any, *, min_tiles: int | None = None,
                  max_tiles: int | None = None, **kwargs: Any) -> None:
@@ -567,6 +614,13 @@ class Idefics3Builder(InputBuilder):
         self.split = bool(getattr(ip, "do_image_splitting", True))
         self.tokens_per_tile = int((vision.image_size // vision.patch_size) ** 2 / (model_config.scale_factor**2))
 
+    def target_size(self, width_pt: float, height_pt: float) -> tuple[int, int]:
+        """The page at its aspect ratio with its longest side at `size["longest_edge"]`: the
+        processor's first resize (the tile grid after it stretches to whole tiles)."""
+        if width_pt >= height_pt:
+            return self.longest_edge, max(1, round(self.longest_edge * height_pt / width_pt))
+        return max(1, round(self.longest_edge * width_pt / height_pt)), self.longest_edge
+
     def plan(self, width: int, height: int) -> TilePlan:
         h, w, rows, cols = idefics3_grid(height, width, self.longest_edge, self.tile, self.split)
         t = self.tile
@@ -625,24 +679,6 @@ class Idefics3Builder(InputBuilder):
         }
 
 
-BUILDERS: dict[str, type[InputBuilder]] = {
-    "internvl": InternVLBuilder,
-    "qwen2_vl": Qwen2VLBuilder,
-    "idefics3": Idefics3Builder,
-}
-
-
-def family_of(model_type: str) -> str:
-    """The adapter family for a config `model_type`, or UnsupportedModelError."""
-    try:
-        return MODEL_TYPE_FAMILY[model_type]
-    except KeyError:
-        supported = ", ".join(sorted(MODEL_TYPE_FAMILY))
-        raise UnsupportedModelError(
-            f"model type {model_type!r} is not supported natively; supported: {supported}"
-        ) from None
-
-
 def load_chat_template(folder: Path | None) -> str | None:
     """A chat template stored beside the processor (chat_template.jinja or legacy .json)."""
     if folder is None:
@@ -656,20 +692,18 @@ def load_chat_template(folder: Path | None) -> str | None:
 
 
 __all__ = [
-    "BUILDERS",
     "CHART",
     "DESCRIPTION",
     "Idefics3Builder",
     "InputBuilder",
     "InternVLBuilder",
-    "MODEL_TYPE_FAMILY",
     "OCR",
     "PageFeatures",
     "PreparedPage",
     "Qwen2VLBuilder",
     "UnsupportedModelError",
     "chart_key",
-    "family_of",
+    "fixed_point_render_size",
     "idefics3_grid",
     "input_device",
     "load_chat_template",

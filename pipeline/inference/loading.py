@@ -1,10 +1,16 @@
 """Model loading: device, dtype, multi-GPU device map, revision, and the input builder.
 
-One code path for every supported family: `AutoModelForImageTextToText` from a local
-folder or a hub id (safetensors only, `trust_remote_code` passed through, off by
-default). On several GPUs the model is loaded once, sharded by a device map from
-`accelerate.infer_auto_device_map` that keeps the vision encoder, projector and token
-embeddings together on the first GPU and never splits a decoder layer.
+The checkpoint's config.json is read once and its family recognised by
+`pipeline.inference.registry`. Native families load through
+`AutoModelForImageTextToText` from a local folder or a hub id (safetensors only,
+`trust_remote_code` passed through, off by default); ported families (the seed models)
+through their module's `load_model` / `load_builder`, which never execute a file of the
+checkpoint (`trust_remote_code` does not apply to them). On several GPUs the model is
+loaded once, sharded by a device map: the family's own placement when it has one
+(MiniMax-VL-01: the model card's), else `accelerate.infer_auto_device_map` balanced
+over the GPUs, never splitting a decoder layer, with the family's first-GPU modules
+(vision encoder, projector, token embeddings) on the first GPU and its last-GPU modules
+(final norm, lm_head) on the last one used.
 """
 
 from __future__ import annotations
@@ -19,21 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig
-from pipeline.inference.adapters import (
-    BUILDERS,
-    InputBuilder,
-    family_of,
-    load_chat_template,
-)
+from pipeline.inference.adapters import InputBuilder, load_chat_template
+from pipeline.inference.registry import Family, family_by_name, recognise
 
 log = logging.getLogger(__name__)
-
-# Per family: module-name prefixes that must sit on the first device (where inputs go).
-VISION_GROUP: dict[str, tuple[str, ...]] = {
-    "internvl": ("model.vision_tower", "model.multi_modal_projector", "model.language_model.embed_tokens"),
-    "qwen2_vl": ("model.visual", "model.language_model.embed_tokens"),
-    "idefics3": ("model.vision_model", "model.connector", "model.text_model.embed_tokens"),
-}
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
@@ -109,17 +104,45 @@ def attention_implementation(plan: DevicePlan, dtype: Any) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def _meta_model(config_or_model: Any) -> Any:
+def family_for(config_or_model: Any, family: "Family | str | None" = None) -> Family:
+    """The registry family of a config (a config.json dict or a config object) or a model."""
+    import torch
+
+    if isinstance(family, Family):
+        return family
+    if isinstance(family, str):
+        return family_by_name(family)
+    config = config_or_model.config if isinstance(config_or_model, torch.nn.Module) else config_or_model
+    return recognise(config if isinstance(config, Mapping) else config.to_dict())
+
+
+def model_config_for(family: Family, folder: str | Path, revision: str | None = None,
+                     trust_remote_code: bool = False) -> Any:
+    """The config object of the checkpoint in `folder` (a hub id for native families)."""
+    if family.ported:
+        return family.implementation().load_config(folder)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(folder), revision=revision, trust_remote_code=trust_remote_code)
+
+
+def _meta_model(config_or_model: Any, family: "Family | str | None" = None) -> Any:
     """A weightless (meta) model for a config; a model is returned unchanged."""
     import torch
 
     if isinstance(config_or_model, torch.nn.Module):
         return config_or_model
+    fam = family_for(config_or_model, family)
+    if fam.ported:
+        return fam.implementation().meta_model(config_or_model)
     from accelerate import init_empty_weights
     from transformers import AutoModelForImageTextToText
 
     with init_empty_weights():
         return AutoModelForImageTextToText.from_config(config_or_model)
+
+
+meta_model = _meta_model
 
 
 def _in_group(name: str, prefixes: Sequence[str]) -> bool:
@@ -132,15 +155,18 @@ def compute_device_map(
     headroom: float,
     dtype: Any,
     *,
-    family: str | None = None,
+    family: "Family | str | None" = None,
 ) -> dict[str, int]:
     """Module name -> GPU id for one model instance sharded over `gpu_memory`'s GPUs.
 
     `gpu_memory` is each GPU's total memory in bytes; weights may use total*(1-headroom).
-    The split is balanced over the GPUs (accelerate's get_balanced_memory +
-    infer_auto_device_map on a meta model, whole `_no_split_modules`), then the vision
-    encoder, projector and token embeddings are pinned to the first GPU, where inputs
-    go. Raises ModelConfigError when the weights do not fit. No GPU is needed.
+    A family with its own placement (`placement(meta, n_gpus)` in its module: MiniMax-VL-01)
+    gets it, checked against the memory. Otherwise the split is balanced over the GPUs
+    (accelerate's get_balanced_memory + infer_auto_device_map on a meta model, whole
+    `_no_split_modules`), then the family's first-GPU modules (vision encoder, projector,
+    token embeddings) are pinned to the first GPU, where inputs go, and its last-GPU
+    modules (final norm, lm_head) to the last GPU the split uses. Raises ModelConfigError
+    when the weights do not fit. No GPU is needed.
     """
     from accelerate.utils import (
         compute_module_sizes,
@@ -151,10 +177,10 @@ def compute_device_map(
 
     if not gpu_memory:
         raise ModelConfigError("no GPU memory given for the device map")
-    model = _meta_model(config_or_model)
+    fam = family_for(config_or_model, family)
+    model = _meta_model(config_or_model, fam)
     model.tie_weights()  # a meta model from a config is not tied yet; tied weights share a device
     tied = [list(group) for group in find_tied_parameters(model)]
-    family = family or family_of(model.config.model_type)
     gpus = sorted(gpu_memory)
     limits = {g: int(gpu_memory[g] * (1.0 - headroom)) for g in gpus}
     no_split = sorted(set(getattr(model, "_no_split_modules", None) or []))
@@ -164,13 +190,30 @@ def compute_device_map(
             f"the weights need {sizes[''] / 2**30:.1f} GiB but the GPUs offer {sum(limits.values()) / 2**30:.1f} GiB "
             f"after {headroom:.0%} headroom; add GPUs or lower gpu_memory_headroom"
         )
-    group = VISION_GROUP.get(family, ())
+    first, last = fam.device_groups()
+
+    own = getattr(fam.implementation(), "placement", None) if fam.ported else None
+    if own is not None and len(gpus) > 1:
+        placed = {name: gpus[index] for name, index in own(model, len(gpus)).items()}
+        used = _bytes_per_device(sizes, placed)
+        over = {g: b for g, b in used.items() if b > limits[g]}
+        if over:
+            worst = max(over, key=lambda g: over[g])
+            raise ModelConfigError(
+                f"the {fam.name} placement over {len(gpus)} GPUs puts {over[worst] / 2**30:.1f} GiB of weights on GPU "
+                f"{worst}, which offers {limits[worst] / 2**30:.1f} GiB after {headroom:.0%} headroom; add GPUs, use "
+                "GPUs with more memory or lower gpu_memory_headroom"
+            )
+        return placed
 
     def attempt(budget: dict[int, int]) -> dict[str, int] | None:
         found = infer_auto_device_map(model, max_memory=budget, no_split_module_classes=no_split, dtype=dtype)
         if any(not isinstance(d, int) for d in found.values()):
             return None  # something went to cpu/disk: it does not fit
-        pinned = pin_to_first(dict(found), group, gpus[0], tied)
+        pinned = dict(found)
+        if last:
+            pinned = pin_to(pinned, last, max(pinned.values()))
+        pinned = pin_to_first(pinned, first, gpus[0], tied)
         used = _bytes_per_device(sizes, pinned)
         return pinned if all(used.get(g, 0) <= limits[g] for g in gpus) else None
 
@@ -204,8 +247,13 @@ def _quiet_accelerate() -> Iterator[None]:
 def _bytes_per_device(sizes: Mapping[str, int], device_map: Mapping[str, int]) -> dict[int, int]:
     used: dict[int, int] = {}
     for name, device in device_map.items():
-        used[device] = used.get(device, 0) + sizes[name]
+        used[device] = used.get(device, 0) + sizes.get(name, 0)  # a module with no weights is absent
     return used
+
+
+def pin_to(device_map: dict[str, int], prefixes: Sequence[str], device: int) -> dict[str, int]:
+    """Put every module under `prefixes` on `device` (wherever the split put its parts)."""
+    return {name: device if _in_group(name, prefixes) else d for name, d in device_map.items()}
 
 
 def pin_to_first(
@@ -221,11 +269,36 @@ def pin_to_first(
     return {name: first if _in_group(name, moving) else device for name, device in device_map.items()}
 
 
-def device_map_bytes(config_or_model: Any, device_map: Mapping[str, int], dtype: Any) -> dict[int, int]:
+def device_map_bytes(
+    config_or_model: Any, device_map: Mapping[str, int], dtype: Any, *, family: "Family | str | None" = None
+) -> dict[int, int]:
     """Bytes of weights each device holds under `device_map` (for checks and logs)."""
     from accelerate.utils import compute_module_sizes
 
-    return _bytes_per_device(compute_module_sizes(_meta_model(config_or_model), dtype=dtype), device_map)
+    return _bytes_per_device(compute_module_sizes(_meta_model(config_or_model, family), dtype=dtype), device_map)
+
+
+def top_level_map(model: Any, device_map: Mapping[str, int]) -> dict[str, int]:
+    """`device_map` for display: a map that places the whole model ({"": gpu}) is spelled
+    out as the model's top-level modules (and its direct parameters, e.g. image_newline)."""
+    if set(device_map) != {""}:
+        return dict(device_map)
+    gpu = device_map[""]
+    names = [name for name, _ in model.named_children()]
+    names += [name for name, _ in model.named_parameters(recurse=False)]
+    return {name: gpu for name in names}
+
+
+def model_folder(model: str, revision: str | None = None, *, weights: bool = False) -> Path:
+    """A local folder holding the checkpoint's files: `model` itself when it is a folder,
+    else the hub snapshot (config and tokenizer files; the weights too with `weights`)."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"] + (["*.safetensors"] if weights else [])
+    return Path(snapshot_download(model, revision=revision, allow_patterns=patterns))
 
 
 def gpu_total_memory(gpus: Sequence[int]) -> dict[int, int]:
@@ -307,16 +380,38 @@ def _tile_override(config: RunConfig, name: str) -> int | None:
     return getattr(config, name)
 
 
-def load_builder(config: RunConfig, model_config: Any | None = None) -> InputBuilder:
-    """The input builder for `config.model` (tokenizer + image processor; no weights)."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+def _recognise_model(config: RunConfig) -> Family:
+    """The checkpoint's family from its config.json (read once, no weights, no remote code)."""
+    from pipeline.preflight import SetupError, read_model_config
 
+    try:
+        data = read_model_config(config.model, config.revision)
+    except SetupError as exc:
+        raise ModelConfigError(str(exc)) from None
+    return recognise(data)
+
+
+def load_builder(config: RunConfig, model_config: Any | None = None, *, family: Family | None = None) -> InputBuilder:
+    """The input builder for `config.model` (tokenizer + image processor; no weights)."""
     if config.model is None:
         raise ModelConfigError("no model configured")
+    family = family or _recognise_model(config)
+    overrides = {name: getattr(config, name) for name in ("min_tiles", "max_tiles") if getattr(config, name) is not None}
+    if family.ported:
+        module = family.implementation()
+        folder = model_folder(config.model, config.revision)
+        if model_config is None:
+            model_config = module.load_config(folder)
+        return module.load_builder(
+            folder, model_config, tasks=tuple(config.tasks), chart_questions=tuple(config.all_chart_questions()),
+            **overrides,
+        )
+
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
     common = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
     if model_config is None:
         model_config = AutoConfig.from_pretrained(config.model, **common)
-    family = family_of(model_config.model_type)
     tokenizer = AutoTokenizer.from_pretrained(config.model, **common)
     tokenizer.padding_side = "left"
     image_processor = AutoImageProcessor.from_pretrained(config.model, backend="pil", **common)
@@ -327,45 +422,57 @@ def load_builder(config: RunConfig, model_config: Any | None = None) -> InputBui
         "chart_questions": tuple(config.all_chart_questions()),
         "chat_template": chat_template,
     }
-    if family == "internvl":
-        kwargs["min_tiles"] = _tile_override(config, "min_tiles")
-        kwargs["max_tiles"] = _tile_override(config, "max_tiles")
-    return BUILDERS[family](tokenizer, image_processor, model_config, **kwargs)
+    for name in family.tile_overrides:  # None: the checkpoint's own bound
+        kwargs[name] = _tile_override(config, name)
+    return family.builder_class()(tokenizer, image_processor, model_config, **kwargs)
 
 
 def load_model(config: RunConfig) -> LoadedModel:
     """Load `config.model` once for this process, on CPU, one GPU, or sharded over several."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
     if config.model is None:
         raise ModelConfigError("no model configured")
-    common = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
-    model_config = AutoConfig.from_pretrained(config.model, **common)
-    family = family_of(model_config.model_type)
+    family = _recognise_model(config)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    common = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
+    if family.ported:
+        module = family.implementation()
+        folder = model_folder(config.model, config.revision, weights=True)
+        model_config = module.load_config(folder)
+        if config.trust_remote_code:
+            log.info("%s is ported natively: no code of the checkpoint runs (trust_remote_code has no effect)", family.name)
+    else:
+        from transformers import AutoConfig
+
+        folder = Path(config.model)
+        model_config = AutoConfig.from_pretrained(config.model, **common)
 
     device_map: dict[str, int] | None = None
     if device.kind == "cuda" and len(device.gpus) > 1:
-        meta = _meta_model(model_config)
+        meta = _meta_model(model_config, family)
         device_map = compute_device_map(
             meta, gpu_total_memory(device.gpus), config.gpu_memory_headroom, dtype, family=family
         )
-        log.info("device map over GPUs %s: %s bytes", device.gpus, device_map_bytes(meta, device_map, dtype))
+        log.info("device map over GPUs %s: %s bytes", device.gpus, device_map_bytes(meta, device_map, dtype, family=family))
         load_map: Any = device_map
     elif device.kind == "cuda":
         load_map = {"": device.gpus[0]}
     else:
         load_map = None
 
-    kwargs: dict[str, Any] = {**common, "dtype": dtype, "use_safetensors": True}
-    if load_map is not None:
-        kwargs["device_map"] = load_map
     preferred = attention_implementation(device, dtype)
     model = None
     for attn in dict.fromkeys((preferred, "sdpa", "eager")):
         try:
-            model = AutoModelForImageTextToText.from_pretrained(config.model, attn_implementation=attn, **kwargs)
+            if family.ported:
+                model = module.load_model(folder, dtype=dtype, device_map=load_map, attn_implementation=attn)
+            else:
+                from transformers import AutoModelForImageTextToText
+
+                kwargs: dict[str, Any] = {**common, "dtype": dtype, "use_safetensors": True}
+                if load_map is not None:
+                    kwargs["device_map"] = load_map
+                model = AutoModelForImageTextToText.from_pretrained(config.model, attn_implementation=attn, **kwargs)
             break
         except (ValueError, ImportError) as exc:
             if not re.search(r"attention|attn", str(exc), re.IGNORECASE):
@@ -374,11 +481,11 @@ def load_model(config: RunConfig) -> LoadedModel:
     if model is None:
         raise ModelConfigError(f"no attention implementation works for {config.model}")
     model.eval()
-    builder = load_builder(config, model.config)
+    builder = load_builder(config, model.config, family=family)
     return LoadedModel(
         model=model,
         builder=builder,
-        family=family,
+        family=family.name,
         model_id=config.model,
         revision=resolve_revision(config.model, config.revision, model.config),
         dtype=dtype,
@@ -391,14 +498,19 @@ __all__ = [
     "DevicePlan",
     "LoadedModel",
     "ModelConfigError",
-    "VISION_GROUP",
     "attention_implementation",
     "compute_device_map",
     "device_map_bytes",
     "dtype_name",
+    "family_for",
     "load_builder",
     "load_model",
+    "meta_model",
+    "model_config_for",
+    "model_folder",
+    "pin_to",
     "pin_to_first",
+    "top_level_map",
     "resolve_device",
     "resolve_dtype",
     "resolve_revision",

@@ -1,10 +1,13 @@
 """Which model families the pipeline serves, and how a checkpoint is recognised.
 
 One entry per family. Natively supported families (transformers has their classes) load
-through `AutoModelForImageTextToText`; the seed models (MiniCPM-V 2.0, Mono-InternVL-2B,
-MiniMax-VL-01) are ported in `pipeline.inference.families.<name>`, which holds all of that
-family's knowledge (config and model classes, geometry, chat format, tiny builder,
-placement). Recognition reads only config.json: nothing is imported from the checkpoint.
+through `AutoModelForImageTextToText`; their entry here says everything the pipeline adds
+to transformers: the input builder class (`pipeline.inference.adapters`), which tile
+overrides it takes, and its multi-GPU placement (module prefixes kept on the first GPU).
+The seed models (MiniCPM-V 2.0, Mono-InternVL-2B, MiniMax-VL-01) are ported in
+`pipeline.inference.families.<name>`, which holds all of that family's knowledge (config
+and model classes, geometry, chat format, tiny builder, placement); their entry only
+points there. Recognition reads only config.json: nothing is imported from the checkpoint.
 """
 
 from __future__ import annotations
@@ -29,10 +32,30 @@ class Family:
     tiling_policy: str  # the page geometry its preprocessing wants (pipeline.tiling policy or its own)
     module: str | None = None  # pipeline.inference.families.<name> for ported families
     architectures: tuple[str, ...] = ()
+    # native families only (a ported family's module says these itself):
+    builder: str | None = None  # InputBuilder subclass in pipeline.inference.adapters
+    tile_overrides: tuple[str, ...] = ()  # RunConfig tile bounds its builder takes (min_tiles, max_tiles)
+    first_device: tuple[str, ...] = ()  # module prefixes that sit on the first GPU (where inputs go)
+    last_device: tuple[str, ...] = ()  # module prefixes that sit on the last GPU
 
     @property
     def ported(self) -> bool:
         return self.module is not None
+
+    def device_groups(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(first-GPU prefixes, last-GPU prefixes) of this family's multi-GPU placement."""
+        if self.module is None:
+            return self.first_device, self.last_device
+        module = self.implementation()
+        return tuple(getattr(module, "FIRST_DEVICE", ())), tuple(getattr(module, "LAST_DEVICE", ()))
+
+    def builder_class(self) -> type:
+        """The InputBuilder subclass of a native family."""
+        if self.builder is None:
+            raise UnsupportedModelError(f"family {self.name} builds its inputs in {self.module}")
+        from pipeline.inference import adapters
+
+        return getattr(adapters, self.builder)
 
     def implementation(self) -> ModuleType:
         """The family's module (ported families only)."""
@@ -61,9 +84,18 @@ FAMILIES: tuple[Family, ...] = (
         "minimax_vl_01", ("minimax_vl_01",), "minimax", "pipeline.inference.families.minimax_vl_01",
         ("MiniMaxVL01ForConditionalGeneration",),
     ),
-    Family("internvl", ("internvl",), "internvl"),
-    Family("qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), "qwen2_vl"),
-    Family("idefics3", ("idefics3", "smolvlm"), "idefics3"),
+    Family(
+        "internvl", ("internvl",), "internvl", builder="InternVLBuilder", tile_overrides=("min_tiles", "max_tiles"),
+        first_device=("model.vision_tower", "model.multi_modal_projector", "model.language_model.embed_tokens"),
+    ),
+    Family(
+        "qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), "qwen2_vl", builder="Qwen2VLBuilder",
+        first_device=("model.visual", "model.language_model.embed_tokens"),
+    ),
+    Family(
+        "idefics3", ("idefics3", "smolvlm"), "idefics3", builder="Idefics3Builder",
+        first_device=("model.vision_model", "model.connector", "model.text_model.embed_tokens"),
+    ),
 )
 
 BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}

@@ -303,7 +303,10 @@ _SPECS: dict[str, _Spec] = {
     ),
 }
 
-FAMILIES: tuple[str, ...] = tuple(_SPECS)
+FAMILIES: tuple[str, ...] = tuple(_SPECS)  # served by transformers' own classes
+# Ported seed families: each module writes its own tiny checkpoint in the official layout.
+SEED_FAMILIES: tuple[str, ...] = ("minicpm_v2", "mono_internvl", "minimax_vl_01")
+ALL_FAMILIES: tuple[str, ...] = FAMILIES + SEED_FAMILIES
 
 
 def _train_tokenizer(specials: tuple[str, ...], vocab_size: int = 400) -> Any:
@@ -326,14 +329,19 @@ def _train_tokenizer(specials: tuple[str, ...], vocab_size: int = 400) -> Any:
 def make_tiny_model(family: str, out_dir: str | Path, *, seed: int = 0) -> Path:
     """Write a tiny random checkpoint of `family` to `out_dir` and return the folder.
 
-    Families: internvl, qwen2_vl, qwen2_5_vl, idefics3, smolvlm. Offline, deterministic
-    for a given seed, safetensors only.
+    Families: internvl, qwen2_vl, qwen2_5_vl, idefics3, smolvlm (transformers' classes),
+    and the seed models minicpm_v2, mono_internvl, minimax_vl_01 (official layout, built by
+    their family module). Offline, deterministic for a given seed, safetensors only.
     """
+    if family in SEED_FAMILIES:
+        from pipeline.inference.registry import family_by_name
+
+        return Path(family_by_name(family).implementation().make_tiny_model(out_dir, seed=seed))
     import torch
     from transformers import AutoModelForImageTextToText, GenerationConfig, PreTrainedTokenizerFast
 
     if family not in _SPECS:
-        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(ALL_FAMILIES)}")
     spec = _SPECS[family]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -363,4 +371,4 @@ def make_tiny_model(family: str, out_dir: str | Path, *, seed: int = 0) -> Path:
     return out
 
 
-__all__ = ["FAMILIES", "INIT_RANGE", "make_tiny_model"]
+__all__ = ["ALL_FAMILIES", "FAMILIES", "INIT_RANGE", "SEED_FAMILIES", "make_tiny_model"]
