@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 TilingPolicyName = Literal["internvl", "minimax", "minicpm"]
 TaskName = Literal["description", "ocr", "chart"]
+OcrMode = Literal["auto", "model", "text_layer"]
 
 DEFAULT_EXTENSIONS = ("pdf", "png", "jpg", "jpeg", "tif", "tiff", "webp", "bmp")
 
@@ -130,7 +131,30 @@ class RunConfig(BaseModel):
     default_chart_questions: bool = Field(
         default=True, description="Ask the built-in chart questions (type, title, axes, data table)."
     )
-    max_new_tokens: int = Field(default=512, ge=1, description="Generation limit per task and page.")
+    ocr: OcrMode = Field(
+        default="auto",
+        description="Where ocr_text comes from: auto (the PDF text layer of born-digital pages, and of scans' OCR "
+        "layers, when it passes the quality check in pipeline/textlayer.py; the model for every other page), model "
+        "(always the model) or text_layer (never the model: the text layer, null without one).",
+    )
+    ocr_max_new_tokens: int = Field(
+        default=2048, ge=1, description="Generation limit of the OCR task (a dense page is 800-1,500 tokens)."
+    )
+    description_max_new_tokens: int = Field(
+        default=256, ge=1, description="Generation limit of the page description (two to four sentences)."
+    )
+    chart_check_max_new_tokens: int = Field(
+        default=4, ge=1, description="Generation limit of the yes/no chart check (one word, plus end of turn)."
+    )
+    chart_answer_max_new_tokens: int = Field(
+        default=512, ge=1, description="Generation limit of each chart question's answer (room for a data table)."
+    )
+    max_new_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="One generation limit for every task, replacing the four per-task limits (quick trials); "
+        "unset: the per-task limits apply.",
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="Model dtype: auto is bfloat16 on GPU, float32 on CPU."
     )
@@ -206,6 +230,17 @@ class RunConfig(BaseModel):
     def all_chart_questions(self) -> list[str]:
         base = list(DEFAULT_CHART_QUESTIONS) if self.default_chart_questions else []
         return base + [q for q in self.chart_questions if q not in base]
+
+    def task_budgets(self) -> dict[str, int]:
+        """Generation limit per kind of model row: description, ocr, chart_check, chart_answer."""
+        if self.max_new_tokens is not None:
+            return dict.fromkeys(("description", "ocr", "chart_check", "chart_answer"), self.max_new_tokens)
+        return {
+            "description": self.description_max_new_tokens,
+            "ocr": self.ocr_max_new_tokens,
+            "chart_check": self.chart_check_max_new_tokens,
+            "chart_answer": self.chart_answer_max_new_tokens,
+        }
 
     def fingerprint(self) -> str:
         """Short hash of the settings that change what is written for a page."""

@@ -201,9 +201,23 @@ class PageAnswers:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     latency_s: float = 0.0
-    truncated: bool = False  # some task stopped at max_new_tokens
+    truncated: bool = False  # some task stopped at its token limit
     repetitive: bool = False  # some task hit the limit by repeating itself
     error: StageError | None = None
+    # Where ocr_text came from: "text_layer" (the PDF's own text, no model row), "model",
+    # or None (OCR not asked, or no source for this page).
+    ocr_source: str | None = None
+    # Token counts per kind of model row, for rows that ran: (kind, totals) pairs with kind
+    # one of TASK_USAGE_KINDS; chart_answers sums the page's chart questions (text None).
+    usage: tuple[tuple[str, TaskOutput], ...] = ()
+
+    def usage_of(self, kind: str) -> TaskOutput | None:
+        """The token totals of one kind of row (see TASK_USAGE_KINDS), None when none ran."""
+        return next((totals for name, totals in self.usage if name == kind), None)
+
+
+# Kinds of model rows whose token counts the pages table reports separately.
+TASK_USAGE_KINDS = ("description", "ocr", "chart_check", "chart_answers")
 
 
 @dataclass(slots=True)

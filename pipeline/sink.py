@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from pipeline.dataset import conform
 from pipeline.records import DocumentOutcome, PageAnswers, PageImage, StageError, TilePlan
-from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA
+from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA, TASK_USAGE_COLUMNS
 
 # ---------------------------------------------------------------------------------------
 # Rows
@@ -66,12 +66,23 @@ def _plan_columns(plan: TilePlan | None) -> dict[str, Any]:
     }
 
 
+def _usage_columns(answers: PageAnswers | None) -> dict[str, Any]:
+    """{task}_prompt_tokens / _generated_tokens / _truncated per kind of model row (null: not run)."""
+    out: dict[str, Any] = {}
+    for task, _ in TASK_USAGE_COLUMNS:
+        usage = answers.usage_of(task) if answers is not None else None
+        out[f"{task}_prompt_tokens"] = None if usage is None else usage.prompt_tokens
+        out[f"{task}_generated_tokens"] = None if usage is None else usage.generated_tokens
+        out[f"{task}_truncated"] = None if usage is None else usage.hit_token_limit
+    return out
+
+
 def _answer_columns(answers: PageAnswers | None) -> dict[str, Any]:
     if answers is None:
         names = ("description", "ocr_text", "has_chart", "chart_check_answer", "chart_answers", "model_id", "model_revision",
                  "model_dtype", "prompt_version", "prompt_tokens", "generated_tokens", "inference_latency_s",
-                 "truncated", "repetitive")
-        return dict.fromkeys(names)
+                 "truncated", "repetitive", "ocr_source")
+        return {**dict.fromkeys(names), **_usage_columns(None)}
     return {
         "description": answers.description,
         "ocr_text": answers.ocr_text,
@@ -87,6 +98,8 @@ def _answer_columns(answers: PageAnswers | None) -> dict[str, Any]:
         "inference_latency_s": answers.latency_s,
         "truncated": answers.truncated,
         "repetitive": answers.repetitive,
+        "ocr_source": answers.ocr_source,
+        **_usage_columns(answers),
     }
 
 

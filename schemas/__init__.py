@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.3"
+SCHEMA_VERSION = "1.4"
 VERSION_KEY = b"docpipe.schema_version"
 TABLE_KEY = b"docpipe.table"
 
@@ -77,6 +77,27 @@ DOCUMENTS_FIELDS: list[pa.Field] = [
     _f("processed_at", pa.timestamp("us", tz="UTC"), "When the row was written.", nullable=False),
 ]
 
+# Per-task token accounting of the pages table: three flat columns per kind of model row
+# (flat rather than structs so that any SQL engine filters on them directly).
+TASK_USAGE_COLUMNS = (
+    ("description", "the page description"),
+    ("ocr", "model OCR (null when the text layer was used)"),
+    ("chart_check", "the yes/no chart check"),
+    ("chart_answers", "the chart questions, summed over the questions asked"),
+)
+
+
+def _task_usage_fields() -> list[pa.Field]:
+    fields = []
+    for task, what in TASK_USAGE_COLUMNS:
+        fields += [
+            _f(f"{task}_prompt_tokens", pa.int32(), f"Prompt tokens (image tokens included) of {what}; null when not run."),
+            _f(f"{task}_generated_tokens", pa.int32(), f"Tokens generated for {what}; null when not run."),
+            _f(f"{task}_truncated", pa.bool_(), f"{what[0].upper() + what[1:]} stopped at its token limit; null when not run."),
+        ]
+    return fields
+
+
 CHART_ANSWER_TYPE = pa.struct(
     [
         _f("question", pa.string(), "Question asked about the chart.", nullable=False),
@@ -130,8 +151,15 @@ PAGES_FIELDS: list[pa.Field] = [
     _f("prompt_tokens", pa.int32(), "Prompt tokens over all tasks of the page (image tokens included)."),
     _f("generated_tokens", pa.int32(), "Tokens generated over all tasks of the page."),
     _f("inference_latency_s", pa.float64(), "Model seconds attributed to this page (its share of its batches)."),
-    _f("truncated", pa.bool_(), "Some task stopped at the token limit."),
+    _f("truncated", pa.bool_(), "Some task stopped at its token limit (see the per-task *_truncated columns)."),
     _f("repetitive", pa.bool_(), "Some task hit the token limit by repeating itself."),
+    _f(
+        "ocr_source",
+        pa.string(),
+        "Where ocr_text came from: text_layer (the PDF's own text layer, which passed the quality check; no model "
+        "OCR), model, or null (OCR not asked, or neither source for this page).",
+    ),
+    *_task_usage_fields(),
     # ---- status ---------------------------------------------------------------------------
     _f("status", pa.string(), "ok or error.", nullable=False),
     *_error_fields(),

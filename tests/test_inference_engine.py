@@ -39,7 +39,7 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _config(model: Path, **kwargs: object) -> RunConfig:
-    base: dict[str, object] = {"max_new_tokens": NEW_TOKENS, "device": "cpu"}
+    base: dict[str, object] = {"max_new_tokens": NEW_TOKENS, "device": "cpu", "ocr": "model"}
     base.update(kwargs)
     return RunConfig(source="unused", output="unused", model=str(model), **base)
 
@@ -217,17 +217,20 @@ def test_token_limit_and_repetition_flags(tiny_dirs, monkeypatch) -> None:
     monkeypatch.setattr(engine.model, "generate", scripted)
     page = _prepare(engine, [sample_image_page(300, 300)])
 
-    script.append([loop, loop])
+    # one generate call per kind of row: the description's, then the OCR's
+    script += [[loop], [loop]]
     [looping] = engine.answer(page)
     assert (looping.truncated, looping.repetitive) == (True, True)
     assert looping.generated_tokens == 2 * limit
 
-    script.append([long, stopped_loop])
+    script += [[long], [stopped_loop]]
     [fine] = engine.answer(page)
     assert (fine.truncated, fine.repetitive) == (True, False)
     assert fine.generated_tokens == limit + 19
+    # the per-task flags say which task ran into the limit
+    assert (fine.usage_of("description").hit_token_limit, fine.usage_of("ocr").hit_token_limit) == (True, False)
 
-    script.append([stopped_loop, stopped_loop])
+    script += [[stopped_loop], [stopped_loop]]
     [stopped] = engine.answer(page)
     assert (stopped.truncated, stopped.repetitive) == (False, False)
     assert not script
