@@ -65,3 +65,20 @@ def test_serve_with_a_schedule_but_no_source_is_a_configuration_error(capsys):
 
     assert main(["serve", "--cron", "0 2 * * *"]) == 2
     assert "source" in capsys.readouterr().err
+
+
+def test_an_output_that_cannot_be_written_fails_before_any_work(tmp_path, capsys, s3_storage_options):
+    """A missing bucket stands for a read-only mount: found by the probe, one line, exit 2."""
+    import json
+
+    from pipeline.cli import main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.png").write_bytes(b"not read before the output is checked")
+    code = main(["run", str(src), "--output", "s3://no-such-bucket-here/out", "--no-progress",
+                 "--storage-options", json.dumps(s3_storage_options)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("docpipe: output s3://no-such-bucket-here/out is not writable")
+    assert "testing" not in err[0]  # no credential echoed
