@@ -14,8 +14,17 @@ check. The checks, each a share of the layer's non-blank characters or words:
   other than tab/newline, or `(cid:N)` runs, above 0.5 %;
 - `symbols`: characters that are neither letters, digits, punctuation, spaces nor common
   symbols (currency, maths, bullets) above 10 %;
-- `garbled_words` (scan OCR layers only): words mixing letters and digits inside, or
-  broken up by stray symbols, above 8 % of words; or single-letter "words" above 30 %;
+- `garbled_words`: words that are neither words, numbers, codes (Q3, ISO-9001) nor
+  addresses, e.g. letters and digits mixed inside (c0mpany) or broken up by stray
+  symbols, above 8 % of words on a scan's OCR layer (25 % on a born-digital page, whose
+  words are exact but may be technical); or, on a scan, single letters above 30 %;
+- `implausible_letters`: with at least 100 Latin letters (accents ignored), neither a nor
+  e among the five most frequent letters, or vowels (a e i o u y) under 22 % of them.
+  In the Latin-script languages a or e is among the five commonest letters and vowels
+  are about a third of the letters or more; the usual garbage of a font without a
+  Unicode map is a shifted alphabet (RVBSUFSMZ for QUARTERLY: e, t, a come out as f, u,
+  b). A language where this misfires (Vietnamese without its accents, perhaps) only
+  costs model OCR, never a wrong text;
 - `too_little` (scan OCR layers only): fewer than 20 non-blank characters;
 - `density` (when the page area is known): more than 400 characters per square inch
   cannot be drawn legibly (stacked or duplicated layers); fewer than 2 per square inch
@@ -28,6 +37,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,9 +48,12 @@ OcrSource = Literal["text_layer", "model"]
 MAX_REPLACEMENT = 0.005
 MAX_UNMAPPED = 0.005
 MAX_SYMBOLS = 0.10
-MAX_GARBLED_WORDS = 0.08
+MAX_GARBLED_WORDS = 0.08  # a scan's OCR layer
+MAX_GARBLED_WORDS_DIGITAL = 0.25  # a born-digital text layer
 MAX_SINGLE_LETTERS = 0.30
 MIN_SCAN_CHARS = 20
+MIN_VOWEL_SHARE = 0.22
+MIN_LATIN_LETTERS = 100
 MAX_CHARS_PER_IN2 = 400.0
 MIN_SCAN_CHARS_PER_IN2 = 2.0
 
@@ -56,6 +69,9 @@ _GOOD_WORD = re.compile(
         [^\W\d_]+([-'’.][^\W\d_]+)*          # letters, maybe hyphenated or with an apostrophe
       | [-+]?[$€£¥]?\d+([.,:/-]\d+)*[%‰]?     # numbers, dates, amounts, ratios
       | \d+(st|nd|rd|th|[a-z]{1,3})          # ordinals and units glued to numbers (12th, 5kg, 3mm)
+      | [^\W\d_]{1,4}\d+[^\W\d_]?            # short codes (Q3, FY2024, H2O, A4, B12)
+      | [A-Z0-9]+([-_/.][A-Z0-9]+)+          # identifiers (ISO-9001, COVID-19, 2024/25, v1.2)
+      | \S+@\S+\.\S+ | \w+://\S+           # e-mail addresses, URLs
       | [^\w\s]+                              # a run of symbols (a bullet, an em dash, a table rule)
     )$""",
     re.VERBOSE | re.IGNORECASE,
@@ -101,6 +117,28 @@ def garbled_word_share(text: str) -> tuple[float, float]:
     return garbled / len(words), singles / len(words)
 
 
+def latin_letter_counts(text: str) -> Counter[str]:
+    """How often each Latin letter a-z occurs in `text`, case and accents ignored."""
+    counts: Counter[str] = Counter()
+    for ch in text:
+        if not ch.isalpha() or ord(ch) > 0x24F:  # Basic Latin to Latin Extended-B
+            continue
+        base = unicodedata.normalize("NFKD", ch)[0].lower()
+        if "a" <= base <= "z":
+            counts[base] += 1
+    return counts
+
+
+def plausible_letters(counts: Counter[str]) -> bool:
+    """Whether Latin letter frequencies look like a language (see `implausible_letters`)."""
+    letters = sum(counts.values())
+    if letters < MIN_LATIN_LETTERS:
+        return True  # too few to judge
+    fifth = sorted(counts.values(), reverse=True)[:5][-1]  # ties count as among the five
+    vowels = sum(counts[v] for v in "aeiouy")
+    return max(counts["a"], counts["e"]) >= fifth and vowels >= MIN_VOWEL_SHARE * letters
+
+
 def assess_text_layer(text: str | None, *, scan: bool = False, area_in2: float | None = None) -> TextLayerVerdict:
     """Check a text layer (see the module docstring). `scan`: an OCR layer over a page image,
     held to the stricter checks. `area_in2`: the page area in square inches, when known."""
@@ -115,18 +153,21 @@ def assess_text_layer(text: str | None, *, scan: bool = False, area_in2: float |
         return TextLayerVerdict(False, "unmapped")
     if sum(1 for c in chars if _is_odd_symbol(c)) > MAX_SYMBOLS * n:
         return TextLayerVerdict(False, "symbols")
+    if not plausible_letters(latin_letter_counts(text)):
+        return TextLayerVerdict(False, "implausible_letters")
     if area_in2 is not None and area_in2 > 0:
         density = n / area_in2
         if density > MAX_CHARS_PER_IN2:
             return TextLayerVerdict(False, "density")
         if scan and density < MIN_SCAN_CHARS_PER_IN2:
             return TextLayerVerdict(False, "density")
-    if scan:
-        if n < MIN_SCAN_CHARS:
-            return TextLayerVerdict(False, "too_little")
-        garbled, singles = garbled_word_share(text)
-        if garbled > MAX_GARBLED_WORDS or singles > MAX_SINGLE_LETTERS:
-            return TextLayerVerdict(False, "garbled_words")
+    if scan and n < MIN_SCAN_CHARS:
+        return TextLayerVerdict(False, "too_little")
+    garbled, singles = garbled_word_share(text)
+    if garbled > (MAX_GARBLED_WORDS if scan else MAX_GARBLED_WORDS_DIGITAL):
+        return TextLayerVerdict(False, "garbled_words")
+    if scan and singles > MAX_SINGLE_LETTERS:
+        return TextLayerVerdict(False, "garbled_words")
     return TextLayerVerdict(True)
 
 
@@ -162,5 +203,7 @@ __all__ = [
     "TextLayerVerdict",
     "assess_text_layer",
     "garbled_word_share",
+    "latin_letter_counts",
+    "plausible_letters",
     "route_ocr",
 ]
