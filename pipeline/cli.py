@@ -142,6 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     schemas_p = sub.add_parser("schemas", help="Write the output schemas as JSON.")
     schemas_p.add_argument("directory", nargs="?", default=".", help="Where to write them. [default: .]")
+
+    report_p = sub.add_parser("report", help="Write one self-contained HTML page about a run of an output.")
+    report_p.add_argument("output", help="The output a run wrote (folder or URL).")
+    report_p.add_argument("--html", required=True, metavar="FILE", help="Where to write the page.")
+    report_p.add_argument("--run", dest="run_id", default=None, help="Run id. [default: the latest run]")
+    report_p.add_argument("--sample", type=int, default=48,
+                          help="Pages in the gallery besides every error page. [default: 48]")
+    report_p.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON",
+                          help="fsspec options for the output and the sources (e.g. an S3 endpoint).")
+
+    compact_p = sub.add_parser("compact", help="Merge an output's small shard files into larger ones, safely.")
+    compact_p.add_argument("output", help="The output to compact (folder or URL).")
+    compact_p.add_argument("--target-rows", type=int, default=200_000,
+                           help="Pages rows per merged file at most. [default: 200000]")
+    compact_p.add_argument("--wait-for-output-s", type=float, default=0.0,
+                           help="Wait this long for a running run to release the output. [default: 0]")
+    compact_p.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON",
+                           help="fsspec options for the output.")
     return parser
 
 
@@ -326,6 +344,31 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import ReportError, write_report
+
+    try:
+        result = write_report(args.output, args.html, args.run_id, sample=args.sample,
+                              storage_options=args.storage_options)
+    except (ReportError, FileNotFoundError) as exc:
+        return _fail(str(exc), EXIT_BAD_CONFIG)
+    print(f"wrote the report of run {result.run_id} ({result.gallery_pages} of {result.pages} pages in the "
+          f"gallery) to {args.html}")
+    return EXIT_OK
+
+
+def _cmd_compact(args: argparse.Namespace) -> int:
+    from pipeline.dataset import Dataset, OutputBusy
+
+    try:
+        dataset = Dataset(args.output, args.storage_options)
+        result = dataset.compact(target_rows=args.target_rows, wait_s=args.wait_for_output_s)
+    except OutputBusy as exc:
+        return _fail(f"{exc}; compact when it has finished, or pass --wait-for-output-s", EXIT_OUTPUT_BUSY)
+    print(result.describe())
+    return EXIT_OK
+
+
 def _cmd_schemas(args: argparse.Namespace) -> int:
     from schemas.export import main as export
 
@@ -335,10 +378,9 @@ def _cmd_schemas(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from pipeline.logs import configure as configure_logging
+
+    configure_logging(args.verbose)  # docpipe's lines on the console; libraries' chatter in the log
     handlers = {
         "run": _cmd_run,
         "make-tiny-model": _cmd_make_tiny_model,
@@ -346,6 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ask": _cmd_ask,
         "serve": _cmd_serve,
         "schemas": _cmd_schemas,
+        "report": _cmd_report,
+        "compact": _cmd_compact,
     }
     return handlers[args.command](args)
 

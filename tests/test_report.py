@@ -1,0 +1,227 @@
+"""`docpipe report`: the page for a real run over sample_docs, loaded in headless Chromium.
+
+The browser is driven over the DevTools protocol (a websocket on loopback): the page must
+load with no console message, no exception, no failed load and no request leaving the
+file (everything inline), every image must decode, and a screenshot of the gallery must
+show something (pixel variance). Needs Debian's `chromium` (README, Install).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.config import RunConfig
+from pipeline.report import (
+    RunData,
+    build_html,
+    gallery_cards,
+    make_report,
+    render_thumbnail,
+    select_gallery,
+    summarize_run,
+    write_report,
+)
+from pipeline.runner import run
+from pipeline.testing.tiny_models import make_tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_docs"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """sample_docs plus an empty file (a document error), run with a tiny InternVL."""
+    base = tmp_path_factory.mktemp("report")
+    src = base / "docs"
+    shutil.copytree(SAMPLES, src, ignore=shutil.ignore_patterns("*.md", "*.py"))
+    (src / "empty.pdf").write_bytes(b"")
+    model = make_tiny_model("internvl", base / "tiny")
+    out = base / "out"
+    config = RunConfig(source=str(src), output=str(out), model=str(model), device="cpu", max_new_tokens=4,
+                       prep_workers=0, progress=False)
+    run(config)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# The page's content
+# ---------------------------------------------------------------------------------------
+
+
+def test_report_has_every_page_and_the_error(finished_run: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "r.html"
+    result = write_report(str(finished_run), str(dest))
+    html = dest.read_text()
+    assert result.pages == 10 and result.gallery_pages == 10  # sample_docs: 10 pages, all under the sample
+    assert html.count('class="card') == 10
+    assert "empty_file" in html  # the document error, with its type ...
+    assert html.count("data:image/jpeg;base64,") == 10  # a thumbnail for every card
+    assert html.count("data:image/png;base64,") >= 3  # page kinds, errors, tokens, throughput
+    assert "http://" not in html and "https://" not in html  # nothing to fetch
+
+
+def test_unknown_run_is_refused(finished_run: Path, tmp_path: Path) -> None:
+    from pipeline.report import ReportError
+
+    with pytest.raises(ReportError, match="no run 'nope'"):
+        make_report(str(finished_run), "nope")
+
+
+def test_gallery_takes_every_error_page_and_a_bounded_sample() -> None:
+    pages = [{"source_uri": f"s3://b/{i:03d}.pdf", "page_number": 1, "status": "ok"} for i in range(100)]
+    pages += [{"source_uri": f"s3://b/e{i}.tif", "page_number": 2, "status": "error", "error_type": "corrupt_image"}
+              for i in range(7)]
+    chosen, left_out = select_gallery(pages, sample=10)
+    assert len(chosen) == 17 and left_out == 0
+    assert sum(p["status"] == "error" for p in chosen) == 7
+    assert chosen == select_gallery(list(reversed(pages)), sample=10)[0]  # the same pick whatever the order
+    capped, left_out = select_gallery(pages, sample=0, max_errors=3)
+    assert len(capped) == 3 and left_out == 4
+
+
+def test_extracted_text_is_shown_as_text() -> None:
+    page = {"source_uri": "/d/x.pdf", "page_number": 1, "status": "ok", "description": "<script>alert(1)</script>\x1b",
+            "chart_answers": [{"question": "q?", "answer": "<b>a</b>"}], "truncated": True}
+    data = RunData(run={"run_id": "r1", "status": "completed"}, documents=[], pages=[page], output="/o")
+    html = build_html(data, summarize_run(data), [], gallery_cards([page], {}))
+    assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "&lt;b&gt;a&lt;/b&gt;" in html and ">truncated<" in html
+
+
+def test_thumbnails_follow_rotation() -> None:
+    rotated_pdf = render_thumbnail((SAMPLES / "rotated_page.pdf").read_bytes(), "application/pdf", 1)
+    assert rotated_pdf.data and rotated_pdf.width > rotated_pdf.height  # /Rotate 90 shows landscape
+    exif_scan = render_thumbnail((SAMPLES / "rotated_scan.jpg").read_bytes(), "image/jpeg", 1)
+    assert exif_scan.data and exif_scan.height > exif_scan.width  # upright after EXIF orientation 6
+    third = render_thumbnail((SAMPLES / "scanned_report.tiff").read_bytes(), "image/tiff", 3)
+    assert third.data and third.note is None
+    broken = render_thumbnail(b"%PDF-1.7 nothing", "application/pdf", 1)
+    assert broken.data is None and broken.note and broken.note.startswith("could not render")
+
+
+# ---------------------------------------------------------------------------------------
+# In a real browser
+# ---------------------------------------------------------------------------------------
+
+
+class DevTools:
+    """A minimal DevTools protocol client: commands by id, events collected."""
+
+    def __init__(self, ws_url: str) -> None:
+        from websockets.sync.client import connect
+
+        self.ws = connect(ws_url, max_size=None, open_timeout=20)
+        self.next_id = 0
+        self.events: list[dict[str, Any]] = []
+
+    def send(self, method: str, timeout: float = 30.0, **params: Any) -> dict[str, Any]:
+        self.next_id += 1
+        wanted = self.next_id
+        self.ws.send(json.dumps({"id": wanted, "method": method, "params": params}))
+        deadline = time.monotonic() + timeout
+        while True:
+            message = json.loads(self.ws.recv(timeout=max(deadline - time.monotonic(), 0.1)))
+            if message.get("id") == wanted:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message.get("result", {})
+            self.events.append(message)
+
+    def wait_for(self, method: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(e.get("method") == method for e in self.events):
+            self.events.append(json.loads(self.ws.recv(timeout=max(deadline - time.monotonic(), 0.1))))
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+def _start_chromium(profile: Path) -> tuple[subprocess.Popen, str]:
+    if not os.path.exists(CHROMIUM):
+        pytest.fail("Chromium is not installed: apt-get install -y chromium (README, Install)")
+    proc = subprocess.Popen(
+        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
+         "--window-size=1280,1000", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    port_file = profile / "DevToolsActivePort"
+    deadline = time.monotonic() + 60
+    while not (port_file.exists() and port_file.read_text().strip()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("Chromium did not start its DevTools endpoint")
+        time.sleep(0.1)
+    port = int(port_file.read_text().split()[0])
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as resp:
+        targets = json.load(resp)
+    page = next(t for t in targets if t.get("type") == "page")
+    return proc, page["webSocketDebuggerUrl"]
+
+
+def test_report_loads_cleanly_in_chromium(finished_run: Path, tmp_path: Path) -> None:
+    from PIL import Image, ImageStat
+
+    dest = tmp_path / "report.html"
+    write_report(str(finished_run), str(dest))
+    proc, ws_url = _start_chromium(tmp_path / "profile")
+    try:
+        tools = DevTools(ws_url)
+        for domain in ("Page", "Runtime", "Log", "Network"):
+            tools.send(f"{domain}.enable")
+        tools.send("Page.navigate", url=dest.as_uri())
+        tools.wait_for("Page.loadEventFired")
+        state = tools.send("Runtime.evaluate", returnByValue=True, expression="""(() => {
+            const imgs = [...document.images];
+            document.getElementById('gallery').scrollIntoView();
+            return {cards: document.querySelectorAll('.card').length, images: imgs.length,
+                    broken: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).length};
+        })()""")["result"]["value"]
+        time.sleep(0.3)  # let the scroll paint
+        shot = tools.send("Page.captureScreenshot", format="png")["data"]
+        tools.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    problems = []
+    for e in tools.events:
+        method, params = e.get("method"), e.get("params", {})
+        if method == "Runtime.exceptionThrown":
+            problems.append(params["exceptionDetails"].get("text"))
+        elif method == "Runtime.consoleAPICalled":
+            problems.append(f"console.{params.get('type')}")
+        elif method == "Log.entryAdded" and params["entry"]["level"] in ("error", "warning"):
+            problems.append(params["entry"].get("text"))
+        elif method == "Network.requestWillBeSent":
+            url = params["request"]["url"]
+            if not url.startswith(("data:", "file:")):
+                problems.append(f"request to {url}")
+        elif method == "Network.loadingFailed":
+            problems.append(f"load failed: {params.get('errorText')}")
+    assert problems == []
+    assert state == {"cards": 10, "images": state["images"], "broken": 0} and state["images"] >= 13
+
+    import base64
+
+    png = Image.open(io.BytesIO(base64.b64decode(shot))).convert("L")
+    (tmp_path / "gallery.png").write_bytes(base64.b64decode(shot))
+    assert png.size[0] >= 1000
+    assert ImageStat.Stat(png).stddev[0] > 20  # thumbnails and text, not a blank page
