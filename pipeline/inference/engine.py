@@ -550,9 +550,11 @@ def schedule_rows(
 
 
 def _expected_ocr_length(page: PreparedPage) -> int:
-    """A rough guess at a page's OCR length: its text layer's characters, else its image size."""
+    """A rough guess at a page's OCR length in tokens: its text layer's (about 4 characters
+    a token), else its visual tokens (a larger image, more to read: a weak guess, but the
+    only one a page without a text layer offers)."""
     if page.text and page.text.strip():
-        return len(page.text)
+        return len(page.text) // 4
     return page.visual_tokens
 
 

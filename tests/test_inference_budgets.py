@@ -1,0 +1,202 @@
+"""Per-task token limits, one kind of row per generate call, OCR routed by page kind,
+forced output lengths (benchmarks), and the OOM back-off releasing the failed batch.
+
+A tiny InternVL checkpoint; torch single-threaded (2 shared cores).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import RunConfig
+from pipeline.inference import Engine, load_engine
+from pipeline.inference.adapters import CHART, OCR, PreparedPage
+from pipeline.inference.engine import row_kind, schedule_rows
+from pipeline.sink import _answer_columns
+from pipeline.testing import make_tiny_model, render_sample_page, sample_image_page
+
+BUDGETS = {"description": 5, "ocr": 9, "chart_check": 2, "chart_answer": 3}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-budgets")
+    return {f: make_tiny_model(f, root / f) for f in ("internvl",)}
+
+
+def _config(model: Path, **kwargs: object) -> RunConfig:
+    limits = {f"{k}_max_new_tokens": v for k, v in BUDGETS.items()}
+    return RunConfig(source="unused", output="unused", model=str(model), device="cpu", **{**limits, **kwargs})
+
+
+def _prepare(engine: Engine, pages) -> list[PreparedPage]:
+    b = engine.builder
+    return [b.build(p, b.plan(p.image.width, p.image.height)) for p in pages]
+
+
+def _pages() -> list:
+    return [
+        render_sample_page(dpi=72, doc_id="pdf"),  # born-digital, with a clean text layer
+        sample_image_page(900, 300, seed=1, doc_id="wide"),
+        sample_image_page(200, 260, seed=2, doc_id="small"),
+    ]
+
+
+def _recording(engine: Engine, monkeypatch) -> list[tuple[int, int, int]]:
+    """Record (rows, max_new_tokens, decode steps) of every generate call."""
+    calls: list[tuple[int, int, int]] = []
+    real = engine.model.generate
+
+    def generate(**kwargs):
+        out = real(**kwargs)
+        width = kwargs["input_ids"].shape[1]
+        calls.append((out.shape[0], kwargs["generation_config"].max_new_tokens, out.shape[1] - width))
+        return out
+
+    monkeypatch.setattr(engine.model, "generate", generate)
+    return calls
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def test_config_budgets_and_the_override() -> None:
+    cfg = RunConfig(source="a", output="b")
+    assert cfg.task_budgets() == {"description": 256, "ocr": 2048, "chart_check": 4, "chart_answer": 512}
+    assert cfg.ocr == "auto"
+    assert set(RunConfig(source="a", output="b", max_new_tokens=7).task_budgets().values()) == {7}
+    assert cfg.fingerprint() != RunConfig(source="a", output="b", ocr_max_new_tokens=4096).fingerprint()
+    assert cfg.fingerprint() != RunConfig(source="a", output="b", ocr="model").fingerprint()
+
+
+def test_each_task_stops_at_its_own_limit(tiny) -> None:
+    """Every row is forced to run long: each stops at its own kind's limit, and the table
+    columns say so per task."""
+    engine = load_engine(_config(tiny["internvl"], ocr="model"), forced_output=lambda page, key: 1000)
+    [answer] = engine.answer(_prepare(engine, [_pages()[1]]))
+    usage = {kind: answer.usage_of(kind) for kind in ("description", "ocr", "chart_check", "chart_answers")}
+    assert usage["description"].generated_tokens == 5 and usage["ocr"].generated_tokens == 9
+    assert usage["chart_check"].generated_tokens == 2 and usage["chart_answers"] is None  # no "yes" forced
+    assert all(u.hit_token_limit for u in usage.values() if u is not None) and answer.truncated
+    columns = _answer_columns(answer)
+    assert (columns["ocr_generated_tokens"], columns["ocr_truncated"], columns["chart_answers_prompt_tokens"]) == (9, True, None)
+    assert columns["ocr_source"] == "model"
+
+
+def test_the_chart_check_never_waits_on_an_ocr_row(tiny, monkeypatch) -> None:
+    """OCR rows run 8 tokens, chart checks 1: every call holds one kind of row, so the chart
+    check's calls decode one step, not eight."""
+    lengths = {"description": 4, "ocr": 8, "chart_check": 1, "chart_answer": 3}
+    engine = load_engine(
+        _config(tiny["internvl"], ocr="model"), forced_output=lambda page, key: lengths[row_kind(key)]
+    )
+    calls = _recording(engine, monkeypatch)
+    answers = engine.answer(_prepare(engine, _pages()))
+    assert all(a.error is None and not a.truncated for a in answers)
+    by_limit = {limit: steps for rows, limit, steps in calls}
+    assert len(calls) == 3 and all(rows == 3 for rows, _, _ in calls)
+    assert by_limit == {BUDGETS["chart_check"]: 1, BUDGETS["description"]: 4, BUDGETS["ocr"]: 8}
+    # no padding of finished rows: every decoded slot was a live row
+    assert engine.stats.finished_slots == 0
+
+
+def test_forced_tokens_say_yes_and_the_chart_questions_follow(tiny) -> None:
+    """A benchmark can force the chart check's answer; batched and naive paths agree."""
+    engine = load_engine(_config(tiny["internvl"], ocr="model"))
+    yes = engine.builder.tokenizer.encode("yes", add_special_tokens=False)
+    engine.forced_output = lambda page, key: yes if key == CHART else 3
+    prepared = _prepare(engine, _pages()[1:])
+    batched = engine.answer(prepared)
+    naive = engine.answer_naive(prepared)
+    for answer, reference in zip(batched, naive, strict=True):
+        assert answer.has_chart is True and len(answer.chart_answers) == len(engine.builder.chart_questions)
+        assert answer.usage_of("chart_answers").generated_tokens == 3 * len(engine.builder.chart_questions)
+        assert answer.description == reference.description and answer.chart_answers == reference.chart_answers
+        assert answer.usage == reference.usage
+
+
+def test_ocr_auto_uses_the_text_layer_of_born_digital_pages(tiny, monkeypatch) -> None:
+    engine = load_engine(_config(tiny["internvl"]))  # ocr=auto, the default
+    assert engine.ocr == "auto"
+    prepared = _prepare(engine, _pages())
+    calls = _recording(engine, monkeypatch)
+    answers = engine.answer(prepared)
+    pdf, wide, small = answers
+    assert pdf.ocr_source == "text_layer" and pdf.ocr_text == prepared[0].text and pdf.ocr_text
+    assert pdf.usage_of("ocr") is None  # no model row
+    assert wide.ocr_source == small.ocr_source == "model" and wide.usage_of("ocr") is not None
+    ocr_calls = [rows for rows, limit, _ in calls if limit == BUDGETS["ocr"]]
+    assert ocr_calls == [2]  # the two image pages only
+    assert [a.ocr_text for a in engine.answer_naive(prepared)] == [a.ocr_text for a in answers]
+
+    text_only = load_engine(_config(tiny["internvl"], ocr="text_layer"))
+    pdf, wide, _ = text_only.answer(_prepare(text_only, _pages()))
+    assert (pdf.ocr_source, wide.ocr_source, wide.ocr_text) == ("text_layer", None, None)
+    assert wide.usage_of("ocr") is None
+
+
+def test_schedule_rows_orders_ocr_by_expected_length() -> None:
+    class Page:  # the two fields schedule_rows reads
+        def __init__(self, text, visual_tokens):
+            self.text, self.visual_tokens = text, visual_tokens
+
+    pages = [Page("x" * 10, 64), Page(None, 64), Page("x" * 900, 64)]
+    rows = [(i, key) for i in range(3) for key in ("description", OCR, CHART)]
+    calls = schedule_rows(rows, pages, budget=128, max_rows=8)  # type: ignore[arg-type]
+    assert [kind for kind, _ in calls] == ["chart_check", "chart_check", "description", "description", "ocr", "ocr"]
+    ocr_rows = [row for kind, group in calls if kind == "ocr" for row in group]
+    assert ocr_rows == [(2, OCR), (1, OCR), (0, OCR)]  # 900 chars (225 tokens), 64 visual tokens, 10 chars
+
+
+def test_out_of_memory_halves_run_after_the_failed_batch_is_released(tiny, monkeypatch) -> None:
+    """The failed batch's input ids and image features are dead (weak references cleared)
+    when its halves start: nothing of the failed attempt rides along with the retry."""
+    engine = load_engine(_config(tiny["internvl"], ocr="model"))
+    prepared = _prepare(engine, _pages())
+    reference = engine.answer(prepared)
+    real_inputs, real_encode, real_generate = engine.builder.rows_to_inputs, engine.builder.encode, engine.model.generate
+    failed: list[weakref.ref] = []
+    alive_at_retry: list[bool] = []
+    state = {"failed": False}
+
+    def encode(model, pages):
+        feats = real_encode(model, pages)
+        if not state["failed"]:
+            failed.extend(weakref.ref(f.features) for f in feats)
+        else:
+            alive_at_retry.append(any(ref() is not None for ref in failed))
+        return feats
+
+    def rows_to_inputs(model, rows):
+        inputs = real_inputs(model, rows)
+        if not state["failed"]:
+            failed.append(weakref.ref(inputs["input_ids"]))
+        return inputs
+
+    def generate(**kwargs):
+        if not state["failed"]:
+            state["failed"] = True
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(engine.builder, "encode", encode)
+    monkeypatch.setattr(engine.builder, "rows_to_inputs", rows_to_inputs)
+    monkeypatch.setattr(engine.model, "generate", generate)
+    answers = engine.answer(prepared)
+    assert len(failed) == 4 and alive_at_retry == [False, False]  # 3 pages' features + 1 input batch
+    assert engine.stats.oom_splits == 1
+    assert [a.ocr_text for a in answers] == [a.ocr_text for a in reference]
+    assert all(a.error is None for a in answers)
