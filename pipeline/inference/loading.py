@@ -207,15 +207,26 @@ def compute_device_map(
         return placed
 
     def attempt(budget: dict[int, int]) -> dict[str, int] | None:
-        found = infer_auto_device_map(model, max_memory=budget, no_split_module_classes=no_split, dtype=dtype)
-        if any(not isinstance(d, int) for d in found.values()):
-            return None  # something went to cpu/disk: it does not fit
-        pinned = dict(found)
-        if last:
-            pinned = pin_to(pinned, last, max(pinned.values()))
-        pinned = pin_to_first(pinned, first, gpus[0], tied)
-        used = _bytes_per_device(sizes, pinned)
-        return pinned if all(used.get(g, 0) <= limits[g] for g in gpus) else None
+        """A split within `budget`, pinned; where pinning overfills a GPU, that GPU's
+        budget shrinks by the excess and the split is tried again."""
+        budget = dict(budget)
+        for _ in range(8):
+            found = infer_auto_device_map(model, max_memory=budget, no_split_module_classes=no_split, dtype=dtype)
+            if any(not isinstance(d, int) for d in found.values()):
+                return None  # something went to cpu/disk: it does not fit
+            pinned = split_around(model, dict(found), (*first, *last))
+            if last:
+                pinned = pin_to(pinned, last, max(pinned.values()))
+            pinned = pin_to_first(pinned, first, gpus[0], tied)
+            used = _bytes_per_device(sizes, pinned)
+            over = {g: used.get(g, 0) - limits[g] for g in gpus if used.get(g, 0) > limits[g]}
+            if not over:
+                return pinned
+            for g, excess in over.items():
+                budget[g] -= excess
+            if any(budget[g] <= 0 for g in over):
+                return None
+        return None
 
     with _quiet_accelerate():
         budgets = [limits]
@@ -249,6 +260,32 @@ def _bytes_per_device(sizes: Mapping[str, int], device_map: Mapping[str, int]) -
     for name, device in device_map.items():
         used[device] = used.get(device, 0) + sizes.get(name, 0)  # a module with no weights is absent
     return used
+
+
+def split_around(model: Any, device_map: dict[str, int], prefixes: Sequence[str]) -> dict[str, int]:
+    """`device_map` with every key that holds one of `prefixes` inside it (e.g. a whole
+    `model.language_model` holding `model.language_model.embed_tokens`) replaced by its
+    children and direct parameters, on the same device, until each prefix can be moved alone."""
+    out = dict(device_map)
+    for prefix in prefixes:
+        while True:
+            outer = next((k for k in out if k == "" or prefix.startswith(k + ".")), None)
+            if outer is None:
+                break
+            device = out.pop(outer)
+            try:
+                module = model.get_submodule(outer)
+            except AttributeError:  # a parameter key: nothing to split
+                out[outer] = device
+                break
+            dot = f"{outer}." if outer else ""
+            for name, _ in module.named_children():
+                out[dot + name] = device
+            for name, _ in module.named_parameters(recurse=False):
+                out[dot + name] = device
+            for name, _ in module.named_buffers(recurse=False):
+                out[dot + name] = device
+    return out
 
 
 def pin_to(device_map: dict[str, int], prefixes: Sequence[str], device: int) -> dict[str, int]:
