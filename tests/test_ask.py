@@ -1,0 +1,82 @@
+"""`pipeline.inference.ask` and `docpipe ask`: one question about one image, in each
+family's own chat format, greedy; the same ids as a plain `generate` on raw pixels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.inference import Engine, ask
+from pipeline.inference.ask import ASK_KEY, load_ask_engine, prepare_question
+from pipeline.testing.tiny_models import make_tiny_model
+
+FAMILIES = ("internvl", "qwen2_vl", "idefics3", "minicpm_v2", "mono_internvl", "minimax_vl_01")
+QUESTION = "What is shown in this picture?"
+NEW_TOKENS = 6
+
+
+def _image(width: int = 160, height: int = 120, seed: int = 0):
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory) -> dict[str, Engine]:
+    root = tmp_path_factory.mktemp("ask")
+    return {f: load_ask_engine(make_tiny_model(f, root / f), device="cpu", max_new_tokens=NEW_TOKENS) for f in FAMILIES}
+
+
+def _plain_generate(engine: Engine, image, question: str) -> list[int]:
+    """The model card's way: raw pixel values and the prompt straight into generate()."""
+    from transformers import GenerationConfig
+
+    prepared = prepare_question(engine.builder, image, question)
+    inputs = engine.builder.naive_inputs(prepared, ASK_KEY, "cpu")
+    config = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, num_beams=1,
+                              eos_token_id=sorted(engine.eos_token_ids), pad_token_id=engine.builder.pad_token_id)
+    with torch.inference_mode():
+        out = engine.model.generate(**inputs, generation_config=config)
+    row = out[0, inputs["input_ids"].shape[1]:].tolist()
+    stop = next((k for k, t in enumerate(row) if t in engine.eos_token_ids), len(row))
+    return row[:stop]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ask_answers_in_the_family_chat_format_greedily(family: str, engines) -> None:
+    engine = engines[family]
+    image = _image(seed=FAMILIES.index(family))
+    answer = ask(engine, image, QUESTION, max_new_tokens=NEW_TOKENS)
+    tokenizer = engine.builder.tokenizer
+    prompt_text = tokenizer.decode(list(answer.prompt_ids), skip_special_tokens=False)
+    assert QUESTION.lower().rstrip("?") in prompt_text.lower()  # the question, inside the chat format
+    plan = engine.builder.plan(image.width, image.height)
+    assert plan.visual_tokens > 0 and len(answer.prompt_ids) > plan.visual_tokens
+    assert answer.token_ids, "the tiny model stopped at once: nothing was compared"
+    assert not set(answer.token_ids) & engine.eos_token_ids  # end of turn excluded
+    assert list(answer.token_ids) == _plain_generate(engine, image, QUESTION)
+    assert answer.text == tokenizer.decode(list(answer.token_ids), skip_special_tokens=True).strip()
+    assert answer.hit_token_limit == (len(answer.token_ids) == NEW_TOKENS)
+    # another question changes the prompt, and only where the question is
+    other = ask(engine, image, "Describe the page.", max_new_tokens=2)
+    assert other.prompt_ids != answer.prompt_ids and len(other.token_ids) <= 2
+
+
+def test_docpipe_ask_prints_the_same_answer(tmp_path: Path, capsys, engines) -> None:
+    folder = make_tiny_model("qwen2_vl", tmp_path / "model")  # the same seed: the same model as engines[...]
+    image_path = tmp_path / "page.png"
+    _image(seed=5).save(image_path)
+    code = main(["ask", str(folder), str(image_path), QUESTION, "--max-new-tokens", "4", "--device", "cpu", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    printed = json.loads(out)
+    expected = ask(engines["qwen2_vl"], _image(seed=5), QUESTION, max_new_tokens=4)
+    assert printed["token_ids"] == list(expected.token_ids) and printed["prompt_ids"] == list(expected.prompt_ids)
+    assert printed["text"] == expected.text
+    assert main(["ask", str(folder), str(tmp_path / "missing.png"), QUESTION]) == 2
