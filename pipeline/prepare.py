@@ -140,7 +140,8 @@ def iter_document(ref: DocumentRef, settings: PrepSettings, attempt: int = 1) ->
         yield done(DocStatus.ERROR, opened)
         return
 
-    raster_options = rasterize.RasterOptions.from_config(cfg)
+    # the model owns the page geometry: with one, pages are rendered at the size its preprocessing wants
+    raster_options = rasterize.RasterOptions.from_config(cfg, geometry=settings.builder)
     with opened:
         outcome.page_count = opened.page_count
         pages = opened.pages(raster_options)

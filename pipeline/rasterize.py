@@ -17,9 +17,13 @@ only when the content is neither). A file that opens damaged says so in
 `OpenedDocument.repaired` / `open_note`; a multi-page TIFF cut part way keeps every frame
 before the cut, and the frame at the cut becomes a failed page.
 
-PDF pages are rendered at the resolution the tiling policy needs (clamped to
-[min_dpi, max_dpi], then held to the pixel budget); a page too large for the renderer is
-retried at half the resolution until it fits. Page kinds come from cheap measurements
+PDF pages are rendered at the size the model's own preprocessing wants (the model owns
+the page geometry: `RasterOptions.geometry` is the model's input builder, whose
+`target_size` gives it; without a model, the tiling policy's), clamped to
+[min_dpi, max_dpi], then held to the pixel budget; a page too large for the renderer is
+retried at half the resolution until it fits. The page keeps its aspect ratio, except
+for families whose preprocessing stretches every page to a tile canvas anyway (InternVL):
+their pages are rendered straight at that canvas. Page kinds come from cheap measurements
 (text layer, image coverage, vector paths, uniformity of the render), never OCR.
 """
 
@@ -41,7 +45,7 @@ import numpy as np
 import pymupdf
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.records import PageFailure, PageImage, PageKind, RenderInfo, Stage, StageError
+from pipeline.records import PageFailure, PageImage, PageKind, RenderInfo, Stage, StageError, TilePlan
 from pipeline.tiling import TilingOptions, plan_tiles, target_render_size
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -90,23 +94,50 @@ pymupdf.TOOLS.mupdf_display_errors(False)
 
 @dataclass(frozen=True)
 class RasterOptions:
-    """How pages are rendered. `tiling` decides the resolution a page needs."""
+    """How pages are rendered.
+
+    `geometry`, when a model is set, is its input builder (picklable, no weights): its
+    `target_size(width_pt, height_pt)` decides the size a page needs, its `plan` the canvas
+    a page is cut from, and `stretches_to_canvas` whether rendering straight at that canvas
+    is what the model would see anyway. Without one, `tiling` decides as before.
+    """
 
     min_dpi: float = 72.0
     max_dpi: float = 300.0
     max_page_pixels: int = 12_000_000
     extract_text: bool = True
     tiling: TilingOptions = field(default_factory=TilingOptions)
+    geometry: Any = None
 
     @classmethod
-    def from_config(cls, cfg: RunConfig) -> RasterOptions:
+    def from_config(cls, cfg: RunConfig, geometry: Any = None) -> RasterOptions:
+        """The run's settings; `geometry` is the model's builder (one that says no
+        `target_size`, e.g. a test stand-in, leaves the tiling policy in charge)."""
+        if not callable(getattr(geometry, "target_size", None)):
+            geometry = None
         return cls(
             min_dpi=cfg.min_dpi,
             max_dpi=cfg.max_dpi,
             max_page_pixels=cfg.max_page_pixels,
             extract_text=cfg.extract_text_layer,
             tiling=TilingOptions.from_config(cfg),
+            geometry=geometry,
         )
+
+    def target_size(self, width_pt: float, height_pt: float) -> tuple[int, int]:
+        """Pixel size a width_pt x height_pt page should be rendered at (before DPI bounds)."""
+        if self.geometry is not None:
+            return self.geometry.target_size(width_pt, height_pt)
+        return target_render_size(width_pt, height_pt, self.tiling)
+
+    def canvas_plan(self, width: int, height: int) -> TilePlan | None:
+        """The plan of a width x height render when the page may be rendered straight at
+        its canvas (the model stretches pages to it anyway); None when it may not."""
+        if self.geometry is not None:
+            if not getattr(self.geometry, "stretches_to_canvas", False):
+                return None
+            return self.geometry.plan(width, height)
+        return plan_tiles(width, height, self.tiling)
 
 
 # ---------------------------------------------------------------- pure planning
@@ -130,8 +161,9 @@ def pixel_size(width_pt: float, height_pt: float, dpi: float) -> tuple[int, int]
 
 
 def choose_dpi(width_pt: float, height_pt: float, options: RasterOptions) -> DpiPlan:
-    """DPI giving the tiling target size, clamped to [min_dpi, max_dpi], then held to the pixel budget."""
-    target_w, target_h = target_render_size(width_pt, height_pt, options.tiling)
+    """DPI giving the target size (the model's, else the tiling policy's), clamped to
+    [min_dpi, max_dpi], then held to the pixel budget."""
+    target_w, target_h = options.target_size(width_pt, height_pt)
     wanted = 72.0 * max(target_w / width_pt, target_h / height_pt)
     requested = min(max(wanted, options.min_dpi), options.max_dpi)
     w, h = pixel_size(width_pt, height_pt, requested)
@@ -353,10 +385,10 @@ def _render_thumbnail(page: pymupdf.Page, image: Image.Image, options: RasterOpt
     """The policy's whole-page thumbnail rendered directly (about 1 ms instead of ~30 ms of
     bicubic downscaling), when the page was rendered at its tile canvas and the plan has one."""
     try:
-        tiles = plan_tiles(image.width, image.height, options.tiling)
+        tiles = options.canvas_plan(image.width, image.height)
     except ValueError:
         return None
-    if not tiles.thumbnail or tiles.thumbnail_size is None:
+    if tiles is None or not tiles.thumbnail or tiles.thumbnail_size is None:
         return None
     if (tiles.resized_width, tiles.resized_height) != image.size:
         return None  # not a canvas render: let tiling resize as usual
@@ -408,14 +440,16 @@ def _render_with_fallback(page: pymupdf.Page, plan: DpiPlan, options: RasterOpti
 def _tile_canvas(plan: DpiPlan, options: RasterOptions) -> tuple[int, int] | None:
     """The (width, height) the tiling policy resizes a plan.width x plan.height render to."""
     try:
-        tiles = plan_tiles(plan.width, plan.height, options.tiling)
+        tiles = options.canvas_plan(plan.width, plan.height)
     except ValueError:
         return None
+    if tiles is None:
+        return None  # the model keeps the page's aspect ratio: render it as it is
     canvas = (tiles.resized_width, tiles.resized_height)
     # Only when planning at the canvas size gives the same canvas (true for the fixed-grid
     # policies; MiniCPM's choice depends on the area, so it may not hold there).
-    again = plan_tiles(canvas[0], canvas[1], options.tiling)
-    if (again.resized_width, again.resized_height) != canvas:
+    again = options.canvas_plan(canvas[0], canvas[1])
+    if again is None or (again.resized_width, again.resized_height) != canvas:
         return None
     # Only when the canvas is about the planned size: if min_dpi or max_dpi moved the render
     # far from what the tiles need, honour the requested resolution instead.

@@ -617,9 +617,10 @@ class Idefics3Builder(InputBuilder):
     def target_size(self, width_pt: float, height_pt: float) -> tuple[int, int]:
         """The page at its aspect ratio with its longest side at `size["longest_edge"]`: the
         processor's first resize (the tile grid after it stretches to whole tiles)."""
+        # the short side rounded down, so the long side is the one that sets the resolution
         if width_pt >= height_pt:
-            return self.longest_edge, max(1, round(self.longest_edge * height_pt / width_pt))
-        return max(1, round(self.longest_edge * width_pt / height_pt)), self.longest_edge
+            return self.longest_edge, max(1, math.floor(self.longest_edge * height_pt / width_pt))
+        return max(1, math.floor(self.longest_edge * width_pt / height_pt)), self.longest_edge
 
     def plan(self, width: int, height: int) -> TilePlan:
         h, w, rows, cols = idefics3_grid(height, width, self.longest_edge, self.tile, self.split)
