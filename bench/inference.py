@@ -1,5 +1,21 @@
 """Inference throughput: the model cards' naive loop vs the engine. Prints figures; asserts nothing.
 
+Two token mixes. `--mix realistic` (the default) emulates what real pages ask of the
+model, by forcing each row's output length on the random model (`Engine.forced_output`):
+per 4 pages, 2 text pages (OCR 300-700 tokens), 1 chart page (OCR 80-200 tokens, the
+chart check says yes, 4 chart answers of 15-120 tokens) and 1 scan (OCR 300-700 tokens,
+no text layer); descriptions 40-90 tokens; chart checks "yes"/"no" (1-4 tokens). Limits
+are the run defaults (OCR 2048, description 256, chart check 4, chart answer 512). It
+prints side by side, for the naive loop, the engine with every kind of row in the same
+calls (the schedule before schema 1.4, `Engine.schedule = "mixed"`), the engine, and the
+engine with `--ocr auto` (the first three with `--ocr model`, so the same rows): pages/s,
+generated tokens/s, prefill token slots per page (padding included), and the share of
+computed token slots that were padding or rows that had already finished. Then what
+`--ocr auto` saves on sample_docs/ (OCR lengths there: the text layer's characters / 4
+where the page has one, 400 tokens where it has none).
+
+`--mix fixed` is the older comparison: every row exactly `--new-tokens` long:
+
 (a) naive: one page and one task at a time, raw pixel values into `generate` (the image
     is encoded again for every task), as the model cards' quick-starts do;
 (b) engine: pages batched by visual-token budget, left padding, one image encoding per
@@ -12,7 +28,8 @@
 Same model, pages and output lengths (min_new_tokens = max_new_tokens fixes them), greedy.
 Each path runs in a fresh subprocess so peak memory is its own.
 
-    python bench/inference.py                      # CPU: tiny InternVL, 6 pages
+    python bench/inference.py                      # CPU: tiny InternVL, realistic mix, 16 pages
+    python bench/inference.py --mix fixed          # CPU: 6 pages, 16 tokens per task, + pipeline
     python bench/inference.py --family qwen2_vl    # other tiny families
     python bench/inference.py --real-size          # GPU: InternVL3-1B at full size, random
                                                    # bf16 weights, 13 tiles/page, 256 tokens/task
@@ -21,6 +38,7 @@ Each path runs in a fresh subprocess so peak memory is its own.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -75,9 +93,11 @@ def _config(args: argparse.Namespace, model_dir: Path, **more: Any) -> Any:
     from pipeline.config import RunConfig
 
     settings: dict[str, Any] = {"source": "unused", "output": "unused", **more}
+    if args.mix == "fixed":
+        settings.setdefault("max_new_tokens", args.new_tokens)
+        settings.setdefault("ocr", "model")
     return RunConfig(
         model=str(model_dir),
-        max_new_tokens=args.new_tokens,
         batch_visual_tokens=args.budget,
         max_batch_pages=args.max_batch_pages,
         device=args.device,
@@ -86,15 +106,97 @@ def _config(args: argparse.Namespace, model_dir: Path, **more: Any) -> Any:
     )
 
 
-def _engine(args: argparse.Namespace, model_dir: Path) -> Any:
+# ---- the realistic mix ------------------------------------------------------------------
+
+
+def _uniform(key: str, low: int, high: int) -> int:
+    """A deterministic draw in [low, high] for `key` (the same in every path and process)."""
+    import hashlib
+
+    digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+    return low + digest % (high - low + 1)
+
+
+def mix_lengths(yes: list[int], no: list[int]) -> Any:
+    """`forced_output` of the realistic mix: page type from the doc id (text-, chart-, scan-)."""
+
+    def forced(page: Any, key: str) -> int | list[int]:
+        kind = page.doc_id.split("-")[0]
+        where = f"{page.doc_id}/{key}"
+        if key == "chart":
+            return yes if kind == "chart" else no
+        if key.startswith("chart:"):
+            return _uniform(where, 15, 120)
+        if key == "description":
+            return _uniform(where, 40, 90)
+        if kind == "chart":
+            return _uniform(where, 80, 200)
+        if kind == "sample":  # sample_docs: the text layer's length, else a dense-ish page
+            return max(8, len(page.text) // 4) if page.text and page.text.strip() else 400
+        return _uniform(where, 300, 700)
+
+    return forced
+
+
+def _mix_pages(count: int, dpi: float) -> list[Any]:
+    """Per 4 pages: 2 text pages, 1 chart page (born-digital, text layer), 1 scan (no text layer)."""
+    import dataclasses
+
+    from pipeline.records import PageKind
+    from pipeline.testing import render_sample_page
+
+    pages = []
+    for i in range(count):
+        kind = ("text", "chart", "text", "scan")[i % 4]
+        page = render_sample_page(dpi=dpi, doc_id=f"{kind}-{i}", title=f"Report {i}", chart=kind == "chart")
+        if kind == "scan":
+            page = dataclasses.replace(page, kind=PageKind.SCAN, text=None)
+        pages.append(page)
+    return pages
+
+
+def _sample_corpus_pages() -> list[Any]:
+    """Every page of sample_docs/, rasterized as a run would (doc ids renamed sample-N)."""
+    import dataclasses
+    import mimetypes
+
+    from pipeline.config import RunConfig
+    from pipeline.rasterize import RasterOptions, open_document
+    from pipeline.records import PageImage
+
+    options = RasterOptions.from_config(RunConfig(source="unused", output="unused"))
+    pages = []
+    for path in sorted((ROOT / "sample_docs").iterdir()):
+        if path.suffix in (".py", ".md"):
+            continue
+        opened = open_document(
+            path.read_bytes(), uri=str(path), doc_id=path.name, media_type=mimetypes.guess_type(path.name)[0] or ""
+        )
+        with opened:
+            for page in opened.pages(options):
+                if isinstance(page, PageImage):
+                    pages.append(dataclasses.replace(page, doc_id=f"sample-{len(pages)}"))
+    return pages
+
+
+def _yes_no(builder: Any) -> tuple[list[int], list[int]]:
+    tokenizer = builder.tokenizer
+    return tokenizer.encode("yes", add_special_tokens=False), tokenizer.encode("no", add_special_tokens=False)
+
+
+def _engine(args: argparse.Namespace, model_dir: Path, **settings: Any) -> Any:
     """The engine under test: a tiny checkpoint from disk, or (real size) random weights made on the GPU."""
     import torch
 
     from pipeline.inference import Engine, load_builder, load_engine
 
-    config = _config(args, model_dir)
+    config = _config(args, model_dir, **settings)
     if not args.real_size:
-        return load_engine(config, min_new_tokens=args.new_tokens)
+        if args.mix == "fixed":
+            return load_engine(config, min_new_tokens=args.new_tokens)
+        engine = load_engine(config)
+        engine.forced_output = mix_lengths(*_yes_no(engine.builder))
+        return engine
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -108,16 +210,19 @@ def _engine(args: argparse.Namespace, model_dir: Path) -> Any:
         model = AutoModelForImageTextToText.from_config(real, dtype=dtype, attn_implementation="sdpa")
     model.eval()
     builder = load_builder(config, model_config=real)
+    fixed = args.mix == "fixed"
     return Engine(
         model,
         builder,
         model_id="InternVL3-1B-hf (architecture, random weights)",
         revision=None,
         dtype=str(dtype).removeprefix("torch."),
-        max_new_tokens=args.new_tokens,
+        max_new_tokens=args.new_tokens if fixed else config.task_budgets(),
         batch_visual_tokens=args.budget,
         max_batch_pages=args.max_batch_pages,
-        min_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens if fixed else None,
+        ocr=config.ocr,
+        forced_output=None if fixed else mix_lengths(*_yes_no(builder)),
     )
 
 
@@ -199,10 +304,17 @@ def run_path(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
 
     if args.only == "pipeline":
         return run_pipeline(args, model_dir)
+    if args.only == "samples":
+        return run_samples(args, model_dir)
     torch.set_num_threads(args.threads)
-    engine = _engine(args, model_dir)
+    engine = _engine(args, model_dir, ocr="auto" if args.only == "auto" else "model")
+    if args.only == "mixed":
+        engine.schedule = "mixed"
     builder = engine.builder
-    pages = _pages(args.pages, args.width, args.height)
+    if args.mix == "fixed":
+        pages = _pages(args.pages, args.width, args.height)
+    else:
+        pages = _mix_pages(args.pages, 72.0 * args.width / 612.0)
     t0 = time.perf_counter()
     prepared = [builder.build(p, builder.plan(p.image.width, p.image.height)) for p in pages]
     prep_s = time.perf_counter() - t0
@@ -212,14 +324,14 @@ def run_path(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    before = engine.stats.model_s, engine.stats.generated_tokens, engine.stats.generate_calls, engine.stats.encode_s
+    before = dataclasses.replace(engine.stats)
     t0 = time.perf_counter()
     answers = run(prepared)
     if cuda:
         torch.cuda.synchronize()
     answer_s = time.perf_counter() - t0
     errors = [a.error for a in answers if a.error is not None]
-    model_s = engine.stats.model_s - before[0]
+    delta = _stats_delta(before, engine.stats)
     return {
         "path": args.only,
         "pages": len(prepared),
@@ -227,16 +339,96 @@ def run_path(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
         "visual_tokens_per_page": sum(p.visual_tokens for p in prepared) / len(prepared),
         "prep_s": prep_s,
         "answer_s": answer_s,
-        "model_s": model_s,
-        "generated_tokens": engine.stats.generated_tokens - before[1],
-        "generate_calls": engine.stats.generate_calls - before[2],
-        "encode_s": engine.stats.encode_s - before[3] if args.only == "engine" else None,
+        **delta,
+        "encode_s": delta["encode_s"] if args.only != "naive" else None,
+        "truncated_pages": sum(a.truncated for a in answers),
+        "chart_pages": sum(bool(a.has_chart) for a in answers),
         "errors": [str(e) for e in errors],
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "dtype": engine.dtype,
     }
+
+
+_COUNTERS = ("model_s", "encode_s", "generated_tokens", "generate_calls", "rows", "prefill_slots", "pad_slots",
+             "decode_slots", "finished_slots", "ocr_rows_skipped")
+
+
+def _stats_delta(before: Any, after: Any) -> dict[str, Any]:
+    """The engine counters of one timed run (after minus before)."""
+    return {name: getattr(after, name) - getattr(before, name) for name in _COUNTERS}
+
+
+def run_samples(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
+    """Generated tokens on sample_docs/ with --ocr model and with --ocr auto (same engine)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    engine = _engine(args, model_dir, ocr="model")
+    builder = engine.builder
+    prepared = [builder.build(p, builder.plan(p.image.width, p.image.height)) for p in _sample_corpus_pages()]
+    out: dict[str, Any] = {"path": "samples", "pages": len(prepared)}
+    for mode in ("model", "auto"):
+        engine.ocr = mode
+        before = dataclasses.replace(engine.stats)
+        t0 = time.perf_counter()
+        answers = engine.answer(prepared)
+        wall = time.perf_counter() - t0
+        out[mode] = {
+            **_stats_delta(before, engine.stats),
+            "wall_s": wall,
+            "text_layer_pages": sum(a.ocr_source == "text_layer" for a in answers),
+            "ocr_generated": sum((a.usage_of("ocr").generated_tokens if a.usage_of("ocr") else 0) for a in answers),
+            "errors": [str(a.error) for a in answers if a.error is not None],
+        }
+    return out
+
+
+def _print_mix(results: dict[str, dict[str, Any]]) -> None:
+    """The realistic mix, side by side."""
+    paths = [p for p in ("naive", "mixed", "engine", "auto") if p in results]
+    names = {"naive": "naive loop", "mixed": "engine, kinds mixed", "engine": "engine", "auto": "engine, --ocr auto"}
+    rows = [
+        ("pages/s", lambda r: f"{r['pages'] / r['answer_s']:.2f}"),
+        ("generated tokens/s", lambda r: f"{r['generated_tokens'] / r['answer_s']:.1f}"),
+        ("generated tokens", lambda r: f"{r['generated_tokens']}"),
+        ("generate calls", lambda r: f"{r['generate_calls']}"),
+        ("prefill token slots / page", lambda r: f"{r['prefill_slots'] / r['pages']:.0f}"),
+        ("padding share of slots", lambda r: f"{r['pad_slots'] / max(1, r['prefill_slots'] + r['decode_slots']):.1%}"),
+        ("finished-row share of slots", lambda r: f"{r['finished_slots'] / max(1, r['prefill_slots'] + r['decode_slots']):.1%}"),
+        ("wasted (padding + finished)", lambda r: f"{(r['pad_slots'] + r['finished_slots']) / max(1, r['prefill_slots'] + r['decode_slots']):.1%}"),
+        ("decode steps wasted", lambda r: f"{r['finished_slots'] / max(1, r['decode_slots']):.1%}"),
+        ("model seconds", lambda r: f"{r['model_s']:.2f}"),
+        ("truncated pages", lambda r: f"{r['truncated_pages']}"),
+    ]
+    width = max(len(label) for label, _ in rows)
+    print("  " + " " * width + "".join(f"{names[p]:>22}" for p in paths))
+    for label, cell in rows:
+        print("  " + f"{label:<{width}}" + "".join(f"{cell(results[p]):>22}" for p in paths))
+    naive, engine = results["naive"], results["engine"]
+    if "mixed" in results:
+        mixed = results["mixed"]
+        print(f"  engine / engine with kinds mixed (the pre-1.4 schedule, one limit): "
+              f"{(engine['pages'] / engine['answer_s']) / (mixed['pages'] / mixed['answer_s']):.2f}x pages/s")
+    ratio = (engine["pages"] / engine["answer_s"]) / (naive["pages"] / naive["answer_s"])
+    print(f"  engine / naive: {ratio:.2f}x pages/s, "
+          f"{(engine['generated_tokens'] / engine['answer_s']) / (naive['generated_tokens'] / naive['answer_s']):.2f}x "
+          "generated tokens/s (same rows, same tokens)")
+    if "auto" in results:
+        auto = results["auto"]
+        print(f"  engine --ocr auto / naive: {(auto['pages'] / auto['answer_s']) / (naive['pages'] / naive['answer_s']):.2f}x "
+              f"pages/s; {engine['generated_tokens'] - auto['generated_tokens']} fewer generated tokens "
+              f"({1 - auto['generated_tokens'] / engine['generated_tokens']:.0%}), "
+              f"{auto['ocr_rows_skipped']} OCR rows from text layers")
+    samples = results.get("samples")
+    if samples:
+        m, a = samples["model"], samples["auto"]
+        print(f"  sample_docs/ ({samples['pages']} pages): --ocr model generates {m['generated_tokens']} tokens "
+              f"({m['ocr_generated']} of them OCR), --ocr auto {a['generated_tokens']} ({a['ocr_generated']} OCR): "
+              f"{m['generated_tokens'] - a['generated_tokens']} saved "
+              f"({1 - a['generated_tokens'] / m['generated_tokens']:.0%}); {a['text_layer_pages']} pages took their "
+              f"text layer; model time {m['model_s']:.2f}s -> {a['model_s']:.2f}s")
 
 
 def _print(result: dict[str, Any]) -> None:
@@ -257,7 +449,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="internvl", help="tiny model family (CPU path)")
     parser.add_argument("--real-size", action="store_true", help="InternVL3-1B at full size, random bf16 weights, GPU")
-    parser.add_argument("--pages", type=int, default=None, help="pages per path (6 tiny, 8 real size)")
+    parser.add_argument("--mix", choices=["realistic", "fixed"], default="realistic",
+                        help="realistic: forced per-row lengths like real pages; fixed: every row --new-tokens long")
+    parser.add_argument("--pages", type=int, default=None, help="pages per path (realistic 16; fixed: 6 tiny, 8 real size)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens per task (16 tiny, 256 real size)")
     parser.add_argument("--width", type=int, default=1700, help="page width in px (1700x2200: 13 InternVL tiles)")
     parser.add_argument("--height", type=int, default=2200)
@@ -268,10 +462,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--prep-workers", type=int, default=2, help="CPU worker processes of the pipeline path")
     parser.add_argument("--pipeline-pages", type=int, default=None, help="pages (1-page PDFs) for the pipeline path (24 tiny, 64 real size)")
-    parser.add_argument("--only", choices=["naive", "engine", "pipeline"], help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=["naive", "mixed", "engine", "auto", "samples", "pipeline"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.pages = args.pages or (8 if args.real_size else 6)
+    args.pages = args.pages or (16 if args.mix == "realistic" else 8 if args.real_size else 6)
     args.new_tokens = args.new_tokens or (256 if args.real_size else 16)
     args.pipeline_pages = args.pipeline_pages or (64 if args.real_size else 24)
     if args.real_size:
@@ -286,7 +480,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_tiny_model(args.family, Path(tmp) / args.family)
         results = {}
-        for path in ("naive", "engine", "pipeline"):
+        paths = ("naive", "mixed", "engine", "auto", "samples") if args.mix == "realistic" else ("naive", "engine", "pipeline")
+        if args.real_size and args.mix == "realistic":
+            paths = ("naive", "mixed", "engine", "auto")  # sample_docs/ are too few pages for a GPU figure
+        for path in paths:
             child = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])]
             child += ["--only", path, "--model-dir", str(model_dir)]
             env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
@@ -296,8 +493,21 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"{path} path failed")
             results[path] = json.loads(done.stdout.strip().splitlines()[-1])
 
-    a, b, c = results["naive"], results["engine"], results["pipeline"]
     size = "InternVL3-1B architecture (random weights)" if args.real_size else f"tiny {args.family}"
+    if args.mix == "realistic":
+        a = results["naive"]
+        print(
+            f"{size} on {a['device']} ({a['dtype']}), realistic mix: {a['pages']} pages (text, chart, text, scan, ...) "
+            f"of {args.width}x{args.height} px, {a['tiles_per_page']:.0f} tiles / {a['visual_tokens_per_page']:.0f} "
+            f"visual tokens per page, default limits, max {args.max_batch_pages} pages per batch"
+        )
+        _print_mix(results)
+        for result in results.values():
+            errors = result.get("errors") or [e for m in ("model", "auto") for e in result.get(m, {}).get("errors", [])]
+            if errors:
+                print(f"    {result['path']} errors: {errors[:3]}")
+        return
+    a, b, c = results["naive"], results["engine"], results["pipeline"]
     print(
         f"{size} on {a['device']} ({a['dtype']}): {a['pages']} pages of {args.width}x{args.height} px, "
         f"{a['tiles_per_page']:.0f} tiles / {a['visual_tokens_per_page']:.0f} visual tokens per page, "

@@ -188,6 +188,9 @@ class Engine:
         self.min_new_tokens = min_new_tokens  # benchmarks fix output lengths with this
         self.forced_output = forced_output  # benchmarks emulate realistic lengths with this
         self.ocr = ocr  # auto | model | text_layer (pipeline.textlayer.route_ocr)
+        # by_kind: one kind of row per generate call. mixed: every kind in the same calls
+        # with the largest limit, as before schema 1.4; only for benchmarks to compare.
+        self.schedule = "by_kind"
         route_ocr(ocr, None, None)  # an unknown mode fails here, not on the first page
         self.device_map = device_map
         self.eos_token_ids = self._eos_ids()
@@ -357,7 +360,12 @@ class Engine:
     ) -> None:
         """Generate every (page, task) row: one kind of row per `generate` call (each with its
         own limit), packed by the visual-token budget, the longest expected rows together."""
-        for kind, group in schedule_rows(rows, pages, self.batch_visual_tokens, self.max_batch_pages):
+        if self.schedule == "mixed":  # the pre-1.4 schedule, for benchmarks: every kind in one call
+            costs = [pages[i].visual_tokens for i, _ in rows]
+            calls = [("mixed", [rows[j] for j in packed]) for packed in pack_by_budget(costs, self.batch_visual_tokens, self.max_batch_pages)]
+        else:
+            calls = schedule_rows(rows, pages, self.batch_visual_tokens, self.max_batch_pages)
+        for kind, group in calls:
             prompt_ids = [pages[i].prompts[key] for i, key in group]
             forced = [(pages[i], key) for i, key in group]
             generated = self.generate(prompt_ids, [features[i] for i, _ in group], kind=kind, forced=forced)
@@ -374,7 +382,7 @@ class Engine:
         forced: Sequence[tuple[PreparedPage, str]] | None = None,
     ) -> list[_Gen]:
         """One batched greedy `generate` over prompts whose images are already encoded,
-        with the limit of `kind` rows."""
+        with the limit of `kind` rows ("mixed": the largest limit, as before 1.4)."""
         inputs = self.builder.rows_to_inputs(self.model, list(zip(prompt_ids, features, strict=True)))
         width = inputs["input_ids"].shape[1]
         extra = self._forcing(width, forced, kind) if forced is not None else {}
@@ -384,7 +392,7 @@ class Engine:
         self.stats.rows += len(prompt_ids)
         steps = sequences.shape[1] - width
         new = sequences[:, width:].tolist()
-        gens = [self._finish(row, self.budgets[kind]) for row in new]
+        gens = [self._finish(row, self._limit(kind)) for row in new]
         self._count_slots([len(ids) for ids in prompt_ids], width, steps, gens)
         return gens
 
@@ -414,11 +422,14 @@ class Engine:
         self.stats.generated_tokens += count
         return _Gen(tokens=tokens, text=text, prompt_tokens=0, generated_tokens=count, hit_limit=hit_limit)
 
+    def _limit(self, kind: str) -> int:
+        return max(self.budgets.values()) if kind == "mixed" else self.budgets[kind]
+
     def generation_config(self, kind: str = "ocr") -> Any:
         """Greedy decoding up to the limit of `kind` rows, stopping at any end-of-turn token."""
         from transformers import GenerationConfig
 
-        limit = self.budgets[kind]
+        limit = self._limit(kind)
         kwargs: dict[str, Any] = {
             "max_new_tokens": limit,
             "do_sample": False,
