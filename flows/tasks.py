@@ -17,7 +17,12 @@ from typing import Any
 from uuid import UUID
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.tasks import Task, exponential_backoff
@@ -31,6 +36,7 @@ from pipeline.planning import Shard
 SHARD_RETRIES = 3
 SHARD_BACKOFF_S = 2.0  # first retry after ~2 s, then ~4 s, ~8 s (with jitter)
 SUMMARY_KEY = "docpipe-run-summary"
+REPORT_KEY = "docpipe-run-report"
 PROGRESS_KEY = "docpipe-progress"
 
 # S3 error codes that no retry will fix (wrong bucket, wrong or missing credentials).
@@ -196,6 +202,15 @@ def publish_summary(summary: runner.RunSummary, *, failed_shards: Sequence[str] 
                                  description=description)
 
 
+def publish_report(config: RunConfig, run_id: str) -> UUID:
+    """Write the run's HTML report into the output (`_docpipe/reports/<run>.html`) and say
+    where it is in a markdown artifact (a report that fails is a line there, not a failed run)."""
+    from pipeline.report import publish_markdown
+
+    note = publish_markdown(config.output, run_id, config.storage_options, shown_output=public_url(config.output))
+    return create_markdown_artifact(note, key=REPORT_KEY, description=f"docpipe run {run_id}: visual report")
+
+
 class Progress:
     """A progress artifact updated as shards finish."""
 
@@ -253,8 +268,10 @@ def finish_run(
     if failed:
         message = failure_message(failed, len(plan.shards))
         runner.end_run(handle, "failed", summary, message)
+        publish_report(config, run_id)
         raise RuntimeError(message)
     runner.end_run(handle, "completed", summary)
+    publish_report(config, run_id)
     data = summary.to_dict()
     data["output"] = public_url(summary.output)
     return data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 
 from rich.console import Console
@@ -56,4 +57,10 @@ def run_with_progress(config: RunConfig, console: Console | None = None) -> RunS
     with progress:
         summary = run(config, progress=on_event, on_plan=on_plan)
     out.print(summary_table(summary))
+    out.print(report_hint(config.output, summary.run_id), markup=False, highlight=False, soft_wrap=True)
     return summary
+
+
+def report_hint(output: str, run_id: str) -> str:
+    """The command that makes this run's visual report (pages beside what was extracted)."""
+    return f"report: docpipe report {shlex.quote(output)} --run {run_id} --html report.html"

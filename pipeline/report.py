@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -341,6 +342,7 @@ def plot_throughput(steps: Sequence[tuple[float, int, str, int]], seconds: float
 
 # ---- HTML -------------------------------------------------------------------------------
 
+_USERINFO = re.compile(r"://[^/@]*@")  # credentials in a URL are never shown
 _CONTROL = {c: "\ufffd" for c in [*range(0, 9), 11, 12, *range(14, 32), 127]}
 
 
@@ -502,7 +504,7 @@ def build_html(
     dtypes = sorted({str(p["model_dtype"]) for p in data.pages if p.get("model_dtype")})
     return env.from_string(_TEMPLATE).render(
         run=data.run,
-        output=data.output,
+        output=_USERINFO.sub("://", data.output),
         summary=summary,
         settings=sorted((k, json.dumps(v)) for k, v in summary.settings.items()),
         documents_total=len(data.documents),
@@ -578,7 +580,8 @@ def write_report(
     import fsspec
 
     result = make_report(output, run_id, sample=sample, storage_options=storage_options)
-    with fsspec.open(destination, "w", encoding="utf-8", **dict(storage_options or {})) as fh:
+    remote = "://" in destination and not destination.startswith("file://")
+    with fsspec.open(destination, "w", encoding="utf-8", **(dict(storage_options or {}) if remote else {})) as fh:
         fh.write(result.html)
     return result
 
