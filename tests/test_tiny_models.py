@@ -84,3 +84,31 @@ def test_random_weights_give_varied_tokens(tmp_path: Path) -> None:
 def test_unknown_family(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown family"):
         make_tiny_model("llava", tmp_path)
+
+
+SEED_LAYOUT = {  # the official config.json names of the seed checkpoints
+    "minicpm_v2": ("minicpmv", "MiniCPMV", "tokenizer.model"),
+    "mono_internvl": ("internvl_chat", "InternVLChatModel", "tokenizer.model"),
+    "minimax_vl_01": ("minimax_vl_01", "MiniMaxVL01ForConditionalGeneration", "tokenizer.json"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(SEED_LAYOUT))
+def test_make_tiny_model_cli_builds_the_seed_families_in_their_official_layout(family: str, tmp_path: Path, capsys) -> None:
+    import json
+
+    from pipeline.cli import main
+    from pipeline.inference.registry import recognise
+    from pipeline.testing.tiny_models import SEED_FAMILIES
+
+    assert family in SEED_FAMILIES
+    assert main(["make-tiny-model", family, str(tmp_path / family)]) == 0
+    assert str(tmp_path / family) in capsys.readouterr().out
+    folder = tmp_path / family
+    config = json.loads((folder / "config.json").read_text())
+    model_type, architecture, tokenizer_file = SEED_LAYOUT[family]
+    assert config["model_type"] == model_type and config["architectures"] == [architecture]
+    assert recognise(config).name == family
+    names = {p.name for p in folder.iterdir()}
+    assert {"model.safetensors", tokenizer_file} <= names
+    assert not any(name.endswith((".bin", ".pt", ".pth", ".py")) for name in names)  # no code, safetensors only
