@@ -4,6 +4,7 @@ family's own chat format, greedy; the same ids as a plain `generate` on raw pixe
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,17 @@ from pipeline.testing.tiny_models import make_tiny_model
 FAMILIES = ("internvl", "qwen2_vl", "idefics3", "minicpm_v2", "mono_internvl", "minimax_vl_01")
 QUESTION = "What is shown in this picture?"
 NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models on shared cores: one torch thread is much faster than two."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _image(width: int = 160, height: int = 120, seed: int = 0):

@@ -4,6 +4,7 @@ for every page, and the pages table records the model's own page plan."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -18,6 +19,17 @@ SAMPLES = Path(__file__).resolve().parent.parent / "sample_docs"
 POLICY = {"minicpm_v2": "minicpm", "mono_internvl": "internvl", "minimax_vl_01": "minimax"}
 # Fewer slices/tiles keep the run short on a CI CPU (MiniMax-VL-01's anyres grid takes no bound).
 TILE_BOUND = {"minicpm_v2": ["--max-tiles", "2"], "mono_internvl": ["--max-tiles", "2"], "minimax_vl_01": []}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models on shared cores: one torch thread is much faster than two."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _pages(out: Path) -> list[dict]:
