@@ -19,8 +19,14 @@ def test_ocr_prompt_anchors_on_the_text_layer() -> None:
     assert prompts.ocr_prompt(None) == prompts.ocr_prompt("  \n ") == prompts.OCR
     anchored = prompts.ocr_prompt("Invoice 4711\nTotal 12.00")
     assert anchored.startswith(prompts.OCR) and "Invoice 4711\nTotal 12.00" in anchored
-    long = prompts.ocr_prompt("x" * 10_000, max_anchor_chars=100)
-    assert "x" * 100 + " ..." in long and "x" * 101 not in long
+    layer = "Revenue grew. " * 1_000
+    long = prompts.ocr_prompt(layer, max_anchor_chars=100)
+    assert layer[:100] + " ..." in long and layer[:101] not in long
+
+
+def test_a_garbled_text_layer_is_no_hint() -> None:
+    shifted = "RVBSUFSMZ SFWFOVF HSFX CZ UXFMWF QFSDFOU JO UIF OPSUIFSO SFHJPO. " * 5  # no Unicode map
+    assert prompts.ocr_prompt(shifted) == prompts.ocr_prompt("Total \ufffd\ufffd\ufffd") == prompts.OCR
 
 
 def test_task_prompts() -> None:

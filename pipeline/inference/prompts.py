@@ -10,7 +10,11 @@ from __future__ import annotations
 import hashlib
 import re
 
-PROMPT_RELEASE = "1"
+from pipeline.textlayer import assess_text_layer
+
+# 2: a text layer that fails the quality check (pipeline.textlayer) is no longer given as
+# an OCR hint: a garbled layer misleads the model and costs up to ~1k prompt tokens.
+PROMPT_RELEASE = "2"
 
 DESCRIPTION = (
     "Describe this document page in two to four sentences: what kind of document it is "
@@ -57,8 +61,9 @@ def description_prompt() -> str:
 
 
 def ocr_prompt(text_layer: str | None = None, *, max_anchor_chars: int = MAX_ANCHOR_CHARS) -> str:
-    """Prompt for the OCR task; with a non-blank `text_layer`, adds it (cut) as an anchor."""
-    if text_layer is None or not text_layer.strip():
+    """Prompt for the OCR task; with a `text_layer` that passes the quality check of
+    `pipeline.textlayer.assess_text_layer`, adds it (cut) as an anchor."""
+    if text_layer is None or not text_layer.strip() or not assess_text_layer(text_layer).usable:
         return OCR
     anchor = text_layer.strip()
     if len(anchor) > max_anchor_chars:
