@@ -56,7 +56,12 @@ _END_OF_TURN = ("<|im_end|>", "<end_of_utterance>", "<|eot_id|>")
 # order a batch runs them (chart answers need the chart check's verdict).
 ROW_KINDS = ("chart_check", "description", "ocr", "chart_answer")
 # Which pages-table usage group (records.TASK_USAGE_KINDS) each kind of row counts in.
-_USAGE_GROUP = {"chart_check": "chart_check", "description": "description", "ocr": "ocr", "chart_answer": "chart_answers"}
+_USAGE_GROUP = {
+    "chart_check": "chart_check",
+    "description": "description",
+    "ocr": "ocr",
+    "chart_answer": "chart_answers",
+}
 
 # A forced output for benchmarks and tests: a length (generated tokens, end token
 # included) or the exact token ids to produce (the end token is added after them).
@@ -362,7 +367,8 @@ class Engine:
         own limit), packed by the visual-token budget, the longest expected rows together."""
         if self.schedule == "mixed":  # the pre-1.4 schedule, for benchmarks: every kind in one call
             costs = [pages[i].visual_tokens for i, _ in rows]
-            calls = [("mixed", [rows[j] for j in packed]) for packed in pack_by_budget(costs, self.batch_visual_tokens, self.max_batch_pages)]
+            packs = pack_by_budget(costs, self.batch_visual_tokens, self.max_batch_pages)
+            calls = [("mixed", [rows[j] for j in packed]) for packed in packs]
         else:
             calls = schedule_rows(rows, pages, self.batch_visual_tokens, self.max_batch_pages)
         for kind, group in calls:
@@ -617,4 +623,13 @@ def load_engine(
     )
 
 
-__all__ = ["ROW_KINDS", "Engine", "EngineStats", "budgets_for", "load_engine", "row_kind", "schedule_rows", "usage_by_group"]
+__all__ = [
+    "ROW_KINDS",
+    "Engine",
+    "EngineStats",
+    "budgets_for",
+    "load_engine",
+    "row_kind",
+    "schedule_rows",
+    "usage_by_group",
+]
