@@ -271,22 +271,16 @@ def discover_work(config: RunConfig, handle: RunHandle) -> WorkPlan:
 _ENGINES: dict[tuple[Any, ...], Any] = {}
 
 
+# Settings that never change what the loaded engine does; every other one is part of its key,
+# so a new setting cannot be forgotten here (at worst it reloads the model once too often).
+_NOT_ENGINE = frozenset({
+    "source", "output", "storage_options", "extensions", "limit", "shard_size", "run_id", "progress",
+    "prep_workers", "prefetch_pages", "document_timeout_s", "reprocess", "wait_for_output_s",
+})
+
+
 def _engine_key(config: RunConfig) -> tuple[Any, ...]:
-    return (
-        config.model,
-        config.revision,
-        config.dtype,
-        config.device,
-        config.gpu_memory_headroom,
-        config.trust_remote_code,
-        tuple(config.tasks),
-        tuple(config.all_chart_questions()),
-        config.max_new_tokens,
-        config.batch_visual_tokens,
-        config.max_batch_pages,
-        config.max_tiles,
-        config.min_tiles,
-    )
+    return (config.model_dump_json(exclude=set(_NOT_ENGINE)),)
 
 
 def get_engine(config: RunConfig) -> Any | None:

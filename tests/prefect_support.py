@@ -290,15 +290,18 @@ def read_rows(output: str, table: str, storage_options: dict[str, Any] | None = 
 
 
 def stray_files(output_dir: Path) -> list[str]:
-    """Files under a local output that are neither final part files, hidden temporaries, nor
-    lease records (`_docpipe/lease/<generation>.json`). A shard plan left behind is stray: a
-    finished run removes each plan once its shard is committed."""
+    """Files under a local output that are neither final part files, hidden temporaries,
+    lease records (`_docpipe/lease/<generation>.json`) nor run reports
+    (`_docpipe/reports/<run>.html`). A shard plan left behind is stray: a finished run
+    removes each plan once its shard is committed."""
     out = []
     for path in output_dir.rglob("*"):
         rel = path.relative_to(output_dir).as_posix()
         if not path.is_file() or path.name.startswith("."):
             continue
-        if re.fullmatch(r"(pages|documents|runs)/part-[^/]+\.parquet", rel) or re.fullmatch(r"_docpipe/lease/\d{12}\.json", rel):
+        if re.fullmatch(r"(pages|documents|runs)/part-[^/]+\.parquet", rel) or re.fullmatch(
+            r"_docpipe/(lease/\d{12}\.json|reports/[^/]+\.html)", rel
+        ):
             continue
         out.append(rel)
     return out
