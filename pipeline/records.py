@@ -76,6 +76,8 @@ class DocumentRef:
     duplicate_of: str | None = None  # uri of the first input with the same bytes, if any
     error: StageError | None = None  # discovery-time problem (unreadable, empty, unknown type)
     version: str | None = None  # what the listing says identifies this revision (ETag, mtime)
+    etag: str | None = None  # the object store's content tag, when it has one
+    mtime: float | None = None  # last modification from the listing, unix seconds
 
 
 @dataclass(frozen=True, slots=True)

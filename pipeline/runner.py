@@ -478,6 +478,7 @@ class _ShardRun:
             outcome = DocumentOutcome(ref=ref, status=DocStatus.ERROR, error=err)
         outcome.attempt = self.shard.attempt_of(ref.uri)
         outcome.timings.inference_s += state.model_s
+        outcome.timings.total_s += state.model_s  # preparation wall time + its share of the model
         rows = state.rows
         if state.failed_in_model:
             outcome.pages_ok -= state.failed_in_model

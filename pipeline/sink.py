@@ -115,8 +115,10 @@ def page_row(
     shard_id: str,
     run_id: str,
     fingerprint: str,
+    processed_at: datetime | None = None,
 ) -> dict[str, Any]:
-    """One row of the pages table. `error` (or else `answers.error`) makes the status 'error'."""
+    """One row of the pages table. `error` (or else `answers.error`) makes the status 'error'.
+    `processed_at` (timezone-aware) defaults to now."""
     effective_error = error if error is not None else (answers.error if answers is not None else None)
     row: dict[str, Any] = {
         "doc_id": doc_id,
@@ -128,6 +130,7 @@ def page_row(
         "status": "ok" if effective_error is None else "error",
         **_error_columns(effective_error),
         "shard_id": shard_id,
+        "processed_at": (processed_at or datetime.now(timezone.utc)).astimezone(timezone.utc),
         "run_id": run_id,
         "config_fingerprint": fingerprint,
     }
@@ -152,6 +155,8 @@ def document_row(
         "status": outcome.status.value,
         "duplicate_of": ref.duplicate_of,
         "source_version": ref.version,
+        "source_etag": ref.etag,
+        "source_mtime": None if ref.mtime is None else datetime.fromtimestamp(ref.mtime, timezone.utc),
         **_error_columns(outcome.error if outcome.error is not None else ref.error),
         "attempt": outcome.attempt,
         "open_note": outcome.open_note,

@@ -192,12 +192,46 @@ class _Candidate:
     uri: str  # full URL, the sort key
     size: int | None  # from the listing; None when the listing did not say
     version: str | None = None  # ETag / mtime from the listing (see file_version)
+    etag: str | None = None  # the store's content tag (ETag, GCS md5Hash), when it has one
+    mtime: float | None = None  # last modification, unix seconds, when the listing says
 
 
 # Listing keys that change whenever a file's content may have, most specific first:
 # object stores' ETag / MD5, then modification times (local mtime, S3 LastModified, GCS
 # updated, the memory file system's created).
 _VERSION_KEYS = ("ETag", "etag", "md5Hash", "mtime", "LastModified", "updated", "created")
+
+
+_ETAG_KEYS = ("ETag", "etag", "md5Hash")
+_MTIME_KEYS = ("mtime", "LastModified", "updated", "created")
+
+
+def file_etag(info: dict[str, Any]) -> str | None:
+    """The object store's content tag (quotes removed), or None (local files have none)."""
+    for key in _ETAG_KEYS:
+        value = info.get(key)
+        if value not in (None, ""):
+            return str(value).strip('"')
+    return None
+
+
+def file_mtime(info: dict[str, Any]) -> float | None:
+    """Last modification time from a listing entry, as unix seconds; None if unknown."""
+    import datetime as _dt
+
+    for key in _MTIME_KEYS:
+        value = info.get(key)
+        if isinstance(value, _dt.datetime):
+            return (value if value.tzinfo else value.replace(tzinfo=_dt.timezone.utc)).timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str) and value:
+            try:
+                parsed = _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                continue
+            return (parsed if parsed.tzinfo else parsed.replace(tzinfo=_dt.timezone.utc)).timestamp()
+    return None
 
 
 def file_version(info: dict[str, Any]) -> str | None:
@@ -254,13 +288,15 @@ def _candidates(fs: fsspec.AbstractFileSystem, root: str, extensions: frozenset[
         raise FileNotFoundError(f"source not found: {fs.unstrip_protocol(root)}") from None
     if root_info.get("type") != "directory":
         # A single file named explicitly is taken whatever its extension; content decides.
-        return [_Candidate(root, full_uri(fs, root), root_info.get("size"), file_version(root_info))]
+        return [_Candidate(root, full_uri(fs, root), root_info.get("size"), file_version(root_info),
+                           file_etag(root_info), file_mtime(root_info))]
     out: list[_Candidate] = []
     for path, info in _list_files(fs, root).items():
         if path.endswith("/") or _is_hidden(root, path) or extension_of(path) not in extensions:
             continue  # "folder" marker objects on object stores, hidden and other files
         if info.get("type", "file") == "file":
-            out.append(_Candidate(path, full_uri(fs, path), info.get("size"), file_version(info)))
+            out.append(_Candidate(path, full_uri(fs, path), info.get("size"), file_version(info), file_etag(info),
+                                  file_mtime(info)))
         elif _is_broken_link(fs, path, info):  # reported as unreadable; sockets, FIFOs... skipped
             out.append(_Candidate(path, full_uri(fs, path), None))
     out.sort(key=lambda c: c.uri)
@@ -336,10 +372,11 @@ def _make_ref(fs: fsspec.AbstractFileSystem, cand: _Candidate, known: Mapping[st
     """
     seen = known.get(cand.uri)
     if seen is not None and cand.version is not None and (seen.size, seen.version) == (cand.size, cand.version):
-        return DocumentRef(cand.uri, seen.doc_id, seen.size, seen.media_type, version=cand.version)
+        return DocumentRef(cand.uri, seen.doc_id, seen.size, seen.media_type, version=cand.version, etag=cand.etag,
+                           mtime=cand.mtime)
     ref = _read_ref(fs, cand)
     # No version without a content hash (unreadable files): they are read again next time.
-    return dataclasses.replace(ref, version=cand.version) if ref.doc_id else ref
+    return dataclasses.replace(ref, version=cand.version, etag=cand.etag, mtime=cand.mtime) if ref.doc_id else ref
 
 
 def _read_ref(fs: fsspec.AbstractFileSystem, cand: _Candidate) -> DocumentRef:

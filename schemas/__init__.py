@@ -59,9 +59,12 @@ DOCUMENTS_FIELDS: list[pa.Field] = [
     _f(
         "source_version",
         pa.string(),
-        "The file's version from its listing when it was read (ETag on object stores, else modification time); "
-        "later runs skip re-reading a file whose size and version are unchanged.",
+        "Opaque change token from the file's listing (prefixed ETag or modification time) that later runs compare "
+        "to skip re-reading an unchanged file; for analysis use source_etag and source_mtime.",
     ),
+    _f("source_etag", pa.string(), "The object store's content tag (S3 ETag, GCS md5Hash) when it was read; null for "
+       "local files."),
+    _f("source_mtime", pa.timestamp("us", tz="UTC"), "The file's last modification time from its listing, UTC."),
     _f("duplicate_of", pa.string(), "source_uri of the input with the same bytes that was processed, for duplicates."),
     *_error_fields(),
     _f("attempt", pa.int32(), "How many runs have tried this document (1 the first time; retryable failures are "
@@ -70,7 +73,9 @@ DOCUMENTS_FIELDS: list[pa.Field] = [
     _f("rasterize_s", pa.float64(), "Seconds spent opening and rasterizing the document."),
     _f("tiling_s", pa.float64(), "Seconds spent planning and cutting tiles."),
     _f("inference_s", pa.float64(), "Seconds of model time attributed to this document's pages."),
-    _f("total_s", pa.float64(), "Wall seconds from opening the document to its last page."),
+    _f("total_s", pa.float64(), "Seconds spent on the document: preparation (open, render, tile: wall time in its "
+       "worker) plus inference_s. Preparation and inference of different documents overlap, so these do not add up "
+       "to a run's wall time."),
     _f("shard_id", pa.string(), "Shard (unit of work and of output files) the document was processed in.", nullable=False),
     _f("run_id", pa.string(), "Run that wrote this row.", nullable=False),
     _f("config_fingerprint", pa.string(), "Hash of the settings that change page outputs.", nullable=False),
@@ -164,6 +169,7 @@ PAGES_FIELDS: list[pa.Field] = [
     _f("status", pa.string(), "ok or error.", nullable=False),
     *_error_fields(),
     _f("shard_id", pa.string(), "Shard the page was processed in.", nullable=False),
+    _f("processed_at", pa.timestamp("us", tz="UTC"), "When the page's row was made (after the model answered)."),
     _f("run_id", pa.string(), "Run that wrote this row.", nullable=False),
     _f("config_fingerprint", pa.string(), "Hash of the settings that change page outputs.", nullable=False),
 ]

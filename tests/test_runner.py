@@ -226,3 +226,19 @@ def test_a_worker_that_died_between_shards_is_replaced(inputs: Path, tmp_path: P
     runner.end_run(handle, "completed")
     assert result.documents == len(second.refs) and "worker_crashed" not in result.errors_by_type
     assert pool.workers[0].process.is_alive()
+
+
+def test_typed_listing_columns_and_page_timestamps(inputs: Path, tmp_path: Path):
+    import os
+    from datetime import datetime, timezone
+
+    out = tmp_path / "out"
+    started = datetime.now(timezone.utc)
+    runner.run(RunConfig(source=str(inputs), output=str(out), progress=False))
+    docs = {Path(d["source_uri"]).name: d for d in read(out, "documents")}
+    report = docs["report.pdf"]
+    assert report["source_etag"] is None  # local files have no content tag
+    assert abs(report["source_mtime"].timestamp() - os.stat(inputs / "report.pdf").st_mtime) < 1e-3
+    pages = read(out, "pages")
+    assert all(p["processed_at"] is not None and p["processed_at"] >= started for p in pages)
+    assert all(d["total_s"] >= d["rasterize_s"] for d in docs.values() if d["total_s"] is not None)

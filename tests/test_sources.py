@@ -410,6 +410,13 @@ def test_s3_bucket(s3_bucket: str, s3_storage_options: dict) -> None:
     assert by_name["fake.pdf"].error.message == "named .pdf but content is text/html"
     assert by_name["sub/deeper/chart.Png"].media_type == "image/png"
     assert read_bytes(f"{prefix}/sub/Report.PDF", s3_storage_options) == TREE["sub/Report.PDF"]
+    # typed listing columns: S3's ETag of a single-part upload is the MD5 of the bytes
+    import hashlib
+    import time as _time
+
+    report = by_name["sub/Report.PDF"]
+    assert report.etag == hashlib.md5(TREE["sub/Report.PDF"]).hexdigest()
+    assert report.mtime is not None and abs(report.mtime - _time.time()) < 600
 
     [single] = discover(f"{prefix}/scan.TIF", extensions=EXTS, storage_options=s3_storage_options)
     assert single.uri == f"{prefix}/scan.TIF" and single.media_type == "image/tiff"
