@@ -82,6 +82,17 @@ def test_unknown_run_is_refused(finished_run: Path, tmp_path: Path) -> None:
         make_report(str(finished_run), "nope")
 
 
+def test_cli_report(finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.cli import EXIT_BAD_CONFIG, EXIT_OK, main
+
+    dest = tmp_path / "cli.html"
+    assert main(["report", str(finished_run), "--html", str(dest), "--sample", "2"]) == EXIT_OK
+    assert "(2 of 10 pages in the gallery)" in capsys.readouterr().out
+    assert dest.read_text().count('class="card') == 2
+    assert main(["report", str(finished_run), "--run", "nope", "--html", str(tmp_path / "x.html")]) == EXIT_BAD_CONFIG
+    assert capsys.readouterr().err.startswith("docpipe: no run 'nope'")
+
+
 def test_gallery_takes_every_error_page_and_a_bounded_sample() -> None:
     pages = [{"source_uri": f"s3://b/{i:03d}.pdf", "page_number": 1, "status": "ok"} for i in range(100)]
     pages += [{"source_uri": f"s3://b/e{i}.tif", "page_number": 2, "status": "error", "error_type": "corrupt_image"}
