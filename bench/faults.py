@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.prefect_support import make_corpus, read_rows, stray_files  # noqa: E402
+from tests.prep_faults import children_of, wait_gone  # noqa: E402
 
 DOCPIPE = str(Path(sys.executable).parent / "docpipe")
 
@@ -46,36 +47,13 @@ class Tally:
 
 
 def descendants(pid: int) -> list[int]:
-    """Every live process below `pid` (from /proc), zombies excluded."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                parents[int(entry.name)] = int(fields[1])
+    """Every live process below `pid`."""
     found, frontier = [], [pid]
     while frontier:
-        current = frontier.pop()
-        kids = [p for p, parent in parents.items() if parent == current]
+        kids = children_of(frontier.pop())
         found += kids
         frontier += kids
     return found
-
-
-def still_running(pids: list[int], wait_s: float = 5.0) -> list[int]:
-    def running(pid: int) -> bool:
-        try:
-            return (Path(f"/proc/{pid}") / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            return False
-
-    deadline = time.monotonic() + wait_s
-    while any(running(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return [p for p in pids if running(p)]
 
 
 def run_args(src: Path, out: Path, *extra: str) -> list[str]:
@@ -129,7 +107,7 @@ def kill_and_rerun(src: Path, out: Path, rng: random.Random, tally: Tally) -> No
         below = descendants(proc.pid)
         proc.kill()
         proc.wait()
-        tally.orphans += len(still_running(below))
+        tally.orphans += len(wait_gone(below, 5.0))
     result = finish(run_args(src, out, "--shard-size", "4"))
     if result.returncode:
         tally.notes.append(f"final run exit {result.returncode}")
@@ -187,7 +165,7 @@ def ctrl_c_and_rerun(src: Path, out: Path, rng: random.Random, tally: Tally) -> 
     below = descendants(proc.pid)
     os.killpg(proc.pid, signal.SIGINT)
     proc.wait(timeout=120)
-    tally.orphans += len(still_running(below))
+    tally.orphans += len(wait_gone(below, 5.0))
     if proc.returncode != 130:
         tally.notes.append(f"interrupted run exit {proc.returncode}")
     result = finish(run_args(src, out, "--shard-size", "4"))

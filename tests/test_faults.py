@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.prep_faults import children_of, wait_gone
 from tests.prefect_support import (
     BIN,
     expected_pages,
@@ -48,37 +49,6 @@ def assert_exactly_once(out: Path, expected: dict[str, int]) -> None:
     assert pages_by_name(pages) == expected_pages(expected)
     assert sorted(Path(d["source_uri"]).name for d in docs) == sorted(expected)  # one row per document
     assert stray_files(out) == []
-
-
-def children_of(pid: int) -> list[int]:
-    """Live processes whose parent is `pid` (from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(entry.name))
-    return found
-
-
-def alive(pids: list[int], wait_s: float = 5.0) -> list[int]:
-    """Those of `pids` still running (zombies waiting for their reaper do not count) after up to `wait_s`."""
-
-    def running(pid: int) -> bool:
-        try:
-            return (Path(f"/proc/{pid}") / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            return False
-
-    deadline = time.monotonic() + wait_s
-    while any(running(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return [p for p in pids if running(p)]
 
 
 @pytest.fixture()
@@ -159,7 +129,7 @@ def test_ctrl_c_says_a_rerun_resumes_and_it_does(corpus, tmp_path: Path):
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1].startswith("docpipe: interrupted; finished shards are kept")
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    assert alive(workers) == []
+    assert wait_gone(workers, 5.0) == []
     (run,) = read_rows(str(out), "runs")
     assert run["status"] == "interrupted"
     again = docpipe(*run_args(src, out, "--shard-size", "1"))
@@ -179,7 +149,7 @@ def test_a_killed_run_leaves_no_worker_behind_and_the_next_run_takes_over_at_onc
     assert workers, "the run had no worker processes"
     proc.kill()
     proc.wait()
-    assert alive(workers) == []  # no orphans
+    assert wait_gone(workers, 5.0) == []  # no orphans
     t0 = time.monotonic()
     again = docpipe(*run_args(src, out, "--shard-size", "2"))  # the dead run's lease is not waited for
     assert again.returncode == 0, again.stderr
