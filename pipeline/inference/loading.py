@@ -156,6 +156,7 @@ def compute_device_map(
     dtype: Any,
     *,
     family: "Family | str | None" = None,
+    special_dtypes: Mapping[str, Any] | None = None,
 ) -> dict[str, int]:
     """Module name -> GPU id for one model instance sharded over `gpu_memory`'s GPUs.
 
@@ -166,7 +167,8 @@ def compute_device_map(
     `_no_split_modules`), then the family's first-GPU modules (vision encoder, projector,
     token embeddings) are pinned to the first GPU, where inputs go, and its last-GPU
     modules (final norm, lm_head) to the last GPU the split uses. Raises ModelConfigError
-    when the weights do not fit. No GPU is needed.
+    when the weights do not fit. No GPU is needed. `special_dtypes` (parameter name ->
+    dtype) sizes some weights in another dtype than `dtype` (see `int8_special_dtypes`).
     """
     from accelerate.utils import (
         compute_module_sizes,
@@ -184,7 +186,8 @@ def compute_device_map(
     gpus = sorted(gpu_memory)
     limits = {g: int(gpu_memory[g] * (1.0 - headroom)) for g in gpus}
     no_split = sorted(set(getattr(model, "_no_split_modules", None) or []))
-    sizes = compute_module_sizes(model, dtype=dtype)
+    special = dict(special_dtypes) if special_dtypes else None
+    sizes = compute_module_sizes(model, dtype=dtype, special_dtypes=special)
     if sizes[""] > sum(limits.values()):
         raise ModelConfigError(
             f"the weights need {sizes[''] / 2**30:.1f} GiB but the GPUs offer {sum(limits.values()) / 2**30:.1f} GiB "
@@ -211,7 +214,8 @@ def compute_device_map(
         budget shrinks by the excess and the split is tried again."""
         budget = dict(budget)
         for _ in range(8):
-            found = infer_auto_device_map(model, max_memory=budget, no_split_module_classes=no_split, dtype=dtype)
+            found = infer_auto_device_map(model, max_memory=budget, no_split_module_classes=no_split, dtype=dtype,
+                                          special_dtypes=special)
             if any(not isinstance(d, int) for d in found.values()):
                 return None  # something went to cpu/disk: it does not fit
             pinned = split_around(model, dict(found), (*first, *last))
@@ -231,7 +235,8 @@ def compute_device_map(
     with _quiet_accelerate():
         budgets = [limits]
         if len(gpus) > 1:
-            balanced = get_balanced_memory(model, max_memory=dict(limits), no_split_module_classes=no_split, dtype=dtype)
+            balanced = get_balanced_memory(model, max_memory=dict(limits), no_split_module_classes=no_split, dtype=dtype,
+                                           special_dtypes=special)
             budgets.insert(0, {g: min(limits[g], int(balanced.get(g, limits[g]))) for g in gpus})
         for budget in budgets:
             device_map = attempt(budget)
@@ -307,12 +312,38 @@ def pin_to_first(
 
 
 def device_map_bytes(
-    config_or_model: Any, device_map: Mapping[str, int], dtype: Any, *, family: "Family | str | None" = None
+    config_or_model: Any, device_map: Mapping[str, int], dtype: Any, *, family: "Family | str | None" = None,
+    special_dtypes: Mapping[str, Any] | None = None,
 ) -> dict[int, int]:
     """Bytes of weights each device holds under `device_map` (for checks and logs)."""
     from accelerate.utils import compute_module_sizes
 
-    return _bytes_per_device(compute_module_sizes(_meta_model(config_or_model, family), dtype=dtype), device_map)
+    special = dict(special_dtypes) if special_dtypes else None
+    sizes = compute_module_sizes(_meta_model(config_or_model, family), dtype=dtype, special_dtypes=special)
+    return _bytes_per_device(sizes, device_map)
+
+
+def int8_special_dtypes(model: Any, family: Family, keep_dtype: Any = None) -> dict[str, Any]:
+    """For sizing int8 weights (dtype=torch.int8): the parameters that stay in `keep_dtype`
+    (bf16). Only `nn.Linear` weights are converted, as weight-only int8 schemes do, and
+    not those under the family's `modules_to_not_convert` (MiniMax-VL-01: the model card's
+    list, `int8_skip_modules`; other families: lm_head), matched as substrings of the
+    module name as transformers' quantizers match them. Sizing only: no quantization
+    library is wired into loading."""
+    import torch
+
+    keep_dtype = keep_dtype or torch.bfloat16
+    skip: Sequence[str] = ("lm_head",)
+    if family.ported:
+        listed = getattr(family.implementation(), "int8_skip_modules", None)
+        if listed is not None:
+            layers = int(model.config.get_text_config().num_hidden_layers)
+            skip = tuple(listed(layers))
+    converted: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not any(key in name for key in skip):
+            converted.add(f"{name}.weight")
+    return {name: keep_dtype for name, _ in model.named_parameters() if name not in converted}
 
 
 def top_level_map(model: Any, device_map: Mapping[str, int]) -> dict[str, int]:
@@ -540,6 +571,7 @@ __all__ = [
     "device_map_bytes",
     "dtype_name",
     "family_for",
+    "int8_special_dtypes",
     "load_builder",
     "load_model",
     "meta_model",
