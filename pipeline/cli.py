@@ -123,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     devices.add_argument("--gpus", type=int, required=True, help="Number of GPUs.")
     devices.add_argument("--gpu-memory", required=True, type=_memory_size, metavar="SIZE",
                          help="Memory of each GPU, e.g. 80GiB, 141GB, 24000MiB.")
-    devices.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
-                         help="Weight dtype. [default: bfloat16]")
+    devices.add_argument("--dtype", choices=("bfloat16", "float16", "float32", "int8"), default="bfloat16",
+                         help="Weight dtype; int8 sizes weight-only int8 Linear layers, the family's "
+                         "modules_to_not_convert kept in bf16 (sizing only). [default: bfloat16]")
     devices.add_argument("--headroom", type=float, default=None,
                          help="Share of each GPU kept free of weights. [default: the run setting's, 0.2]")
     devices.add_argument("--revision", default=None, help="Hub revision of the checkpoint.")
@@ -248,6 +249,7 @@ def _cmd_devices(args: argparse.Namespace) -> int:
         ModelConfigError,
         compute_device_map,
         device_map_bytes,
+        int8_special_dtypes,
         meta_model,
         model_config_for,
         model_folder,
@@ -266,15 +268,16 @@ def _cmd_devices(args: argparse.Namespace) -> int:
         family = recognise(read_model_config(args.model, args.revision))
         folder = model_folder(args.model, args.revision) if family.ported else args.model
         model = meta_model(model_config_for(family, folder, args.revision), family)
+        special = int8_special_dtypes(model, family) if args.dtype == "int8" else None
         device_map = compute_device_map(model, {g: args.gpu_memory for g in range(args.gpus)}, headroom, dtype,
-                                        family=family)
+                                        family=family, special_dtypes=special)
     except (SetupError, UnsupportedModelError, ModelConfigError) as exc:
         return _fail(str(exc), EXIT_BAD_CONFIG)
     shown = top_level_map(model, device_map)
     if args.json:
         print(json.dumps(shown))
         return EXIT_OK
-    used = device_map_bytes(model, device_map, dtype, family=family)
+    used = device_map_bytes(model, device_map, dtype, family=family, special_dtypes=special)
     total = sum(p.numel() for p in model.parameters())
     limit = args.gpu_memory * (1.0 - headroom)
     print(f"{args.model}: {family.name}, {total / 1e9:.3f} B parameters, {args.dtype} weights, "
