@@ -19,10 +19,12 @@ The protocol, which every writer follows:
 2. **Plans before work.** Shards are cut under the lease and each plan is written before
    any of its files. A rerun replays an uncommitted plan under the same shard id (its
    files are overwritten whole) instead of re-sharding its documents.
-3. **Commit.** A shard writes its pages file, then its documents file; each file appears
-   whole or not at all (temp + rename locally, one PUT on object stores). Readers take
-   only shards whose documents file exists (`open_table`), so pages of a shard being
-   written are never visible. The plan is removed after the commit.
+3. **Commit.** A shard stages its pages file (`_docpipe/staging/pages/`), writes its
+   documents file (the commit point), then moves the pages file into `pages/`; each file
+   appears whole or not at all (temp + rename locally, one PUT or server-side copy on
+   object stores). So pages of an uncommitted shard are never under `pages/`; a crash
+   after the commit leaves the shard's pages staged until the next run moves them in
+   (roll forward). The plan is removed after the commit.
 4. **Cleanup** only under the lease: stale temp files, pages files with neither a
    documents file nor a plan, plans of committed shards, and documents rows superseded
    by a retry of a retryable failure.
@@ -469,28 +471,49 @@ class Dataset:
         lease: "Lease | None" = None,
         supersedes: Iterable[tuple[str, str]] = (),
     ) -> None:
-        """Write a shard's pages file, then its documents file (the commit), atomically.
+        """Commit a shard: its pages staged, its documents file written (the commit point),
+        then the pages moved into place (roll forward).
 
-        With a lease, ownership is checked right before each write (LeaseLost: nothing
-        more is written). Rewriting a shard id replaces both files; the documents file is
-        removed first, so a crash in between leaves the shard uncommitted, never mixed.
-        `supersedes`: (source_uri, doc_id) whose retryable failure rows elsewhere this
-        shard replaces; they are dropped from their old shards after the commit.
+        Readers that glob `pages/*.parquet` therefore never see pages of a shard that is not
+        committed; after a crash between the commit and the move, the pages of that committed
+        shard are invisible until the next run's `clean()` moves them in. With a lease,
+        ownership is checked right before the staging and the commit (LeaseLost: nothing more
+        is written). Rewriting a shard id un-commits it first (documents file, then its
+        pages), so a crash in between leaves it not done, never mixed. `supersedes`:
+        (source_uri, doc_id) whose retryable failure rows elsewhere this shard replaces;
+        they are dropped from their old shards after the commit.
         """
         pages = conform(pages, PAGES_SCHEMA)
         documents = conform(documents, DOCUMENTS_SCHEMA)
         docs_path = self.shard_path(DOCUMENTS, shard_id)
+        staged = self._staged_pages(shard_id)
         if lease is not None:
             lease.ensure()
-        self.remove(docs_path)  # un-commit first: a crash below leaves the shard "not done"
-        self.write_table(self.shard_path(PAGES, shard_id), pages)
+        if self.remove(docs_path):  # un-commit a shard written before, then hide its pages
+            self.remove(self.shard_path(PAGES, shard_id))
+        self.write_table(staged, pages)
         if lease is not None:
             lease.ensure()
-        self.write_table(docs_path, documents)
+        self.write_table(docs_path, documents)  # the commit point
+        self._publish_pages(shard_id)
         self.delete_plan(shard_id)
         keys = set(supersedes)
         if keys:
             self.drop_superseded(keys, keep_shard=shard_id)
+
+    def _staged_pages(self, shard_id: str) -> str:
+        return self.path(META, "staging", PAGES, shard_file_name(shard_id))
+
+    def _publish_pages(self, shard_id: str) -> None:
+        """Move a committed shard's staged pages file to its final name (whole, or not yet)."""
+        staged, final = self._staged_pages(shard_id), self.shard_path(PAGES, shard_id)
+        if self.local:
+            os.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+            os.replace(staged, final)
+            _fsync_path(final.rsplit("/", 1)[0], directory=True)
+        else:  # a server-side copy makes the final object appear whole; then the staged one goes
+            self.fs.copy(staged, final)
+            self.remove(staged)
 
     def drop_superseded(self, keys: set[tuple[str, str]], *, keep_shard: str | None = None) -> int:
         """Remove retryable-failure rows of `keys` from committed shards other than
@@ -572,6 +595,15 @@ class Dataset:
         """
         committed = set(self.part_files(DOCUMENTS))
         removed: list[str] = []
+        for entry in self._listing(self.path(META, "staging", PAGES)):
+            shard = shard_id_of(entry["name"])
+            if shard is None:
+                continue
+            if shard in committed:  # committed, then cut short before its pages moved in
+                self._publish_pages(shard)
+                log.info("finished the commit of shard %s (its pages were still staged)", shard)
+            elif self.remove(entry["name"]):  # never committed: a replay writes it again
+                removed.append(full_uri(self.fs, entry["name"]))
         plans = self.plans()
         for shard_id, plan in plans.items():
             stale = current_fingerprint is not None and plan.fingerprint != current_fingerprint
@@ -581,7 +613,7 @@ class Dataset:
         live_plans = {s for s, p in plans.items() if s not in committed and not (
             current_fingerprint is not None and p.fingerprint != current_fingerprint)}
         now = time.time()
-        for table in (PAGES, DOCUMENTS, RUNS, f"{META}/plans", f"{META}/lease", META):
+        for table in (PAGES, DOCUMENTS, RUNS, f"{META}/plans", f"{META}/lease", f"{META}/staging/{PAGES}", META):
             for entry in self._listing(self.path(table)):
                 path = entry["name"]
                 shard = shard_id_of(path) if table == PAGES else None

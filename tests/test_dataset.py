@@ -160,20 +160,36 @@ def test_crash_while_writing_pages_leaves_nothing(tmp_path: Path, monkeypatch: p
     assert read_done(str(tmp_path)) == before
 
 
-def test_crash_while_writing_documents_leaves_an_orphan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crash_while_writing_documents_shows_readers_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_shard(str(tmp_path), "s1", *_shard_tables("s1", ["a"]))
     before = read_done(str(tmp_path))
     seen = _crash_on_write(monkeypatch, crash_on_call=2)
     with pytest.raises(OSError):
         write_shard(str(tmp_path), "s2", *_shard_tables("s2", ["b"]))
     assert "part-s2.parquet" not in seen and any(n.startswith(".part-s2.parquet.tmp-") for n in seen)
-    assert _files(tmp_path / "pages") == ["part-s1.parquet", "part-s2.parquet"]
+    # the uncommitted shard's pages are staged, not where a globbing reader looks
+    assert _files(tmp_path / "pages") == ["part-s1.parquet"]
     assert _files(tmp_path / "documents") == ["part-s1.parquet"]  # no half file, no temp file
     assert read_done(str(tmp_path)) == before
     assert shard_done(str(tmp_path), "s1") and not shard_done(str(tmp_path), "s2")
-    assert open_dataset(str(tmp_path), "pages").count_rows() == 2  # the orphan is not visible
-    assert Dataset(str(tmp_path)).clean() == [str(tmp_path / "pages" / "part-s2.parquet")]
+    staged = tmp_path / "_docpipe" / "staging" / "pages" / "part-s2.parquet"
+    assert staged.exists()
+    assert Dataset(str(tmp_path)).clean() == [str(staged)]
+    assert not staged.exists() and _files(tmp_path / "pages") == ["part-s1.parquet"]
+
+
+def test_a_crash_after_the_commit_is_rolled_forward(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def killed(self, shard_id):  # staged, committed, then the process dies moving the pages in
+        raise OSError(5, "killed")
+
+    monkeypatch.setattr(Dataset, "_publish_pages", killed)
+    with pytest.raises(OSError):
+        write_shard(str(tmp_path), "s1", *_shard_tables("s1", ["a"]))
+    monkeypatch.undo()
+    assert shard_done(str(tmp_path), "s1") and _files(tmp_path / "pages") == []  # nothing half-visible
+    Dataset(str(tmp_path)).clean()  # the next run, under the lease
     assert _files(tmp_path / "pages") == ["part-s1.parquet"]
+    assert open_dataset(str(tmp_path), "pages").count_rows() == 2
 
 
 def test_crash_while_rewriting_uncommits_the_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
