@@ -696,13 +696,16 @@ class Dataset:
         """Paths of `table`'s committed part files, without shards a compaction replaced.
 
         The documents folder is listed first, then the manifests, then the pages folder. A
-        committed shard without a pages file means a compaction switched and removed files
-        between two listings: list again (a few times) rather than return rows short.
+        committed shard without a pages file is either one whose pages are still staged (a
+        commit in progress, or cut short: see `commit_shard`) or one a compaction replaced
+        and removed between the listings; in the second case the documents folder has
+        changed meanwhile, so it is listed again (a few times) rather than rows returned short.
         """
         if table == RUNS:
             parts = self.part_files(RUNS)
             hidden = self._hidden(RUNS, parts)
             return sorted(p for s, p in parts.items() if s not in hidden)
+        previous: set[str] | None = None
         for _attempt in range(5):
             committed = self.part_files(DOCUMENTS)
             hidden = self._hidden(DOCUMENTS, committed)
@@ -710,8 +713,9 @@ class Dataset:
             if table == DOCUMENTS:
                 return sorted(live.values())
             pages = self.part_files(PAGES)
-            if all(s in pages for s in live):
+            if all(s in pages for s in live) or set(committed) == previous:
                 break
+            previous = set(committed)
         return sorted(p for s, p in pages.items() if s in live)
 
     def _hidden(self, table: str, present: Mapping[str, str]) -> set[str]:
