@@ -155,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     compact_p = sub.add_parser("compact", help="Merge an output's small shard files into larger ones, safely.")
     compact_p.add_argument("output", help="The output to compact (folder or URL).")
-    compact_p.add_argument("--target-rows", type=int, default=200_000,
-                           help="Pages rows per merged file at most. [default: 200000]")
+    compact_p.add_argument("--target-rows", type=int, default=50_000,
+                           help="Pages rows per merged file at most. [default: 50000]")
     compact_p.add_argument("--wait-for-output-s", type=float, default=0.0,
                            help="Wait this long for a running run to release the output. [default: 0]")
     compact_p.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON",
