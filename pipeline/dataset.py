@@ -593,6 +593,7 @@ class Dataset:
         documents file nor a plan; temp files older than `temp_older_than_s`; and rows of
         retryable failures that a later row of the same document superseded.
         """
+        self._finish_compactions(keep_s=COMPACT_MANIFEST_KEEP_S)  # one a crash cut short
         committed = set(self.part_files(DOCUMENTS))
         removed: list[str] = []
         for entry in self._listing(self.path(META, "staging", PAGES)):

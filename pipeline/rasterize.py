@@ -229,6 +229,20 @@ def is_uniform(image: Image.Image, tolerance: int = UNIFORM_RANGE) -> bool:
     return max(hi - lo for lo, hi in bands) <= tolerance
 
 
+SCAN_LIGHT_SHARE = 0.5  # a scanned page is mostly paper...
+SCAN_COLOUR_SHARE = 0.02  # ...and almost nothing on it is strongly coloured
+
+
+def looks_like_scan(image: Image.Image) -> bool:
+    """Whether an image file is a scanned page rather than a photo, chart or figure: most of
+    it is light (paper) and hardly any of it is saturated colour. Cheap: a 256 px copy."""
+    small = image.copy()
+    small.thumbnail((256, 256))
+    light = (np.asarray(small.convert("L")) > 200).mean()
+    colour = (np.asarray(small.convert("HSV"))[..., 1] > 60).mean()
+    return bool(light >= SCAN_LIGHT_SHARE and colour < SCAN_COLOUR_SHARE)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB; transparency is composited on white, 16-bit scaled down."""
     mode = image.mode
@@ -652,7 +666,7 @@ class ImageDocument(OpenedDocument):
                 downscaled=downscaled,
                 note=note,
             ),
-            kind=PageKind.BLANK if is_uniform(image) else PageKind.IMAGE,
+            kind=PageKind.BLANK if is_uniform(image) else PageKind.SCAN if looks_like_scan(image) else PageKind.IMAGE,
             text=None,
             rotation=rotation,
         )

@@ -37,7 +37,7 @@ class PageKind(str, Enum):
     SCAN = "scan"  # an image of a page with no text layer
     SCAN_WITH_OCR = "scan_with_ocr"  # an image of a page with an (invisible) OCR text layer
     BLANK = "blank"  # nothing drawn on it
-    IMAGE = "image"  # an image file (PNG, JPEG, TIFF frame, ...) - a scan, photo or chart
+    IMAGE = "image"  # an image file that is a photo, chart or figure (a scanned page file is SCAN)
 
 
 class Stage(str, Enum):

@@ -117,7 +117,8 @@ PAGES_FIELDS: list[pa.Field] = [
     _f(
         "page_kind",
         pa.string(),
-        "born_digital, scan, scan_with_ocr, blank, or image (an image file); null if the page failed to render.",
+        "born_digital, scan (an image of a page, from a PDF or an image file that looks like paper), scan_with_ocr, "
+        "blank, or image (a photo, chart or figure image file); null if the page failed to render.",
     ),
     _f("width_px", pa.int32(), "Rendered width in pixels."),
     _f("height_px", pa.int32(), "Rendered height in pixels."),

@@ -67,18 +67,26 @@ def test_serve_with_a_schedule_but_no_source_is_a_configuration_error(capsys):
     assert "source" in capsys.readouterr().err
 
 
-def test_an_output_that_cannot_be_written_fails_before_any_work(tmp_path, capsys, s3_storage_options):
-    """A missing bucket stands for a read-only mount: found by the probe, one line, exit 2."""
-    import json
+def test_an_output_that_cannot_be_written_fails_before_any_work(tmp_path, s3_storage_options):
+    """A missing bucket stands for a read-only mount: found by the probe, one line, exit 2.
 
-    from pipeline.cli import main
+    Run as a subprocess: in-process, loggers of earlier tests (Prefect's console handler)
+    may write to this test's captured stderr."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
 
     src = tmp_path / "in"
     src.mkdir()
     (src / "a.png").write_bytes(b"not read before the output is checked")
-    code = main(["run", str(src), "--output", "s3://no-such-bucket-here/out", "--no-progress",
-                 "--storage-options", json.dumps(s3_storage_options)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1, err
+    docpipe = str(Path(sys.executable).parent / "docpipe")
+    proc = subprocess.run(
+        [docpipe, "run", str(src), "--output", "s3://no-such-bucket-here/out", "--no-progress",
+         "--storage-options", json.dumps(s3_storage_options)],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, err
     assert err[0].startswith("docpipe: output s3://no-such-bucket-here/out is not writable")
     assert "testing" not in err[0]  # no credential echoed

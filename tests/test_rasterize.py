@@ -257,7 +257,7 @@ def test_corrupt_frame_in_multipage_tiff_keeps_good_frames() -> None:
     assert "frame 2 of 4" in items[1].error.message
     good = [i for i in items if isinstance(i, PageImage)]
     assert [g.page_number for g in good] == [1, 3, 4]
-    assert all(g.image.size == (200, 150) and g.kind is PageKind.IMAGE for g in good)
+    assert all(g.image.size == (200, 150) and g.kind in (PageKind.IMAGE, PageKind.SCAN) for g in good)
     # frames keep their own content (frame 3's box is a different red than frame 4's)
     assert rgb(good[1], 0.5, 0.6) != rgb(good[2], 0.5, 0.6)
 
@@ -748,9 +748,9 @@ def test_sample_docs_are_deterministic_and_small() -> None:
     ("name", "media_type", "kinds", "size_check", "rotation"),
     [
         ("report.pdf", PDF, [PageKind.BORN_DIGITAL] * 3, lambda w, h: h > w, 0),
-        ("scanned_page.jpg", "image/jpeg", [PageKind.IMAGE], lambda w, h: (w, h) == (850, 1100), 0),
-        ("scanned_report.tiff", "image/tiff", [PageKind.IMAGE] * 3, lambda w, h: (w, h) == (850, 1100), 0),
-        ("rotated_scan.jpg", "image/jpeg", [PageKind.IMAGE], lambda w, h: (w, h) == (850, 1100), 90),
+        ("scanned_page.jpg", "image/jpeg", [PageKind.SCAN], lambda w, h: (w, h) == (850, 1100), 0),
+        ("scanned_report.tiff", "image/tiff", [PageKind.SCAN] * 3, lambda w, h: (w, h) == (850, 1100), 0),
+        ("rotated_scan.jpg", "image/jpeg", [PageKind.SCAN], lambda w, h: (w, h) == (850, 1100), 90),
         ("rotated_page.pdf", PDF, [PageKind.BORN_DIGITAL], lambda w, h: w > h, 90),
         ("chart.png", "image/png", [PageKind.IMAGE], lambda w, h: (w, h) == (800, 500), 0),
     ],
@@ -791,3 +791,22 @@ def test_pdf_pages_carry_a_directly_rendered_thumbnail() -> None:
 def test_image_pages_get_no_prerendered_thumbnail() -> None:
     items = all_pages(f.rgba_png((600, 800)), media_type="image/png")
     assert all(isinstance(i, PageImage) and i.thumbnail is None for i in items)
+
+
+def test_an_image_file_of_a_page_is_a_scan_and_a_photo_is_not() -> None:
+    from PIL import ImageDraw
+
+    from pipeline.rasterize import looks_like_scan
+
+    page = Image.new("RGB", (850, 1100), (246, 244, 238))  # paper, a little yellowed
+    draw = ImageDraw.Draw(page)
+    for y in range(100, 1000, 28):
+        draw.line([(80, y), (770, y)], fill=(30, 30, 30), width=6)  # lines of text
+    assert looks_like_scan(page)
+    photo = Image.fromarray(
+        np.stack([*np.meshgrid(np.linspace(0, 255, 400), np.linspace(255, 0, 300)), np.full((300, 400), 120.0)], -1)
+        .astype("uint8")
+    )
+    assert not looks_like_scan(photo)
+    dark = Image.new("RGB", (400, 300), (40, 40, 40))  # a slide with a dark background
+    assert not looks_like_scan(dark)

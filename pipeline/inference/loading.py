@@ -382,8 +382,8 @@ def gpu_total_memory(gpus: Sequence[int]) -> dict[int, int]:
 
 
 def resolve_revision(model_ref: str, requested: str | None, model_config: Any) -> str | None:
-    """The commit the weights came from when known: the hub's commit hash (recorded in the
-    config on download), a snapshot folder's name, or a requested 40-hex commit."""
+    """The commit the weights came from: the hub's commit hash (recorded in the config on
+    download), a snapshot folder's name, a local folder's content hash, or what was asked."""
     commit = getattr(model_config, "_commit_hash", None)
     if isinstance(commit, str) and _COMMIT.match(commit):
         return commit
@@ -393,7 +393,7 @@ def resolve_revision(model_ref: str, requested: str | None, model_config: Any) -
             if _COMMIT.match(part):
                 return part
     if path.is_dir():
-        return None  # a plain local folder: no way to know
+        return content_revision(model_ref)  # a plain local folder: a hash of what it holds
     return requested  # a hub branch or tag as asked (the commit was not recorded)
 
 
