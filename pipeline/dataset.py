@@ -312,7 +312,8 @@ class Dataset:
                 return False
             finally:
                 os.remove(temp)
-        if self.fs.protocol in ("s3", "s3a") or "s3" in tuple(self.fs.protocol):
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
+        if "s3" in protocols:
             try:
                 self.fs.pipe_file(path, data, mode="create")
                 return True
