@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import duckdb
-import fsspec
 import pyarrow as pa
-import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -31,7 +25,7 @@ from pipeline.records import (
     TilePlan,
 )
 from pipeline.sink import document_row, page_row, rows_to_table
-from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA, SCHEMA_VERSION, VERSION_KEY
+from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA
 
 WHEN = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=timezone.utc)
 COMMON = {"run_id": "run-1", "fingerprint": "f" * 16}
