@@ -274,3 +274,18 @@ def test_decode_follows_the_original(original: dict, fixture_tokenizer) -> None:
     tok = pickle.loads(pickle.dumps(fixture_tokenizer))
     assert tok.encode("hello world") == fixture_tokenizer.encode("hello world")
     assert tok.eos_token_id == 2 and tok.pad_token_id == 0 and tok.get_vocab()["<image>"] == 101
+
+
+def test_a_folder_with_a_weight_missing_is_refused(tiny: Path, tmp_path: Path) -> None:
+    """A missing weight would otherwise stay at its random initial value, silently."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    weights.pop(next(k for k in weights if k.startswith("resampler.")))
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="do not match the MiniCPM-V 2.0 layout"):
+        fam.load_model(broken, dtype=torch.float32)

@@ -45,15 +45,16 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from pipeline.inference.adapters import (
+    CHART,
     DESCRIPTION,
     OCR,
-    CHART,
     CodedPixels,
     InputBuilder,
     PageFeatures,
     PreparedPage,
     input_device,
 )
+from pipeline.inference.families import load_strict
 from pipeline.records import PageImage, TilePlan
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -660,14 +661,10 @@ def meta_model(config: MiniCPMV2Config) -> MiniCPMV2ForConditionalGeneration:
 
 def load_model(folder: str | Path, *, dtype: Any = torch.float32, device_map: Any = None,
                attn_implementation: str = "sdpa") -> MiniCPMV2ForConditionalGeneration:
-    """The checkpoint in `folder` (safetensors only; none of its code runs), in eval mode."""
-    config = load_config(folder)
-    kwargs: dict[str, Any] = {"config": config, "dtype": dtype, "use_safetensors": True,
-                              "attn_implementation": attn_implementation}
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    model = MiniCPMV2ForConditionalGeneration.from_pretrained(str(folder), **kwargs)
-    return model.eval()
+    """The checkpoint in `folder` (safetensors only; none of its code runs), in eval mode;
+    refused when its weights are not exactly the official layout's."""
+    return load_strict(MiniCPMV2ForConditionalGeneration, folder, load_config(folder), dtype=dtype,
+                       device_map=device_map, attn_implementation=attn_implementation, layout="MiniCPM-V 2.0")
 
 
 # ---------------------------------------------------------------------------------------

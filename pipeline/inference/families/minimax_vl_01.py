@@ -39,7 +39,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel, GenerationMixin, MiniMaxConfig, PretrainedConfig
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    GenerationMixin,
+    MiniMaxConfig,
+    PretrainedConfig,
+)
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -57,6 +63,7 @@ from pipeline.inference.adapters import (
     UnsupportedModelError,
     input_device,
 )
+from pipeline.inference.families import load_strict
 from pipeline.records import TileBox, TilePlan
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -732,15 +739,8 @@ def load_model(
 
     Raises if a weight is missing or one is left over: the keys must be the official ones.
     """
-    config = load_config(folder)
-    kwargs: dict[str, Any] = {"config": config, "dtype": dtype, "use_safetensors": True,
-                              "attn_implementation": attn_implementation, "output_loading_info": True}
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    model, info = MiniMaxVL01ForConditionalGeneration.from_pretrained(str(folder), **kwargs)
-    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    if bad:
-        raise ValueError(f"{folder}: weights do not match the MiniMax-VL-01 layout: {bad}")
+    model = load_strict(MiniMaxVL01ForConditionalGeneration, folder, load_config(folder), dtype=dtype,
+                        device_map=device_map, attn_implementation=attn_implementation, layout="MiniMax-VL-01")
     for module in model.modules():  # derived tables: recompute on their device, in the model's dtype
         if isinstance(module, MiniMaxVL01LightningAttention):
             module.reset_decay()

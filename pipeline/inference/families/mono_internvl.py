@@ -58,6 +58,7 @@ from pipeline.inference.adapters import (
     UnsupportedModelError,
     input_device,
 )
+from pipeline.inference.families import load_strict
 from pipeline.records import TilePlan
 
 NAME = "mono_internvl"
@@ -1033,16 +1034,8 @@ def load_model(
 
     Raises if a weight is missing or one is left over: the keys must be the official ones.
     """
-    config = load_config(folder)
-    kwargs: dict[str, Any] = {"config": config, "dtype": dtype, "use_safetensors": True,
-                              "attn_implementation": attn_implementation, "output_loading_info": True}
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    model, info = MonoInternVLForConditionalGeneration.from_pretrained(str(folder), **kwargs)
-    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    if bad:
-        raise ValueError(f"{folder}: weights do not match the Mono-InternVL layout: {bad}")
-    return model.eval()
+    return load_strict(MonoInternVLForConditionalGeneration, folder, load_config(folder), dtype=dtype,
+                       device_map=device_map, attn_implementation=attn_implementation, layout="Mono-InternVL")
 
 
 def load_builder(
