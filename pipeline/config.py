@@ -155,6 +155,19 @@ class RunConfig(BaseModel):
         description="One generation limit for every task, replacing the four per-task limits (quick trials); "
         "unset: the per-task limits apply.",
     )
+    num_beams: int | None = Field(
+        default=None,
+        ge=1,
+        description="Beams of the deterministic decoding; unset: the model family's own default (MiniCPM-V 2.0: 3, "
+        "as its chat(sampling=False); Mono-InternVL, MiniMax-VL-01 and the native families: 1, greedy). 1 is the "
+        "fastest; recorded in the rows' prompt_version.",
+    )
+    repetition_penalty: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Repetition penalty over each answer's own tokens (never the prompt); unset: the family's own "
+        "default (MiniCPM-V 2.0: 1.2, others 1.0 = none). Recorded in the rows' prompt_version.",
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="Model dtype: auto is bfloat16 on GPU, float32 on CPU."
     )

@@ -155,6 +155,20 @@ def _versions() -> dict[str, str | None]:
     }
 
 
+def _generation(config: RunConfig) -> dict[str, Any] | None:
+    """The run's effective decoding settings (None without a model, or when its family is not known)."""
+    if config.model is None:
+        return None
+    from pipeline.inference.loading import ModelConfigError, generation_settings
+    from pipeline.inference.registry import UnsupportedModelError
+
+    try:
+        settings = generation_settings(config)
+    except (ModelConfigError, UnsupportedModelError):
+        return None
+    return None if settings is None else settings.as_dict()
+
+
 def run_row(handle: RunHandle, status: str, summary: "RunSummary | None" = None, message: str | None = None) -> dict[str, Any]:
     """The run's row of the runs table."""
     from pipeline.sources import public_url
@@ -162,6 +176,7 @@ def run_row(handle: RunHandle, status: str, summary: "RunSummary | None" = None,
     config = handle.config
     public = config.public_dict()
     public["source"], public["output"] = public_url(config.source), public_url(config.output)
+    public["generation"] = _generation(config)  # the effective decoding: the family's default + overrides
     ended = None if status == "running" else datetime.now(timezone.utc)
     counts = None
     if summary is not None:

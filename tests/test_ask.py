@@ -1,5 +1,6 @@
 """`pipeline.inference.ask` and `docpipe ask`: one question about one image, in each
-family's own chat format, greedy; the same ids as a plain `generate` on raw pixels."""
+family's own chat format and decoding (greedy; MiniCPM-V 2.0: its chat()'s 3 beams and repetition
+penalty); the same ids as a plain `generate` on raw pixels."""
 
 from __future__ import annotations
 
@@ -51,10 +52,13 @@ def _plain_generate(engine: Engine, image, question: str) -> list[int]:
 
     prepared = prepare_question(engine.builder, image, question)
     inputs = engine.builder.naive_inputs(prepared, ASK_KEY, "cpu")
-    config = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, num_beams=1,
+    from transformers import LogitsProcessorList
+
+    config = GenerationConfig(max_new_tokens=NEW_TOKENS, **engine.generation.config_kwargs(),
                               eos_token_id=sorted(engine.eos_token_ids), pad_token_id=engine.builder.pad_token_id)
+    processors = engine.generation.logits_processors(inputs["input_ids"].shape[1], engine.builder.penalty_start_ids())
     with torch.inference_mode():
-        out = engine.model.generate(**inputs, generation_config=config)
+        out = engine.model.generate(**inputs, generation_config=config, logits_processor=LogitsProcessorList(processors))
     row = out[0, inputs["input_ids"].shape[1]:].tolist()
     stop = next((k for k, t in enumerate(row) if t in engine.eos_token_ids), len(row))
     return row[:stop]
@@ -73,7 +77,7 @@ def test_ask_answers_in_the_family_chat_format_greedily(family: str, engines) ->
     assert answer.token_ids, "the tiny model stopped at once: nothing was compared"
     assert not set(answer.token_ids) & engine.eos_token_ids  # end of turn excluded
     assert list(answer.token_ids) == _plain_generate(engine, image, QUESTION)
-    assert answer.text == tokenizer.decode(list(answer.token_ids), skip_special_tokens=True).strip()
+    assert answer.text == engine.builder.decode_answer(list(answer.token_ids))
     assert answer.hit_token_limit == (len(answer.token_ids) == NEW_TOKENS)
     # another question changes the prompt, and only where the question is
     other = ask(engine, image, "Describe the page.", max_new_tokens=2)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pipeline.inference.families import minicpm_v2 as fam
+from pipeline.inference.generation import GREEDY
 
 FIXTURE = Path(__file__).parent / "fixtures" / "minicpm_v2_prompt_ids.json"
 
@@ -174,7 +175,7 @@ def test_pixels_and_prompt_match_the_plan(builder: fam.MiniCPMV2Builder, size: t
     resized = np.asarray(image.resize(first, Image.Resampling.BICUBIC)).astype(np.float32) / 255
     assert np.array_equal(first_pixels, ((resized - np.float32(0.5)) / np.float32(0.5)).transpose(2, 0, 1))
     text = builder.chat_text("Q?", plan)
-    assert text.startswith("<用户><image>") and text.endswith("Q?<AI><AI>")
+    assert text.startswith("<用户><image>") and text.endswith("\nQ?<AI>") and text.count("<AI>") == 1
     assert text.count("<slice>") == (1 if boxes else 0) and text.count("<image>") == len(want)
     ids = builder.encode_text(text)
     assert builder.placeholder_count(ids) == plan.visual_tokens
@@ -289,3 +290,52 @@ def test_a_folder_with_a_weight_missing_is_refused(tiny: Path, tmp_path: Path) -
     save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="do not match the MiniCPM-V 2.0 layout"):
         fam.load_model(broken, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# the family's own decoding: chat(sampling=False) = 3 beams, repetition_penalty 1.2
+# ---------------------------------------------------------------------------------------
+
+
+def test_beam_search_batched_equals_one_at_a_time(model, builder) -> None:
+    """Beams copy each row; the image features must follow their rows (the model's own expansion)."""
+    from pipeline.inference.engine import Engine
+    from pipeline.testing import render_sample_page
+
+    pages = [render_sample_page(dpi=72.0, doc_id="a"), render_sample_page(dpi=50.0, doc_id="b", chart=False)]
+    prepared = [builder.build(p, builder.plan(*p.image.size)) for p in pages]
+    engine = Engine(model, builder, model_id="tiny", revision=None, dtype="float32", max_new_tokens=6,
+                    batch_visual_tokens=10_000, max_batch_pages=4)
+    assert engine.generation.tag == "beams3-rp1.2"
+    assert engine.prompt_version.endswith("/minicpm_v2.2/beams3-rp1.2")
+    with torch.inference_mode():
+        feats = builder.encode(model, prepared)
+    rows = [(ids, feats[i]) for i, page in enumerate(prepared) for ids in page.prompts.values()]
+    batched = engine.generate([ids for ids, _ in rows], [f for _, f in rows])
+    single = [engine.generate([ids], [f])[0] for ids, f in rows]
+    assert [g.tokens for g in batched] == [g.tokens for g in single]
+    assert len({t for g in single for t in g.tokens}) > 3
+    greedy = Engine(model, builder, model_id="tiny", revision=None, dtype="float32", max_new_tokens=6,
+                    batch_visual_tokens=10_000, max_batch_pages=4, generation=GREEDY)
+    assert greedy.prompt_version.endswith("/minicpm_v2.2/greedy") and greedy.prompt_version != engine.prompt_version
+
+
+def test_answers_keep_the_grounding_tags(builder) -> None:
+    """The original decodes without skip_special_tokens: <ref>/<box> stay in the answer; pads go."""
+    tok = builder.tokenizer
+    ids = [tok.token_id("<ref>"), *tok.encode("cat", add_special_tokens=False), tok.token_id("</ref>"),
+           tok.token_id("<box>"), *tok.encode("1 2", add_special_tokens=False), tok.token_id("</box>"), 0]
+    text = builder.decode_answer(ids)
+    assert text.startswith("<ref>") and "</ref>" in text and "<box>" in text and text.endswith("</box>")
+    assert "<unk>" not in text
+
+
+def test_the_runs_table_records_the_effective_decoding(tiny: Path) -> None:
+    from pipeline.config import RunConfig
+    from pipeline.runner import _generation
+
+    config = RunConfig(source="x", output="y", model=str(tiny))
+    assert _generation(config) == {"num_beams": 3, "repetition_penalty": 1.2, "do_sample": False}
+    assert _generation(config.model_copy(update={"num_beams": 1})) == {
+        "num_beams": 1, "repetition_penalty": 1.2, "do_sample": False}
+    assert _generation(RunConfig(source="x", output="y")) is None

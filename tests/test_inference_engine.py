@@ -85,7 +85,7 @@ def test_rendered_pdf_page_to_answers_with_all_tasks(family, tiny_dirs, engines)
     # a plain local folder has no commit: its revision is a hash of what it holds, never null
     assert (answer.model_id, answer.model_revision) == (str(tiny_dirs[family]), content_revision(str(tiny_dirs[family])))
     assert answer.model_revision.startswith("sha256:")
-    assert answer.model_dtype == "float32" and answer.prompt_version == PROMPT_VERSION
+    assert answer.model_dtype == "float32" and answer.prompt_version == f"{PROMPT_VERSION}/{engine.builder.family}.1/greedy"
     assert isinstance(answer.description, str) and isinstance(answer.ocr_text, str)
     # the reply to "is there a chart?" is kept, and has_chart is what it says (None: neither)
     assert isinstance(answer.chart_check_answer, str)

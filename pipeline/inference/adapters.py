@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from pipeline.inference import prompts
+from pipeline.inference.generation import GREEDY, GenerationSettings
 from pipeline.inference.registry import UnsupportedModelError
 from pipeline.records import PageImage, PageKind, TileBox, TilePlan
 
@@ -215,6 +216,10 @@ class InputBuilder:
 
     family: ClassVar[str] = ""
     placeholder: str = ""  # what the chat template emits for an image
+    # The family's chat format, bumped whenever the text around the task prompt changes
+    # (it is part of every row's prompt version), and its original's deterministic decoding.
+    chat_format: ClassVar[str] = "1"
+    generation_defaults: ClassVar[GenerationSettings] = GREEDY
 
     def __init__(
         self,
@@ -235,6 +240,20 @@ class InputBuilder:
             raise UnsupportedModelError("the checkpoint has no chat template (chat_template.jinja or .json)")
         self.image_token_id = int(model_config.image_token_id)
         self.pad_token_id = self._pad_id(tokenizer, model_config)
+
+    # ---- prompt version, decoding ---------------------------------------------------------
+    def prompt_version(self, generation: GenerationSettings) -> str:
+        """What the rows record as their prompt version: the task prompts' version, this
+        family's chat format and the effective decoding, e.g. `v2-1a2b3c4d/minicpm_v2.2/beams3-rp1.2`."""
+        return f"{prompts.PROMPT_VERSION}/{self.family}.{self.chat_format}/{generation.tag}"
+
+    def penalty_start_ids(self) -> tuple[int, ...]:
+        """Ids the repetition penalty counts besides the answer's own (pipeline.inference.generation)."""
+        return ()
+
+    def decode_answer(self, tokens: Sequence[int]) -> str:
+        """An answer's text from its ids (end of turn already cut), as the family's original decodes it."""
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=True).strip()
 
     # ---- construction ---------------------------------------------------------------
     @staticmethod

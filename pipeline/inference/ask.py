@@ -71,7 +71,8 @@ def prepare_question(builder: "InputBuilder", image: "Image.Image", question: st
 
 
 def generation_config(engine: "Engine", max_new_tokens: int) -> Any:
-    """Greedy (one beam, no sampling) up to `max_new_tokens`, stopping at end of turn."""
+    """The engine's decoding (the family's default: greedy, or MiniCPM-V 2.0's beams) up to
+    `max_new_tokens`, stopping at end of turn."""
     config = engine.generation_config()
     config.max_new_tokens = int(max_new_tokens)
     config.min_new_tokens = None
@@ -97,11 +98,18 @@ def ask(model: "str | Path | Engine", image: "Image.Image", question: str, *, ma
         features = builder.encode_page(engine.model, prepared)
         inputs = builder.rows_to_inputs(engine.model, [(prompt, features)])
         width = inputs["input_ids"].shape[1]
-        sequences = engine.model.generate(**inputs, generation_config=generation_config(engine, max_new_tokens))
+        extra: dict[str, Any] = {}
+        processors = engine.generation.logits_processors(width, builder.penalty_start_ids())
+        if processors:
+            from transformers import LogitsProcessorList
+
+            extra["logits_processor"] = LogitsProcessorList(processors)
+        sequences = engine.model.generate(**inputs, generation_config=generation_config(engine, max_new_tokens),
+                                          **extra)
     row = sequences[0, width:].tolist()
     stop = next((k for k, t in enumerate(row) if t in engine.eos_token_ids), None)
     tokens = row if stop is None else row[:stop]
-    text = builder.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    text = builder.decode_answer(tokens)
     return Answer(text=text, token_ids=tuple(int(t) for t in tokens), prompt_ids=tuple(int(t) for t in prompt),
                   hit_token_limit=stop is None and len(row) >= max_new_tokens)
 

@@ -44,6 +44,7 @@ from pipeline.inference.adapters import (
     input_device,
 )
 from pipeline.inference.batching import halves, is_repetitive, pack_by_budget
+from pipeline.inference.generation import GenerationSettings
 from pipeline.records import TASK_USAGE_KINDS, ChartAnswer, PageAnswers, Stage, StageError, TaskOutput
 from pipeline.textlayer import OcrRoute, route_ocr
 
@@ -180,13 +181,16 @@ class Engine:
         device_map: dict[str, int] | None = None,
         ocr: str = "model",
         forced_output: ForcedOutput | None = None,
+        generation: GenerationSettings | None = None,
     ) -> None:
         self.model = model
         self.builder = builder
+        # the family's own decoding (pipeline.inference.generation) unless the run overrides it
+        self.generation = generation if generation is not None else builder.generation_defaults
         self.model_id = model_id
         self.revision = revision
         self.dtype = dtype
-        self.prompt_version = prompts.PROMPT_VERSION
+        self.prompt_version = builder.prompt_version(self.generation)
         self.budgets = budgets_for(max_new_tokens)  # row kind -> generation limit
         self.batch_visual_tokens = batch_visual_tokens
         self.max_batch_pages = max_batch_pages
@@ -391,7 +395,7 @@ class Engine:
         with the limit of `kind` rows ("mixed": the largest limit, as before 1.4)."""
         inputs = self.builder.rows_to_inputs(self.model, list(zip(prompt_ids, features, strict=True)))
         width = inputs["input_ids"].shape[1]
-        extra = self._forcing(width, forced, kind) if forced is not None else {}
+        extra = self._forcing(width, forced, kind)
         sequences = self.model.generate(**inputs, generation_config=self.generation_config(kind), **extra)
         del inputs  # nothing of the call outlives it but its output ids
         self.stats.generate_calls += 1
@@ -410,13 +414,17 @@ class Engine:
         self.stats.finished_slots += sum(max(0, steps - g.generated_tokens) for g in gens)
 
     def _forcing(self, width: int, rows: Sequence[tuple[PreparedPage, str]] | None, kind: str) -> dict[str, Any]:
-        """`generate` keyword arguments that force each row's output (benchmarks only)."""
-        if self.forced_output is None or not rows:
+        """`generate` keyword arguments: the decoding's logits processors (the family's repetition
+        penalty), and ones that force each row's output (benchmarks only)."""
+        processors = self.generation.logits_processors(width, self.builder.penalty_start_ids())
+        if self.forced_output is not None and rows:
+            targets = [self.forced_output(page, key) for page, key in rows]
+            processors.append(_ForcedOutput(width, targets, sorted(self.eos_token_ids)))
+        if not processors:
             return {}
         from transformers import LogitsProcessorList
 
-        targets = [self.forced_output(page, key) for page, key in rows]
-        return {"logits_processor": LogitsProcessorList([_ForcedOutput(width, targets, sorted(self.eos_token_ids))])}
+        return {"logits_processor": LogitsProcessorList(processors)}
 
     def _finish(self, row: list[int], limit: int) -> _Gen:
         """Cut a generated row at its first EOS; decode; note whether it hit the limit."""
@@ -424,7 +432,7 @@ class Engine:
         tokens = row if stop is None else row[:stop]
         count = len(tokens) + (0 if stop is None else 1)
         hit_limit = stop is None and len(row) >= limit
-        text = self.builder.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        text = self.builder.decode_answer(tokens)
         self.stats.generated_tokens += count
         return _Gen(tokens=tokens, text=text, prompt_tokens=0, generated_tokens=count, hit_limit=hit_limit)
 
@@ -432,14 +440,14 @@ class Engine:
         return max(self.budgets.values()) if kind == "mixed" else self.budgets[kind]
 
     def generation_config(self, kind: str = "ocr") -> Any:
-        """Greedy decoding up to the limit of `kind` rows, stopping at any end-of-turn token."""
+        """The engine's decoding (greedy or the family's beams) up to the limit of `kind` rows,
+        stopping at any end-of-turn token."""
         from transformers import GenerationConfig
 
         limit = self._limit(kind)
         kwargs: dict[str, Any] = {
             "max_new_tokens": limit,
-            "do_sample": False,
-            "num_beams": 1,
+            **self.generation.config_kwargs(),
             "eos_token_id": sorted(self.eos_token_ids),
             "pad_token_id": self.builder.pad_token_id,
         }
@@ -620,6 +628,7 @@ def load_engine(
         device_map=loaded.device_map,
         ocr=config.ocr,
         forced_output=forced_output,
+        generation=loaded.builder.generation_defaults.override(config.num_beams, config.repetition_penalty),
     )
 
 

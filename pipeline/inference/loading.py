@@ -26,6 +26,7 @@ from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.inference.adapters import InputBuilder, load_chat_template
+from pipeline.inference.generation import GenerationSettings
 from pipeline.inference.registry import Family, family_by_name, recognise
 
 log = logging.getLogger(__name__)
@@ -457,6 +458,14 @@ def _recognise_model(config: RunConfig) -> Family:
     except SetupError as exc:
         raise ModelConfigError(str(exc)) from None
     return recognise(data)
+
+
+def generation_settings(config: RunConfig) -> GenerationSettings | None:
+    """The decoding a run uses: its model family's default with the run's overrides (None without a model)."""
+    if config.model is None:
+        return None
+    defaults = _recognise_model(config).generation_defaults()
+    return defaults.override(config.num_beams, config.repetition_penalty)
 
 
 def load_builder(config: RunConfig, model_config: Any | None = None, *, family: Family | None = None) -> InputBuilder:

@@ -49,6 +49,15 @@ class Family:
         module = self.implementation()
         return tuple(getattr(module, "FIRST_DEVICE", ())), tuple(getattr(module, "LAST_DEVICE", ()))
 
+    def generation_defaults(self) -> Any:
+        """The family's own decoding (pipeline.inference.generation.GenerationSettings): its
+        original's deterministic mode."""
+        if self.module is None:
+            return self.builder_class().generation_defaults
+        from pipeline.inference.generation import GREEDY
+
+        return getattr(self.implementation(), "GENERATION_DEFAULTS", GREEDY)
+
     def builder_class(self) -> type:
         """The InputBuilder subclass of a native family."""
         if self.builder is None:

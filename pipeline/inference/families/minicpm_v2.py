@@ -14,9 +14,11 @@ without executing any file of the checkpoint:
   the final hidden state divided by `hidden_size / dim_model_base` before the head;
 * input: LLaVA-UHD slicing as the checkpoint's image processor does it (the overview image
   first, then the slices row-major, 64 `<unk>` placeholders each inside `<image>...</image>`,
-  slices wrapped in `<slice>...</slice>` one grid row per line), the `<用户>...<AI>` prompt
-  as its `chat()` builds it (the processor appends a second `<AI>`), tokenised with the
-  ORIGINAL slow sentencepiece rule (`SentencePieceTokenizer`).
+  slices wrapped in `<slice>...</slice>` one grid row per line), the prompt as the official
+  `chat()` builds it (`<用户>` + image + question + `<AI>`, ONE `<AI>`: openbmb's
+  modeling_minicpmv.py and its fine-tuning format; the fork's later processing code appends a
+  second one, which the official checkpoint never saw), tokenised with the ORIGINAL slow
+  sentencepiece rule (`SentencePieceTokenizer`).
 
 Placeholders are found as the original finds them, by position between `<image>` and
 `</image>`, never by id: the placeholder id (`<unk>`, 0) is also the pad id.
@@ -55,6 +57,7 @@ from pipeline.inference.adapters import (
     input_device,
 )
 from pipeline.inference.families import load_strict
+from pipeline.inference.generation import GenerationSettings
 from pipeline.records import PageImage, TilePlan
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -67,6 +70,9 @@ TILING_POLICY = "minicpm"
 # vision tower, resampler and token embeddings meet at the input: keep them together on the first GPU
 FIRST_DEVICE: tuple[str, ...] = ("vpm", "resampler", "llm.model.embed_tokens")
 LAST_DEVICE: tuple[str, ...] = ("llm.model.norm", "llm.lm_head")
+
+# Its deterministic chat(sampling=False): 3 beams, repetition_penalty 1.2 (its published scores' setting)
+GENERATION_DEFAULTS = GenerationSettings(num_beams=3, repetition_penalty=1.2)
 
 SPIECE_UNDERLINE = "\u2581"
 USER_TAG, ASSISTANT_TAG = "<用户>", "<AI>"
@@ -643,6 +649,26 @@ class MiniCPMV2ForConditionalGeneration(MiniCPMV2PreTrainedModel, GenerationMixi
             raise ValueError(f"{int(slots.sum())} image placeholders but {features.shape[0]} image embeddings")
         return embeds.masked_scatter(slots.unsqueeze(-1).to(embeds.device), features.to(embeds.device, embeds.dtype))
 
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
+                                      input_ids: torch.LongTensor | None = None, **model_kwargs: Any) -> tuple:
+        """Beam search copies each row `expand_size` times; the image features (one flat run of
+        every row's placeholders, row-major) are copied row by row to stay with their rows."""
+        features = model_kwargs.pop("image_features", None)
+        if expand_size > 1 and input_ids is not None and features is None and model_kwargs.get("pixel_values") is not None:
+            features = self.encode_packed(model_kwargs.pop("pixel_values"), model_kwargs.pop("tile_sizes"))
+        if expand_size > 1 and features is not None and input_ids is not None:
+            slots = image_positions(input_ids, self.config.im_start_token_id, self.config.im_end_token_id)
+            mask = model_kwargs.get("attention_mask")
+            if mask is not None and mask.dim() == 2:
+                slots &= mask.bool()
+            rows = features.reshape(-1, features.shape[-1]).split(slots.sum(1).tolist())
+            features = torch.cat([row for row in rows for _ in range(expand_size)])
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs)
+        if features is not None:
+            model_kwargs["image_features"] = features
+        return input_ids, model_kwargs
+
     def prepare_inputs_for_generation(self, *args: Any, is_first_iteration: bool | None = False, **kwargs: Any) -> dict:
         inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
         if not is_first_iteration:
@@ -841,8 +867,8 @@ def image_text(plan: TilePlan) -> str:
 
 
 def chat_text(question: str, plan: TilePlan) -> str:
-    """The prompt as chat(): `<用户>` + image + question + `<AI>`, and the processor's extra `<AI>`."""
-    return USER_TAG + image_text(plan) + question + ASSISTANT_TAG + ASSISTANT_TAG
+    """The prompt of the official chat(): `<用户>` + image placeholder + "\n" + question + `<AI>` (one)."""
+    return USER_TAG + image_text(plan) + question + ASSISTANT_TAG
 
 
 def _pixel_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -862,6 +888,9 @@ class MiniCPMV2Builder(InputBuilder):
     """
 
     family = NAME
+    # 2: one <AI>, as the official chat() (1 had the fork's processor's second <AI>)
+    chat_format = "2"
+    generation_defaults = GENERATION_DEFAULTS
 
     def __init__(self, tokenizer: SentencePieceTokenizer, model_config: MiniCPMV2Config, *,
                  tasks: Sequence[str] = (DESCRIPTION, OCR, CHART), chart_questions: Sequence[str] = (),
@@ -914,6 +943,15 @@ class MiniCPMV2Builder(InputBuilder):
 
     def encode_text(self, text: str) -> np.ndarray:
         return np.asarray(self.tokenizer.encode(text), dtype=np.int64)
+
+    def penalty_start_ids(self) -> tuple[int, ...]:
+        """The original generates from embeddings: its penalised ids are a dummy `<s>` and the answer."""
+        return (self.tokenizer.bos_token_id,)
+
+    def decode_answer(self, tokens: Sequence[int]) -> str:
+        """As the original's `_decode_text`: pad/`<unk>` ids dropped, special tokens KEPT (its `<ref>`,
+        `<box>`, `<quad>`, `<point>` grounding tags are part of the answer)."""
+        return self.tokenizer.decode([int(t) for t in tokens if int(t) != 0]).strip()
 
     def placeholder_count(self, ids: np.ndarray) -> int:
         opened = np.cumsum(ids == self.im_start_id)
