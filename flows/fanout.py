@@ -180,7 +180,7 @@ def fan_out(
 ) -> tuple[list[runner.ShardResult], list[tuple[str, str]]]:
     """Submit one child run per shard and wait for all; returns (results, failed shards)."""
     logger = get_run_logger()
-    progress = tasks.Progress(len(shards), run_id)
+    progress = tasks.Progress(len(shards), run_id)  # per finished shard (the children report their own pages)
     active = {s.shard_id: ChildRun(s, _submit(s, config, run_id, deployment, 1, generation)) for s in shards}
     logger.info("submitted %d shard runs to %s", len(active), deployment)
     results: list[runner.ShardResult] = []
@@ -238,7 +238,11 @@ def fanout(**params: Any) -> dict[str, Any]:
     config = build_config(params)
     run_id = resolve_run_id(config)
     log_config(config, run_id)
-    handle = tasks.begin(config, run_id)
+    try:
+        handle = tasks.begin(config, run_id)
+    except BaseException as exc:
+        tasks.report_failure(run_id, tasks.describe_failure(exc))
+        raise
     try:
         plan = tasks.discover_task(config, handle)
         results, failed = fan_out(
@@ -248,5 +252,6 @@ def fanout(**params: Any) -> dict[str, Any]:
     except BaseException as exc:
         runner.end_run(handle, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", None,
                        f"{type(exc).__name__}: {exc}")
+        tasks.report_failure(run_id, tasks.describe_failure(exc))
         raise
     return tasks.finish_run(results, failed, plan=plan, config=config, handle=handle)

@@ -42,10 +42,14 @@ def log_config(config: RunConfig, run_id: str) -> None:
 def run_shards_here(config: RunConfig, run_id: str) -> dict[str, Any]:
     """Own the output, discover, process every shard as a task in this process, publish artifacts."""
     logger = get_run_logger()
-    handle = tasks.begin(config, run_id)
+    try:
+        handle = tasks.begin(config, run_id)
+    except BaseException as exc:
+        tasks.report_failure(run_id, tasks.describe_failure(exc))
+        raise
     try:
         plan = tasks.discover_task(config, handle)
-        progress = tasks.Progress(len(plan.shards), run_id)
+        progress = tasks.Progress(len(plan.shards), run_id, plan)
         results: list[runner.ShardResult] = []
         failed: list[tuple[str, str]] = []
         for shard in plan.shards:
@@ -59,6 +63,7 @@ def run_shards_here(config: RunConfig, run_id: str) -> dict[str, Any]:
     except BaseException as exc:
         runner.end_run(handle, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", None,
                        f"{type(exc).__name__}: {exc}")
+        tasks.report_failure(run_id, tasks.describe_failure(exc))
         raise
     return tasks.finish_run(results, failed, plan=plan, config=config, handle=handle)
 

@@ -32,6 +32,7 @@ from pipeline import runner
 from pipeline.config import RunConfig
 from pipeline.dataset import Lease
 from pipeline.planning import Shard
+from pipeline.progress import ProgressMeter, format_bytes, model_size_bytes
 
 SHARD_RETRIES = 3
 SHARD_BACKOFF_S = 2.0  # first retry after ~2 s, then ~4 s, ~8 s (with jitter)
@@ -153,8 +154,11 @@ def process_shard_task(shard: Shard, config: RunConfig, run_id: str, lease: Leas
     """Process one shard (idempotent: a shard whose documents file exists is skipped); with a
     lease, nothing is committed once another run owns the output."""
     logger = get_run_logger()
+    run_progress = live(run_id)
+    on_event = run_progress.on_event if run_progress is not None else _ShardLog(shard).on_event
+    engine = load_model(config, on_event)
     result = runner.process_shard(
-        shard, config, run_id=run_id, engine=runner.get_engine(config), progress=None,
+        shard, config, run_id=run_id, engine=engine, progress=on_event,
         dataset=lease.dataset if lease is not None else None, lease=lease,
     )
     if result.skipped:
@@ -165,6 +169,51 @@ def process_shard_task(shard: Shard, config: RunConfig, run_id: str, lease: Leas
             shard.shard_id, result.documents, result.pages, result.pages_failed, result.seconds,
         )
     return result
+
+
+def load_model(config: RunConfig, on_event: runner.ProgressFn) -> Any | None:
+    """The run's engine (loaded once per process), with a "loading model" log line and its time."""
+    if config.model is None:
+        return None
+    if runner.engine_loaded(config):
+        return runner.get_engine(config)
+    logger = get_run_logger()
+    logger.info("loading model %s (%s) ...", config.model, format_bytes(model_size_bytes(config.model)))
+    on_event("model_loading", 0)
+    t0 = time.perf_counter()
+    engine = runner.get_engine(config)
+    seconds = time.perf_counter() - t0
+    on_event("model_loaded", int(seconds * 1000))
+    logger.info("model loaded in %.1f s", seconds)
+    return engine
+
+
+class _ShardLog:
+    """Progress of a shard run without its run's meter in this process (a fan-out child):
+    log lines at a sane rate, the child run's own progress artifact."""
+
+    def __init__(self, shard: Shard) -> None:
+        self.meter = ProgressMeter()
+        self.meter.set_total(len(shard.refs), [shard.shard_id])
+        self.shard_id = shard.shard_id
+        self._last_log = time.monotonic()
+        self._last = 0.0
+        self.artifact_id: UUID | None = None
+
+    def on_event(self, event: str, count: int) -> None:
+        self.meter.on_event(event, count)
+        now = time.monotonic()
+        if now - self._last_log >= Progress.LOG_EVERY_S:
+            self._last_log = now
+            get_run_logger().info("progress: %s", self.meter.snapshot().describe())
+        if event in ("shard", "document") or now - self._last >= Progress.ARTIFACT_EVERY_S:
+            self._last = now
+            snap = self.meter.snapshot()
+            text = f"shard `{self.shard_id}`: {snap.describe()}"
+            if self.artifact_id is None:
+                self.artifact_id = create_progress_artifact(progress=snap.percent, description=text)
+            else:
+                update_progress_artifact(self.artifact_id, snap.percent, description=text)
 
 
 # ---------------------------------------------------------------------------------------
@@ -212,31 +261,78 @@ def publish_report(config: RunConfig, run_id: str) -> UUID:
 
 
 class Progress:
-    """A progress artifact updated as shards finish."""
+    """The run's progress in Prefect: a progress artifact and log lines, from one ProgressMeter.
 
-    def __init__(self, total_shards: int, run_id: str) -> None:
+    The artifact's value is the share of pages done (documents before pages can be
+    estimated) and its description the meter's line (current shard, pages, pages/s,
+    tokens/s, model busy share, ETA). It is updated as shards finish and, while a shard
+    works in this process, at most every ARTIFACT_EVERY_S seconds; a log line is written at
+    each shard's end and at most every LOG_EVERY_S seconds between (a sane rate for a run
+    of 100k pages). Shard tasks of this process find it by run id (`live`).
+    """
+
+    ARTIFACT_EVERY_S = 5.0
+    LOG_EVERY_S = 30.0
+
+    def __init__(self, total_shards: int, run_id: str, plan: runner.WorkPlan | None = None) -> None:
         self.total = total_shards
         self.done = 0
         self.run_id = run_id
+        self.meter = ProgressMeter()
+        if plan is not None:
+            self.meter.on_plan(plan)
         self._last = 0.0
+        self._last_log = time.monotonic()
         self.artifact_id = create_progress_artifact(
             progress=0.0 if total_shards else 100.0, key=PROGRESS_KEY, description=self._text()
         )
+        _LIVE[run_id] = self
 
     def _text(self) -> str:
-        return f"run `{self.run_id}`: {self.done} of {self.total} shards finished"
+        head = f"run `{self.run_id}`: {self.done} of {self.total} shards finished"
+        if self.meter.shard_index or self.meter.model_loading:
+            return f"{head}; {self.meter.snapshot().describe()}"
+        return head
+
+    def on_event(self, event: str, count: int) -> None:
+        """A runner progress event of a shard working in this process."""
+        self.meter.on_event(event, count)
+        now = time.monotonic()
+        if now - self._last >= self.ARTIFACT_EVERY_S:
+            self._update(now)
+        if now - self._last_log >= self.LOG_EVERY_S:
+            self._last_log = now
+            get_run_logger().info("progress: %s", self.meter.snapshot().describe())
+
+    def _update(self, now: float) -> None:
+        self._last = now
+        update_progress_artifact(self.artifact_id, self.percent, description=self._text())
 
     def advance(self, count: int = 1, *, force: bool = False) -> None:
         """Count finished shards; the artifact is updated at most once a second (and at the end)."""
         self.done = min(self.total, self.done + count)
         now = time.monotonic()
         if force or self.done == self.total or now - self._last >= 1.0:
-            self._last = now
-            update_progress_artifact(self.artifact_id, self.percent, description=self._text())
+            self._update(now)
+        if self.done == self.total:
+            _LIVE.pop(self.run_id, None)
 
     @property
     def percent(self) -> float:
-        return 100.0 if not self.total else round(100.0 * self.done / self.total, 2)
+        if not self.total:
+            return 100.0
+        by_shards = 100.0 * self.done / self.total
+        if self.done == self.total:
+            return 100.0
+        return round(max(by_shards, min(self.meter.snapshot().percent, 99.99)), 2)
+
+
+_LIVE: dict[str, Progress] = {}
+
+
+def live(run_id: str) -> Progress | None:
+    """The progress of run `run_id` when its flow runs in this process (ingest), else None."""
+    return _LIVE.get(run_id)
 
 
 def finish_run(
@@ -269,12 +365,37 @@ def finish_run(
         message = failure_message(failed, len(plan.shards))
         runner.end_run(handle, "failed", summary, message)
         publish_report(config, run_id)
+        report_failure(run_id, message)
         raise RuntimeError(message)
     runner.end_run(handle, "completed", summary)
     publish_report(config, run_id)
     data = summary.to_dict()
     data["output"] = public_url(summary.output)
     return data
+
+
+FAILURE_KEY = "docpipe-run-failure"
+
+
+def report_failure(run_id: str, reason: str) -> None:
+    """Say why the run failed where people look: an ERROR log line (shown by `prefect
+    deployment run --watch` and the UI's logs) and a markdown artifact of the flow run."""
+    get_run_logger().error("docpipe run %s failed: %s", run_id, reason)
+    try:
+        create_markdown_artifact(
+            f"## docpipe run `{run_id}` failed\n\n{reason}\n",
+            key=FAILURE_KEY,
+            description=f"docpipe run {run_id}: why it failed",
+        )
+    except Exception as exc:  # noqa: BLE001 - the log line above already says it
+        get_run_logger().warning("could not write the failure artifact (%s)", exc)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line about an exception that ended a run (no traceback; a user's mistake reads as one)."""
+    if isinstance(exc, ConfigurationError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def failure_message(failed: Iterable[tuple[str, str]], total: int) -> str:

@@ -30,7 +30,8 @@ def quiet_environment(verbose: bool) -> dict[str, str]:
     - `HF_HUB_DISABLE_PROGRESS_BARS`: transformers' "Loading weights" / "Writing model
       shards" bars (read when transformers is imported).
     - `TRANSFORMERS_VERBOSITY`: transformers logs through its own stderr handler, not
-      through ours; `error` keeps its warnings and advice out unless `-v` (then `info`).
+      through ours; `error` keeps its warnings and advice out; `-v` lets its warnings through
+      (`warning`), never its INFO (hundreds of lines of model config per load).
     - `PREFECT_SERVER_ANALYTICS_ENABLED`: a Prefect server started by `docpipe serve`
       (or a temporary one) would send telemetry and log its failure when offline.
     - `PYTHONWARNINGS=ignore` for child processes without `-v`: a spawned prep worker's
@@ -39,7 +40,7 @@ def quiet_environment(verbose: bool) -> dict[str, str]:
     """
     env = {
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-        "TRANSFORMERS_VERBOSITY": "info" if verbose else "error",
+        "TRANSFORMERS_VERBOSITY": "warning" if verbose else "error",
         "TRANSFORMERS_NO_ADVISORY_WARNINGS": "0" if verbose else "1",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }

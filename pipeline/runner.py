@@ -26,7 +26,14 @@ from pipeline.records import DocStatus, DocumentOutcome, DocumentRef, PageAnswer
 
 log = logging.getLogger("docpipe")
 
-ProgressFn = Callable[[str, int], None]  # (event, count): "page" / "document"
+# (event, count). Events, in the order a run emits them: "model_loading" (0), "model_loaded"
+# (milliseconds it took), then per shard "shard" (its documents), "prepared" (a page ready for
+# the model), "prepared_document" (a document's pages all prepared), "model_start" (a batch of
+# N pages handed to the model), "model_ms" and "tokens" (that batch's model time and generated
+# tokens), "page" (a page's row recorded: answered, or not for the model), "document" (a
+# document's row). pipeline.progress.ProgressMeter turns them into pages/s, tokens/s, busy
+# share and ETA.
+ProgressFn = Callable[[str, int], None]
 
 __all__ = [
     "Shard",
@@ -314,6 +321,11 @@ def get_engine(config: RunConfig) -> Any | None:
     return engine
 
 
+def engine_loaded(config: RunConfig) -> bool:
+    """Whether `get_engine(config)` would return without loading anything."""
+    return config.model is None or _engine_key(config) in _ENGINES
+
+
 # ---------------------------------------------------------------------------------------
 # One shard
 # ---------------------------------------------------------------------------------------
@@ -395,6 +407,8 @@ class _ShardRun:
         if isinstance(event, DocumentDone):
             state = self.states[event.outcome.ref.uri]
             state.outcome = event.outcome
+            if self.progress:
+                self.progress("prepared_document", 1)
         elif isinstance(event, DocumentRetry):
             self.restart(event.ref_uri, event.attempt)
         else:
@@ -410,6 +424,8 @@ class _ShardRun:
         state = self.states[work.ref_uri]
         if work.attempt < state.attempt:
             return  # a page of an attempt that was given up
+        if self.progress:
+            self.progress("prepared", 1)
         if self.engine is None or work.error is not None or work.prepared is None:
             self._record_page(work, None)
             return
@@ -424,12 +440,17 @@ class _ShardRun:
         if not window:
             return
         t0 = time.perf_counter()
+        if self.progress:
+            self.progress("model_start", len(window))
         try:
             answers = self.engine.answer([w.prepared for w in window])
         except Exception as exc:  # the engine handles page errors itself; last line of defence
             err = StageError(Stage.INFERENCE, "engine_failure", f"{type(exc).__name__}: {exc}", retryable=True)
             answers = [self._failed_answer(err) for _ in window]
         self.model_seconds += time.perf_counter() - t0
+        if self.progress:
+            self.progress("model_ms", int(1000 * (time.perf_counter() - t0)))
+            self.progress("tokens", sum(a.generated_tokens for a in answers))
         failed = [a.error for a in answers if a.error is not None]
         if len(failed) == len(answers) and all(e.retryable for e in failed):
             self.failed_windows += 1
@@ -617,6 +638,8 @@ def process_shard(
     """
     dataset = dataset or Dataset(config.output, config.storage_options)
     t_start = time.perf_counter()
+    if progress:
+        progress("shard", len(shard.refs))
     if dataset.shard_done(shard.shard_id):
         dataset.delete_plan(shard.shard_id)
         if progress:
@@ -747,7 +770,14 @@ def run(config: RunConfig, *, progress: ProgressFn | None = None, on_plan: Calla
         plan = discover_work(config, handle)
         if on_plan:
             on_plan(plan)
-        engine = get_engine(config) if plan.shards else None
+        engine = None
+        if plan.shards and config.model is not None:
+            if progress:
+                progress("model_loading", 0)
+            t_load = time.perf_counter()
+            engine = get_engine(config)
+            if progress:
+                progress("model_loaded", int(1000 * (time.perf_counter() - t_load)))
         results = []
         for shard in plan.shards:
             results.append(

@@ -61,3 +61,35 @@ def s3_bucket(s3_endpoint: str, s3_storage_options: dict) -> str:
     fs.mkdir(name)
     fs.invalidate_cache()
     return name
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory):
+    """`tiny_model(family)`: the folder of a tiny random model of `family`, built once per
+    test session and shared (tests must not write into it)."""
+    from pipeline.testing.tiny_models import make_tiny_model
+
+    built: dict[tuple[str, int], str] = {}
+
+    def get(family: str = "internvl", seed: int = 0) -> str:
+        key = (family, seed)
+        if key not in built:
+            folder = tmp_path_factory.mktemp(f"tiny-{family}-{seed}")
+            built[key] = str(make_tiny_model(family, folder, seed=seed))
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread for the tests that use it (2-core CI machines run pytest and a
+    prep worker beside it); restored at the end of the session."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

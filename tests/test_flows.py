@@ -282,6 +282,10 @@ def test_ingest_folder_every_page_once_with_artifacts(prefect_api, corpus, tmp_p
     assert any(metric.startswith("error: ") for metric in table)
     progress = [a for a in _artifacts(flow_run_id) if a.type == "progress"]
     assert len(progress) == 1 and float(progress[0].data) == 100.0
+    # the same figures as the terminal's line: current shard, pages, pages/s (no model: no tokens)
+    assert progress[0].description.startswith("run `") and "4 of 4 shards finished" in progress[0].description
+    assert "shard 4/4" in progress[0].description and "pages/s" in progress[0].description
+    assert "tok/s" not in progress[0].description
 
     # A rerun finds everything done and writes nothing.
     files_before = sorted(p.name for t in ("pages", "documents") for p in (out / t).glob("*.parquet"))
@@ -341,6 +345,12 @@ def test_missing_source_fails_without_retries(prefect_api, tmp_path: Path):
         )
     assert runs == []  # the setup check fails before discovery, and nothing retries it
     assert not (tmp_path / "out" / "documents").exists()
+    # the reason is where people look: an ERROR line of the run's log (what `--watch` streams)
+    # and the run's failure artifact
+    flow_run_id = state.state_details.flow_run_id
+    assert "failed: source not found" in _flow_run_logs(flow_run_id)
+    failure = [a for a in _artifacts(flow_run_id) if a.key == tasks.FAILURE_KEY]
+    assert len(failure) == 1 and "source not found" in str(failure[0].data)
 
 
 def plan_elsewhere(config: RunConfig, tmp_path: Path) -> runner.WorkPlan:
