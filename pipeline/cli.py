@@ -8,6 +8,7 @@ import logging
 import sys
 import types
 import typing
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -161,6 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
                            help="Wait this long for a running run to release the output. [default: 0]")
     compact_p.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON",
                            help="fsspec options for the output.")
+    verify_p = sub.add_parser("verify", help="Check an output's files agree (footers, row counts, commits); "
+                              "exit 1 when something is wrong.")
+    verify_p.add_argument("output", help="The output to check (folder or URL).")
+    verify_p.add_argument("--repair", action="store_true",
+                          help="Mend what is wrong: damaged files go to _docpipe/quarantine/ and their documents "
+                               "are redone by the next run (takes the output's lease).")
+    verify_p.add_argument("--wait-for-output-s", type=float, default=0.0,
+                          help="With --repair: wait this long for a running run to release the output. [default: 0]")
+    verify_p.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON",
+                          help="fsspec options for the output.")
     return parser
 
 
@@ -372,6 +383,30 @@ def _cmd_compact(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from pipeline.dataset import Dataset, OutputBusy
+
+    dataset = Dataset(args.output, args.storage_options)
+    try:
+        if args.repair:
+            with dataset.acquire(f"verify-{uuid.uuid4().hex[:8]}", wait_s=args.wait_for_output_s) as lease:
+                problems = dataset.verify(repair=True, lease=lease)
+        else:
+            problems = dataset.verify()
+    except OutputBusy as exc:
+        return _fail(f"{exc}; verify --repair when it has finished, or pass --wait-for-output-s", EXIT_OUTPUT_BUSY)
+    for problem in problems:
+        print(problem.describe())
+    if not problems:
+        print(f"ok: {args.output} is consistent")
+        return EXIT_OK
+    if args.repair:
+        print(f"repaired {len(problems)} problems; the next run redoes the documents moved aside")
+        return EXIT_OK
+    return _fail(f"{len(problems)} problems; run `docpipe verify {args.output} --repair` (or the next run) to mend "
+                 "them", EXIT_NOTHING_PROCESSED)
+
+
 def _cmd_schemas(args: argparse.Namespace) -> int:
     from schemas.export import main as export
 
@@ -393,8 +428,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "schemas": _cmd_schemas,
         "report": _cmd_report,
         "compact": _cmd_compact,
+        "verify": _cmd_verify,
     }
-    return handlers[args.command](args)
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    except Exception as exc:  # never a traceback for the user: one line, the traceback with -v
+        logging.getLogger("docpipe").debug("%s failed", args.command, exc_info=True)
+        if args.verbose:
+            raise
+        return _fail(f"{args.command} failed: {type(exc).__name__}: {exc} (run with -v for the traceback)",
+                     EXIT_NOTHING_PROCESSED)
 
 
 if __name__ == "__main__":  # pragma: no cover

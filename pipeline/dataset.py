@@ -37,6 +37,7 @@ The protocol, which every writer follows:
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -55,6 +56,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.records import KnownFile
 from pipeline.sources import full_uri, is_local, resolve
@@ -68,8 +70,8 @@ RUNS = "runs"
 META = "_docpipe"
 PARQUET_COMPRESSION = "zstd"
 
-LEASE_TTL_S = 60.0  # a lease not refreshed for this long has lapsed
-HEARTBEAT_S = 10.0  # how often the owner refreshes it
+LEASE_TTL_S = float(os.environ.get("DOCPIPE_LEASE_TTL_S", "60"))  # a lease not refreshed for this long has lapsed
+HEARTBEAT_S = min(10.0, LEASE_TTL_S / 4)  # how often the owner refreshes it
 MAX_ATTEMPTS = 3  # runs that try a document whose failures were retryable
 COMPACT_TARGET_ROWS = 50_000  # compaction: pages rows per merged file at most
 COMPACT_GRACE_S = 10.0  # between the switch and removing the replaced files
@@ -78,6 +80,9 @@ COMPACT_MANIFEST_KEEP_S = 3600.0  # a manifest outlives its replaced files this 
 _PART_RE = re.compile(r"^part-(?P<shard>[^/\\]+)\.parquet$")
 _TEMP_MARK = ".tmp-"
 _GEN_RE = re.compile(r"^(?P<gen>\d{12})\.json$")
+_STAGE_RE = re.compile(r"^g(?P<gen>\d{12})$")
+GENERATION_KEY = b"docpipe.lease_generation"  # documents files: the lease generation that committed it
+PAGES_ROWS_KEY = b"docpipe.pages_rows"  # documents files: rows its shard's pages file holds
 
 
 class OutputBusy(RuntimeError):
@@ -159,6 +164,55 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as fh:
+            return fh.read().strip() or None
+    except OSError:
+        return None
+
+
+def _boot_id() -> str | None:
+    """This kernel's boot id (Linux); two containers on one host share it, two hosts never do."""
+    return _read_text("/proc/sys/kernel/random/boot_id")
+
+
+def _pid_namespace() -> str | None:
+    """The inode of this process's PID namespace: pids mean the same thing only within one."""
+    try:
+        return f"pid:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
+def _start_time(pid: int) -> str | None:
+    """Field 22 of /proc/<pid>/stat (clock ticks after boot): tells a reused pid from its first owner."""
+    text = _read_text(f"/proc/{pid}/stat")
+    if text is None or ")" not in text:
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    return fields[19] if len(fields) > 19 else None  # fields[0] is field 3 (state)
+
+
+# Set by tests and bench/faults.py only: `DOCPIPE_FAULT_POINT=<name>` makes the process stop
+# itself (SIGSTOP) when it reaches that point, after writing `<name>` to DOCPIPE_FAULT_MARKER
+# (a file the driver polls), so a stall can be placed exactly. No effect when unset.
+_FAULT_ENV = "DOCPIPE_FAULT_POINT"
+
+
+def fault_point(name: str) -> None:
+    if os.environ.get(_FAULT_ENV) != name:
+        return
+    os.environ.pop(_FAULT_ENV, None)  # once per process
+    marker = os.environ.get("DOCPIPE_FAULT_MARKER")
+    if marker:
+        with open(marker, "w") as fh:
+            fh.write(f"{name} {os.getpid()}\n")
+    import signal
+
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
 # ---------------------------------------------------------------------------------------
 # Lease records
 # ---------------------------------------------------------------------------------------
@@ -176,14 +230,29 @@ class LeaseInfo:
     heartbeat_at: float
     ttl_s: float
     released: bool = False
+    boot_id: str | None = None  # the owner's kernel boot
+    pid_ns: str | None = None  # the owner's PID namespace
+    start_time: str | None = None  # the owner process's start time (clock ticks after boot)
 
     def expired(self, now: float | None = None) -> bool:
         now = time.time() if now is None else now
         return now - self.heartbeat_at > self.ttl_s
 
     def owner_gone(self) -> bool:
-        """The owner was on this host and its process no longer exists."""
-        return self.host == _host() and not _pid_alive(self.pid)
+        """The owner's process no longer exists, as far as this process can really tell.
+
+        Only a checker in the owner's kernel boot and PID namespace can see the owner's pid
+        (a container with its own PID namespace, or another machine with the same host name,
+        cannot): anywhere else, or for a record that does not say, the TTL alone decides.
+        A live pid that started at another time than the owner is a reused pid: gone.
+        """
+        if self.host != _host() or not self.boot_id or not self.pid_ns:
+            return False
+        if self.boot_id != _boot_id() or self.pid_ns != _pid_namespace():
+            return False
+        if not _pid_alive(self.pid):
+            return True
+        return self.start_time is not None and _start_time(self.pid) not in (None, self.start_time)
 
     def lapsed(self) -> bool:
         return self.released or self.expired() or self.owner_gone()
@@ -191,6 +260,49 @@ class LeaseInfo:
     def describe(self) -> str:
         age = time.time() - self.heartbeat_at
         return f"run {self.run_id} (pid {self.pid} on {self.host}, last heartbeat {age:.0f} s ago)"
+
+
+class _LeaseRecord(BaseModel):
+    """The stored form of a lease, validated: anything else is a malformed (stale) lease."""
+
+    model_config = ConfigDict(extra="ignore")
+    generation: int = Field(ge=1)
+    run_id: str
+    host: str
+    pid: int
+    acquired_at: float
+    heartbeat_at: float
+    ttl_s: float = Field(gt=0)
+    released: bool = False
+    boot_id: str | None = None
+    pid_ns: str | None = None
+    start_time: str | None = None
+
+
+class _PlanModel(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    shard_id: str
+    run_id: str
+    fingerprint: str
+    shard: dict[str, Any]
+    created_at: float
+    attempts: dict[str, int] = Field(default_factory=dict)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str, *args: Any) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(message, *args)
+
+
+def _new_lease(generation: int, run_id: str, ttl_s: float) -> LeaseInfo:
+    now = time.time()
+    pid = os.getpid()
+    return LeaseInfo(generation, run_id, _host(), pid, now, now, ttl_s, False, _boot_id(), _pid_namespace(),
+                     _start_time(pid))
 
 
 # ---------------------------------------------------------------------------------------
@@ -212,6 +324,23 @@ class DoneState:
     # discovery skips re-reading those whose listing still shows the same size and version.
     known: Mapping[str, KnownFile] = field(default_factory=dict, hash=False, compare=False)
     fingerprints: frozenset[str] = frozenset()  # config fingerprints of the documents rows
+    # source_uri -> doc_id of its done row (the version of the file the output holds)
+    versions: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Something `Dataset.verify` found wrong with an output (and whether it was repaired)."""
+
+    kind: str
+    path: str
+    detail: str
+    repaired: bool = False
+    moved_to: str | None = None
+
+    def describe(self) -> str:
+        done = f" -> moved to {self.moved_to}" if self.moved_to else (" (repaired)" if self.repaired else "")
+        return f"{self.kind}: {self.detail}{done}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,13 +398,15 @@ class Dataset:
     def arrow_fs(self) -> pafs.FileSystem:
         return pafs.LocalFileSystem() if self.local else pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
 
-    def write_bytes(self, path: str, data: bytes) -> None:
-        """Write `data` under `path` atomically (temp + rename locally, one PUT elsewhere)."""
+    def write_bytes(self, path: str, data: bytes, *, make_folder: bool = True) -> None:
+        """Write `data` under `path` atomically (temp + rename locally, one PUT elsewhere).
+        `make_folder=False`: locally, fail (FileNotFoundError) when the folder is not there."""
         if not self.local:
             self.fs.pipe_file(path, data)
             return
         folder, name = path.rsplit("/", 1)
-        os.makedirs(folder, exist_ok=True)
+        if make_folder:
+            os.makedirs(folder, exist_ok=True)
         temp = f"{folder}/.{name}{_TEMP_MARK}{uuid.uuid4().hex}"
         try:
             with open(temp, "wb") as fh:
@@ -340,10 +471,11 @@ class Dataset:
             return False
         return True
 
-    def write_table(self, path: str, table: pa.Table) -> None:
+    def write_table(self, path: str, table: pa.Table, metadata: Mapping[bytes, bytes] | None = None, *,
+                    make_folder: bool = True) -> None:
         buffer = pa.BufferOutputStream()
-        pq.write_table(table, buffer, compression=PARQUET_COMPRESSION)
-        self.write_bytes(path, buffer.getvalue().to_pybytes())
+        pq.write_table(_with_metadata(table, metadata), buffer, compression=PARQUET_COMPRESSION)
+        self.write_bytes(path, buffer.getvalue().to_pybytes(), make_folder=make_folder)
 
     # ---- set-up checks ------------------------------------------------------------------
     def check_writable(self) -> None:
@@ -375,13 +507,25 @@ class Dataset:
         return sorted(gens)
 
     def read_lease(self, generation: int) -> LeaseInfo | None:
-        data = self.read_json(self._lease_path(generation))
-        if data is None:
-            return None
+        """The lease record of `generation`; None when it is missing or malformed."""
+        return self._lease_record(generation)[0]
+
+    def _lease_record(self, generation: int) -> tuple[LeaseInfo | None, bool]:
+        """(record, malformed): a record that is not valid JSON of the lease's shape is
+        malformed, which counts as a stale lease (one warning, never a traceback)."""
+        path = self._lease_path(generation)
         try:
-            return LeaseInfo(**data)
-        except TypeError:
-            return None
+            with self.fs.open(path, "rb") as fh:
+                raw = fh.read()
+        except FileNotFoundError:
+            return None, False
+        try:
+            record = _LeaseRecord.model_validate_json(raw)
+        except ValidationError as exc:
+            _warn_once(path, "the output's lease record %s is malformed (%s); treating it as stale",
+                       full_uri(self.fs, path), exc.errors()[0].get("msg", "invalid") if exc.errors() else "invalid")
+            return None, True
+        return LeaseInfo(**record.model_dump()), False
 
     def current_lease(self) -> LeaseInfo | None:
         gens = self.lease_generations()
@@ -394,22 +538,18 @@ class Dataset:
         deadline = time.monotonic() + wait_s
         while True:
             gens = self.lease_generations()
-            current = self.read_lease(gens[-1]) if gens else None
-            if gens and current is None:
-                # Created but not yet readable (or corrupt): treat as held unless old.
-                entry = self._lease_entry(gens[-1])
-                age = _age_s(entry, time.time()) if entry else None
-                lapsed = age is not None and age > ttl_s
-            else:
-                lapsed = current is None or current.lapsed()
+            current, malformed = self._lease_record(gens[-1]) if gens else (None, False)
+            if gens and current is None and not malformed:
+                continue  # listed, then gone (pruned by a new owner): look again
+            lapsed = current is None or current.lapsed()
             if lapsed:
                 generation = (gens[-1] + 1) if gens else 1
-                now = time.time()
-                info = LeaseInfo(generation, run_id, _host(), os.getpid(), now, now, ttl_s)
+                info = _new_lease(generation, run_id, ttl_s)
                 if self.create_exclusive(self._lease_path(generation), _lease_bytes(info)):
                     if current is not None and not current.released:
                         log.warning("took over the output from %s, whose lease had lapsed", current.describe())
                     self._prune_leases(generation)
+                    self._make_stage(generation)
                     return Lease(self, info, heartbeat_s=heartbeat_s)
                 continue  # someone else took this generation first: look again
             if time.monotonic() >= deadline:
@@ -434,23 +574,37 @@ class Dataset:
         return self.path(META, "plans", f"{shard_id}.json")
 
     def write_plan(self, plan: PlanRecord) -> None:
+        fault_point("before_plan")
         self.write_bytes(self._plan_path(plan.shard_id), json.dumps(asdict(plan), sort_keys=True).encode())
 
     def plans(self) -> dict[str, PlanRecord]:
+        """Valid plans by shard id (a malformed one is left out, with one warning; `repair`
+        moves it to the quarantine)."""
+        return self._plans()[0]
+
+    def _plans(self) -> tuple[dict[str, PlanRecord], list[str]]:
+        from pipeline.planning import Shard
+
         out: dict[str, PlanRecord] = {}
+        bad: list[str] = []
         for entry in self._listing(self.path(META, "plans")):
             name = entry["name"].rsplit("/", 1)[-1]
             if not name.endswith(".json") or name.startswith("."):
                 continue
-            data = self.read_json(entry["name"])
-            if data is None:
-                continue
             try:
-                plan = PlanRecord(**data)
-            except TypeError:
+                with self.fs.open(entry["name"], "rb") as fh:
+                    model = _PlanModel.model_validate_json(fh.read())
+                Shard.from_dict(model.shard)  # the shard itself must read back
+                plan = PlanRecord(**model.model_dump())
+            except FileNotFoundError:
+                continue
+            except (ValidationError, ValueError, KeyError, TypeError) as exc:
+                _warn_once(entry["name"], "plan %s is malformed (%s); it is not replayed",
+                           full_uri(self.fs, entry["name"]), type(exc).__name__)
+                bad.append(entry["name"])
                 continue
             out[plan.shard_id] = plan
-        return out
+        return out, bad
 
     def delete_plan(self, shard_id: str) -> None:
         self.remove(self._plan_path(shard_id))
@@ -462,6 +616,34 @@ class Dataset:
             self.fs.invalidate_cache(path)
         return bool(self.fs.exists(path))
 
+    # Each lease generation stages its files in its own folder, `_docpipe/staging/g<gen>/`,
+    # made when the lease is taken; writers never create it again. A new owner first moves
+    # older generations' folders away (`_fence_stages`), so a stalled old owner's commit,
+    # which links or renames out of its own folder, fails instead of landing (local disks);
+    # on object stores the documents file is created with `If-None-Match: *`.
+    def _stage_dir(self, generation: int | None) -> str:
+        return self.path(META, "staging", "nolease" if generation is None else f"g{generation:012d}")
+
+    def _make_stage(self, generation: int) -> None:
+        if self.local:
+            for table in (PAGES, DOCUMENTS):
+                os.makedirs(_join(self._stage_dir(generation), table), exist_ok=True)
+
+    def _staged_pages(self, shard_id: str, generation: int | None = None) -> str:
+        return _join(self._stage_dir(generation), PAGES, shard_file_name(shard_id))
+
+    def _write_staged(self, path: str, table: pa.Table, *, may_create: bool,
+                      metadata: Mapping[bytes, bytes] | None = None) -> None:
+        """Write a staged file; locally into a folder that must already exist unless `may_create`
+        (a fenced generation's folder is gone, and stays gone)."""
+        try:
+            self.write_table(path, table, metadata=metadata, make_folder=may_create)
+        except FileNotFoundError:
+            if may_create:
+                raise
+            raise LeaseLost(f"the staging folder of this lease generation was fenced off by a newer run "
+                            f"({full_uri(self.fs, path.rsplit('/', 1)[0])}); nothing was committed") from None
+
     def commit_shard(
         self,
         shard_id: str,
@@ -470,50 +652,103 @@ class Dataset:
         *,
         lease: "Lease | None" = None,
         supersedes: Iterable[tuple[str, str]] = (),
-    ) -> None:
-        """Commit a shard: its pages staged, its documents file written (the commit point),
-        then the pages moved into place (roll forward).
+        replaces: Iterable[tuple[str, str]] = (),
+    ) -> bool:
+        """Commit a shard: pages and documents staged in this lease generation's folder, the
+        documents file put in place exclusively (the commit point), then the pages moved in.
 
-        Readers that glob `pages/*.parquet` therefore never see pages of a shard that is not
-        committed; after a crash between the commit and the move, the pages of that committed
-        shard are invisible until the next run's `clean()` moves them in. With a lease,
-        ownership is checked right before the staging and the commit (LeaseLost: nothing more
-        is written). Rewriting a shard id un-commits it first (documents file, then its
-        pages), so a crash in between leaves it not done, never mixed. `supersedes`:
-        (source_uri, doc_id) whose retryable failure rows elsewhere this shard replaces;
-        they are dropped from their old shards after the commit.
+        Returns False when the shard was already committed (by this or another run): nothing
+        is written then. The commit point is exclusive (a hard link out of the generation's
+        own staging folder locally; `If-None-Match: *` on S3) and carries the lease
+        generation and the pages row count in its Parquet metadata, so a documents file
+        never replaces another and a stale commit is told from a real one (see
+        docs/exactly-once.md). A crash after the commit leaves the pages staged until the
+        next owner moves them in. Without a lease (library use, tests) a shard written
+        before is replaced: un-committed first (documents file, then its pages).
+        `supersedes`: (source_uri, doc_id) of retryable failure rows elsewhere this shard
+        replaces; `replaces`: (source_uri, doc_id) of older versions of files this shard
+        holds the new version of. Both are dropped from other shards after the commit.
         """
         pages = conform(pages, PAGES_SCHEMA)
         documents = conform(documents, DOCUMENTS_SCHEMA)
         docs_path = self.shard_path(DOCUMENTS, shard_id)
-        staged = self._staged_pages(shard_id)
+        generation = lease.generation if lease is not None else None
         if lease is not None:
             lease.ensure()
-        if self.remove(docs_path):  # un-commit a shard written before, then hide its pages
+            if self.shard_done(shard_id):
+                log.info("shard %s is already committed; nothing written", shard_id)
+                self.delete_plan(shard_id)
+                return False
+        elif self.remove(docs_path):  # un-commit a shard written before, then hide its pages
             self.remove(self.shard_path(PAGES, shard_id))
-        self.write_table(staged, pages)
+        stage = self._stage_dir(generation)
+        meta = {GENERATION_KEY: str(generation or 0).encode(), PAGES_ROWS_KEY: str(pages.num_rows).encode()}
+        fault_point("before_stage")
+        self._write_staged(_join(stage, PAGES, shard_file_name(shard_id)), pages, may_create=lease is None)
         if lease is not None:
             lease.ensure()
-        self.write_table(docs_path, documents)  # the commit point
-        self._publish_pages(shard_id)
+        fault_point("before_commit")
+        if not self._put_documents(shard_id, documents, stage, meta, fenced=lease is not None):
+            self.remove(_join(stage, PAGES, shard_file_name(shard_id)))
+            self.delete_plan(shard_id)
+            return False
+        fault_point("after_commit")
+        self._publish_pages(shard_id, generation)
         self.delete_plan(shard_id)
         keys = set(supersedes)
         if keys:
             self.drop_superseded(keys, keep_shard=shard_id)
+        old = set(replaces)
+        if old:
+            self.drop_versions(old, keep_shard=shard_id)
+        return True
 
-    def _staged_pages(self, shard_id: str) -> str:
-        return self.path(META, "staging", PAGES, shard_file_name(shard_id))
+    def _put_documents(self, shard_id: str, documents: pa.Table, stage: str, meta: Mapping[bytes, bytes],
+                       *, fenced: bool) -> bool:
+        """The commit point: the documents file appears whole, only if none is there. False if one was."""
+        final = self.shard_path(DOCUMENTS, shard_id)
+        if not self.local:
+            buffer = pa.BufferOutputStream()
+            pq.write_table(_with_metadata(documents, meta), buffer, compression=PARQUET_COMPRESSION)
+            if not fenced:
+                self.write_bytes(final, buffer.getvalue().to_pybytes())
+                return True
+            return self.create_exclusive(final, buffer.getvalue().to_pybytes())
+        staged = _join(stage, DOCUMENTS, shard_file_name(shard_id))
+        self._write_staged(staged, documents, may_create=not fenced, metadata=meta)
+        os.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        try:
+            os.link(staged, final)  # fails if the stage folder was fenced away, or a commit is there
+        except FileExistsError:
+            os.remove(staged)
+            return False
+        except FileNotFoundError:
+            raise LeaseLost(f"shard {shard_id}: this run's staging folder was fenced off by a newer run; "
+                            "nothing was committed") from None
+        _fsync_path(final.rsplit("/", 1)[0], directory=True)
+        try:
+            os.remove(staged)
+        except FileNotFoundError:
+            pass
+        return True
 
-    def _publish_pages(self, shard_id: str) -> None:
-        """Move a committed shard's staged pages file to its final name (whole, or not yet)."""
-        staged, final = self._staged_pages(shard_id), self.shard_path(PAGES, shard_id)
-        if self.local:
-            os.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-            os.replace(staged, final)
-            _fsync_path(final.rsplit("/", 1)[0], directory=True)
-        else:  # a server-side copy makes the final object appear whole; then the staged one goes
-            self.fs.copy(staged, final)
-            self.remove(staged)
+    def _publish_pages(self, shard_id: str, generation: int | None = None, stage: str | None = None) -> bool:
+        """Move a committed shard's staged pages file to its final name (whole, or not yet).
+        False when the staged file is not there (a newer owner moved it in already)."""
+        staged = _join(stage, shard_file_name(shard_id)) if stage else self._staged_pages(shard_id, generation)
+        final = self.shard_path(PAGES, shard_id)
+        try:
+            if self.local:
+                os.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+                os.replace(staged, final)
+                _fsync_path(final.rsplit("/", 1)[0], directory=True)
+            else:  # a server-side copy makes the final object appear whole; then the staged one goes
+                self.fs.copy(staged, final)
+                self.remove(staged)
+        except FileNotFoundError:
+            log.info("shard %s: its staged pages were moved in by a newer run", shard_id)
+            return False
+        return True
 
     def drop_superseded(self, keys: set[tuple[str, str]], *, keep_shard: str | None = None) -> int:
         """Remove retryable-failure rows of `keys` from committed shards other than
@@ -529,7 +764,8 @@ class Dataset:
             if all(keep):
                 continue
             removed += keep.count(False)
-            self.write_table(path, conform(table.filter(pa.array(keep)), DOCUMENTS_SCHEMA))
+            meta = {k: v for k, v in (self._footer(path).metadata or {}).items() if k in (GENERATION_KEY, PAGES_ROWS_KEY)}
+            self.write_table(path, conform(table.filter(pa.array(keep)), DOCUMENTS_SCHEMA), metadata=meta)
             log.info("dropped %d superseded retryable rows from shard %s", keep.count(False), shard)
         return removed
 
@@ -559,6 +795,7 @@ class Dataset:
         retry: dict[tuple[str, str], int] = {}
         processed: dict[str, str] = {}
         known: dict[str, KnownFile] = {}
+        versions: dict[str, str] = {}
         rows = zip(*(cols[n] for n in names))
         for uri, doc_id, status, size, version, media, retryable, attempt, fp in sorted(rows, key=_row_order):
             key = (uri, doc_id)
@@ -571,6 +808,8 @@ class Dataset:
                 continue
             done.add(key)
             retry.pop(key, None)
+            if doc_id:
+                versions[uri] = doc_id
             if status in ("ok", "partial"):
                 processed.setdefault(doc_id, uri)
             if version and doc_id and size is not None and media:
@@ -582,29 +821,24 @@ class Dataset:
             retry=retry,
             known=known,
             fingerprints=frozenset(fp for fp in cols["config_fingerprint"] if fp),
+            versions=versions,
         )
 
     # ---- cleanup ------------------------------------------------------------------------
-    def clean(self, *, current_fingerprint: str | None = None, temp_older_than_s: float = LEASE_TTL_S) -> list[str]:
-        """Tidy the output; call only while holding its lease.
+    def clean(self, *, current_fingerprint: str | None = None, temp_older_than_s: float = LEASE_TTL_S,
+              generation: int | None = None) -> list[str]:
+        """Tidy the output; call only while holding its lease (of `generation`).
 
-        Removes plans of committed shards; plans made under other settings than
-        `current_fingerprint` (with their pages file); pages files with neither a
-        documents file nor a plan; temp files older than `temp_older_than_s`; and rows of
-        retryable failures that a later row of the same document superseded.
+        Fences the staging folders of older lease generations (committed shards' staged
+        pages are moved in, the rest removed); removes plans of committed shards; plans
+        made under other settings than `current_fingerprint` (with their pages file); pages
+        files with neither a documents file nor a plan; temp files older than
+        `temp_older_than_s`; and rows of retryable failures that a later row of the same
+        document superseded.
         """
         self._finish_compactions(keep_s=COMPACT_MANIFEST_KEEP_S)  # one a crash cut short
+        removed: list[str] = self._fence_stages(generation)
         committed = set(self.part_files(DOCUMENTS))
-        removed: list[str] = []
-        for entry in self._listing(self.path(META, "staging", PAGES)):
-            shard = shard_id_of(entry["name"])
-            if shard is None:
-                continue
-            if shard in committed:  # committed, then cut short before its pages moved in
-                self._publish_pages(shard)
-                log.info("finished the commit of shard %s (its pages were still staged)", shard)
-            elif self.remove(entry["name"]):  # never committed: a replay writes it again
-                removed.append(full_uri(self.fs, entry["name"]))
         plans = self.plans()
         for shard_id, plan in plans.items():
             stale = current_fingerprint is not None and plan.fingerprint != current_fingerprint
@@ -614,7 +848,7 @@ class Dataset:
         live_plans = {s for s, p in plans.items() if s not in committed and not (
             current_fingerprint is not None and p.fingerprint != current_fingerprint)}
         now = time.time()
-        for table in (PAGES, DOCUMENTS, RUNS, f"{META}/plans", f"{META}/lease", f"{META}/staging/{PAGES}", META):
+        for table in (PAGES, DOCUMENTS, RUNS, f"{META}/plans", f"{META}/lease", META):
             for entry in self._listing(self.path(table)):
                 path = entry["name"]
                 shard = shard_id_of(path) if table == PAGES else None
@@ -629,6 +863,277 @@ class Dataset:
                     removed.append(full_uri(self.fs, path))
                     log.info("removed stale output file %s", full_uri(self.fs, path))
         self._repair_superseded()
+        return removed
+
+    def _subfolders(self, folder: str) -> list[str]:
+        if not self.local:
+            self.fs.invalidate_cache(folder)
+        try:
+            entries = self.fs.ls(folder, detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+
+    def _fence_stages(self, keep_generation: int | None) -> list[str]:
+        """Take the staging folders of older generations (and of lease-less writers) away
+        from their writers, then settle what they held: a committed shard's staged pages
+        are moved in (roll forward), anything else is removed. Locally the folder is first
+        renamed to `_docpipe/fenced/`, after which its old owner can neither stage nor
+        commit from it (its link/rename out of the folder fails); the commits are listed
+        only after that rename, so none is missed."""
+        base = self.path(META, "staging")
+        removed: list[str] = []
+        folders: list[str] = []
+        for name in self._subfolders(base):
+            match = _STAGE_RE.match(name)
+            if match and keep_generation is not None and int(match["gen"]) >= keep_generation:
+                continue  # this owner's own folder (or, if this owner lost, a newer one's)
+            folder = _join(base, name)
+            if self.local and name != PAGES:
+                fenced = self.path(META, "fenced", f"{name}-{uuid.uuid4().hex[:8]}")
+                os.makedirs(fenced.rsplit("/", 1)[0], exist_ok=True)
+                try:
+                    os.rename(folder, fenced)
+                except FileNotFoundError:
+                    continue
+                folder = fenced
+            folders.append(folder)
+        folders += [_join(self.path(META, "fenced"), n) for n in self._subfolders(self.path(META, "fenced"))
+                    if _join(self.path(META, "fenced"), n) not in folders]
+        if not folders:
+            return removed
+        committed = set(self.part_files(DOCUMENTS))  # listed after the fence
+        present = set(self.part_files(PAGES))
+        for folder in folders:
+            legacy = folder.rstrip("/").endswith(f"staging/{PAGES}")
+            pages_dir = folder if legacy else _join(folder, PAGES)
+            for entry in self._listing(pages_dir):
+                shard = shard_id_of(entry["name"])
+                if shard is not None and shard in committed and shard not in present:
+                    if self._publish_pages(shard, stage=pages_dir):
+                        log.info("finished the commit of shard %s (its pages were still staged)", shard)
+                        present.add(shard)
+                        continue
+                if self.remove(entry["name"]):
+                    removed.append(full_uri(self.fs, entry["name"]))
+            for entry in [] if legacy else self._listing(_join(folder, DOCUMENTS)):
+                self.remove(entry["name"])  # a committed one was linked into documents/ already
+            if not legacy:
+                try:
+                    self.fs.rm(folder, recursive=True)
+                except FileNotFoundError:
+                    pass
+        return removed
+
+    # ---- verification and repair -----------------------------------------------------
+    def _quarantine(self, path: str, stamp: str) -> str:
+        """Move `path` under `_docpipe/quarantine/<stamp>/` (never deleted); returns the new path."""
+        rel = path[len(self.root.rstrip("/")) + 1:] if path.startswith(self.root.rstrip("/") + "/") else path.rsplit("/", 1)[-1]
+        target = self.path(META, "quarantine", stamp, rel)
+        if self.local:
+            os.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            try:
+                os.replace(path, target)
+            except FileNotFoundError:
+                return target
+        else:
+            try:
+                self.fs.copy(path, target)
+            except FileNotFoundError:
+                return target
+            self.remove(path)
+        return target
+
+    def _footer(self, path: str) -> pq.FileMetaData:
+        return pq.read_metadata(path, filesystem=self.arrow_fs())
+
+    def verify(self, *, repair: bool = False, lease: "Lease | None" = None) -> list["Problem"]:
+        """Check what a run resumes from, cheaply (Parquet footers, listings), and with
+        `repair` (under the output's lease) mend it: damaged files and the files that
+        depend on them are moved to `_docpipe/quarantine/` and their documents are redone
+        by the next run. Returns what was found (repaired or not).
+
+        A shard counts as committed only when its documents file reads, its pages file is
+        there (or still staged after its commit: rolled forward) and reads, and holds the
+        row count the documents file recorded. Also found: pages files no documents file
+        owns, unreadable runs files, malformed plans, shards committed twice over the same
+        documents (the older lease generation's copy goes), rows of a file's older version
+        after its newer version committed (dropped), and runs rows left `running` by a run
+        that no longer holds the output (marked `interrupted`).
+        """
+        if repair and lease is not None:
+            lease.ensure()
+            self._fence_stages(lease.generation)
+        stamp = f"{_utcnow():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+        problems: list[Problem] = []
+
+        def found(kind: str, path: str, detail: str, *also: str) -> None:
+            moved = None
+            if repair:
+                moved = self._quarantine(path, stamp)
+                for extra in also:
+                    if self.fs.exists(extra):
+                        self._quarantine(extra, stamp)
+            problems.append(Problem(kind, full_uri(self.fs, path), detail, repaired=repair,
+                                    moved_to=None if moved is None else full_uri(self.fs, moved)))
+
+        committed = self.part_files(DOCUMENTS)
+        hidden = self._hidden(DOCUMENTS, committed)
+        pages = self.part_files(PAGES)
+        staged = {shard_id_of(e["name"]): e["name"] for folder in self._subfolders(self.path(META, "staging"))
+                  for e in self._listing(_join(self.path(META, "staging"), folder, PAGES))}
+        staged.update({shard_id_of(e["name"]): e["name"] for e in self._listing(self.path(META, "staging", PAGES))})
+        generations: dict[str, int] = {}
+        for shard, doc_path in sorted(committed.items()):
+            pages_path = pages.get(shard, self.shard_path(PAGES, shard))
+            try:
+                meta = self._footer(doc_path)
+            except Exception as exc:  # noqa: BLE001 - truncated, zeroed, not Parquet
+                found("documents_unreadable", doc_path, f"documents file of shard {shard} does not read "
+                      f"({type(exc).__name__})", pages_path)
+                continue
+            kv = meta.metadata or {}
+            generations[shard] = int(kv.get(GENERATION_KEY, b"0") or 0)
+            if shard in hidden:
+                continue
+            if shard not in pages:
+                if shard in staged:
+                    if repair and self._publish_pages(shard, stage=staged[shard].rsplit("/", 1)[0]):
+                        log.info("finished the commit of shard %s (its pages were still staged)", shard)
+                        continue
+                    if not repair:
+                        problems.append(Problem("pages_staged", full_uri(self.fs, doc_path),
+                                                f"shard {shard} is committed but its pages are still staged"))
+                    continue
+                found("pages_missing", doc_path, f"shard {shard} has a documents file but no pages file")
+                continue
+            try:
+                rows = self._footer(pages_path).num_rows
+            except Exception as exc:  # noqa: BLE001
+                found("pages_unreadable", pages_path, f"pages file of shard {shard} does not read "
+                      f"({type(exc).__name__})", doc_path)
+                continue
+            expected = kv.get(PAGES_ROWS_KEY)
+            if expected is not None and int(expected) != rows:
+                found("pages_count", pages_path, f"pages file of shard {shard} holds {rows} rows, its documents "
+                      f"file says {int(expected)}", doc_path)
+        committed = self.part_files(DOCUMENTS)
+        plans, bad_plans = self._plans()
+        for shard, path in sorted(self.part_files(PAGES).items()):
+            if shard not in committed and shard not in plans:
+                found("orphan_pages", path, f"pages file of shard {shard} without a documents file")
+        for path in bad_plans:
+            found("plan_malformed", path, "malformed plan")
+        for run_id, path in sorted(self.part_files(RUNS).items()):
+            try:
+                self._footer(path)
+            except Exception as exc:  # noqa: BLE001
+                found("runs_unreadable", path, f"runs file of run {run_id} does not read ({type(exc).__name__})")
+        problems += self._verify_rows(repair=repair, stamp=stamp, generations=generations, lease=lease)
+        return problems
+
+    def _verify_rows(self, *, repair: bool, stamp: str, generations: Mapping[str, int],
+                     lease: "Lease | None") -> list["Problem"]:
+        """Row-level checks over the readable committed documents: shards committed twice,
+        older versions of changed files, runs left `running`."""
+        problems: list[Problem] = []
+        if self.part_files(DOCUMENTS):
+            names = ["source_uri", "doc_id", "error_retryable", "attempt", "config_fingerprint", "shard_id",
+                     "replaces_doc_id", "status"]
+            try:
+                table = self.open_table(DOCUMENTS).to_table(columns=names)
+            except Exception:  # noqa: BLE001 - a damaged file was reported above; a read-only verify stops here
+                table = None
+            if table is not None:
+                rows = list(zip(*(table.column(n).to_pylist() for n in names)))
+                owners: dict[tuple[str, str, str], set[str]] = {}
+                for uri, doc_id, retryable, _a, fp, shard, _r, _s in rows:
+                    if not retryable:
+                        owners.setdefault((uri, doc_id, fp or ""), set()).add(shard)
+                losers: set[str] = set()
+                for key, shards in owners.items():
+                    if len(shards) > 1:  # the newest generation's commit stands
+                        keep = max(shards, key=lambda s: (generations.get(s, 0), s))
+                        losers |= shards - {keep}
+                for shard in sorted(losers):
+                    path = self.shard_path(DOCUMENTS, shard)
+                    moved = self._quarantine(path, stamp) if repair else None
+                    if repair:
+                        self._quarantine(self.shard_path(PAGES, shard), stamp)
+                    problems.append(Problem("shard_duplicated", full_uri(self.fs, path),
+                                            f"shard {shard} (lease generation {generations.get(shard, 0)}) holds "
+                                            "documents a newer commit holds too", repaired=repair,
+                                            moved_to=None if moved is None else full_uri(self.fs, moved)))
+                replaced = {(uri, r) for uri, _d, retryable, _a, _fp, shard, r, _s in rows
+                            if r and not retryable and shard not in losers}
+                stale = replaced & {(uri, d) for uri, d, *_rest in rows}
+                if stale:
+                    if repair:
+                        self.drop_versions(stale)
+                    problems.append(Problem("old_version", self.url, f"{len(stale)} documents rows of files' older "
+                                            "versions after their newer version committed", repaired=repair))
+        if repair and lease is not None:
+            for row in self._running_rows(lease.run_id):
+                row = {**row, "status": "interrupted", "message": row.get("message") or
+                       f"interrupted: the output was taken over by run {lease.run_id}"}
+                if row.get("ended_at") is None:
+                    row["ended_at"] = _utcnow()
+                self.write_run(row)
+                problems.append(Problem("run_interrupted", full_uri(self.fs, self.path(RUNS, shard_file_name(
+                    str(row["run_id"])))), f"run {row['run_id']} was left 'running'", repaired=True))
+        return problems
+
+    def _running_rows(self, current_run: str) -> list[dict[str, Any]]:
+        out = []
+        for run_id, path in sorted(self.part_files(RUNS).items()):
+            if run_id == current_run:
+                continue
+            try:
+                rows = self._read_part(path, RUNS_SCHEMA).to_pylist()
+            except Exception:  # noqa: BLE001 - unreadable: reported by verify
+                continue
+            out += [r for r in rows if r["status"] == "running" and r["run_id"] != current_run
+                    and len(rows) == 1]
+        return out
+
+    def repair(self, lease: "Lease") -> list["Problem"]:
+        """`verify(repair=True)` under `lease`, with one warning line naming what was repaired."""
+        problems = [p for p in self.verify(repair=True, lease=lease) if p.kind != "run_interrupted"]
+        if problems:
+            kinds = collections.Counter(p.kind for p in problems)
+            log.warning("repaired the output: %s (moved aside under %s)",
+                        ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(kinds.items())),
+                        full_uri(self.fs, self.path(META, "quarantine")))
+        return problems
+
+    def drop_versions(self, keys: set[tuple[str, str]], *, keep_shard: str | None = None) -> int:
+        """Remove the rows of (source_uri, doc_id) `keys` (a file's older versions) from
+        committed shards other than `keep_shard`: the pages file is rewritten first, then
+        the documents file (with its new pages row count), so a crash in between is a
+        count mismatch that the next run's repair sees. Returns documents rows removed."""
+        removed = 0
+        for shard, path in sorted(self.part_files(DOCUMENTS).items()):
+            if shard == keep_shard:
+                continue
+            docs = self._read_part(path, DOCUMENTS_SCHEMA)
+            pairs = list(zip(docs.column("source_uri").to_pylist(), docs.column("doc_id").to_pylist()))
+            drop = [p in keys for p in pairs]
+            if not any(drop):
+                continue
+            pages_path = self.shard_path(PAGES, shard)
+            pages = self._read_part(pages_path, PAGES_SCHEMA) if self.fs.exists(pages_path) else None
+            meta = dict(self._footer(path).metadata or {})
+            if pages is not None:
+                keep_pages = [(u, d) not in keys for u, d in zip(pages.column("source_uri").to_pylist(),
+                                                                  pages.column("doc_id").to_pylist())]
+                pages = conform(pages.filter(pa.array(keep_pages, pa.bool_())), PAGES_SCHEMA)
+                self.write_table(pages_path, pages)
+                meta[PAGES_ROWS_KEY] = str(pages.num_rows).encode()
+            kept = conform(docs.filter(pa.array([not d for d in drop], pa.bool_())), DOCUMENTS_SCHEMA)
+            self.write_table(path, kept, metadata={k: v for k, v in meta.items()
+                                                   if k in (GENERATION_KEY, PAGES_ROWS_KEY)})
+            removed += sum(drop)
+            log.info("dropped %d rows of older file versions from shard %s", sum(drop), shard)
         return removed
 
     def _repair_superseded(self) -> None:
@@ -745,7 +1250,8 @@ class Dataset:
         t0 = time.perf_counter()
         lease = self.acquire(f"compact-{_utcnow():%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}", wait_s=wait_s)
         with lease:
-            self.clean()
+            self.repair(lease)
+            self.clean(generation=lease.generation)
             self._finish_compactions(keep_s=COMPACT_MANIFEST_KEEP_S)
             files_before = sum(len(self.part_files(t)) for t in (PAGES, DOCUMENTS, RUNS))
             merged: list[tuple[str, str, list[str]]] = []  # (table, merged id, replaced ids)
@@ -815,7 +1321,8 @@ class Dataset:
         manifest = {"table": DOCUMENTS, "merged": merged, "replaces": list(group), "created_at": time.time()}
         self.write_bytes(self._manifest_path(DOCUMENTS, merged), json.dumps(manifest, sort_keys=True).encode())
         lease.ensure()
-        self.write_table(self.shard_path(DOCUMENTS, merged), tables[DOCUMENTS])
+        meta = {GENERATION_KEY: str(lease.generation).encode(), PAGES_ROWS_KEY: str(tables[PAGES].num_rows).encode()}
+        self.write_table(self.shard_path(DOCUMENTS, merged), tables[DOCUMENTS], metadata=meta)
         log.info("merged %d shards into %s (%d pages rows)", len(group), merged, tables[PAGES].num_rows)
         return tables[PAGES].num_rows
 
@@ -869,6 +1376,12 @@ class Dataset:
             self._remove_replaced(table, [str(s) for s in data.get("replaces", [])])
             if age is not None and age > keep_s:
                 self.remove(path)
+
+
+def _with_metadata(table: pa.Table, metadata: Mapping[bytes, bytes] | None) -> pa.Table:
+    if not metadata:
+        return table
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
 
 
 def _row_order(row: tuple[Any, ...]) -> tuple[Any, ...]:

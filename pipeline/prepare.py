@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import dataclasses
+import logging
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
@@ -40,6 +41,8 @@ from pipeline.records import (
     StageError,
     TilePlan,
 )
+
+log = logging.getLogger("docpipe")
 
 
 @dataclass(slots=True)
@@ -129,11 +132,23 @@ def iter_document(ref: DocumentRef, settings: PrepSettings, attempt: int = 1) ->
 
     t0 = time.perf_counter()
     try:
-        data: bytes | str = sources.local_path(ref.uri) or sources.read_bytes(ref.uri, cfg.storage_options)
+        # The bytes rendered are the bytes hashed: read once, and checked against the id.
+        local = sources.local_path(ref.uri)
+        if local is not None:
+            with open(local, "rb") as fh:
+                data: bytes = fh.read()
+        else:
+            data = sources.read_bytes(ref.uri, cfg.storage_options)
     except Exception as exc:  # storage errors on one file are that file's error, and may pass
         err = StageError(Stage.SOURCES, "unreadable", f"{type(exc).__name__}: {exc}", retryable=sources.is_transient(exc))
         yield done(DocStatus.ERROR, err)
         return
+    changed = sources.changed_ref(ref, data)
+    if changed is not None:  # rewritten since discovery: processed as what it is now, under its new id
+        log.warning("%s changed since it was listed; processing its new content (doc_id %s...)",
+                    ref.uri, changed.doc_id[:12])
+        ref = changed
+        outcome.ref = ref
     opened = rasterize.open_document(data, uri=ref.uri, doc_id=ref.doc_id, media_type=ref.media_type)
     timings.rasterize_s += time.perf_counter() - t0
     if isinstance(opened, StageError):

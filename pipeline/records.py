@@ -78,6 +78,7 @@ class DocumentRef:
     version: str | None = None  # what the listing says identifies this revision (ETag, mtime)
     etag: str | None = None  # the object store's content tag, when it has one
     mtime: float | None = None  # last modification from the listing, unix seconds
+    replaces: str | None = None  # doc_id of this file's earlier version in the output (it changed since)
 
 
 @dataclass(frozen=True, slots=True)

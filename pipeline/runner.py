@@ -89,10 +89,11 @@ def begin_run(config: RunConfig, run_id: str | None = None) -> RunHandle:
     lease = dataset.acquire(run_id, wait_s=config.wait_for_output_s).start_heartbeat()
     handle = RunHandle(config=config, run_id=run_id, dataset=dataset, lease=lease, started_at=datetime.now(timezone.utc))
     try:
+        dataset.repair(lease)  # what the run resumes from: checked, damaged files quarantined, one warning
         check_settings(dataset, config, run_id)
         handle.model_revision = model_revision(config)
         dataset.write_run(run_row(handle, "running"))
-        dataset.clean(current_fingerprint=config.fingerprint())
+        dataset.clean(current_fingerprint=config.fingerprint(), generation=lease.generation)
     except BaseException:
         lease.release()
         raise
@@ -244,8 +245,6 @@ def discover_work(config: RunConfig, handle: RunHandle) -> WorkPlan:
     state = dataset.read_state(fingerprint=fingerprint, reprocess=config.reprocess)
     committed = set(dataset.part_files(DOCUMENTS))
     pending = [p for p in dataset.plans().values() if p.fingerprint == fingerprint and p.shard_id not in committed]
-    replay = [Shard.from_dict(p.shard) for p in sorted(pending, key=lambda p: p.shard_id)]
-    in_plans = {(r.uri, r.doc_id) for shard in replay for r in shard.refs}
     refs = sources.discover(
         config.source,
         extensions=config.extensions,
@@ -253,6 +252,14 @@ def discover_work(config: RunConfig, handle: RunHandle) -> WorkPlan:
         limit=config.limit,
         known=state.known,  # unchanged files already recorded are not read again
     )
+    from pipeline.dataset import fault_point
+
+    fault_point("after_discover")
+    # A file whose bytes differ from the version the output holds replaces it (latest wins).
+    refs = [dataclasses.replace(r, replaces=state.versions[r.uri])
+            if r.doc_id and state.versions.get(r.uri) not in (None, r.doc_id) else r for r in refs]
+    replay = _replayable(pending, refs, state.doc_keys, dataset)
+    in_plans = {(r.uri, r.doc_id) for shard in replay for r in shard.refs}
     plan: ShardPlan = plan_shards(
         refs,
         done_keys=state.doc_keys | in_plans,
@@ -284,6 +291,28 @@ def discover_work(config: RunConfig, handle: RunHandle) -> WorkPlan:
         discover_s=time.perf_counter() - t0,
         replayed=len(replay),
     )
+
+
+def _replayable(pending: list[PlanRecord], refs: list[DocumentRef], done: frozenset[tuple[str, str]],
+                dataset: Dataset) -> list[Shard]:
+    """Unfinished plans that may be replayed as they are: each of their documents still listed
+    with the same bytes, not done, and in no other plan kept. Any other plan (a late plan of
+    a run that lost the output, a file changed or gone since) is dropped and its documents
+    planned afresh, so a document is never in two shards."""
+    listed = {(r.uri, r.doc_id) for r in refs}
+    claimed: set[tuple[str, str]] = set()
+    out = []
+    for plan in sorted(pending, key=lambda p: (p.created_at, p.shard_id)):
+        shard = Shard.from_dict(plan.shard)
+        keys = [(r.uri, r.doc_id) for r in shard.refs]
+        if all(k in listed and k not in done and k not in claimed for k in keys):
+            claimed.update(keys)
+            out.append(shard)
+            continue
+        dataset.delete_plan(plan.shard_id)
+        log.info("dropped the plan of shard %s: some of its documents are done, changed or in another plan; "
+                 "the rest are planned again", plan.shard_id)
+    return sorted(out, key=lambda s: s.shard_id)
 
 
 # ---------------------------------------------------------------------------------------
@@ -674,6 +703,8 @@ def process_shard(
         sink.rows_to_table(docs, DOCUMENTS_SCHEMA),
         lease=lease,
         supersedes=shard.retried(),
+        replaces=[(d["source_uri"], d["replaces_doc_id"]) for d in docs
+                  if d.get("replaces_doc_id") and d["replaces_doc_id"] != d["doc_id"] and not d["error_retryable"]],
     )
     result.seconds = time.perf_counter() - t_start
     return result

@@ -154,6 +154,7 @@ def document_row(
         "pages_failed": outcome.pages_failed,
         "status": outcome.status.value,
         "duplicate_of": ref.duplicate_of,
+        "replaces_doc_id": ref.replaces,
         "source_version": ref.version,
         "source_etag": ref.etag,
         "source_mtime": None if ref.mtime is None else datetime.fromtimestamp(ref.mtime, timezone.utc),

@@ -397,6 +397,19 @@ def _read_ref(fs: fsspec.AbstractFileSystem, cand: _Candidate) -> DocumentRef:
     return DocumentRef(cand.uri, doc_id, size, media_type, error=_error("mislabelled", problem) if problem else None)
 
 
+def changed_ref(ref: DocumentRef, data: bytes) -> DocumentRef | None:
+    """`ref` as the bytes `data` read now show it, when they are not the bytes it was listed
+    with (the file was rewritten since discovery); None when they are the same."""
+    doc_id = hashlib.sha256(data).hexdigest()
+    if doc_id == ref.doc_id:
+        return None
+    media_type = sniff_media_type(data[:HEAD_BYTES]) if data else OCTET_STREAM
+    # the earlier version the output holds (if any) stays the one replaced; the id planned is not in it
+    replaces = None if ref.replaces == doc_id else ref.replaces
+    return dataclasses.replace(ref, doc_id=doc_id, size=len(data), media_type=media_type, version=None, etag=None,
+                               mtime=None, replaces=replaces)
+
+
 def _mark_duplicates(refs: list[DocumentRef]) -> list[DocumentRef]:
     """Give each later copy of the same bytes `duplicate_of` = the first copy's URI."""
     first: dict[str, str] = {}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.4"
+SCHEMA_VERSION = "1.5"
 VERSION_KEY = b"docpipe.schema_version"
 TABLE_KEY = b"docpipe.table"
 
@@ -66,6 +66,9 @@ DOCUMENTS_FIELDS: list[pa.Field] = [
        "local files."),
     _f("source_mtime", pa.timestamp("us", tz="UTC"), "The file's last modification time from its listing, UTC."),
     _f("duplicate_of", pa.string(), "source_uri of the input with the same bytes that was processed, for duplicates."),
+    _f("replaces_doc_id", pa.string(), "doc_id of the earlier version of this file (same source_uri, other bytes) "
+       "whose rows this row replaced; null for a file seen for the first time. Once this row commits, the older "
+       "version's documents and pages rows are removed."),
     *_error_fields(),
     _f("attempt", pa.int32(), "How many runs have tried this document (1 the first time; retryable failures are "
        "tried again up to 3 times).", nullable=False),

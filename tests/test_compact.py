@@ -135,10 +135,10 @@ def test_cut_before_the_switch_leaves_no_trace(nightly: tuple[Path, Path], monke
     expected = {t: _keys(dataset, t) for t in (PAGES, DOCUMENTS)}
     real = Dataset.write_table
 
-    def failing_documents(self, path, table):
+    def failing_documents(self, path, table, *args, **kwargs):
         if "/documents/part-c-" in path:
             raise OSError("cut")
-        return real(self, path, table)
+        return real(self, path, table, *args, **kwargs)
 
     monkeypatch.setattr(Dataset, "write_table", failing_documents)
     with pytest.raises(OSError):

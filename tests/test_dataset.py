@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,16 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.dataset import Dataset, DoneState, Lease, LeaseLost, OutputBusy, OutputNotWritable, PlanRecord
+from pipeline.dataset import (
+    Dataset,
+    DoneState,
+    Lease,
+    LeaseInfo,
+    LeaseLost,
+    OutputBusy,
+    OutputNotWritable,
+    PlanRecord,
+)
 from pipeline.records import DocStatus, Stage, StageError
 from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA, SCHEMA_VERSION, VERSION_KEY
 from tests.test_sink import WHEN, COMMON, _doc, _files, _same_schema, _shard_tables
@@ -47,7 +57,10 @@ def test_round_trip_keeps_schema_and_metadata(tmp_path: Path) -> None:
     for folder, table, schema in (("pages", pages, PAGES_SCHEMA), ("documents", documents, DOCUMENTS_SCHEMA)):
         path = tmp_path / folder / "part-s1.parquet"
         back = pq.read_table(path)
-        assert _same_schema(back.schema, schema)
+        commit_keys = (b"docpipe.lease_generation", b"docpipe.pages_rows")
+        assert (folder == "documents") == all(k in back.schema.metadata for k in commit_keys)
+        bare = back.schema.with_metadata({k: v for k, v in back.schema.metadata.items() if k not in commit_keys})
+        assert _same_schema(bare, schema)
         assert back.schema.metadata[VERSION_KEY] == SCHEMA_VERSION.encode()
         assert back.schema.field("doc_id").metadata[b"description"]
         assert back.to_pylist() == table.to_pylist()
@@ -172,14 +185,15 @@ def test_crash_while_writing_documents_shows_readers_nothing(tmp_path: Path, mon
     assert _files(tmp_path / "documents") == ["part-s1.parquet"]  # no half file, no temp file
     assert read_done(str(tmp_path)) == before
     assert shard_done(str(tmp_path), "s1") and not shard_done(str(tmp_path), "s2")
-    staged = tmp_path / "_docpipe" / "staging" / "pages" / "part-s2.parquet"
+    staged = tmp_path / "_docpipe" / "staging" / "nolease" / "pages" / "part-s2.parquet"
     assert staged.exists()
-    assert Dataset(str(tmp_path)).clean() == [str(staged)]
+    (removed,) = Dataset(str(tmp_path)).clean()
+    assert removed.endswith("/pages/part-s2.parquet") and "_docpipe/fenced/nolease-" in removed
     assert not staged.exists() and _files(tmp_path / "pages") == ["part-s1.parquet"]
 
 
 def test_a_crash_after_the_commit_is_rolled_forward(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def killed(self, shard_id):  # staged, committed, then the process dies moving the pages in
+    def killed(self, shard_id, *args):  # staged, committed, then the process dies moving the pages in
         raise OSError(5, "killed")
 
     monkeypatch.setattr(Dataset, "_publish_pages", killed)
@@ -481,3 +495,179 @@ def test_a_crash_between_a_retry_and_its_clean_up_is_repaired(tmp_path: Path) ->
     data.clean()
     rows = data.open_table("documents").to_table().to_pylist()
     assert [(r["status"], r["attempt"]) for r in rows] == [("ok", 2)]
+
+
+# ---- robustness of what a run resumes from (issue 13) ---------------------------------------
+
+
+@pytest.mark.parametrize("record", [
+    '{"generation": 1, "run_id": "r", "host": "h", "pid": 1, "acquired_at": 1, "heartbeat_at": null, "ttl_s": 60}',
+    '{"generation": 1}', "[]", "not json", "",
+])
+def test_a_malformed_lease_is_a_stale_one_with_a_warning(tmp_path: Path, record: str, caplog) -> None:
+    data = Dataset(str(tmp_path / "out"))
+    (tmp_path / "out" / "_docpipe" / "lease").mkdir(parents=True)
+    (tmp_path / "out" / "_docpipe" / "lease" / "000000000001.json").write_text(record)
+    with caplog.at_level("WARNING"):
+        lease = data.acquire("run-next")
+    assert lease.generation == 2
+    assert data.read_lease(1) is None
+    assert sum("malformed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_owner_gone_only_where_the_owner_can_be_seen(tmp_path: Path) -> None:
+    from pipeline.dataset import _boot_id, _pid_namespace, _start_time
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    here = dict(host=socket.gethostname(), boot_id=_boot_id(), pid_ns=_pid_namespace())
+    base = dict(generation=1, run_id="r", acquired_at=time.time(), heartbeat_at=time.time(), ttl_s=60)
+    assert LeaseInfo(**base, pid=dead.pid, **here).owner_gone()
+    assert not LeaseInfo(**base, pid=os.getpid(), **here, start_time=_start_time(os.getpid())).owner_gone()
+    assert LeaseInfo(**base, pid=os.getpid(), **here, start_time="1").owner_gone()  # a reused pid
+    for other in ({"pid_ns": "pid:1"}, {"boot_id": "another-boot"}, {"host": "elsewhere"}, {"pid_ns": None}):
+        info = LeaseInfo(**base, pid=dead.pid, **{**here, **other})
+        assert not info.owner_gone() and not info.lapsed()  # the TTL decides there
+        stale = LeaseInfo(**{**base, "heartbeat_at": time.time() - 120}, pid=dead.pid, **{**here, **other})
+        assert stale.lapsed()
+
+
+def test_a_takeover_fences_the_old_owners_commit(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    data = Dataset(str(out))
+    old = data.acquire("run-old")
+    data.commit_shard("s0", *_shard_tables("s0", ["z"]), lease=old)
+    old_stage = out / "_docpipe" / "staging" / f"g{old.generation:012d}"
+    assert old_stage.is_dir()
+    _stale(data, old.generation, heartbeat_at=time.time() - 3600)
+    new = Dataset(str(out)).acquire("run-new")
+    Dataset(str(out)).clean(generation=new.generation)
+    assert not old_stage.exists()
+    # The old owner's check passed before the takeover; it stalls, then goes on with the commit:
+    monkey_lease = Lease(data, old.info)
+    monkey_lease.ensure = lambda: None  # type: ignore[method-assign]  # the check already happened
+    with pytest.raises(LeaseLost, match="fenced off"):
+        data.commit_shard("s1", *_shard_tables("s1", ["a"]), lease=monkey_lease)
+    assert not data.shard_done("s1") and _files(out / "pages") == ["part-s0.parquet"]
+    # The new owner commits; a documents file is never replaced once committed.
+    assert data.commit_shard("s2", *_shard_tables("s2", ["b"]), lease=new)
+    assert not data.commit_shard("s2", *_shard_tables("s2", ["c"]), lease=new)  # never replaced
+
+
+def test_a_commit_cut_before_its_pages_moved_is_rolled_forward_by_the_next_owner(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "out"
+    data = Dataset(str(out))
+    old = data.acquire("run-old")
+    monkeypatch.setattr(Dataset, "_publish_pages", lambda self, *a, **k: (_ for _ in ()).throw(OSError(5, "killed")))
+    with pytest.raises(OSError):
+        data.commit_shard("s1", *_shard_tables("s1", ["a"]), lease=old)
+    monkeypatch.undo()
+    _stale(data, old.generation, heartbeat_at=time.time() - 3600)
+    new = data.acquire("run-new")
+    assert data.repair(new) == [] and _files(out / "pages") == ["part-s1.parquet"]
+    assert data.verify() == []
+
+
+def _damage(kind: str, out: Path) -> None:
+    pages, docs, runs = out / "pages" / "part-s1.parquet", out / "documents" / "part-s1.parquet", out / "runs"
+    if kind == "pages truncated":
+        pages.write_bytes(pages.read_bytes()[:100])
+    elif kind == "pages zeroed":
+        pages.write_bytes(b"\0" * pages.stat().st_size)
+    elif kind == "pages deleted":
+        pages.unlink()
+    elif kind == "documents truncated":
+        docs.write_bytes(docs.read_bytes()[:-20])
+    elif kind == "pages of another shard":  # a row count that disagrees with the documents file
+        pages.write_bytes((out / "pages" / "part-s2.parquet").read_bytes())
+    elif kind == "documents deleted":
+        docs.unlink()
+    elif kind == "runs truncated":
+        (runs / "part-r1.parquet").write_bytes((runs / "part-r1.parquet").read_bytes()[:30])
+
+
+@pytest.mark.parametrize("kind", ["pages truncated", "pages zeroed", "pages deleted", "documents truncated",
+                                  "pages of another shard", "documents deleted", "runs truncated"])
+def test_damaged_files_are_found_quarantined_and_their_documents_redone(tmp_path: Path, kind: str) -> None:
+    out = tmp_path / "out"
+    data = Dataset(str(out))
+    lease = data.acquire("r1")
+    data.commit_shard("s1", *_shard_tables("s1", ["a", "b"]), lease=lease)
+    data.commit_shard("s2", *_shard_tables("s2", ["c"]), lease=lease)
+    data.write_run({**_run_row("r1"), "status": "running"})
+    lease.release()
+    _damage(kind, out)
+    found = data.verify()
+    assert found and not any(p.repaired for p in found), found
+    lease = data.acquire("r2")
+    repaired = data.repair(lease)
+    assert {p.kind for p in repaired} == {p.kind for p in found}
+    assert all(p.repaired for p in repaired)
+    assert data.verify() == []  # consistent now: readers and the next run see whole shards only
+    quarantined = list((out / "_docpipe" / "quarantine").rglob("*.parquet"))
+    assert quarantined  # moved aside, never deleted
+    state = data.read_state()
+    if kind != "runs truncated":
+        assert state.shard_ids == {"s2"} and {u for u, _ in state.doc_keys} == {"/in/c"}  # a and b are redone
+    assert open_dataset(str(out), "pages").count_rows() == 2 * len({u for u, _ in state.doc_keys})
+    runs = data.read_runs()
+    assert all(r["status"] == "interrupted" for r in runs)
+
+
+def _run_row(run_id: str) -> dict:
+    from schemas import RUNS_SCHEMA
+
+    row = {f.name: None for f in RUNS_SCHEMA}
+    row.update(run_id=run_id, status="running", started_at=datetime.now(timezone.utc), source="/in",
+               config_fingerprint="fp", output_settings="{}", settings="{}", reprocess=False,
+               docpipe_version="t", python_version="3", host="h")
+    return row
+
+
+def test_the_same_documents_committed_twice_keep_the_newer_generation(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    data = Dataset(str(out))
+    old = data.acquire("old")
+    data.commit_shard("s-old", *_shard_tables("s-old", ["a", "b"]), lease=old)
+    _stale(data, old.generation, heartbeat_at=time.time() - 3600)
+    new = data.acquire("new")
+    data.commit_shard("s-new", *_shard_tables("s-new", ["b", "c"]), lease=new)
+    (problem,) = data.repair(new)
+    assert problem.kind == "shard_duplicated" and "s-old" in problem.detail
+    state = data.read_state()
+    assert state.shard_ids == {"s-new"}  # a (only in the stale shard) is not done: the next run redoes it
+    assert {u for u, _ in state.doc_keys} == {"/in/b", "/in/c"}
+
+
+def test_replayed_plans_are_checked_against_what_is_done(tmp_path: Path) -> None:
+    from pipeline.planning import Shard
+    from pipeline.records import DocumentRef
+    from pipeline.runner import _replayable
+
+    data = Dataset(str(tmp_path / "out"))
+    refs = [DocumentRef(f"/in/{n}", (n * 64)[:64], 1, "application/pdf") for n in "abcd"]
+
+    def plan(shard_id: str, names: str, at: float) -> PlanRecord:
+        shard = Shard(shard_id, tuple(r for r in refs if r.uri[-1] in names))
+        record = PlanRecord(shard_id, "r", "fp", shard.to_dict(), at)
+        data.write_plan(record)
+        return record
+
+    first, late, done_one = plan("p1", "ab", 1.0), plan("p2", "bc", 2.0), plan("p3", "d", 3.0)
+    listed = refs[:3] + [DocumentRef("/in/d", "e" * 64, 1, "application/pdf")]  # d changed since its plan
+    kept = _replayable([first, late, done_one], listed, frozenset(), data)
+    assert [s.shard_id for s in kept] == ["p1"]  # p2 overlaps p1 (a late plan), p3's file changed
+    assert set(data.plans()) == {"p1"}
+    kept = _replayable([first], refs, frozenset({("/in/a", "a" * 64)}), data)
+    assert kept == [] and data.plans() == {}
+
+
+def test_malformed_plans_are_not_replayed_and_are_quarantined(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    data = Dataset(str(out))
+    (out / "_docpipe" / "plans").mkdir(parents=True)
+    (out / "_docpipe" / "plans" / "p1.json").write_text('{"shard_id": "p1", "shard": {"refs": 3}}')
+    assert data.plans() == {}
+    lease = data.acquire("r")
+    assert [p.kind for p in data.repair(lease)] == ["plan_malformed"]
+    assert not (out / "_docpipe" / "plans" / "p1.json").exists()

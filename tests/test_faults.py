@@ -198,3 +198,147 @@ def test_every_broken_setting_fails_before_any_work(tmp_path: Path):
         assert len(lines) == 1 and expected in lines[0] and lines[0].startswith("docpipe: "), (name, lines)
         assert not (tmp_path / "out" / "documents").exists(), name  # nothing was processed
         assert not (tmp_path / "out" / "runs").exists(), name  # no run was even recorded
+
+
+# ---- stalls past the lease's TTL, another PID namespace, changed sources ---------------------
+# A run is made to stop itself (SIGSTOP) at a named point of the commit protocol
+# (DOCPIPE_FAULT_POINT, see pipeline.dataset.fault_point), after writing a marker file the
+# test polls; a second run takes the output over once the short TTL has lapsed; then the
+# first is woken (SIGCONT). Nothing it does afterwards may become visible or remove data.
+
+TTL = "3"
+
+
+def _stalled(point: str, src: Path, out: Path, tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
+    marker = tmp_path / f"stalled-{point}"
+    env = {**os.environ, "DOCPIPE_LEASE_TTL_S": TTL, "DOCPIPE_FAULT_POINT": point,
+           "DOCPIPE_FAULT_MARKER": str(marker)}
+    proc = subprocess.Popen([DOCPIPE, *run_args(src, out, *extra)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), f"run never reached {point} (exit {proc.poll()})"
+    while _state(proc.pid) != "T" and time.monotonic() < deadline:  # the marker is written just before the stop
+        time.sleep(0.01)
+    assert _state(proc.pid) == "T"
+    return proc
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "?"
+
+
+def _takeover(src: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DOCPIPE_LEASE_TTL_S": TTL}
+    return subprocess.run([DOCPIPE, *run_args(src, out, "--wait-for-output-s", "60", *extra)], capture_output=True,
+                          text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
+
+
+def _wake(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    os.kill(proc.pid, signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+@pytest.fixture()
+def small_corpus(tmp_path: Path) -> tuple[Path, dict[str, int]]:
+    src = tmp_path / "in"
+    return src, make_corpus(src, 10)
+
+
+def test_a_run_stalled_at_its_commit_past_the_ttl_commits_nothing_after_the_takeover(small_corpus, tmp_path: Path):
+    src, expected = small_corpus
+    out = tmp_path / "out"
+    stalled = _stalled("before_commit", src, out, tmp_path, "--shard-size", "2")
+    try:
+        taker = _takeover(src, out, "--shard-size", "3")
+        assert taker.returncode == 0, taker.stderr
+        assert "took over the output" in taker.stderr
+        assert_exactly_once(out, expected)  # before the stalled run wakes
+    finally:
+        code, err = _wake(stalled)
+    assert code == 1 and "fenced off by a newer run" in err and "Traceback" not in err, err
+    assert_exactly_once(out, expected)  # it wrote nothing visible and removed nothing
+    again = docpipe(*run_args(src, out, "--shard-size", "2"))
+    assert again.returncode == 0, again.stderr
+    assert_exactly_once(out, expected)
+    assert {r["status"] for r in read_rows(str(out), "runs")} <= {"completed", "failed", "interrupted"}
+
+
+def test_a_late_plan_of_a_run_that_lost_the_output_is_not_replayed_twice(small_corpus, tmp_path: Path):
+    src, expected = small_corpus
+    out = tmp_path / "out"
+    stalled = _stalled("before_plan", src, out, tmp_path, "--shard-size", "2")
+    try:
+        taker = _takeover(src, out, "--shard-size", "3")  # cuts the shards differently
+        assert taker.returncode == 0, taker.stderr
+    finally:
+        code, err = _wake(stalled)
+    assert code == 1 and "Traceback" not in err, err
+    assert list((out / "_docpipe" / "plans").glob("*.json")), "the late plan was written"
+    again = docpipe(*run_args(src, out, "--shard-size", "3"))  # a plain rerun finds the late plan
+    assert again.returncode == 0, again.stderr
+    assert_exactly_once(out, expected)
+
+
+def test_a_run_in_another_pid_namespace_does_not_take_a_live_output_over(small_corpus, tmp_path: Path):
+    src, _expected = small_corpus
+    out = tmp_path / "out"
+    if subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True).returncode:
+        pytest.skip("unshare --pid needs root here")
+    stalled = _stalled("before_commit", src, out, tmp_path, "--shard-size", "2")
+    try:
+        # Its pid means nothing there: it cannot tell that the owner is alive, so the TTL decides.
+        other = subprocess.run(["unshare", "--pid", "--fork", DOCPIPE, *run_args(src, out)], capture_output=True,
+                               text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert other.returncode == 3, other.stderr
+        assert "in use by run" in other.stderr
+    finally:
+        code, err = _wake(stalled)
+    assert code == 0, err  # not stalled past its TTL: it finished and keeps its output
+
+
+def test_files_rewritten_deleted_and_added_between_runs_latest_wins(tmp_path: Path):
+    from tests.prefect_support import make_pdf
+
+    src = tmp_path / "in"
+    expected = make_corpus(src, 6)
+    out = tmp_path / "out"
+    assert docpipe(*run_args(src, out, "--shard-size", "2")).returncode == 0
+    old = {Path(d["source_uri"]).name: d["doc_id"] for d in read_rows(str(out), "documents")}
+    make_pdf(src / "doc-001.pdf", 3, "Document 1, second edition")  # rewritten: 3 pages now
+    (src / "doc-002.pdf").unlink()  # deleted: keeps its rows
+    make_corpus(src, 1, start=6)  # added
+    expected.update({"doc-001.pdf": 3, "doc-006.pdf": 1})
+    assert docpipe(*run_args(src, out, "--shard-size", "2")).returncode == 0
+    assert_exactly_once(out, expected)
+    docs = {Path(d["source_uri"]).name: d for d in read_rows(str(out), "documents")}
+    assert docs["doc-001.pdf"]["replaces_doc_id"] == old["doc-001.pdf"] != docs["doc-001.pdf"]["doc_id"]
+    assert docs["doc-002.pdf"]["doc_id"] == old["doc-002.pdf"]
+    assert docpipe("verify", str(out)).returncode == 0
+
+
+def test_a_file_rewritten_after_discovery_is_processed_as_it_is_now(tmp_path: Path):
+    from tests.prefect_support import make_pdf
+
+    src = tmp_path / "in"
+    expected = make_corpus(src, 4)
+    out = tmp_path / "out"
+    stalled = _stalled("after_discover", src, out, tmp_path, "--shard-size", "2")
+    make_pdf(src / "doc-000.pdf", 2, "Document 0, rewritten while the run was planning")
+    expected["doc-000.pdf"] = 2
+    code, err = _wake(stalled)
+    assert code == 0, err
+    import hashlib
+
+    docs = {Path(d["source_uri"]).name: d for d in read_rows(str(out), "documents")}
+    assert docs["doc-000.pdf"]["doc_id"] == hashlib.sha256((src / "doc-000.pdf").read_bytes()).hexdigest()
+    assert_exactly_once(out, expected)
+    again = docpipe(*run_args(src, out, "--shard-size", "2"))
+    assert again.returncode == 0, again.stderr
+    assert_exactly_once(out, expected)
