@@ -76,3 +76,21 @@ def configure(verbose: bool, environ: MutableMapping[str, str] | None = None) ->
     # Chatty third-party loggers that use the root handler: their INFO is not ours.
     for name in ("matplotlib", "PIL", "fsspec", "urllib3", "botocore", "s3fs", "aiobotocore", "httpx"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+def quiet_mupdf() -> None:
+    """Keep MuPDF's own error and warning lines (damaged PDFs print dozens) off the console;
+    they are kept in `pymupdf.TOOLS.mupdf_warnings()`, which `mupdf_to_log` moves to the log."""
+    import pymupdf
+
+    pymupdf.TOOLS.mupdf_display_errors(False)
+    pymupdf.TOOLS.mupdf_display_warnings(False)
+
+
+def mupdf_to_log(logger: logging.Logger, context: str) -> None:
+    """Move what MuPDF said since the last call into `logger` at DEBUG (shown with `-v`)."""
+    import pymupdf
+
+    said = pymupdf.TOOLS.mupdf_warnings(reset=True)
+    if said:
+        logger.debug("MuPDF on %s: %s", context, " | ".join(said.splitlines()))

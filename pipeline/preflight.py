@@ -36,9 +36,9 @@ class ModelCheck:
 def check_setup(config: RunConfig) -> ModelCheck | None:
     """Raise SetupError for the first broken setting; return the model's family when set."""
     check_source(config)
-    check_output(config)
     model = check_model(config)
     check_device(config)
+    check_output(config)  # last: the only check that writes (a probe), so a failed setup leaves no output behind
     return model
 
 
@@ -77,6 +77,42 @@ def check_output(config: RunConfig) -> None:
         raise SetupError(f"output {where} is not writable: {type(exc).__name__}: {exc}") from None
 
 
+HUB_PROBE_S = 1.5
+
+
+def hub_unreachable(timeout_s: float = HUB_PROBE_S) -> str | None:
+    """Why the model hub cannot be asked (offline mode, or no connection within `timeout_s`), else None.
+
+    huggingface_hub retries a failed request five times with back-off; a probe of the
+    hub's host first turns an offline machine into one line in under two seconds.
+    """
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(f"the hub ({host}) cannot be reached: {exc.strerror or type(exc).__name__}")
+
+    thread = threading.Thread(target=probe, daemon=True)  # name resolution has no timeout of its own
+    thread.start()
+    thread.join(timeout_s)
+    if not outcome:
+        return f"the hub ({host}) did not answer within {timeout_s:.1f} s"
+    return outcome[0]
+
+
 def read_model_config(model: str, revision: str | None = None) -> dict[str, Any]:
     """The checkpoint's config.json as a dict (local folder, or the hub / its local cache)."""
     path = Path(model)
@@ -96,6 +132,12 @@ def read_model_config(model: str, revision: str | None = None) -> dict[str, Any]
         if isinstance(cached, str):
             file = Path(cached)
         else:
+            unreachable = hub_unreachable()
+            if unreachable:  # say so at once, not after huggingface_hub's retries (~25 s of warnings)
+                raise SetupError(
+                    f"model {model} cannot be resolved: no local folder of that name, not in the hub cache, and "
+                    f"{unreachable}; give the checkpoint's folder, or download it first"
+                )
             try:
                 file = Path(hf_hub_download(model, "config.json", revision=revision))
             except LocalEntryNotFoundError:

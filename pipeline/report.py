@@ -153,12 +153,18 @@ def _render_pdf_page(data: bytes, page_number: int, max_px: int) -> Any:
     import pymupdf
     from PIL import Image
 
-    with pymupdf.open(stream=data, filetype="pdf") as doc:
-        page = doc[page_number - 1]
-        rect = page.rect  # after /Rotate
-        zoom = max_px / max(rect.width, rect.height, 1.0)
-        pix = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), alpha=False)
-        return Image.frombytes("RGB", (pix.width, pix.height), pix.samples)
+    from pipeline.logs import mupdf_to_log, quiet_mupdf
+
+    quiet_mupdf()  # a damaged PDF's MuPDF errors go to the log, not the console
+    try:
+        with pymupdf.open(stream=data, filetype="pdf") as doc:
+            page = doc[page_number - 1]
+            rect = page.rect  # after /Rotate
+            zoom = max_px / max(rect.width, rect.height, 1.0)
+            pix = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), alpha=False)
+            return Image.frombytes("RGB", (pix.width, pix.height), pix.samples)
+    finally:
+        mupdf_to_log(log, f"page {page_number}")
 
 
 def _render_image_frame(data: bytes, page_number: int, max_px: int) -> Any:

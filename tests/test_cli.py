@@ -90,3 +90,50 @@ def test_an_output_that_cannot_be_written_fails_before_any_work(tmp_path, s3_sto
     assert proc.returncode == 2 and len(err) == 1, err
     assert err[0].startswith("docpipe: output s3://no-such-bucket-here/out is not writable")
     assert "testing" not in err[0]  # no credential echoed
+
+
+def _docpipe(args, env_extra, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(tmp_path / "hf-home"), **env_extra)
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("hub_env", ["offline", "unreachable"])
+def test_a_hub_id_without_a_hub_is_one_line_at_once_and_leaves_no_output(tmp_path, hub_env):
+    """No huggingface_hub retry warnings (they took ~24 s): a probe of the hub comes first.
+    An unreachable hub is a closed port on loopback, so the test means the same with a network."""
+    from tests.conftest import free_port
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.png").write_bytes(b"not read")
+    env = {"HF_HUB_OFFLINE": "1"} if hub_env == "offline" else {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    out = tmp_path / "out"
+    proc = _docpipe(["run", str(src), "--output", str(out), "--model", "someorg/some-model"], env, tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("docpipe: model someorg/some-model cannot be resolved"), lines
+    assert ("HF_HUB_OFFLINE" if hub_env == "offline" else "cannot be reached") in lines[0]
+    assert not out.exists()  # the output is checked (with a probe write) only after everything else passed
+
+
+def test_report_keeps_mupdf_chatter_in_the_log(tmp_path):
+    from tests.docs_factory import born_digital_pdf, misplaced_object_pdf, truncated_tail_pdf
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tail.pdf").write_bytes(truncated_tail_pdf())
+    (src / "misplaced.pdf").write_bytes(misplaced_object_pdf())
+    (src / "ok.pdf").write_bytes(born_digital_pdf(1))
+    out = tmp_path / "out"
+    run = _docpipe(["run", str(src), "--output", str(out), "--prep-workers", "0", "--no-progress"], {}, tmp_path)
+    assert run.returncode == 0, run.stderr
+    quiet = _docpipe(["report", str(out), "--html", str(tmp_path / "r.html")], {}, tmp_path)
+    assert quiet.returncode == 0 and "MuPDF" not in quiet.stderr + quiet.stdout, quiet.stderr
+    verbose = _docpipe(["-v", "report", str(out), "--html", str(tmp_path / "r.html")], {}, tmp_path)
+    assert "MuPDF on page" in verbose.stderr  # the same messages, in the log
