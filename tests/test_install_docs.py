@@ -19,13 +19,29 @@ def _section_commands(readme: str, heading: str) -> list[str]:
     return [c for block in re.findall(r"```bash\n(.*?)```", section, re.S) for c in _commands(block)]
 
 
-def test_ci_runs_the_readme_install_and_test_lines() -> None:
+def test_ci_runs_the_readme_quick_start_test_command() -> None:
     readme = (ROOT / "README.md").read_text()
-    wanted = _section_commands(readme, "Install") + _section_commands(readme, "Test")
+    quick = _section_commands(readme, "Quick start: two commands from a fresh clone")
+    assert quick == ["./dev run", "./dev test"]
+    assert readme.index("## Quick start") < readme.index("## Install")  # the README leads with them
     ci = _commands((ROOT / ".ci" / "run").read_text())
-    start = ci.index(wanted[0])
-    assert ci[start:start + len(wanted)] == wanted
-    assert any("download.pytorch.org/whl/cpu" in c for c in wanted)  # the CPU build on any machine
+    assert ci[-1] == "./dev test"
+    dev = (ROOT / "dev").read_text()
+    # the test verb is the README's Test command; the CPU torch comes from the index the Install section names
+    assert 'python -m pytest -q "$@"' in dev
+    install = _section_commands(readme, "Install")
+    cpu_line = next(c for c in install if c.startswith("pip install torch=="))
+    assert "CPU_INDEX=https://download.pytorch.org/whl/cpu" in dev and "download.pytorch.org/whl/cpu" in cpu_line
+    assert cpu_line.split()[2] == "torch==" + re.search(r"TORCH_VERSION=(\S+)", dev).group(1)
+    assert _section_commands(readme, "Test") == ["python -m pytest -q"]
+
+
+def test_dev_script_is_valid_bash_and_refuses_unknown_verbs() -> None:
+    import subprocess
+
+    assert subprocess.run(["bash", "-n", str(ROOT / "dev")]).returncode == 0
+    proc = subprocess.run([str(ROOT / "dev"), "nonsense"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage: ./dev run" in proc.stderr
 
 
 def test_docs_use_only_existing_run_flags() -> None:
