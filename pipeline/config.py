@@ -42,6 +42,10 @@ _NON_OUTPUT_FIELDS = frozenset(
         "document_timeout_s",
         "batch_visual_tokens",
         "max_batch_pages",
+        "engine",
+        "tensor_parallel_size",
+        "gpu_memory_utilization",
+        "vllm_max_pages",
         "device",
         "gpu_memory_headroom",
         "limit",
@@ -186,6 +190,23 @@ class RunConfig(BaseModel):
         default=16_384, ge=1, description="Batch pages together up to this many visual tokens."
     )
     max_batch_pages: int = Field(default=16, ge=1, description="Upper bound on pages per batch.")
+    engine: Literal["auto", "transformers", "vllm"] = Field(
+        default="auto",
+        description="Inference engine: transformers (static batches, every family, CPU or GPU), vllm (offline "
+        "vLLM: continuous batching and prefix caching; families vLLM serves; needs vllm installed), or auto "
+        "(vllm when it is installed, a CUDA GPU is visible and vLLM serves the model's family, else transformers).",
+    )
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, description="vLLM engine: GPUs one model instance is split over (tensor parallel)."
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0.0, le=1.0, description="vLLM engine: share of each GPU's memory vLLM may use (weights, "
+        "activations and KV cache)."
+    )
+    vllm_max_pages: int = Field(
+        default=256, ge=1, description="vLLM engine: pages handed to vLLM at once (all their requests in flight "
+        "together); bounds the prepared pages held in memory."
+    )
 
     # ---- execution ---------------------------------------------------------------
     shard_size: int = Field(default=64, ge=1, description="Documents per shard (one Parquet file per table per shard).")

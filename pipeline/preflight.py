@@ -38,6 +38,7 @@ def check_setup(config: RunConfig) -> ModelCheck | None:
     check_source(config)
     model = check_model(config)
     check_device(config)
+    check_engine(config, model)
     check_output(config)  # last: the only check that writes (a probe), so a failed setup leaves no output behind
     return model
 
@@ -190,6 +191,19 @@ def check_device(config: RunConfig) -> None:
         resolve_device(config.device)
     except ModelConfigError as exc:
         raise SetupError(f"--device {config.device}: {exc}") from None
+
+
+def check_engine(config: RunConfig, model: ModelCheck | None) -> None:
+    """`--engine vllm` where vLLM cannot serve the run is a setup error (the engine's module says why)."""
+    if model is None or config.engine == "transformers":
+        return
+    from pipeline.inference.registry import family_by_name
+    from pipeline.inference.vllm_engine import EngineUnavailable, resolve_engine
+
+    try:
+        resolve_engine(config, family_by_name(model.family), model.config)
+    except EngineUnavailable as exc:
+        raise SetupError(str(exc)) from None
 
 
 __all__ = ["ModelCheck", "SetupError", "check_setup", "read_model_config"]

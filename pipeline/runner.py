@@ -342,10 +342,12 @@ def get_engine(config: RunConfig) -> Any | None:
     engine = _ENGINES.get(key)
     if engine is None:
         from pipeline.inference import load_engine
+        from pipeline.inference.vllm_engine import engine_for, load_vllm_engine
 
         _ENGINES.clear()  # one model in memory at a time
-        log.info("loading model %s", config.model)
-        engine = load_engine(config)
+        name = engine_for(config)
+        log.info("loading model %s (%s engine)", config.model, name)
+        engine = load_vllm_engine(config) if name == "vllm" else load_engine(config)
         _ENGINES[key] = engine
     return engine
 
@@ -459,12 +461,25 @@ class _ShardRun:
             self._record_page(work, None)
             return
         state.pending += 1
+        # The one grouping rule (pipeline.inference.batching): the engine's. A page that
+        # does not fit closes the group before it; a group nothing more can join goes at once.
+        rule = self._batch_rule()
+        cost = work.plan.visual_tokens if work.plan else 0
+        if not rule.fits(len(self.window), self.window_tokens, cost):
+            self.answer_window()
         self.window.append(work)
-        self.window_tokens += work.plan.visual_tokens if work.plan else 0
-        if len(self.window) >= self.config.max_batch_pages or self.window_tokens >= self.config.batch_visual_tokens:
+        self.window_tokens += cost
+        if rule.full(len(self.window), self.window_tokens):
             self.answer_window()
 
+    def _batch_rule(self) -> Any:
+        from pipeline.inference.batching import BatchRule
+
+        rule = getattr(self.engine, "batch_rule", None)
+        return rule if isinstance(rule, BatchRule) else BatchRule(self.config.batch_visual_tokens, self.config.max_batch_pages)
+
     def answer_window(self) -> None:
+        """Hand the held group of pages to the engine, which answers it as one group."""
         window, self.window, self.window_tokens = self.window, [], 0
         if not window:
             return

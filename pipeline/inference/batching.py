@@ -1,24 +1,61 @@
-"""Pure batching helpers: pack work by a visual-token budget, split on failure, and
-detect runaway generations. No torch here; everything is a function of plain values."""
+"""Pure batching helpers: the one rule that groups pages (`BatchRule`), packing by it,
+splitting on failure, and detecting runaway generations. No torch here; everything is a
+function of plain values.
+
+Pages are grouped in exactly one place by one rule, whatever the engine: the runner feeds
+prepared pages, as they come, through the engine's `BatchRule` (`fits` / `full`) and hands
+each closed group to `engine.answer`; `pack_by_budget` is the same rule applied to a list
+at once (for callers that hand an engine many pages, e.g. benchmarks), so a group the
+runner closed is never split again. The transformers engine's rule is its visual-token
+budget and page bound; the vLLM engine's is a bound on pages in flight (its own scheduler
+does the rest).
+"""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 
-def pack_by_budget(costs: Sequence[int], budget: int, max_items: int) -> list[list[int]]:
-    """Group item indices, in order, into batches of total cost <= `budget` and at most
-    `max_items` items. An item costing more than the budget gets a batch of its own (it
-    is still processed; the OOM back-off deals with it if it does not fit)."""
-    if budget < 1 or max_items < 1:
-        raise ValueError("budget and max_items must be at least 1")
+@dataclass(frozen=True, slots=True)
+class BatchRule:
+    """Groups of at most `max_pages` pages and `budget` visual tokens; a page costing more
+    than the budget gets a group of its own (it is still processed; the out-of-memory
+    back-off deals with it if it does not fit)."""
+
+    budget: int
+    max_pages: int
+
+    def __post_init__(self) -> None:
+        if self.budget < 1 or self.max_pages < 1:
+            raise ValueError("budget and max_items must be at least 1")
+
+    @classmethod
+    def pages_only(cls, max_pages: int) -> "BatchRule":
+        """A bound on pages alone (no token budget)."""
+        return cls(budget=sys.maxsize, max_pages=max_pages)
+
+    def fits(self, count: int, used: int, cost: int) -> bool:
+        """Whether an item of `cost` joins a group of `count` items costing `used`."""
+        if cost < 0:
+            raise ValueError(f"cost is negative: {cost}")
+        return count == 0 or (used + cost <= self.budget and count < self.max_pages)
+
+    def full(self, count: int, used: int) -> bool:
+        """Whether no further item (of any cost >= 0) can join the group: close it now."""
+        return count >= self.max_pages or used > self.budget
+
+
+def pack(costs: Sequence[int], rule: BatchRule) -> list[list[int]]:
+    """Group item indices, in order, by `rule` (the same groups as feeding them one at a time)."""
     batches: list[list[int]] = []
     current: list[int] = []
     used = 0
     for index, cost in enumerate(costs):
         if cost < 0:
             raise ValueError(f"cost of item {index} is negative: {cost}")
-        if current and (used + cost > budget or len(current) >= max_items):
+        if not rule.fits(len(current), used, cost):
             batches.append(current)
             current, used = [], 0
         current.append(index)
@@ -26,6 +63,12 @@ def pack_by_budget(costs: Sequence[int], budget: int, max_items: int) -> list[li
     if current:
         batches.append(current)
     return batches
+
+
+def pack_by_budget(costs: Sequence[int], budget: int, max_items: int) -> list[list[int]]:
+    """Group item indices, in order, into batches of total cost <= `budget` and at most
+    `max_items` items (`pack` with `BatchRule(budget, max_items)`)."""
+    return pack(costs, BatchRule(budget, max_items))
 
 
 def halves(items: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -60,4 +103,4 @@ def is_repetitive(tokens: Sequence[int], hit_limit: bool, **kwargs: int) -> bool
     return hit_limit and repeating_tail(tokens, **kwargs) is not None
 
 
-__all__ = ["halves", "is_repetitive", "pack_by_budget", "repeating_tail"]
+__all__ = ["BatchRule", "halves", "is_repetitive", "pack", "pack_by_budget", "repeating_tail"]

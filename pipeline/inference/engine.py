@@ -43,7 +43,7 @@ from pipeline.inference.adapters import (
     chart_key,
     input_device,
 )
-from pipeline.inference.batching import halves, is_repetitive, pack_by_budget
+from pipeline.inference.batching import BatchRule, halves, is_repetitive, pack, pack_by_budget
 from pipeline.inference.generation import GenerationSettings
 from pipeline.records import TASK_USAGE_KINDS, ChartAnswer, PageAnswers, Stage, StageError, TaskOutput
 from pipeline.textlayer import OcrRoute, route_ocr
@@ -114,6 +114,14 @@ class EngineStats:
     decode_slots: int = 0  # rows x decode steps, summed over calls
     finished_slots: int = 0  # of which steps of rows that had already stopped
     ocr_rows_skipped: int = 0  # pages whose OCR text came from their text layer
+    # Prompt tokens whose KV came from a prefix cache instead of being prefilled again
+    # (vLLM engine: a page's image tokens shared by its tasks; the transformers engine has none).
+    cached_prompt_tokens: int = 0
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Share of prompt tokens served from the prefix cache."""
+        return self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
     @property
     def wasted_share(self) -> float:
@@ -163,49 +171,27 @@ def _release_cuda_memory() -> None:
         torch.cuda.empty_cache()
 
 
-class Engine:
-    """One loaded model and everything needed to answer pages with it."""
+class PageEngine:
+    """The engine interface: one loaded model that answers prepared pages.
 
-    def __init__(
-        self,
-        model: Any,
-        builder: InputBuilder,
-        *,
-        model_id: str,
-        revision: str | None,
-        dtype: str,
-        max_new_tokens: int | Mapping[str, int],
-        batch_visual_tokens: int,
-        max_batch_pages: int,
-        min_new_tokens: int | None = None,
-        device_map: dict[str, int] | None = None,
-        ocr: str = "model",
-        forced_output: ForcedOutput | None = None,
-        generation: GenerationSettings | None = None,
-    ) -> None:
-        self.model = model
-        self.builder = builder
-        # the family's own decoding (pipeline.inference.generation) unless the run overrides it
-        self.generation = generation if generation is not None else builder.generation_defaults
-        self.model_id = model_id
-        self.revision = revision
-        self.dtype = dtype
-        self.prompt_version = builder.prompt_version(self.generation)
-        self.budgets = budgets_for(max_new_tokens)  # row kind -> generation limit
-        self.batch_visual_tokens = batch_visual_tokens
-        self.max_batch_pages = max_batch_pages
-        self.min_new_tokens = min_new_tokens  # benchmarks fix output lengths with this
-        self.forced_output = forced_output  # benchmarks emulate realistic lengths with this
-        self.ocr = ocr  # auto | model | text_layer (pipeline.textlayer.route_ocr)
-        # by_kind: one kind of row per generate call. mixed: every kind in the same calls
-        # with the largest limit, as before schema 1.4; only for benchmarks to compare.
-        self.schedule = "by_kind"
-        route_ocr(ocr, None, None)  # an unknown mode fails here, not on the first page
-        self.device_map = device_map
-        self.eos_token_ids = self._eos_ids()
-        self.stats = EngineStats()
+    `answer(pages)` takes one group of pages, as grouped by the engine's `batch_rule`
+    (pipeline.inference.batching; the runner groups by it), and returns their answers in
+    order, never raising for a page. Both engines share what a page's answers are made
+    of (task keys, OCR routing, assembly into `PageAnswers`); they differ in how the
+    (page, task) requests are run.
+    """
 
-    # ---- public ----------------------------------------------------------------------
+    name: str = ""
+    builder: Any
+    model_id: str
+    revision: str | None
+    dtype: str
+    prompt_version: str
+    ocr: str
+    budgets: dict[str, int]
+    stats: EngineStats
+    batch_rule: BatchRule
+
     def answer(self, pages: Sequence[PreparedPage]) -> list[PageAnswers]:
         """Answers for `pages`, in order. A page that fails alone gets an error answer."""
         results: list[PageAnswers | None] = [None] * len(pages)
@@ -220,66 +206,18 @@ class Engine:
                 results[i] = self._error(err)
             else:
                 valid.append(i)
-        costs = [pages[i].visual_tokens for i in valid]
-        for batch in pack_by_budget(costs, self.batch_visual_tokens, self.max_batch_pages):
-            indices = [valid[j] for j in batch]
-            for i, answer in self._with_backoff(indices, pages):
-                results[i] = answer
+        for i, answer in self._answer_valid(valid, pages):
+            results[i] = answer
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 
-    def answer_naive(self, pages: Sequence[PreparedPage]) -> list[PageAnswers]:
-        """The reference path: one page and one task at a time, raw pixel values passed to
-        `generate` (the image is encoded again for every task), as the model cards'
-        quick-starts do. Same answers as `answer`; for benchmarks and tests. Raises on errors."""
-        import torch
-
-        answers = []
-        for page in pages:
-            # Pixels prepared once per page, as the quick-starts' load_image does (coded
-            # pixels are decoded here, not once per task, so the baseline is not slowed).
-            page = dataclasses.replace(page, pixels=page.pixel_values)
-            t0 = time.perf_counter()
-            result = _BatchResult()
-            with torch.inference_mode():
-                for key in self._first_keys(page):
-                    result.outputs[(0, key)] = self._generate_naive(page, key)
-                chart = result.outputs.get((0, CHART))
-                if chart is not None and prompts.parse_yes_no(chart.text):
-                    for key in self._chart_keys(page):
-                        result.outputs[(0, key)] = self._generate_naive(page, key)
-            seconds = time.perf_counter() - t0
-            self.stats.model_s += seconds
-            answers.extend(self._assemble([page], result, seconds))
-        return answers
-
-    def ocr_route(self, page: PreparedPage) -> OcrRoute | None:
-        """Where the page's OCR text comes from (None: OCR was not asked)."""
-        if OCR not in page.prompts:
-            return None
-        return route_ocr(self.ocr, page.kind, page.text)
-
-    def _first_keys(self, page: PreparedPage) -> list[str]:
-        """The page's first-round task keys: its tasks, less OCR when the text layer stands in."""
-        keys = [k for k in (DESCRIPTION, OCR, CHART) if k in page.prompts]
-        route = self.ocr_route(page)
-        if route is not None and route.source != "model":
-            keys.remove(OCR)
-            self.stats.ocr_rows_skipped += 1
-        return keys
-
-    def _generate_naive(self, page: PreparedPage, key: str) -> _Gen:
-        inputs = self.builder.naive_inputs(page, key, input_device(self.model))
-        width = inputs["input_ids"].shape[1]
-        kind = row_kind(key)
-        extra = self._forcing(width, [(page, key)], kind)
-        sequences = self.model.generate(**inputs, generation_config=self.generation_config(kind), **extra)
-        self.stats.generate_calls += 1
-        self.stats.rows += 1
-        gen = self._finish(sequences[0, width:].tolist(), self.budgets[kind])
-        gen.prompt_tokens = width
-        self._count_slots([width], width, sequences.shape[1] - width, [gen])
-        return gen
+    def _answer_valid(self, indices: list[int], pages: Sequence[PreparedPage]) -> list[tuple[int, PageAnswers]]:
+        """Pages of this model's family, grouped by the batch rule (one group when the
+        runner grouped them by it already), each group with its out-of-memory back-off."""
+        out: list[tuple[int, PageAnswers]] = []
+        for batch in pack([pages[i].visual_tokens for i in indices], self.batch_rule):
+            out.extend(self._with_backoff([indices[j] for j in batch], pages))
+        return out
 
     # ---- batches and back-off ----------------------------------------------------------
     def _with_backoff(self, indices: list[int], pages: Sequence[PreparedPage]) -> list[tuple[int, PageAnswers]]:
@@ -329,6 +267,192 @@ class Engine:
             return None, _Failure(oom=_is_oom(exc), name=type(exc).__name__, message=str(exc))
 
     def _answer_batch(self, pages: Sequence[PreparedPage]) -> list[PageAnswers]:
+        """Answers of one group of pages of this model's family (raises on failure)."""
+        raise NotImplementedError
+
+    def _finish(self, row: list[int], limit: int) -> _Gen:
+        """Cut a generated row at its first EOS; decode; note whether it hit the limit."""
+        stop = next((k for k, t in enumerate(row) if t in self.eos_token_ids), None)
+        tokens = row if stop is None else row[:stop]
+        count = len(tokens) + (0 if stop is None else 1)
+        hit_limit = stop is None and len(row) >= limit
+        text = self.builder.decode_answer(tokens)
+        self.stats.generated_tokens += count
+        return _Gen(tokens=tokens, text=text, prompt_tokens=0, generated_tokens=count, hit_limit=hit_limit)
+
+    def ocr_route(self, page: PreparedPage) -> OcrRoute | None:
+        """Where the page's OCR text comes from (None: OCR was not asked)."""
+        if OCR not in page.prompts:
+            return None
+        return route_ocr(self.ocr, page.kind, page.text)
+
+    def _first_keys(self, page: PreparedPage) -> list[str]:
+        """The page's first-round task keys: its tasks, less OCR when the text layer stands in."""
+        keys = [k for k in (DESCRIPTION, OCR, CHART) if k in page.prompts]
+        route = self.ocr_route(page)
+        if route is not None and route.source != "model":
+            keys.remove(OCR)
+            self.stats.ocr_rows_skipped += 1
+        return keys
+
+    @staticmethod
+    def _chart_keys(page: PreparedPage) -> list[str]:
+        keys, q = [], 0
+        while chart_key(q) in page.prompts:
+            keys.append(chart_key(q))
+            q += 1
+        return keys
+
+    # ---- results --------------------------------------------------------------------------
+    def _task(self, gen: _Gen) -> TaskOutput:
+        return TaskOutput(
+            text=gen.text,
+            prompt_tokens=gen.prompt_tokens,
+            generated_tokens=gen.generated_tokens,
+            hit_token_limit=gen.hit_limit,
+            repetitive=is_repetitive(gen.tokens, gen.hit_limit),
+        )
+
+    def _assemble(self, pages: Sequence[PreparedPage], result: _BatchResult, seconds: float) -> list[PageAnswers]:
+        per_page: list[dict[str, TaskOutput]] = [{} for _ in pages]
+        for (i, key), gen in result.outputs.items():
+            per_page[i][key] = self._task(gen)
+        weights = [sum(t.prompt_tokens + t.generated_tokens for t in tasks.values()) for tasks in per_page]
+        total = sum(weights) or 1
+        answers = []
+        for i, (page, tasks) in enumerate(zip(pages, per_page, strict=True)):
+            self.stats.prompt_tokens += sum(t.prompt_tokens for t in tasks.values())
+            answers.append(self._page_answer(page, tasks, seconds * weights[i] / total))
+        return answers
+
+    def _page_answer(self, page: PreparedPage, tasks: dict[str, TaskOutput], latency: float) -> PageAnswers:
+        chart = tasks.get(CHART)
+        has_chart = prompts.parse_yes_no(chart.text) if chart is not None else None
+        questions = self.builder.chart_questions
+        chart_answers = tuple(
+            ChartAnswer(q, tasks[chart_key(k)].text) for k, q in enumerate(questions) if chart_key(k) in tasks
+        )
+        description, ocr = tasks.get(DESCRIPTION), tasks.get(OCR)
+        route = self.ocr_route(page)
+        if route is None or route.source is None:
+            ocr_text, ocr_source = None, None
+        elif route.source == "text_layer":
+            ocr_text, ocr_source = page.text, "text_layer"
+        else:
+            ocr_text, ocr_source = (ocr.text, "model") if ocr is not None else (None, None)
+        return PageAnswers(
+            model_id=self.model_id,
+            model_revision=self.revision,
+            model_dtype=self.dtype,
+            prompt_version=self.prompt_version,
+            description=description.text if description else None,
+            ocr_text=ocr_text,
+            has_chart=has_chart,
+            chart_check_answer=chart.text if chart is not None else None,
+            chart_answers=chart_answers,
+            prompt_tokens=sum(t.prompt_tokens for t in tasks.values()),
+            generated_tokens=sum(t.generated_tokens for t in tasks.values()),
+            latency_s=latency,
+            truncated=any(t.hit_token_limit for t in tasks.values()),
+            repetitive=any(t.repetitive for t in tasks.values()),
+            ocr_source=ocr_source,
+            usage=usage_by_group(tasks),
+        )
+
+    def _error(self, error: StageError) -> PageAnswers:
+        return PageAnswers(
+            model_id=self.model_id,
+            model_revision=self.revision,
+            model_dtype=self.dtype,
+            prompt_version=self.prompt_version,
+            error=error,
+        )
+
+class Engine(PageEngine):
+    """The transformers engine: one loaded model, static batches of (page, task) rows."""
+
+    name = "transformers"
+
+    def __init__(
+        self,
+        model: Any,
+        builder: InputBuilder,
+        *,
+        model_id: str,
+        revision: str | None,
+        dtype: str,
+        max_new_tokens: int | Mapping[str, int],
+        batch_visual_tokens: int,
+        max_batch_pages: int,
+        min_new_tokens: int | None = None,
+        device_map: dict[str, int] | None = None,
+        ocr: str = "model",
+        forced_output: ForcedOutput | None = None,
+        generation: GenerationSettings | None = None,
+    ) -> None:
+        self.model = model
+        self.builder = builder
+        # the family's own decoding (pipeline.inference.generation) unless the run overrides it
+        self.generation = generation if generation is not None else builder.generation_defaults
+        self.model_id = model_id
+        self.revision = revision
+        self.dtype = dtype
+        self.prompt_version = builder.prompt_version(self.generation)
+        self.budgets = budgets_for(max_new_tokens)  # row kind -> generation limit
+        self.batch_visual_tokens = batch_visual_tokens
+        self.max_batch_pages = max_batch_pages
+        self.batch_rule = BatchRule(batch_visual_tokens, max_batch_pages)  # how pages are grouped
+        self.min_new_tokens = min_new_tokens  # benchmarks fix output lengths with this
+        self.forced_output = forced_output  # benchmarks emulate realistic lengths with this
+        self.ocr = ocr  # auto | model | text_layer (pipeline.textlayer.route_ocr)
+        # by_kind: one kind of row per generate call. mixed: every kind in the same calls
+        # with the largest limit, as before schema 1.4; only for benchmarks to compare.
+        self.schedule = "by_kind"
+        route_ocr(ocr, None, None)  # an unknown mode fails here, not on the first page
+        self.device_map = device_map
+        self.eos_token_ids = self._eos_ids()
+        self.stats = EngineStats()
+
+    # ---- public ----------------------------------------------------------------------
+    def answer_naive(self, pages: Sequence[PreparedPage]) -> list[PageAnswers]:
+        """The reference path: one page and one task at a time, raw pixel values passed to
+        `generate` (the image is encoded again for every task), as the model cards'
+        quick-starts do. Same answers as `answer`; for benchmarks and tests. Raises on errors."""
+        import torch
+
+        answers = []
+        for page in pages:
+            # Pixels prepared once per page, as the quick-starts' load_image does (coded
+            # pixels are decoded here, not once per task, so the baseline is not slowed).
+            page = dataclasses.replace(page, pixels=page.pixel_values)
+            t0 = time.perf_counter()
+            result = _BatchResult()
+            with torch.inference_mode():
+                for key in self._first_keys(page):
+                    result.outputs[(0, key)] = self._generate_naive(page, key)
+                chart = result.outputs.get((0, CHART))
+                if chart is not None and prompts.parse_yes_no(chart.text):
+                    for key in self._chart_keys(page):
+                        result.outputs[(0, key)] = self._generate_naive(page, key)
+            seconds = time.perf_counter() - t0
+            self.stats.model_s += seconds
+            answers.extend(self._assemble([page], result, seconds))
+        return answers
+
+    def _generate_naive(self, page: PreparedPage, key: str) -> _Gen:
+        inputs = self.builder.naive_inputs(page, key, input_device(self.model))
+        width = inputs["input_ids"].shape[1]
+        kind = row_kind(key)
+        extra = self._forcing(width, [(page, key)], kind)
+        sequences = self.model.generate(**inputs, generation_config=self.generation_config(kind), **extra)
+        self.stats.generate_calls += 1
+        self.stats.rows += 1
+        gen = self._finish(sequences[0, width:].tolist(), self.budgets[kind])
+        gen.prompt_tokens = width
+        self._count_slots([width], width, sequences.shape[1] - width, [gen])
+        return gen
+
+    def _answer_batch(self, pages: Sequence[PreparedPage]) -> list[PageAnswers]:
         import torch
 
         t0 = time.perf_counter()
@@ -350,14 +474,6 @@ class Engine:
         seconds = time.perf_counter() - t0
         self.stats.model_s += seconds
         return self._assemble(pages, result, seconds)
-
-    @staticmethod
-    def _chart_keys(page: PreparedPage) -> list[str]:
-        keys, q = [], 0
-        while chart_key(q) in page.prompts:
-            keys.append(chart_key(q))
-            q += 1
-        return keys
 
     # ---- generation ----------------------------------------------------------------------
     def _generate_rows(
@@ -426,16 +542,6 @@ class Engine:
 
         return {"logits_processor": LogitsProcessorList(processors)}
 
-    def _finish(self, row: list[int], limit: int) -> _Gen:
-        """Cut a generated row at its first EOS; decode; note whether it hit the limit."""
-        stop = next((k for k, t in enumerate(row) if t in self.eos_token_ids), None)
-        tokens = row if stop is None else row[:stop]
-        count = len(tokens) + (0 if stop is None else 1)
-        hit_limit = stop is None and len(row) >= limit
-        text = self.builder.decode_answer(tokens)
-        self.stats.generated_tokens += count
-        return _Gen(tokens=tokens, text=text, prompt_tokens=0, generated_tokens=count, hit_limit=hit_limit)
-
     def _limit(self, kind: str) -> int:
         return max(self.budgets.values()) if kind == "mixed" else self.budgets[kind]
 
@@ -469,70 +575,6 @@ class Engine:
         ids.update(vocab[t] for t in _END_OF_TURN if t in vocab)
         return ids
 
-    # ---- results --------------------------------------------------------------------------
-    def _task(self, gen: _Gen) -> TaskOutput:
-        return TaskOutput(
-            text=gen.text,
-            prompt_tokens=gen.prompt_tokens,
-            generated_tokens=gen.generated_tokens,
-            hit_token_limit=gen.hit_limit,
-            repetitive=is_repetitive(gen.tokens, gen.hit_limit),
-        )
-
-    def _assemble(self, pages: Sequence[PreparedPage], result: _BatchResult, seconds: float) -> list[PageAnswers]:
-        per_page: list[dict[str, TaskOutput]] = [{} for _ in pages]
-        for (i, key), gen in result.outputs.items():
-            per_page[i][key] = self._task(gen)
-        weights = [sum(t.prompt_tokens + t.generated_tokens for t in tasks.values()) for tasks in per_page]
-        total = sum(weights) or 1
-        answers = []
-        for i, (page, tasks) in enumerate(zip(pages, per_page, strict=True)):
-            self.stats.prompt_tokens += sum(t.prompt_tokens for t in tasks.values())
-            answers.append(self._page_answer(page, tasks, seconds * weights[i] / total))
-        return answers
-
-    def _page_answer(self, page: PreparedPage, tasks: dict[str, TaskOutput], latency: float) -> PageAnswers:
-        chart = tasks.get(CHART)
-        has_chart = prompts.parse_yes_no(chart.text) if chart is not None else None
-        questions = self.builder.chart_questions
-        chart_answers = tuple(
-            ChartAnswer(q, tasks[chart_key(k)].text) for k, q in enumerate(questions) if chart_key(k) in tasks
-        )
-        description, ocr = tasks.get(DESCRIPTION), tasks.get(OCR)
-        route = self.ocr_route(page)
-        if route is None or route.source is None:
-            ocr_text, ocr_source = None, None
-        elif route.source == "text_layer":
-            ocr_text, ocr_source = page.text, "text_layer"
-        else:
-            ocr_text, ocr_source = (ocr.text, "model") if ocr is not None else (None, None)
-        return PageAnswers(
-            model_id=self.model_id,
-            model_revision=self.revision,
-            model_dtype=self.dtype,
-            prompt_version=self.prompt_version,
-            description=description.text if description else None,
-            ocr_text=ocr_text,
-            has_chart=has_chart,
-            chart_check_answer=chart.text if chart is not None else None,
-            chart_answers=chart_answers,
-            prompt_tokens=sum(t.prompt_tokens for t in tasks.values()),
-            generated_tokens=sum(t.generated_tokens for t in tasks.values()),
-            latency_s=latency,
-            truncated=any(t.hit_token_limit for t in tasks.values()),
-            repetitive=any(t.repetitive for t in tasks.values()),
-            ocr_source=ocr_source,
-            usage=usage_by_group(tasks),
-        )
-
-    def _error(self, error: StageError) -> PageAnswers:
-        return PageAnswers(
-            model_id=self.model_id,
-            model_revision=self.revision,
-            model_dtype=self.dtype,
-            prompt_version=self.prompt_version,
-            error=error,
-        )
 
 
 def usage_by_group(tasks: Mapping[str, TaskOutput]) -> tuple[tuple[str, TaskOutput], ...]:

