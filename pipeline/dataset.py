@@ -690,10 +690,17 @@ class Dataset:
         fault_point("before_commit")
         if not self._put_documents(shard_id, documents, stage, meta, fenced=lease is not None):
             self.remove(_join(stage, PAGES, shard_file_name(shard_id)))
+            if lease is not None:
+                lease.ensure()  # another run committed it: most likely one that took the output over
             self.delete_plan(shard_id)
             return False
         fault_point("after_commit")
-        self._publish_pages(shard_id, generation)
+        if not self._publish_pages(shard_id, generation) and not self.fs.exists(self.shard_path(PAGES, shard_id)):
+            # Its staged pages were removed by a newer owner that found no commit: this commit lost
+            # the race (object stores, where the stage cannot be fenced). Take it back; it was ours.
+            self.remove(docs_path)
+            raise LeaseLost(f"shard {shard_id}: a newer run removed this run's staged pages before its commit; "
+                            "the commit was taken back")
         self.delete_plan(shard_id)
         keys = set(supersedes)
         if keys:

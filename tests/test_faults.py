@@ -342,3 +342,37 @@ def test_a_file_rewritten_after_discovery_is_processed_as_it_is_now(tmp_path: Pa
     again = docpipe(*run_args(src, out, "--shard-size", "2"))
     assert again.returncode == 0, again.stderr
     assert_exactly_once(out, expected)
+
+
+def test_a_run_stalled_at_its_commit_on_s3_leaves_the_output_exact_after_a_rerun(
+    small_corpus, tmp_path: Path, s3_bucket: str, s3_storage_options: dict
+):
+    src, expected = small_corpus
+    out = f"s3://{s3_bucket}/stall-out"
+    options = ["--storage-options", json.dumps(s3_storage_options)]
+    marker = tmp_path / "stalled"
+    env = {**os.environ, "DOCPIPE_LEASE_TTL_S": TTL}
+    stalled = subprocess.Popen([DOCPIPE, "run", str(src), "--output", out, "--no-progress", "--shard-size", "2",
+                                *options], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**env, "DOCPIPE_FAULT_POINT": "before_commit", "DOCPIPE_FAULT_MARKER": str(marker)},
+                               stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (marker.exists() and _state(stalled.pid) == "T") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        taker = subprocess.run([DOCPIPE, "run", str(src), "--output", out, "--no-progress", "--shard-size", "3",
+                                "--wait-for-output-s", "60", *options], capture_output=True, text=True, timeout=300,
+                               env=env, stdin=subprocess.DEVNULL)
+        assert taker.returncode == 0, taker.stderr
+    finally:
+        code, err = _wake(stalled)
+    assert code == 1 and "Traceback" not in err, err
+    again = subprocess.run([DOCPIPE, "run", str(src), "--output", out, "--no-progress", *options],
+                           capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
+    assert again.returncode == 0, again.stderr
+    pages = read_rows(out, "pages", s3_storage_options)
+    docs = read_rows(out, "documents", s3_storage_options)
+    assert max(page_key_counts(pages).values()) == 1
+    assert pages_by_name(pages) == expected_pages(expected)
+    assert sorted(Path(d["source_uri"]).name for d in docs) == sorted(expected)
+    assert subprocess.run([DOCPIPE, "verify", out, *options], capture_output=True).returncode == 0
