@@ -33,6 +33,7 @@ from pipeline.config import RunConfig
 from pipeline.dataset import Lease
 from pipeline.planning import Shard
 from pipeline.progress import ProgressMeter, format_bytes, model_size_bytes
+from pipeline.sources import is_transient as sources_is_transient
 
 SHARD_RETRIES = 3
 SHARD_BACKOFF_S = 2.0  # first retry after ~2 s, then ~4 s, ~8 s (with jitter)
@@ -40,62 +41,22 @@ SUMMARY_KEY = "docpipe-run-summary"
 REPORT_KEY = "docpipe-run-report"
 PROGRESS_KEY = "docpipe-progress"
 
-# S3 error codes that no retry will fix (wrong bucket, wrong or missing credentials).
-_PERMANENT_S3_CODES = frozenset(
-    {"AccessDenied", "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidBucketName"}
-)
-
-
 # ---------------------------------------------------------------------------------------
 # Which failures are worth a retry
 # ---------------------------------------------------------------------------------------
 
 
-def _s3_error_code(exc: BaseException) -> str | None:
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        code = response.get("Error", {}).get("Code")
-        return str(code) if code is not None else None
-    return None
-
-
-# OSErrors that say the settings point at nothing (or at something forbidden): no retry.
-_PERMANENT_OS_ERRORS = (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
-
-
-def _is_permanent(exc: BaseException) -> bool:
-    return isinstance(exc, (ConfigurationError, *_PERMANENT_OS_ERRORS))
-
-
-def _is_transient_one(exc: BaseException) -> bool:
-    if _is_permanent(exc):
-        return False
-    if _s3_error_code(exc) in _PERMANENT_S3_CODES:
-        return False
-    if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
-        return True
-    try:
-        from botocore.exceptions import BotoCoreError, ClientError
-    except ImportError:  # pragma: no cover - s3fs brings botocore
-        return False
-    return isinstance(exc, (BotoCoreError, ClientError))
-
-
 def is_transient(exc: BaseException | None) -> bool:
-    """True for storage/network failures that may pass on a retry (OSError, botocore errors).
-
-    Follows explicit `raise ... from` causes, so a wrapped OSError still counts. Broken
-    configuration, missing or forbidden paths and programming errors are never transient.
-    """
+    """True for storage/network failures that may pass on a retry: `pipeline.sources.is_transient`
+    (the project's one classifier), never for a broken configuration."""
     seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if _is_transient_one(exc):
-            return True
-        if _is_permanent(exc):
+    probe = exc
+    while probe is not None and id(probe) not in seen:
+        seen.add(id(probe))
+        if isinstance(probe, ConfigurationError):
             return False
-        exc = exc.__cause__
-    return False
+        probe = probe.__cause__
+    return sources_is_transient(exc)
 
 
 def retry_if_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:

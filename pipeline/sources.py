@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import errno
 import hashlib
 import logging
 import os
@@ -346,16 +347,59 @@ _TRANSIENT_MODULES = (
 )
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Whether `exc` is a storage or network failure that may go away on its own.
+# OS errors that no retry fixes: a missing or forbidden path, a symlink loop, a name too long.
+_PERMANENT_OS_ERRORS = (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+_PERMANENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.EISDIR,
+                               errno.ENAMETOOLONG})
+# S3 error codes that no retry will fix (wrong bucket, key, or missing or wrong credentials).
+_PERMANENT_S3_CODES = frozenset({"AccessDenied", "NoSuchBucket", "NoSuchKey", "InvalidAccessKeyId",
+                                 "SignatureDoesNotMatch", "InvalidBucketName", "AllAccessDisabled"})
 
-    OS errors (missing, unreadable or vanished files, I/O errors, timeouts, refused or
-    reset connections) and the exceptions of storage/network client libraries are;
-    anything else (a bug, a value the code did not expect) is not.
-    """
+
+def _s3_error_code(exc: BaseException) -> str | None:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        return str(code) if code is not None else None
+    return None
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Whether `exc` (this exception alone) is a storage failure no retry fixes."""
+    if isinstance(exc, _PERMANENT_OS_ERRORS):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS:
+        return True
+    return _s3_error_code(exc) in _PERMANENT_S3_CODES
+
+
+def _transient_one(exc: BaseException) -> bool:
+    if is_permanent(exc):
+        return False
     if isinstance(exc, (OSError, TimeoutError)):
         return True
     return any(f"{cls.__module__}.".startswith(_TRANSIENT_MODULES) for cls in type(exc).__mro__)
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Whether `exc` is a storage or network failure that may go away on its own: the one
+    classifier of the project (documents' `error_retryable`, the flows' shard retries).
+
+    I/O errors, timeouts, refused or reset connections and the exceptions of storage and
+    network client libraries are; a missing, forbidden or looping path (ENOENT, EACCES,
+    EPERM, ELOOP, ...), an S3 AccessDenied / NoSuchBucket / bad credentials, and anything
+    else (a bug, a value the code did not expect) are not. Explicit causes (`raise ... from`)
+    are followed, so a wrapped I/O error still counts and a wrapped permission error does not.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if is_permanent(exc):
+            return False
+        if _transient_one(exc):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 def _describe(exc: BaseException) -> str:

@@ -216,7 +216,7 @@ def test_unreadable_files_do_not_stop_discovery(tree: Path, monkeypatch: pytest.
         error = refs[name].error
         assert (error.stage, error.type) == (Stage.SOURCES, "unreadable"), name
         assert cause in error.message, (name, error.message)
-        assert error.retryable, name  # a storage error: the next run reads the file again
+        assert not error.retryable, name  # gone, forbidden or a dangling link: no retry fixes it
         assert refs[name].doc_id == "" and refs[name].duplicate_of is None
     assert refs["a.pdf"].error is None and refs["a.pdf"].doc_id == _sha(TREE["a.pdf"])
 
@@ -323,10 +323,30 @@ def test_a_bug_while_hashing_is_not_marked_retryable(monkeypatch: pytest.MonkeyP
 
 
 def test_is_transient() -> None:
+    import errno
+
+    import botocore.exceptions as boto
+
     for exc in _client_errors():
         assert sources.is_transient(exc), exc
-    for exc in (ValueError("x"), KeyError("k"), RuntimeError("r"), MemoryError()):
+    denied = boto.ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "GetObject")
+    wrapped_io = RuntimeError("wrapped")
+    wrapped_io.__cause__ = OSError(5, "Input/output error")
+    assert sources.is_transient(wrapped_io)
+    for exc in (ValueError("x"), KeyError("k"), RuntimeError("r"), MemoryError(), None,
+                PermissionError(13, "Permission denied"), OSError(errno.ELOOP, "Too many levels of symbolic links"),
+                OSError(errno.EACCES, "Permission denied"), FileNotFoundError(2, "gone"), denied):
         assert not sources.is_transient(exc), exc
+
+
+def test_the_flows_retry_exactly_what_documents_retry() -> None:
+    """One classifier: a shard task retries an error iff a document's row would be retryable."""
+    import errno
+
+    from flows import tasks
+
+    for exc in [*_client_errors(), PermissionError(13, "denied"), OSError(errno.ELOOP, "loop"), ValueError("x")]:
+        assert tasks.is_transient(exc) is sources.is_transient(exc), exc
 
 
 def test_single_file_url(tree: Path) -> None:
