@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from pipeline.inference.batching import halves, is_repetitive, pack_by_budget, repeating_tail
+from pipeline.inference.batching import BatchRule, halves, is_repetitive, pack, pack_by_budget, repeating_tail
 
 
 def test_pack_by_budget_examples() -> None:
@@ -67,3 +67,104 @@ def test_is_repetitive_needs_the_limit() -> None:
     assert is_repetitive(loop, hit_limit=True)
     assert not is_repetitive(loop, hit_limit=False)  # it stopped on its own
     assert not is_repetitive(list(range(20)), hit_limit=True)  # merely long
+
+
+# ---- the one grouping rule: the runner feeds pages through it, the engine packs by it ----
+
+
+def _feed(costs: list[int], rule: BatchRule) -> list[list[int]]:
+    """Group item indices as the runner does, one page at a time (pipeline.runner._ShardRun.on_page)."""
+    groups: list[list[int]] = []
+    held: list[int] = []
+    used = 0
+    for index, cost in enumerate(costs):
+        if not rule.fits(len(held), used, cost):
+            groups.append(held)
+            held, used = [], 0
+        held.append(index)
+        used += cost
+        if rule.full(len(held), used):
+            groups.append(held)
+            held, used = [], 0
+    if held:
+        groups.append(held)
+    return groups
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_feeding_pages_one_at_a_time_gives_the_groups_of_pack(seed: int) -> None:
+    rng = random.Random(seed)
+    costs = [rng.choice([0, rng.randint(1, 60)]) for _ in range(rng.randint(1, 50))]
+    rule = BatchRule(rng.randint(1, 150), rng.randint(1, 8))
+    groups = _feed(costs, rule)
+    assert groups == pack(costs, rule)
+    for group in groups:  # the engine packs a group the runner closed into that one group
+        assert pack([costs[i] for i in group], rule) == [list(range(len(group)))]
+
+
+def test_default_limits_with_13_tile_pages_give_full_groups_not_4_1() -> None:
+    # 13-tile InternVL pages (3,328 visual tokens) at the defaults (16,384 tokens, 16 pages):
+    # the runner used to close its window at >= the budget (5 pages) and the engine split it
+    # again by > the budget, giving batches of [4, 1, 4, 1, ...]. One rule: [4, 4, 4, ...].
+    rule = BatchRule(16_384, 16)
+    groups = _feed([3328] * 20, rule)
+    assert [len(g) for g in groups] == [4] * 5
+    assert [len(g) for g in pack([3328] * 20, rule)] == [4] * 5
+
+
+def test_pages_only_rule_bounds_pages_not_tokens() -> None:
+    rule = BatchRule.pages_only(3)
+    assert pack([10**9, 10**9, 10**9, 1], rule) == [[0, 1, 2], [3]]
+    with pytest.raises(ValueError):
+        BatchRule.pages_only(0)
+    with pytest.raises(ValueError):
+        rule.fits(0, 0, -1)
+
+
+class _GroupRecorder:
+    """An engine that records the groups the runner hands it and answers every page."""
+
+    model_id, revision, dtype, prompt_version = "recorder", None, "float32", "p"
+
+    class builder:  # noqa: N801 - stands in for an InputBuilder
+        family = "internvl"
+
+        @staticmethod
+        def plan(width: int, height: int):
+            from pipeline import tiling
+
+            return tiling.plan_internvl(width, height)
+
+        @staticmethod
+        def build(page, plan):
+            return object()
+
+    def __init__(self, rule: BatchRule) -> None:
+        self.batch_rule = rule
+        self.groups: list[list[int]] = []
+
+    def answer(self, pages):
+        from pipeline.records import PageAnswers
+
+        self.groups.append(len(pages))
+        return [PageAnswers(self.model_id, None, self.dtype, self.prompt_version, description="d") for _ in pages]
+
+
+@pytest.mark.parametrize("budget,max_pages", [(10**9, 4), (3 * 3328, 16)])
+def test_the_runner_hands_the_engine_groups_made_by_the_engine_rule(tmp_path, monkeypatch, budget, max_pages) -> None:
+    from pipeline import runner
+    from pipeline.config import RunConfig
+    from tests.prefect_support import make_corpus
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    pages = sum(make_corpus(src, 6).values())  # 1-3 page PDFs, 12 pages
+    engine = _GroupRecorder(BatchRule(budget, max_pages))
+    monkeypatch.setattr(runner, "get_engine", lambda config: engine)
+    # the run's own limits differ: the engine's rule is the one that groups
+    cfg = RunConfig(source=str(src), output=str(out), progress=False, prep_workers=0, shard_size=100,
+                    model=str(tmp_path / "unused-model"), max_batch_pages=1, batch_visual_tokens=1)
+    runner.run(cfg)
+    assert sum(engine.groups) == pages
+    costs = [3328] * pages  # Letter pages: 13 InternVL tiles each
+    expected = [len(g) for g in pack(costs, engine.batch_rule)]
+    assert engine.groups == expected and len(set(expected[:-1])) == 1

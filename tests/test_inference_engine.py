@@ -263,3 +263,52 @@ def test_revision_from_a_hub_snapshot_folder(tiny_dirs, tmp_path) -> None:
     assert engine.revision == commit and engine.dtype == "float32"
     [answer] = engine.answer(_prepare(engine, [sample_image_page(100, 100)]))
     assert answer.model_revision == commit and answer.ocr_text is None and answer.has_chart is None
+
+
+# ---- choosing the engine --------------------------------------------------------------------
+
+
+def test_engine_vllm_without_vllm_is_one_line_exit_2(tiny_dirs, tmp_path, capsys, monkeypatch) -> None:
+    from pipeline.cli import main
+    from pipeline.inference import vllm_engine
+
+    monkeypatch.setattr(vllm_engine, "vllm_installed", lambda: False)
+    samples = Path(__file__).resolve().parent.parent / "sample_docs"
+    code = main(["run", str(samples), "--output", str(tmp_path / "out"), "--model", str(tiny_dirs["idefics3"]),
+                 "--engine", "vllm", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "--engine vllm: vllm is not installed" in err
+    assert not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_auto_engine_picks_transformers_without_vllm_or_a_gpu(monkeypatch) -> None:
+    from pipeline.inference import vllm_engine
+    from pipeline.inference.registry import family_by_name
+
+    family = family_by_name("idefics3")
+    data = {"model_type": "idefics3", "architectures": ["Idefics3ForConditionalGeneration"]}
+    auto = RunConfig(source="s", output="o", model="m")
+    monkeypatch.setattr(vllm_engine, "why_not_vllm", lambda config, family, data: None)  # vLLM could serve it
+    for installed, gpu, device, expected in [
+        (False, True, "auto", "transformers"),
+        (True, False, "auto", "transformers"),
+        (True, True, "cpu", "transformers"),
+        (True, True, "auto", "vllm"),
+    ]:
+        monkeypatch.setattr(vllm_engine, "vllm_installed", lambda: installed)
+        monkeypatch.setattr(vllm_engine, "cuda_visible", lambda: gpu)
+        config = auto.model_copy(update={"device": device})
+        assert vllm_engine.resolve_engine(config, family, data) == expected, (installed, gpu, device)
+    forced = auto.model_copy(update={"engine": "transformers"})
+    assert vllm_engine.resolve_engine(forced, family, data) == "transformers"
+
+
+def test_a_ported_family_is_never_given_to_vllm(monkeypatch) -> None:
+    from pipeline.inference import vllm_engine
+    from pipeline.inference.registry import family_by_name
+
+    monkeypatch.setattr(vllm_engine, "vllm_installed", lambda: True)
+    config = RunConfig(source="s", output="o", model="m", engine="vllm")
+    with pytest.raises(vllm_engine.EngineUnavailable, match="minicpm_v2 family is a port"):
+        vllm_engine.resolve_engine(config, family_by_name("minicpm_v2"), {"architectures": ["MiniCPMV"]})

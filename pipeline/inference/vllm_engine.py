@@ -307,7 +307,12 @@ class VllmEngine(PageEngine):
         seconds = time.perf_counter() - t0
         self.stats.model_s += seconds
         self.stats.generate_calls += 1
-        return self._assemble(pages, result, seconds)
+        answers = self._assemble(pages, result, seconds)
+        log.info(
+            "vLLM: %d pages, %d requests in %.2f s; prefix cache %.1f%% of prompt tokens so far",
+            len(pages), len(result.outputs), seconds, 100 * self.stats.prefix_hit_rate,
+        )
+        return answers
 
     def _gen(self, out: Any, key: str, forced: list[int] | None) -> _Gen:
         completion = out.outputs[0]
@@ -333,6 +338,8 @@ def load_vllm_engine(config: RunConfig, *, forced_output: ForcedOutput | None = 
     from pipeline.inference.loading import content_revision, load_builder, resolve_device
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:  # docpipe without -v: vLLM's INFO is not ours
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from vllm import LLM
 
     builder = load_builder(config)
