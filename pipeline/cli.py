@@ -145,10 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     schemas_p = sub.add_parser("schemas", help="Write the output schemas as JSON.")
     schemas_p.add_argument("directory", nargs="?", default=".", help="Where to write them. [default: .]")
 
-    report_p = sub.add_parser("report", help="Write one self-contained HTML page about a run of an output.")
+    report_p = sub.add_parser("report", help="Write one self-contained HTML page about an output (or one run of it).")
     report_p.add_argument("output", help="The output a run wrote (folder or URL).")
     report_p.add_argument("--html", required=True, metavar="FILE", help="Where to write the page.")
-    report_p.add_argument("--run", dest="run_id", default=None, help="Run id. [default: the latest run]")
+    report_p.add_argument("--run", dest="run_id", default=None,
+                          help="Show this run's own rows. [default: the whole output: the latest row of every "
+                          "document and page over all runs, and the runs table]")
     report_p.add_argument("--sample", type=int, default=48,
                           help="Pages in the gallery besides every error page. [default: 48]")
     report_p.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON",
@@ -366,8 +368,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
                               storage_options=args.storage_options)
     except (ReportError, FileNotFoundError) as exc:
         return _fail(str(exc), EXIT_BAD_CONFIG)
-    print(f"wrote the report of run {result.run_id} ({result.gallery_pages} of {result.pages} pages in the "
-          f"gallery) to {args.html}")
+    what = (f"output {args.output} ({result.runs} runs)" if result.scope == "output" else f"run {result.run_id}")
+    print(f"wrote the report of {what} ({result.gallery_pages} of {result.pages} pages in the gallery) to {args.html}")
     return EXIT_OK
 
 

@@ -1,4 +1,12 @@
-"""`docpipe report`: one self-contained HTML page about one run of an output.
+"""`docpipe report`: one self-contained HTML page about an output, or about one run of it.
+
+Without `--run` the page is the output as a whole: documents and pages by status over
+all runs (the latest row of each document and page: a rerun's answers replace older
+ones), the runs table, the errors to fix first, and a gallery; so a nightly rerun that had
+nothing new still shows what the output holds. `--run ID` shows that run's own rows.
+To stay fast at 100k pages only a few narrow columns of every page are read (counts,
+plots and the gallery's choice come from them); the wide text columns are read for the
+sampled gallery pages alone.
 
 People judge extraction by putting a page beside what was extracted from it, so the page
 has a gallery (a thumbnail rendered from the source beside its text layer, OCR text,
@@ -53,12 +61,15 @@ class ReportError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class RunData:
-    """One run's row of the runs table and its documents and pages rows."""
+    """What a report shows: a run's row (the latest run for the whole output), the
+    documents rows and the narrow page rows (SLIM_PAGE_COLUMNS) in scope, and every run."""
 
     run: dict[str, Any]
     documents: list[dict[str, Any]]
     pages: list[dict[str, Any]]
     output: str
+    runs: tuple[dict[str, Any], ...] = ()
+    scope: str = "run"  # "run": one run's rows; "output": the latest rows of the whole output
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,24 +101,94 @@ class RunSummaryView:
 # ---------------------------------------------------------------------------------------
 
 
+# The page columns read for every page (counts, plots, the gallery's choice, error examples);
+# the others (text, answers) only for the pages the gallery shows.
+SLIM_PAGE_COLUMNS = (
+    "doc_id", "source_uri", "page_number", "status", "error_stage", "error_type", "error_message", "page_kind",
+    "generated_tokens", "model_dtype", "shard_id", "processed_at", "run_id",
+)
+
+
+def _columns(table: Any, wanted: Sequence[str]) -> list[str]:
+    names = set(table.schema.names)
+    return [c for c in wanted if c in names]
+
+
 def load_run(output: str, run_id: str | None = None, storage_options: Mapping[str, Any] | None = None) -> RunData:
-    """The run `run_id` (default: the latest started) with its committed rows."""
+    """The run `run_id` with its committed rows, or (None) the whole output's latest rows."""
     dataset = Dataset(output, storage_options)
     runs = dataset.read_runs()
     if not runs:
         raise ReportError(f"{output} has no runs table: is it a docpipe output?")
+    committed = bool(dataset.part_files(DOCUMENTS))
     if run_id is None:
-        run = runs[-1]
-    else:
-        matches = [r for r in runs if r["run_id"] == run_id]
-        if not matches:
-            known = ", ".join(r["run_id"] for r in runs[-5:])
-            raise ReportError(f"no run {run_id!r} in {output} (latest: {known})")
-        run = matches[-1]
+        docs = dataset.open_table(DOCUMENTS).to_table().to_pylist() if committed else []
+        pages = []
+        if committed:
+            table = dataset.open_table(PAGES)
+            pages = table.to_table(columns=_columns(table, SLIM_PAGE_COLUMNS)).to_pylist()
+        docs, pages = latest_rows(docs, pages)
+        return RunData(run=runs[-1], documents=docs, pages=pages, output=output, runs=tuple(runs), scope="output")
+    matches = [r for r in runs if r["run_id"] == run_id]
+    if not matches:
+        known = ", ".join(r["run_id"] for r in runs[-5:])
+        raise ReportError(f"no run {run_id!r} in {output} (latest: {known})")
+    run = matches[-1]
     where = pads.field("run_id") == run["run_id"]
-    docs = dataset.open_table(DOCUMENTS).to_table(filter=where).to_pylist() if dataset.part_files(DOCUMENTS) else []
-    pages = dataset.open_table(PAGES).to_table(filter=where).to_pylist() if dataset.part_files(DOCUMENTS) else []
-    return RunData(run=run, documents=docs, pages=pages, output=output)
+    docs = dataset.open_table(DOCUMENTS).to_table(filter=where).to_pylist() if committed else []
+    pages = []
+    if committed:
+        table = dataset.open_table(PAGES)
+        pages = table.to_table(filter=where, columns=_columns(table, SLIM_PAGE_COLUMNS)).to_pylist()
+    return RunData(run=run, documents=docs, pages=pages, output=output, runs=tuple(runs), scope="run")
+
+
+def _stamp(row: Mapping[str, Any]) -> Any:
+    stamp = row.get("processed_at")
+    return (stamp is not None, stamp or 0)
+
+
+def latest_rows(
+    documents: Sequence[dict[str, Any]], pages: Sequence[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The output's current state (pure): the latest documents row of each source, and the
+    latest row of each page of that document version (a rerun's answers replace older
+    ones; a changed source's old pages are left out)."""
+    docs: dict[str, dict[str, Any]] = {}
+    for row in documents:
+        key = str(row["source_uri"])
+        if key not in docs or _stamp(row) >= _stamp(docs[key]):
+            docs[key] = row
+    current = {(uri, d.get("doc_id")) for uri, d in docs.items()}
+    kept: dict[tuple[str, int], dict[str, Any]] = {}
+    for row in pages:
+        if (row["source_uri"], row.get("doc_id")) not in current:
+            continue
+        key = (str(row["source_uri"]), int(row["page_number"]))
+        if key not in kept or _stamp(row) >= _stamp(kept[key]):
+            kept[key] = row
+    return sorted(docs.values(), key=lambda d: str(d["source_uri"])), sorted(
+        kept.values(), key=lambda p: (str(p["source_uri"]), int(p["page_number"])))
+
+
+def load_full_pages(
+    output: str, chosen: Sequence[Mapping[str, Any]], storage_options: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Every column of the `chosen` page rows (matched by source, page, run and shard), in their order."""
+    if not chosen:
+        return []
+    import pyarrow.compute as pc
+
+    dataset = Dataset(output, storage_options)
+    sources = sorted({str(p["source_uri"]) for p in chosen})
+    rows = dataset.open_table(PAGES).to_table(filter=pc.field("source_uri").isin(sources)).to_pylist()
+    index = {(r["source_uri"], r["page_number"], r.get("run_id"), r.get("shard_id"), r.get("processed_at")): r
+             for r in rows}
+    out = []
+    for p in chosen:
+        key = (p["source_uri"], p["page_number"], p.get("run_id"), p.get("shard_id"), p.get("processed_at"))
+        out.append(index.get(key, dict(p)))
+    return out
 
 
 def render_thumbnails(
@@ -201,14 +282,17 @@ def select_gallery(
 
     The others are picked by a hash of (source, page), so the same run gives the same
     gallery and the picks spread over the run instead of its first documents. Returns the
-    pages in source order and how many error pages were left out.
+    pages, errors first (the pages to fix), each group in source order, and how many
+    error pages were left out.
     """
     errors = [p for p in pages if is_error_page(p)]
     others = [p for p in pages if not is_error_page(p)]
     shown_errors = sorted(errors, key=_stable_key)[:max_errors]
     picked = sorted(others, key=_stable_key)[: max(sample, 0)]
-    chosen = sorted([*shown_errors, *picked], key=lambda p: (p["source_uri"], p["page_number"]))
-    return chosen, len(errors) - len(shown_errors)
+    def in_source_order(rows: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+        return sorted(rows, key=lambda p: (p["source_uri"], p["page_number"]))
+
+    return in_source_order(shown_errors) + in_source_order(picked), len(errors) - len(shown_errors)
 
 
 def _seconds(run: Mapping[str, Any]) -> float | None:
@@ -231,7 +315,7 @@ def summarize_run(data: RunData) -> RunSummaryView:
             if len(entry["examples"]) < 3:
                 where = row["source_uri"] + (f" p.{row['page_number']}" if level == "page" else "")
                 entry["examples"].append((where, row.get("error_message") or ""))
-    seconds = _seconds(data.run)
+    seconds = _seconds(data.run) if data.scope == "run" else None
     pages = len(data.pages)
     try:
         settings = json.loads(data.run.get("settings") or "{}")
@@ -418,7 +502,7 @@ _TEMPLATE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <link rel="icon" href="data:,">
-<title>docpipe run {{ run.run_id }}</title>
+<title>{% if scope == "output" %}docpipe output {{ output }}{% else %}docpipe run {{ run.run_id }}{% endif %}</title>
 <style>
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1200px;padding:16px 24px;color:#1d2330;background:#fafbfc}
 h1{font-size:22px;margin:4px 0}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #d8dde5;padding-bottom:4px}
@@ -438,9 +522,12 @@ pre{white-space:pre-wrap;word-break:break-word;margin:2px 0;max-height:220px;ove
 .flag.bad{background:#fde8e7;border-color:#e8a39d}.none{color:#98a2b3;font-style:italic}
 details summary{cursor:pointer}
 </style></head><body>
-<h1>docpipe run <code>{{ run.run_id }}</code></h1>
+{% if scope == "output" %}<h1>docpipe output <code>{{ output }}</code></h1>
+<p class="muted">the latest row of every document and page over {{ runs_total }} run{{ "s" if runs_total != 1 else "" }}
+ &middot; latest run <code>{{ run.run_id }}</code> ({{ run.status }}, started {{ run.started_at }}) &middot; source <code>{{ run.source }}</code></p>
+{% else %}<h1>docpipe run <code>{{ run.run_id }}</code></h1>
 <p class="muted">{{ run.status }} &middot; started {{ run.started_at }}{% if run.ended_at %} &middot; ended {{ run.ended_at }}{% endif %}
- &middot; source <code>{{ run.source }}</code> &middot; output <code>{{ output }}</code></p>
+ &middot; source <code>{{ run.source }}</code> &middot; output <code>{{ output }}</code></p>{% endif %}
 {% if run.message %}<p class="flag bad">{{ run.message }}</p>{% endif %}
 
 <h2>Summary</h2>
@@ -448,8 +535,9 @@ details summary{cursor:pointer}
 <div class="tile"><b>{{ documents_total }}</b>documents</div>
 <div class="tile"><b>{{ pages_total }}</b>pages</div>
 <div class="tile"><b>{{ errors_total }}</b>errors</div>
-<div class="tile"><b>{{ pages_per_s }}</b>pages/s</div>
-<div class="tile"><b>{{ seconds }}</b>seconds</div>
+{% if scope == "output" %}<div class="tile"><b>{{ runs_total }}</b>runs</div>
+{% else %}<div class="tile"><b>{{ pages_per_s }}</b>pages/s</div>
+<div class="tile"><b>{{ seconds }}</b>seconds</div>{% endif %}
 <div class="tile"><b>{{ summary.generated_tokens }}</b>generated tokens</div>
 </div>
 <div class="grid" style="margin-top:12px">
@@ -465,20 +553,25 @@ details summary{cursor:pointer}
 <tr><td>settings fingerprint</td><td><code>{{ run.config_fingerprint }}</code></td></tr>
 <tr><td>host</td><td>{{ run.host }}</td></tr></table>
 </div>
-<details style="margin-top:10px"><summary>settings of this run</summary>
+<details style="margin-top:10px"><summary>settings of {{ "the latest run" if scope == "output" else "this run" }}</summary>
 <table>{% for k, v in settings %}<tr><td>{{ k }}</td><td><code>{{ v }}</code></td></tr>{% endfor %}</table></details>
 
 <h2>Errors</h2>
 {% if summary.errors %}<table><tr><th>level</th><th>stage</th><th>type</th><th class="num">count</th><th>examples</th></tr>
 {% for e in summary.errors %}<tr><td>{{ e.level }}</td><td>{{ e.stage }}</td><td><b>{{ e.type }}</b></td><td class="num">{{ e.count }}</td>
 <td>{% for where, msg in e.examples %}<div><code>{{ where }}</code>: {{ msg }}</div>{% endfor %}</td></tr>{% endfor %}</table>
-{% else %}<p class="none">No errors in this run.</p>{% endif %}
+{% else %}<p class="none">No errors {{ "in this output" if scope == "output" else "in this run" }}.</p>{% endif %}
 
+{% if scope == "output" %}<h2>Runs</h2>
+<table><tr><th>run</th><th>status</th><th>started (UTC)</th><th class="num">seconds</th><th class="num">documents processed / discovered</th><th class="num">pages</th><th class="num">pages failed</th><th>model</th><th>message</th></tr>
+{% for r in runs %}<tr><td><code>{{ r.run_id }}</code></td><td>{{ r.status }}</td><td>{{ r.started_at }}</td><td class="num">{{ r.seconds }}</td><td class="num">{{ r.documents if r.documents is not none else "-" }} / {{ r.discovered if r.discovered is not none else "-" }}</td><td class="num">{{ r.pages if r.pages is not none else "-" }}</td><td class="num">{{ r.pages_failed if r.pages_failed is not none else "-" }}</td><td>{{ r.model }}</td><td>{{ r.message }}</td></tr>{% endfor %}</table>
+{% if runs_total > runs|length %}<p class="muted">the latest {{ runs|length }} of {{ runs_total }} runs</p>{% endif %}
+{% endif %}
 <h2>Plots</h2>
 <div class="grid plots">{% for title, uri in plots %}<img src="{{ uri }}" alt="{{ title }}" title="{{ title }}">{% else %}<p class="none">Nothing to plot.</p>{% endfor %}</div>
 
 <h2 id="gallery">Page gallery</h2>
-<p class="muted">{{ cards|length }} of {{ pages_total }} pages: every error page{% if errors_left_out %} (except {{ errors_left_out }} left out to keep this file small){% endif %} and a fixed sample of up to {{ sample }} others, in source order.</p>
+<p class="muted">{{ cards|length }} of {{ pages_total }} pages: every error page first{% if errors_left_out %} (except {{ errors_left_out }} left out to keep this file small){% endif %}, then a fixed sample of up to {{ sample }} others, each in source order.</p>
 {% for c in cards %}<div class="card{% if c.error %} err{% endif %}">
 <div>{% if c.thumb %}<img src="{{ c.thumb }}" width="{{ c.thumb_w }}" height="{{ c.thumb_h }}" alt="page {{ c.page }} of {{ c.name }}">{% else %}<p class="none">{{ c.thumb_note }}</p>{% endif %}</div>
 <div><h3>{{ c.name }} &middot; page {{ c.page }}</h3>
@@ -487,7 +580,7 @@ details summary{cursor:pointer}
 <div class="fields">{% for label, text in c.fields %}<div class="field"><h4>{{ label }}</h4>{% if text %}<pre>{{ text }}</pre>{% else %}<div class="none">none</div>{% endif %}</div>{% endfor %}
 <div class="field"><h4>chart answers</h4>{% if c.answers %}{% for q, a in c.answers %}<div><b>{{ q }}</b><pre>{{ a if a else "(no answer)" }}</pre></div>{% endfor %}{% else %}<div class="none">none</div>{% endif %}</div>
 </div></div></div>
-{% else %}<p class="none">No pages in this run.</p>{% endfor %}
+{% else %}<p class="none">No pages {{ "in this output" if scope == "output" else "in this run" }}.</p>{% endfor %}
 <p class="muted">Made by <code>docpipe report</code> from the committed rows of <code>{{ output }}</code>.</p>
 </body></html>
 """
@@ -519,12 +612,31 @@ def build_html(
         pages_per_s=f"{summary.pages_per_s:.2f}" if summary.pages_per_s is not None else "-",
         seconds=f"{summary.seconds:.1f}" if summary.seconds is not None else "-",
         dtype=", ".join(dtypes),
+        scope=data.scope,
+        runs=runs_table(data.runs) if data.scope == "output" else [],
+        runs_total=len(data.runs),
         plots=[(title, data_uri(png, "image/png")) for title, png in plots],
         cards=cards,
         sample=sample,
         errors_left_out=errors_left_out,
         thumb_px=thumb_px,
     )
+
+
+def runs_table(runs: Sequence[Mapping[str, Any]], limit: int = 50) -> list[dict[str, Any]]:
+    """The runs table's rows as shown, newest first (pure)."""
+    rows = []
+    for run in list(runs)[::-1][:limit]:
+        seconds = _seconds(run)
+        rows.append({
+            "run_id": run.get("run_id"), "status": run.get("status"),
+            "started_at": str(run.get("started_at") or "")[:19],
+            "seconds": f"{seconds:.1f}" if seconds is not None else "-",
+            "documents": run.get("documents_processed"), "discovered": run.get("documents_discovered"),
+            "pages": run.get("pages"), "pages_failed": run.get("pages_failed"),
+            "model": run.get("model_id") or "-", "message": run.get("message") or "",
+        })
+    return rows
 
 
 def make_plots(data: RunData, summary: RunSummaryView) -> list[tuple[str, bytes]]:
@@ -537,9 +649,15 @@ def make_plots(data: RunData, summary: RunSummaryView) -> list[tuple[str, bytes]
         ("pages by page kind", plot_counts(summary.pages_by_kind, "pages by page kind")),
         ("errors by type", plot_counts(dict(error_counts), "errors by type", color="#c44e52")),
         ("generated tokens per page", plot_tokens(data.pages)),
-        ("pages committed per shard over the run",
-         plot_throughput(shard_progress(data.documents, started), _seconds(data.run))),
     ]
+    if data.scope == "run":
+        candidates.append(("pages committed per shard over the run",
+                           plot_throughput(shard_progress(data.documents, started), _seconds(data.run))))
+    else:
+        by_run = Counter(str(p.get("run_id"))[:24] for p in data.pages)
+        candidates.append(("current pages by the run that wrote them",
+                           plot_counts(dict(by_run.most_common(20)), "current pages by run (top 20)",
+                                       color="#8172b2")))
     return [(title, png) for title, png in candidates if png is not None]
 
 
@@ -550,10 +668,12 @@ def make_plots(data: RunData, summary: RunSummaryView) -> list[tuple[str, bytes]
 
 @dataclass(frozen=True, slots=True)
 class ReportResult:
-    run_id: str
+    run_id: str  # the run shown, or the latest run for the whole output
     html: str
     gallery_pages: int
     pages: int
+    scope: str = "run"
+    runs: int = 1
 
 
 def make_report(
@@ -567,11 +687,13 @@ def make_report(
     data = load_run(output, run_id, storage_options)
     summary = summarize_run(data)
     chosen, left_out = select_gallery(data.pages, sample)
+    chosen = load_full_pages(output, chosen, storage_options)  # the wide columns, for the shown pages only
     media = {str(d["source_uri"]): str(d.get("media_type") or "") for d in data.documents}
     thumbs = render_thumbnails(chosen, media, storage_options)
     html = build_html(data, summary, make_plots(data, summary), gallery_cards(chosen, thumbs),
                       sample=sample, errors_left_out=left_out)
-    return ReportResult(run_id=str(data.run["run_id"]), html=html, gallery_pages=len(chosen), pages=len(data.pages))
+    return ReportResult(run_id=str(data.run["run_id"]), html=html, gallery_pages=len(chosen), pages=len(data.pages),
+                        scope=data.scope, runs=len(data.runs))
 
 
 def write_report(
@@ -626,6 +748,7 @@ __all__ = [
     "Thumbnail",
     "build_html",
     "gallery_cards",
+    "latest_rows",
     "load_run",
     "make_report",
     "publish_markdown",

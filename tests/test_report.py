@@ -32,7 +32,6 @@ from pipeline.report import (
     write_report,
 )
 from pipeline.runner import run
-from pipeline.testing.tiny_models import make_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_docs"
@@ -44,17 +43,18 @@ CHROMIUM_FLAGS = [
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    """sample_docs plus an empty file (a document error), run with a tiny InternVL."""
+def finished_run(tmp_path_factory, tiny_model) -> Path:
+    """sample_docs plus an empty file (a document error), run with a tiny InternVL, then
+    run again with nothing new (a nightly rerun: the latest run holds no rows)."""
     base = tmp_path_factory.mktemp("report")
     src = base / "docs"
     shutil.copytree(SAMPLES, src, ignore=shutil.ignore_patterns("*.md", "*.py"))
     (src / "empty.pdf").write_bytes(b"")
-    model = make_tiny_model("internvl", base / "tiny")
     out = base / "out"
-    config = RunConfig(source=str(src), output=str(out), model=str(model), device="cpu", max_new_tokens=4,
-                       prep_workers=0, progress=False)
+    config = RunConfig(source=str(src), output=str(out), model=tiny_model("internvl"), device="cpu",
+                       max_new_tokens=4, prep_workers=0, progress=False)
     run(config)
+    assert run(config).documents == 0  # the no-op rerun
     return out
 
 
@@ -64,15 +64,57 @@ def finished_run(tmp_path_factory) -> Path:
 
 
 def test_report_has_every_page_and_the_error(finished_run: Path, tmp_path: Path) -> None:
+    """After a no-op rerun the report (of the whole output, by default) still shows its content."""
     dest = tmp_path / "r.html"
     result = write_report(str(finished_run), str(dest))
     html = dest.read_text()
+    assert result.scope == "output" and result.runs == 2
     assert result.pages == 10 and result.gallery_pages == 10  # sample_docs: 10 pages, all under the sample
+    from pipeline.dataset import Dataset
+
+    assert all(f"<td><code>{r['run_id']}</code></td>" in html for r in Dataset(str(finished_run)).read_runs())
+    assert "docpipe output" in html
     assert html.count('class="card') == 10
     assert "empty_file" in html  # the document error, with its type ...
     assert html.count("data:image/jpeg;base64,") == 10  # a thumbnail for every card
     assert html.count("data:image/png;base64,") >= 3  # page kinds, errors, tokens, throughput
     assert "http://" not in html and "https://" not in html  # nothing to fetch
+
+
+def test_one_runs_own_rows_with_run(finished_run: Path) -> None:
+    from pipeline.dataset import Dataset
+
+    first, rerun = (r["run_id"] for r in Dataset(str(finished_run)).read_runs())
+    assert make_report(str(finished_run), first).pages == 10
+    empty = make_report(str(finished_run), rerun)
+    assert empty.scope == "run" and empty.pages == 0 and "No pages in this run." in empty.html
+
+
+def test_latest_rows_keep_the_newest_row_of_each_page_of_the_current_version() -> None:
+    from datetime import datetime, timedelta
+
+    from pipeline.report import latest_rows
+
+    t0 = datetime(2026, 1, 1)
+    docs = [{"source_uri": "a.pdf", "doc_id": "v1", "processed_at": t0},
+            {"source_uri": "a.pdf", "doc_id": "v2", "processed_at": t0 + timedelta(days=1)},  # the file changed
+            {"source_uri": "b.pdf", "doc_id": "b", "processed_at": t0}]
+    pages = [{"source_uri": "a.pdf", "doc_id": "v1", "page_number": n, "processed_at": t0} for n in (1, 2, 3)]
+    pages += [{"source_uri": "a.pdf", "doc_id": "v2", "page_number": 1, "processed_at": t0 + timedelta(days=1)}]
+    pages += [{"source_uri": "b.pdf", "doc_id": "b", "page_number": 1, "processed_at": t0, "run_id": "old"},
+              {"source_uri": "b.pdf", "doc_id": "b", "page_number": 1, "processed_at": t0 + timedelta(hours=1),
+               "run_id": "reprocessed"}]
+    kept_docs, kept_pages = latest_rows(docs, pages)
+    assert [(d["source_uri"], d["doc_id"]) for d in kept_docs] == [("a.pdf", "v2"), ("b.pdf", "b")]
+    assert [(p["source_uri"], p["page_number"], p.get("run_id")) for p in kept_pages] == [
+        ("a.pdf", 1, None), ("b.pdf", 1, "reprocessed")]
+
+
+def test_gallery_shows_error_pages_first() -> None:
+    pages = [{"source_uri": f"/d/{c}.pdf", "page_number": 1, "status": "ok"} for c in "abc"]
+    pages.append({"source_uri": "/d/z.pdf", "page_number": 1, "status": "error", "error_type": "corrupt_image"})
+    chosen, _ = select_gallery(pages, sample=10)
+    assert [p["source_uri"] for p in chosen] == ["/d/z.pdf", "/d/a.pdf", "/d/b.pdf", "/d/c.pdf"]
 
 
 def test_unknown_run_is_refused(finished_run: Path, tmp_path: Path) -> None:
@@ -87,7 +129,7 @@ def test_cli_report(finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFi
 
     dest = tmp_path / "cli.html"
     assert main(["report", str(finished_run), "--html", str(dest), "--sample", "2"]) == EXIT_OK
-    assert "(2 of 10 pages in the gallery)" in capsys.readouterr().out
+    assert "report of output" in (said := capsys.readouterr().out) and "(2 of 10 pages in the gallery)" in said
     assert dest.read_text().count('class="card') == 2
     assert main(["report", str(finished_run), "--run", "nope", "--html", str(tmp_path / "x.html")]) == EXIT_BAD_CONFIG
     assert capsys.readouterr().err.startswith("docpipe: no run 'nope'")
