@@ -33,10 +33,11 @@ from pipeline.config import RunConfig
 from pipeline.dataset import Lease
 from pipeline.planning import Shard
 from pipeline.progress import ProgressMeter, format_bytes, model_size_bytes
+from pipeline.shard.ledger import POLICY
 from pipeline.sources import is_transient as sources_is_transient
 
-SHARD_RETRIES = 3
-SHARD_BACKOFF_S = 2.0  # first retry after ~2 s, then ~4 s, ~8 s (with jitter)
+SHARD_RETRIES = POLICY.shard_task_retries  # the ledger's RetryPolicy holds every budget
+SHARD_BACKOFF_S = POLICY.shard_backoff_s  # first retry after ~2 s, then ~4 s, ~8 s (with jitter)
 SUMMARY_KEY = "docpipe-run-summary"
 REPORT_KEY = "docpipe-run-report"
 PROGRESS_KEY = "docpipe-progress"

@@ -59,6 +59,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.records import KnownFile
+from pipeline.shard.ledger import POLICY
 from pipeline.sources import full_uri, is_local, resolve
 from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA, RUNS_SCHEMA, SCHEMAS
 
@@ -72,7 +73,6 @@ PARQUET_COMPRESSION = "zstd"
 
 LEASE_TTL_S = float(os.environ.get("DOCPIPE_LEASE_TTL_S", "60"))  # a lease not refreshed for this long has lapsed
 HEARTBEAT_S = min(10.0, LEASE_TTL_S / 4)  # how often the owner refreshes it
-MAX_ATTEMPTS = 3  # runs that try a document whose failures were retryable
 COMPACT_TARGET_ROWS = 50_000  # compaction: pages rows per merged file at most
 COMPACT_GRACE_S = 10.0  # between the switch and removing the replaced files
 COMPACT_MANIFEST_KEEP_S = 3600.0  # a manifest outlives its replaced files this long
@@ -788,12 +788,13 @@ class Dataset:
         return ds.dataset(paths, schema=SCHEMAS[table], format="parquet", filesystem=self.arrow_fs())
 
     def read_state(
-        self, *, fingerprint: str | None = None, reprocess: bool = False, max_attempts: int = MAX_ATTEMPTS
+        self, *, fingerprint: str | None = None, reprocess: bool = False, max_attempts: int | None = None
     ) -> DoneState:
         """Committed shards and which documents are done (see the module docstring, step 5)."""
         parts = self.part_files(DOCUMENTS)
         if not parts:
             return DoneState()
+        max_attempts = POLICY.runs if max_attempts is None else max_attempts  # the ledger's budget of runs
         names = ["source_uri", "doc_id", "status", "size_bytes", "source_version", "media_type",
                  "error_retryable", "attempt", "config_fingerprint"]
         table = self.open_table(DOCUMENTS).to_table(columns=names)
@@ -1591,7 +1592,6 @@ __all__ = [
     "Lease",
     "LeaseInfo",
     "LeaseLost",
-    "MAX_ATTEMPTS",
     "OutputBusy",
     "OutputNotWritable",
     "PAGES",

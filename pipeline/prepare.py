@@ -42,6 +42,8 @@ from pipeline.records import (
     TilePlan,
 )
 
+from pipeline.shard.ledger import POLICY
+
 log = logging.getLogger("docpipe")
 
 
@@ -242,7 +244,7 @@ def _prepare_page(
 # flight: the parent hands out at most `prefetch_pages` of them, and gets one back each
 # time the consumer takes a page, so a worker ahead of the model blocks waiting for one.
 
-MAX_ATTEMPTS = 2  # a document whose worker dies or times out runs once more, in a fresh worker
+MAX_ATTEMPTS = POLICY.worker_attempts  # a document whose worker dies or times out runs once more (ledger.RetryPolicy)
 MAX_DEATHS_IN_A_ROW = 5  # more worker deaths than this with no document finished between: stop
 MAX_STARTUP_DEATHS = 3  # workers that exit by themselves before they are ready, in a row: stop
 STARTUP_TIMEOUT_S = 300.0  # a worker not ready after this long is killed (counts as a start-up death)

@@ -19,10 +19,11 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pipeline.config import RunConfig
-from pipeline.dataset import DOCUMENTS, MAX_ATTEMPTS, Dataset, Lease, PlanRecord
+from pipeline.dataset import DOCUMENTS, Dataset, Lease, PlanRecord
 from pipeline.planning import Shard, ShardPlan, plan_shards
 from pipeline.prepare import DocumentDone, DocumentRetry, PageWork, PrepSettings, iter_shard_documents
 from pipeline.records import DocStatus, DocumentOutcome, DocumentRef, PageAnswers, Stage, StageError
+from pipeline.shard.ledger import POLICY, DocFacts, decide, retry_in_run
 
 log = logging.getLogger("docpipe")
 
@@ -408,11 +409,8 @@ class _DocState:
     model_s: float = 0.0
 
 
-# Error types the prep pool already retried in a fresh worker; the runner does not retry them again.
-_POOL_RETRIED = frozenset({"worker_crashed", "document_timeout"})
-IN_RUN_ROUNDS = 3  # a document with a retryable failure is tried up to this often within a run
-RETRY_BACKOFF_S = (1.0, 3.0)
-DEVICE_FAILURE_WINDOWS = 2  # consecutive batches failing on every page stop the shard
+# Every retry budget is in pipeline.shard.ledger.RetryPolicy (POLICY); this is the model's.
+DEVICE_FAILURE_WINDOWS = POLICY.device_failure_windows  # consecutive batches failing on every page stop the shard
 
 
 class _ShardRun:
@@ -515,16 +513,19 @@ class _ShardRun:
             self._record_page(work, ans)
 
     def retry_candidates(self) -> list[str]:
-        """Documents to run again in this run: a retryable failure the pool did not retry."""
-        out = []
-        for uri, state in self.states.items():
-            outcome = state.outcome
-            if outcome is None:
-                continue
-            errors = [e for e in ([outcome.error] if outcome.error else []) + state.errors if e.retryable]
-            if errors and not any(e.type in _POOL_RETRIED for e in errors):
-                out.append(uri)
-        return out
+        """Documents to run again in this run (the ledger's `retry_in_run`)."""
+        return [uri for uri, state in self.states.items() if state.outcome is not None
+                and retry_in_run(self._facts(uri, state))]
+
+    def _facts(self, uri: str, state: _DocState) -> DocFacts:
+        """What the stages reported about the current attempt at `uri`, for the ledger."""
+        outcome = state.outcome
+        attempt = self.shard.attempt_of(uri)
+        if outcome is None:
+            return DocFacts(attempt=attempt, reported=False)
+        return DocFacts(attempt=attempt, prepared=outcome.status, error=outcome.error, pages_ok=outcome.pages_ok,
+                        pages_failed=outcome.pages_failed, model_failed=state.failed_in_model,
+                        page_errors=tuple(state.errors))
 
     def finish(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], ShardResult]:
         """Final rows of the shard: (pages, documents) and its counts."""
@@ -551,46 +552,19 @@ class _ShardRun:
 
     # ---- helpers -------------------------------------------------------------------
     def _final_outcome(self, ref: DocumentRef, state: _DocState) -> tuple[DocumentOutcome, list[dict[str, Any]]]:
-        """The one place a document's status is decided, with the page rows that stand."""
-        outcome = state.outcome
-        if outcome is None:  # only if a stage broke its contract: never lose a document
-            err = StageError(Stage.RASTERIZE, "lost_document", "no outcome was reported for this document", True)
-            outcome = DocumentOutcome(ref=ref, status=DocStatus.ERROR, error=err)
+        """The document's row as the ledger decides it (`pipeline.shard.ledger.decide`), with
+        the page rows that stand."""
+        verdict = decide(self._facts(ref.uri, state), POLICY)
+        outcome = state.outcome or DocumentOutcome(ref=ref, status=verdict.status)
         outcome.attempt = self.shard.attempt_of(ref.uri)
         outcome.timings.inference_s += state.model_s
         outcome.timings.total_s += state.model_s  # preparation wall time + its share of the model
-        rows = state.rows
-        if state.failed_in_model:
-            outcome.pages_ok -= state.failed_in_model
-            outcome.pages_failed += state.failed_in_model
-            if outcome.status is DocStatus.OK:
-                total = outcome.pages_ok + outcome.pages_failed
-                outcome.status = DocStatus.PARTIAL if outcome.pages_ok else DocStatus.ERROR
-                first = next(e for e in state.errors if e.stage is Stage.INFERENCE)
-                outcome.error = StageError(
-                    Stage.INFERENCE,
-                    "page_errors",
-                    f"{state.failed_in_model} of {total} pages failed in the model (first: {first.type}: "
-                    f"{first.message})",
-                    retryable=any(e.retryable for e in state.errors),
-                )
-        retryable = [e for e in ([outcome.error] if outcome.error else []) + state.errors if e.retryable]
-        if retryable and outcome.status is not DocStatus.DUPLICATE:
-            if outcome.attempt < MAX_ATTEMPTS:
-                # Tried again by the next run: none of its pages are kept now, so none repeat then.
-                err = outcome.error if outcome.error is not None and outcome.error.retryable else retryable[0]
-                outcome.status = DocStatus.ERROR
-                outcome.error = dataclasses.replace(err, retryable=True)
-                outcome.pages_ok = outcome.pages_failed = 0
-                rows = []
-            else:  # the last allowed attempt: what it got stands, and is not retried again
-                if outcome.error is not None:
-                    outcome.error = dataclasses.replace(
-                        outcome.error, retryable=False,
-                        message=f"{outcome.error.message} (after {outcome.attempt} attempts)",
-                    )
-                rows = [{**r, "error_retryable": False if r["error_retryable"] else r["error_retryable"]} for r in rows]
-        return outcome, rows
+        outcome.status, outcome.error = verdict.status, verdict.error
+        outcome.pages_ok, outcome.pages_failed = verdict.pages_ok, verdict.pages_failed
+        if not verdict.keep_pages:
+            return outcome, []
+        return outcome, [{**r, "error_retryable": False if r["error_retryable"] else r["error_retryable"]}
+                         for r in state.rows]
 
     def _failed_answer(self, err: StageError) -> PageAnswers:
         e = self.engine
@@ -694,14 +668,14 @@ def process_shard(
     settings = PrepSettings(config=config, builder=engine.builder if engine is not None else None)
     state = _ShardRun(shard, config, run_id, engine, progress)
     refs = list(shard.refs)
-    for round_ in range(IN_RUN_ROUNDS):
+    for round_ in range(POLICY.rounds):
         for event in iter_shard_documents(refs, settings):
             state.on_event(event)
         state.answer_window()
-        again = set(state.retry_candidates()) if round_ < IN_RUN_ROUNDS - 1 else set()
+        again = set(state.retry_candidates()) if round_ < POLICY.rounds - 1 else set()
         if not again:
             break
-        delay = RETRY_BACKOFF_S[min(round_, len(RETRY_BACKOFF_S) - 1)]
+        delay = POLICY.backoff(round_)
         log.warning("shard %s: %d documents failed transiently; trying them again in %.0f s",
                     shard.shard_id, len(again), delay)
         time.sleep(delay)

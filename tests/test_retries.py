@@ -9,12 +9,13 @@ import pytest
 from pipeline import runner, sources
 from pipeline.config import RunConfig
 from pipeline.records import PageAnswers, Stage, StageError
+from pipeline.shard.ledger import RetryPolicy
 from tests.prefect_support import make_corpus, page_key_counts, read_rows
 
 
 @pytest.fixture(autouse=True)
 def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runner, "RETRY_BACKOFF_S", (0.0,))
+    monkeypatch.setattr(runner, "POLICY", RetryPolicy(backoff_s=(0.0,)))
 
 
 @pytest.fixture()
@@ -55,7 +56,7 @@ def test_a_failure_that_outlasts_the_run_is_retried_by_the_next_run_and_replaced
 ):
     src, out = tmp_path / "in", tmp_path / "out"
     expected = make_corpus(src, 4)
-    flaky_reads["doc-002.pdf"] = runner.IN_RUN_ROUNDS  # every try of this run fails
+    flaky_reads["doc-002.pdf"] = runner.POLICY.rounds  # every try of this run fails
     first = runner.run(_config(src, out))
     assert first.documents_by_status == {"ok": 3, "error": 1}
     (failed,) = [d for d in read_rows(str(out), "documents") if d["status"] == "error"]

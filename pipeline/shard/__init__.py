@@ -1,0 +1,1 @@
+"""A shard's bookkeeping: the ledger that decides each document's fate (see ledger.py)."""

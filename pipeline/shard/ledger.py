@@ -1,0 +1,134 @@
+"""The one place a document's fate is decided, and the one place every retry budget lives.
+
+Stages report what happened to a document as facts: what preparation ended with (its
+outcome and document-level error: unreadable, not a PDF, worker lost, timed out...), and
+per page, whether it was prepared and answered or failed and why. `decide` turns the facts
+of one attempt into the document's row: status, error, page counts, whether its page rows
+stand, and whether a later run tries it again. `retry_in_run` says whether this run should
+try it once more first. Both are pure functions of the facts and of one `RetryPolicy`,
+tested with a table (tests/test_ledger.py).
+
+The meanings of "attempt", once each:
+- `RetryPolicy.worker_attempts`: a document whose prep worker died or timed out is run
+  again in a fresh worker, up to this many times in all (the pool does this; the runner does
+  not retry those errors again within the run).
+- `RetryPolicy.rounds`: any other retryable failure (storage, network, a device error on
+  every page) is tried up to this many times within one run, with `backoff_s` between.
+- `RetryPolicy.runs`: what still fails retryably is written with `error_retryable = true`
+  and no pages; the next run tries it again, up to this many runs (`documents.attempt`). On
+  the last one what it got stands and is final.
+- `RetryPolicy.shard_task_retries`: a Prefect shard task that raised a transient storage
+  error is retried this often (exponential back-off from `shard_backoff_s`).
+- `RetryPolicy.device_failure_windows`: consecutive model batches failing on every page
+  that stop a shard (a broken device is not retried page by page).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from pipeline.records import DocStatus, Stage, StageError
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Every retry budget of a run (see the module docstring for what each counts)."""
+
+    runs: int = 3
+    rounds: int = 3
+    backoff_s: tuple[float, ...] = (1.0, 3.0)
+    worker_attempts: int = 2
+    shard_task_retries: int = 3
+    shard_backoff_s: float = 2.0
+    device_failure_windows: int = 2
+
+    def backoff(self, round_: int) -> float:
+        """Seconds to wait before in-run round `round_ + 1` (round_ counts from 0)."""
+        return self.backoff_s[min(round_, len(self.backoff_s) - 1)] if self.backoff_s else 0.0
+
+
+POLICY = RetryPolicy()
+
+# Error types the prep pool already retried in a fresh worker (up to worker_attempts).
+POOL_RETRIED = frozenset({"worker_crashed", "document_timeout"})
+
+
+@dataclass(frozen=True, slots=True)
+class DocFacts:
+    """What the stages reported about one attempt at one document."""
+
+    attempt: int  # runs that have tried it, this one included
+    reported: bool = True  # False: preparation never reported an end (a stage broke its contract)
+    prepared: DocStatus = DocStatus.OK  # how preparation ended: ok, partial (pages failed), error, duplicate
+    error: StageError | None = None  # preparation's document-level error (unreadable, timed out, ...)
+    pages_ok: int = 0  # pages prepared without error
+    pages_failed: int = 0  # pages that failed in preparation
+    model_failed: int = 0  # prepared pages the model failed on
+    page_errors: tuple[StageError, ...] = ()  # every page-level error, preparation's and the model's
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A document's row, as decided."""
+
+    status: DocStatus
+    error: StageError | None
+    pages_ok: int
+    pages_failed: int
+    keep_pages: bool  # False: its page rows are dropped (the next run does them again)
+    final: bool  # False: `error_retryable`, a later run tries it again
+
+    @property
+    def retryable(self) -> bool:
+        return not self.final
+
+
+LOST = StageError(Stage.RASTERIZE, "lost_document", "no outcome was reported for this document", True)
+
+
+def _retryable_errors(facts: DocFacts) -> list[StageError]:
+    return [e for e in ([facts.error] if facts.error else []) + list(facts.page_errors) if e.retryable]
+
+
+def retry_in_run(facts: DocFacts) -> bool:
+    """Whether this run should try the document again before deciding: it has a retryable
+    failure, and none the pool already retried in a fresh worker."""
+    if not facts.reported:
+        return False
+    errors = _retryable_errors(facts)
+    return bool(errors) and not any(e.type in POOL_RETRIED for e in errors)
+
+
+def decide(facts: DocFacts, policy: RetryPolicy = POLICY) -> Verdict:
+    """The document's status, error, page counts, and whether its pages stand and it is final."""
+    if not facts.reported:  # never lose a document: an error row, tried again by the next run
+        facts = dataclasses.replace(facts, prepared=DocStatus.ERROR, error=LOST, pages_ok=0, pages_failed=0)
+    status, error = facts.prepared, facts.error
+    pages_ok = facts.pages_ok - facts.model_failed
+    pages_failed = facts.pages_failed + facts.model_failed
+    if facts.model_failed and status is DocStatus.OK:
+        status = DocStatus.PARTIAL if pages_ok else DocStatus.ERROR
+        model_errors = [e for e in facts.page_errors if e.stage is Stage.INFERENCE]
+        first = model_errors[0] if model_errors else StageError(Stage.INFERENCE, "generation_failed", "?")
+        error = StageError(
+            Stage.INFERENCE,
+            "page_errors",
+            f"{facts.model_failed} of {pages_ok + pages_failed} pages failed in the model (first: {first.type}: "
+            f"{first.message})",
+            retryable=any(e.retryable for e in facts.page_errors),
+        )
+    retryable = _retryable_errors(dataclasses.replace(facts, error=error))
+    if not retryable or status is DocStatus.DUPLICATE:
+        return Verdict(status, error, pages_ok, pages_failed, keep_pages=True, final=True)
+    if facts.attempt < policy.runs:  # tried again by the next run: no pages kept now, so none repeat then
+        err = error if error is not None and error.retryable else retryable[0]
+        return Verdict(DocStatus.ERROR, dataclasses.replace(err, retryable=True), 0, 0, keep_pages=False,
+                       final=False)
+    # the last allowed run: what it got stands, and is final
+    if error is not None:
+        error = dataclasses.replace(error, retryable=False, message=f"{error.message} (after {facts.attempt} attempts)")
+    return Verdict(status, error, pages_ok, pages_failed, keep_pages=True, final=True)
+
+
+__all__ = ["DocFacts", "POLICY", "POOL_RETRIED", "RetryPolicy", "Verdict", "decide", "retry_in_run"]

@@ -1,0 +1,79 @@
+"""The ledger: a document's fate from the facts of one attempt, as a table (milliseconds)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.records import DocStatus, Stage, StageError
+from pipeline.shard.ledger import POLICY, DocFacts, RetryPolicy, decide, retry_in_run
+
+BAD = StageError(Stage.RASTERIZE, "encrypted_pdf", "needs a password", retryable=False)
+NET = StageError(Stage.SOURCES, "unreadable", "ConnectionResetError", retryable=True)
+CRASH = StageError(Stage.RASTERIZE, "worker_crashed", "worker died (SIGKILL)", retryable=True)
+TIMEOUT = StageError(Stage.TIMEOUT, "document_timeout", "stopped after 60 s", retryable=True)
+OOM = StageError(Stage.INFERENCE, "out_of_memory", "CUDA out of memory", retryable=True)
+GEN = StageError(Stage.INFERENCE, "generation_failed", "bad output", retryable=False)
+PAGE = StageError(Stage.RASTERIZE, "corrupt_image", "frame 2", retryable=False)
+
+OK, PARTIAL, ERROR, DUP = DocStatus.OK, DocStatus.PARTIAL, DocStatus.ERROR, DocStatus.DUPLICATE
+
+# facts -> (status, error type, pages ok, pages failed, pages kept, final, retried within the run)
+TABLE = [
+    ("clean", DocFacts(1, pages_ok=3), (OK, None, 3, 0, True, True, False)),
+    ("bad input, recorded once", DocFacts(1, prepared=ERROR, error=BAD), (ERROR, "encrypted_pdf", 0, 0, True, True,
+                                                                          False)),
+    ("a bad page: partial, final", DocFacts(2, prepared=PARTIAL, pages_ok=2, pages_failed=1, page_errors=(PAGE,)),
+     (PARTIAL, None, 2, 1, True, True, False)),
+    ("duplicate", DocFacts(1, prepared=DUP), (DUP, None, 0, 0, True, True, False)),
+    ("storage blip, run 1: next run", DocFacts(1, prepared=ERROR, error=NET), (ERROR, "unreadable", 0, 0, False,
+                                                                               False, True)),
+    ("storage blip, run 2: next run", DocFacts(2, prepared=ERROR, error=NET), (ERROR, "unreadable", 0, 0, False,
+                                                                               False, True)),
+    ("storage blip, last run: final", DocFacts(3, prepared=ERROR, error=NET), (ERROR, "unreadable", 0, 0, True, True,
+                                                                               True)),
+    ("worker lost: the pool retried it", DocFacts(1, prepared=ERROR, error=CRASH), (ERROR, "worker_crashed", 0, 0,
+                                                                                    False, False, False)),
+    ("timed out with pages: not kept yet", DocFacts(1, prepared=PARTIAL, error=TIMEOUT, pages_ok=2),
+     (ERROR, "document_timeout", 0, 0, False, False, False)),
+    ("timed out, last run: partial stands", DocFacts(3, prepared=PARTIAL, error=TIMEOUT, pages_ok=2),
+     (PARTIAL, "document_timeout", 2, 0, True, True, False)),
+    ("model failed one page for good", DocFacts(1, pages_ok=3, model_failed=1, page_errors=(GEN,)),
+     (PARTIAL, "page_errors", 2, 1, True, True, False)),
+    ("model failed every page for good", DocFacts(1, pages_ok=2, model_failed=2, page_errors=(GEN, GEN)),
+     (ERROR, "page_errors", 0, 2, True, True, False)),
+    ("out of memory on a page: next run", DocFacts(1, pages_ok=3, model_failed=1, page_errors=(OOM,)),
+     (ERROR, "page_errors", 0, 0, False, False, True)),
+    ("out of memory, last run: partial", DocFacts(3, pages_ok=3, model_failed=1, page_errors=(OOM,)),
+     (PARTIAL, "page_errors", 2, 1, True, True, True)),
+    ("no outcome reported: never lost", DocFacts(1, reported=False), (ERROR, "lost_document", 0, 0, False, False,
+                                                                      False)),
+]
+
+
+@pytest.mark.parametrize(("name", "facts", "expected"), TABLE, ids=[t[0] for t in TABLE])
+def test_the_fate_of_a_document(name: str, facts: DocFacts, expected: tuple) -> None:
+    verdict = decide(facts)
+    got = (verdict.status, verdict.error.type if verdict.error else None, verdict.pages_ok, verdict.pages_failed,
+           verdict.keep_pages, verdict.final, retry_in_run(facts))
+    assert got == expected
+    # the rules that hold for every row
+    assert verdict.final == (verdict.error is None or not verdict.error.retryable)
+    assert verdict.keep_pages or (verdict.pages_ok == verdict.pages_failed == 0)  # no pages counted, none kept
+    assert verdict.final or verdict.status is DocStatus.ERROR  # a row to be redone is an error row
+    if verdict.final and facts.attempt >= POLICY.runs and verdict.error is not None and any(
+            e.retryable for e in (facts.error, *facts.page_errors) if e):
+        assert "after 3 attempts" in verdict.error.message
+
+
+def test_one_policy_holds_every_budget() -> None:
+    from flows import tasks
+    from pipeline import prepare, runner
+
+    assert prepare.MAX_ATTEMPTS == POLICY.worker_attempts
+    assert tasks.SHARD_RETRIES == POLICY.shard_task_retries
+    assert runner.DEVICE_FAILURE_WINDOWS == POLICY.device_failure_windows
+    assert not hasattr(runner, "IN_RUN_ROUNDS") and not hasattr(runner, "MAX_ATTEMPTS")
+    # a policy with more runs keeps trying where the default gives up
+    facts = DocFacts(3, prepared=DocStatus.ERROR, error=NET)
+    assert decide(facts).final and not decide(facts, RetryPolicy(runs=5)).final
+    assert RetryPolicy(backoff_s=(1.0, 3.0)).backoff(5) == 3.0
