@@ -386,5 +386,7 @@ def run_with_progress(config: RunConfig, console: Console | None = None) -> RunS
 
 
 def report_hint(output: str, run_id: str) -> str:
-    """The command that makes this run's visual report (pages beside what was extracted)."""
-    return f"report: docpipe report {shlex.quote(output)} --run {run_id} --html report.html"
+    """The command that makes the output's visual report (pages beside what was extracted;
+    after a rerun with nothing new, the run's own rows are none, so the output is shown)."""
+    return (f"report: docpipe report {shlex.quote(output)} --html report.html   "
+            f"(the whole output; --run {run_id} for this run's rows)")
