@@ -367,3 +367,51 @@ def test_rope_and_decays_stay_float32_in_a_bf16_model(tiny) -> None:
     # the original's slopes, also for a head count that is not a power of two
     assert torch.allclose(alibi_slopes(8).flatten(), torch.tensor([2.0 ** (-(i + 1)) for i in range(8)]))
     assert alibi_slopes(6).flatten().tolist()[:4] == alibi_slopes(4).flatten().tolist()
+
+
+# ---------------------------------------------------------------------------------------
+# the released checkpoint's key set (its index is not reachable here: a public statement of it)
+# ---------------------------------------------------------------------------------------
+
+# huggingface/transformers' tests/models/minimax_vl_01/test_conversion_minimax_vl_01.py (commit 8029eef)
+# states the exact key manifest of MiniMaxAI/MiniMax-VL-01's model.safetensors.index.json: 8,637 keys,
+# sha256 of the sorted keys joined by newlines below. The rules it gives are rebuilt here independently;
+# equal digests mean the same set.
+RELEASED_KEYS_SHA256 = "d0caf1b714cdfc4caa65b56cbec591668d77b0e2a5d6cf3b5af169531311c886"
+
+
+def _released_keys() -> set[str]:
+    keys = {"language_model.model.embed_tokens.weight", "language_model.model.norm.weight",
+            "language_model.lm_head.weight", "image_newline",
+            *(f"vision_tower.vision_model.embeddings.{k}" for k in
+              ("class_embedding", "patch_embedding.weight", "position_embedding.weight")),
+            *(f"vision_tower.vision_model.pre_layrnorm.{w}" for w in ("weight", "bias")),
+            *(f"multi_modal_projector.linear_{i}.{w}" for i in (1, 2) for w in ("weight", "bias"))}
+    for n in range(80):
+        p = f"language_model.model.layers.{n}"
+        keys |= {f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight",
+                 f"{p}.block_sparse_moe.gate.weight"}
+        softmax = (n + 1) % 8 == 0
+        keys |= {f"{p}.self_attn.{m}.weight" for m in
+                 (("q_proj", "k_proj", "v_proj", "o_proj") if softmax else ("qkv_proj", "output_gate", "norm", "out_proj"))}
+        keys |= {f"{p}.block_sparse_moe.experts.{e}.{w}.weight" for e in range(32) for w in ("w1", "w2", "w3")}
+    for n in range(24):
+        p = f"vision_tower.vision_model.encoder.layers.{n}"
+        keys |= {f"{p}.{m}.{w}" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                          "self_attn.out_proj", "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2")
+                 for w in ("weight", "bias")}
+    return keys
+
+
+def test_full_size_keys_are_the_released_checkpoints(tmp_path: Path) -> None:
+    import hashlib
+
+    from test_devices import official_minimax_vl_01_config
+
+    released = _released_keys()
+    assert len(released) == 8_637
+    assert hashlib.sha256("\n".join(sorted(released)).encode()).hexdigest() == RELEASED_KEYS_SHA256
+    (tmp_path / "config.json").write_text(json.dumps(official_minimax_vl_01_config()))
+    meta = fam.meta_model(fam.load_config(tmp_path))
+    ours = {k for k in meta.state_dict() if not k.endswith("position_ids")}  # CLIP's non-persistent buffer
+    assert ours == released  # no post_layernorm: CLIP's last norm is not in the checkpoint
