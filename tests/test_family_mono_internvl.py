@@ -99,8 +99,11 @@ def test_regular_internvl_is_not_mono() -> None:
     assert mono.recognise(raw)
     plain_llm = {**raw, "llm_config": {**raw["llm_config"], "architectures": ["InternLM2ForCausalLM"]}}
     assert not mono.recognise(plain_llm)
-    full_vit = {**raw, "vision_config": {**raw["vision_config"], "model_type": "intern_vit_6b", "num_hidden_layers": 24}}
-    assert not mono.recognise(full_vit)
+    # the vision config does not decide (vLLM's and lmdeploy's rule): whatever model_type or layer count it
+    # states, the LLM with visual experts makes it Mono-InternVL
+    for vision in ({"model_type": "intern_vit_6b", "num_hidden_layers": 24}, {"model_type": "intern_vit_patch"},
+                   {"model_type": "intern_vit_6b", "num_hidden_layers": 0}):
+        assert mono.recognise({**raw, "vision_config": {**raw["vision_config"], **vision}})
     assert not mono.recognise({"architectures": ["InternVLForConditionalGeneration"], "model_type": "internvl"})
     assert not mono.recognise({**raw, "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava"})
 
@@ -273,3 +276,18 @@ def test_load_model_refuses_a_folder_whose_keys_differ(tiny: Path, tmp_path: Pat
         mono.load_model(tmp_path, dtype=torch.float32)
     with pytest.raises(TypeError, match="max_slices"):
         mono.load_builder(tiny, mono.load_config(tiny), tasks=(DESCRIPTION,), chart_questions=(), max_slices=3)
+
+
+def test_a_checkpoint_with_vit_encoder_weights_is_refused(tiny: Path, tmp_path: Path) -> None:
+    """The other side of recognising by the LLM alone: a ViT encoder in the weights is not silently dropped."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "vit"
+    shutil.copytree(tiny, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    weights["vision_model.encoder.layers.0.attn.qkv.weight"] = torch.zeros(3, 3)
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="unexpected_keys"):
+        mono.load_model(broken, dtype=torch.float32)

@@ -75,30 +75,26 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Vision "towers" the original builds from vision_config.model_type. A full InternViT with
 # zero layers is the identity after its embeddings, so it equals the patch model.
-_PATCH_VISION_TYPES = ("intern_vit_patch",)
 
 
 def recognise(config: Mapping[str, Any]) -> bool:
     """True for a Mono-InternVL config.json (raw dict), False for anything else.
 
-    InternVL remote-code checkpoints all say `InternVLChatModel`/`internvl_chat`; what
-    makes this one Mono-InternVL is an LLM with visual experts and a vision model that
-    is only a patch embedding.
+    InternVL remote-code checkpoints all say `InternVLChatModel`/`internvl_chat`; what makes
+    this one Mono-InternVL is its LLM with visual experts (`llm_config.architectures[0] ==
+    InternLM2VEForCausalLM`), the rule vLLM and lmdeploy use (`is_mono`). The vision config is
+    not consulted: the real checkpoint's is not public here (its remote code has an
+    `InternVisionPatchConfig`), and whatever it says, the vision model is only a patch
+    embedding; a checkpoint that carries ViT encoder weights is refused at loading
+    (`load_strict`: unexpected keys), not here.
     """
     if not isinstance(config, Mapping):
         return False
     archs = config.get("architectures") or []
     if config.get("model_type") not in MODEL_TYPES and not any(a in ARCHITECTURES for a in archs):
         return False
-    llm = config.get("llm_config") or {}
-    llm_archs = llm.get("architectures") or []
-    if not llm_archs or llm_archs[0] != LLM_ARCHITECTURE:
-        return False
-    vision = config.get("vision_config") or {}
-    vtype = str(vision.get("model_type", ""))
-    if any(t in vtype for t in _PATCH_VISION_TYPES):
-        return True
-    return "intern_vit_6b" in vtype and int(vision.get("num_hidden_layers", -1)) == 0
+    llm_archs = (config.get("llm_config") or {}).get("architectures") or []
+    return bool(llm_archs) and llm_archs[0] == LLM_ARCHITECTURE
 
 
 # ---------------------------------------------------------------------------------------
