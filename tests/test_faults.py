@@ -376,3 +376,43 @@ def test_a_run_stalled_at_its_commit_on_s3_leaves_the_output_exact_after_a_rerun
     assert pages_by_name(pages) == expected_pages(expected)
     assert sorted(Path(d["source_uri"]).name for d in docs) == sorted(expected)
     assert subprocess.run([DOCPIPE, "verify", out, *options], capture_output=True).returncode == 0
+
+
+def test_docpipe_verify_finds_damage_repairs_it_and_the_rerun_redoes_what_was_moved_aside(tmp_path: Path):
+    src = tmp_path / "in"
+    expected = make_corpus(src, 6)
+    out = tmp_path / "out"
+    assert docpipe(*run_args(src, out, "--shard-size", "2")).returncode == 0
+    assert docpipe("verify", str(out)).returncode == 0
+    first, second = sorted((out / "pages").glob("part-*.parquet"))[:2]
+    first.write_bytes(b"\0" * first.stat().st_size)  # zeroed
+    second.unlink()  # its documents file kept
+    (run_file,) = (out / "runs").glob("part-*.parquet")
+    run_file.write_bytes(run_file.read_bytes()[:40])  # truncated
+    found = docpipe("verify", str(out))
+    assert found.returncode == 1 and "Traceback" not in found.stderr
+    assert {line.split(":")[0] for line in found.stdout.splitlines()} == {
+        "pages_unreadable", "pages_missing", "runs_unreadable"}
+    repaired = docpipe("verify", str(out), "--repair")
+    assert repaired.returncode == 0, repaired.stderr
+    assert len(list((out / "_docpipe" / "quarantine").rglob("*.parquet"))) == 4  # moved aside, not deleted
+    assert docpipe("verify", str(out)).returncode == 0
+    again = docpipe(*run_args(src, out, "--shard-size", "2"))
+    assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
+    pages = read_rows(str(out), "pages")
+    assert max(page_key_counts(pages).values()) == 1 and pages_by_name(pages) == expected_pages(expected)
+    assert sorted(Path(d["source_uri"]).name for d in read_rows(str(out), "documents")) == sorted(expected)
+
+
+def test_a_failure_reaching_the_cli_is_one_line_and_the_traceback_only_with_v(tmp_path: Path):
+    src = tmp_path / "in"
+    make_corpus(src, 2)
+    out = tmp_path / "out"
+    assert docpipe(*run_args(src, out)).returncode == 0
+    (doc,) = (out / "documents").glob("part-*.parquet")
+    doc.write_bytes(b"garbage")  # a damaged output that `report` reads as it is (no repair)
+    plain = docpipe("report", str(out), "--html", str(tmp_path / "r.html"))
+    assert plain.returncode != 0 and "Traceback" not in plain.stderr
+    assert len(plain.stderr.strip().splitlines()) == 1 and plain.stderr.startswith("docpipe: ")
+    verbose = docpipe("-v", "report", str(out), "--html", str(tmp_path / "r.html"))
+    assert verbose.returncode != 0 and "Traceback" in verbose.stderr
