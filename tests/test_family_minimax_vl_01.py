@@ -415,3 +415,21 @@ def test_full_size_keys_are_the_released_checkpoints(tmp_path: Path) -> None:
     meta = fam.meta_model(fam.load_config(tmp_path))
     ours = {k for k in meta.state_dict() if not k.endswith("position_ids")}  # CLIP's non-persistent buffer
     assert ours == released  # no post_layernorm: CLIP's last norm is not in the checkpoint
+
+
+def test_one_bos_whether_or_not_the_tokenizer_adds_one(builder: fam.MiniMaxVL01Builder) -> None:
+    """The real tokenizer.json is not public: with or without a BOS-adding post-processor, the prompt starts
+    with the chat format's one <beginning_of_sentence>."""
+    import copy
+
+    from tokenizers import processors
+
+    text = builder.chat_text("Describe it.", builder.plan(200, 150))
+    plain = builder.encode_text(text)
+    bos = builder.tokenizer.convert_tokens_to_ids("<beginning_of_sentence>")
+    adding = copy.deepcopy(builder)
+    adding.tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<beginning_of_sentence> $A", special_tokens=[("<beginning_of_sentence>", bos)])
+    assert adding.tokenizer(text)["input_ids"][:2] == [bos, bos]  # what a plain call would give
+    assert adding.encode_text(text).tolist() == plain.tolist()
+    assert plain[0] == bos and plain[1] != bos

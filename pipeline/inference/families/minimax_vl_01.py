@@ -897,7 +897,11 @@ class MiniMaxVL01Builder(InputBuilder):
         return chat_text(prompt, plan.visual_tokens, self.system)
 
     def encode_text(self, text: str) -> np.ndarray:
-        return np.asarray(self.tokenizer(text)["input_ids"], dtype=np.int64)
+        """The chat text's ids, without the tokenizer's own special tokens: the chat format writes
+        every turn's `<beginning_of_sentence>` itself, so the prompt starts with exactly one,
+        whether or not the checkpoint's tokenizer.json would add a BOS of its own (the real one is
+        not public here; a tokenizer that adds one would otherwise give two)."""
+        return np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
 
     def encode_page(self, model: Any, page: PreparedPage) -> PageFeatures:
         pixels = page.pixel_tensor(input_device(model))
