@@ -132,10 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     devices.add_argument("--revision", default=None, help="Hub revision of the checkpoint.")
     devices.add_argument("--json", action="store_true", help="Print one JSON object: module name -> GPU index.")
 
-    ask_p = sub.add_parser("ask", help="Ask one question about one image, in the model's own chat format (greedy).")
+    ask_p = sub.add_parser("ask", help="Ask one question about one page (an image, or a page of a PDF or TIFF), "
+                           "in the model's own chat format (greedy).")
     ask_p.add_argument("model", help="Checkpoint folder or hub id.")
-    ask_p.add_argument("image", help="Image file (PNG, JPEG, ...).")
+    ask_p.add_argument("image", help="Image file (PNG, JPEG, TIFF, ...) or PDF.")
     ask_p.add_argument("question", help="The question.")
+    ask_p.add_argument("--page", type=int, default=1,
+                       help="Page of a PDF or frame of a multi-page TIFF, from 1. [default: 1]")
+    ask_p.add_argument("--dpi", type=float, default=200.0,
+                       help="Resolution a PDF page is rendered at (capped at 12 MP). [default: 200]")
     ask_p.add_argument("--max-new-tokens", type=int, default=256, help="Most tokens to generate. [default: 256]")
     ask_p.add_argument("--device", default="auto", help="auto, cpu, or GPU ids like 0,1. [default: auto]")
     ask_p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
@@ -307,19 +312,70 @@ def _bytes(value: float) -> str:
     return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.2f} MiB"
 
 
-def _cmd_ask(args: argparse.Namespace) -> int:
+ASK_MAX_PIXELS = 12_000_000
+
+
+def load_page_image(path: str, page: int = 1, dpi: float = 200.0) -> Any:
+    """Page `page` (from 1) of an image file (a frame of a multi-page TIFF) or a PDF, as RGB.
+
+    Raises ValueError with a one-line reason (not a file docpipe can read, no such page,
+    a password-protected PDF). A PDF page is rendered at `dpi`, scaled down to ASK_MAX_PIXELS.
+    """
     from PIL import Image, UnidentifiedImageError
 
+    if page < 1:
+        raise ValueError(f"--page counts from 1, got {page}")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1024)
+    except OSError as exc:
+        raise ValueError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    if b"%PDF-" in head:
+        import pymupdf
+
+        from pipeline.logs import mupdf_to_log, quiet_mupdf
+
+        quiet_mupdf()
+        try:
+            with pymupdf.open(path, filetype="pdf") as doc:
+                if doc.needs_pass:
+                    raise ValueError(f"{path} is password-protected")
+                if page > doc.page_count:
+                    raise ValueError(f"{path} has {doc.page_count} page(s), not {page}")
+                rect = doc[page - 1].rect
+                zoom = dpi / 72.0
+                pixels = rect.width * zoom * rect.height * zoom
+                if pixels > ASK_MAX_PIXELS:
+                    zoom *= (ASK_MAX_PIXELS / pixels) ** 0.5
+                pix = doc[page - 1].get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), alpha=False)
+                return Image.frombytes("RGB", (pix.width, pix.height), pix.samples)
+        except (RuntimeError, pymupdf.FileDataError) as exc:
+            raise ValueError(f"{path} cannot be rendered: {exc}") from None
+        finally:
+            mupdf_to_log(logging.getLogger("docpipe"), path)
+    try:
+        with Image.open(path) as opened:
+            frames = getattr(opened, "n_frames", 1)
+            if page > frames:
+                raise ValueError(f"{path} has {frames} frame(s), not {page}")
+            opened.seek(page - 1)
+            from PIL import ImageOps
+
+            return ImageOps.exif_transpose(opened).convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise ValueError(f"{path} cannot be read as an image or PDF: {exc}") from None
+
+
+def _cmd_ask(args: argparse.Namespace) -> int:
     from pipeline.inference.ask import ask
     from pipeline.inference.loading import ModelConfigError
     from pipeline.inference.registry import UnsupportedModelError
     from pipeline.preflight import SetupError
 
     try:
-        with Image.open(args.image) as opened:
-            image = opened.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
-        return _fail(f"image {args.image} cannot be read: {exc}", EXIT_BAD_CONFIG)
+        image = load_page_image(args.image, args.page, args.dpi)
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_BAD_CONFIG)
     try:
         answer = ask(args.model, image, args.question, max_new_tokens=args.max_new_tokens, device=args.device,
                      dtype=args.dtype)

@@ -117,7 +117,8 @@ class RunConfig(BaseModel):
     # ---- inference ----------------------------------------------------------------
     model: str | None = Field(
         default=None,
-        description="Model folder or hub id of an image-text-to-text checkpoint. None: no inference, model columns stay null.",
+        description="Model folder or hub id of an image-text-to-text checkpoint (suggested: OpenGVLab/InternVL3-1B-hf). "
+        "No default: without it no model runs and the model columns stay null.",
     )
     revision: str | None = Field(default=None, description="Model revision (branch, tag or commit) when loading from a hub.")
     trust_remote_code: bool = Field(

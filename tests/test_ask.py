@@ -96,3 +96,39 @@ def test_docpipe_ask_prints_the_same_answer(tmp_path: Path, capsys, engines) -> 
     assert printed["token_ids"] == list(expected.token_ids) and printed["prompt_ids"] == list(expected.prompt_ids)
     assert printed["text"] == expected.text
     assert main(["ask", str(folder), str(tmp_path / "missing.png"), QUESTION]) == 2
+
+
+def test_a_pdf_page_or_tiff_frame_is_the_image(tmp_path: Path) -> None:
+    from PIL import ImageChops
+
+    from pipeline.cli import load_page_image
+    from tests.docs_factory import born_digital_pdf, multipage_tiff
+
+    pdf = tmp_path / "doc.pdf"
+    pdf.write_bytes(born_digital_pdf(pages=2))
+    first, second = load_page_image(str(pdf), 1), load_page_image(str(pdf), 2)
+    assert first.mode == "RGB" and first.size == (1700, 2200)  # Letter at 200 DPI
+    assert ImageChops.difference(first, second).getbbox() is not None  # another page, not page 1 again
+    assert load_page_image(str(pdf), 1, dpi=72).size == (612, 792)
+    tiff = tmp_path / "scan.tif"
+    tiff.write_bytes(multipage_tiff(frames=3))
+    assert load_page_image(str(tiff), 3).size == load_page_image(str(tiff), 1).size
+    with pytest.raises(ValueError, match="has 2 page"):
+        load_page_image(str(pdf), 3)
+    with pytest.raises(ValueError, match="has 3 frame"):
+        load_page_image(str(tiff), 4)
+
+
+def test_docpipe_ask_on_a_pdf_page(tmp_path: Path, capsys, tiny_model) -> None:
+    from tests.docs_factory import born_digital_pdf
+
+    pdf = tmp_path / "doc.pdf"
+    pdf.write_bytes(born_digital_pdf(pages=2))
+    model = tiny_model("internvl")
+    code = main(["ask", model, str(pdf), QUESTION, "--page", "2", "--max-new-tokens", "3", "--device", "cpu",
+                 "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert len(json.loads(out)["token_ids"]) <= 3
+    assert main(["ask", model, str(pdf), QUESTION, "--page", "5"]) == 2
+    assert capsys.readouterr().err.strip() == f"docpipe: {pdf} has 2 page(s), not 5"
