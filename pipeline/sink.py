@@ -77,9 +77,23 @@ def _usage_columns(answers: PageAnswers | None) -> dict[str, Any]:
     return out
 
 
+def chart_check_status(answers: PageAnswers | None) -> str | None:
+    """Why `has_chart` is what it is (pure; the schema's chart_check_status says each value)."""
+    if answers is None:
+        return None
+    if answers.error is not None:
+        return "failed"
+    if answers.chart_check_answer is None:
+        return "not_asked"
+    if answers.has_chart is None:
+        return "unclear"
+    return "chart" if answers.has_chart else "no_chart"
+
+
 def _answer_columns(answers: PageAnswers | None) -> dict[str, Any]:
     if answers is None:
-        names = ("description", "ocr_text", "has_chart", "chart_check_answer", "chart_answers", "model_id", "model_revision",
+        names = ("description", "ocr_text", "has_chart", "chart_check_answer", "chart_check_status", "chart_answers",
+                 "model_id", "model_revision",
                  "model_dtype", "prompt_version", "prompt_tokens", "generated_tokens", "inference_latency_s",
                  "truncated", "repetitive", "ocr_source")
         return {**dict.fromkeys(names), **_usage_columns(None)}
@@ -88,6 +102,7 @@ def _answer_columns(answers: PageAnswers | None) -> dict[str, Any]:
         "ocr_text": answers.ocr_text,
         "has_chart": answers.has_chart,
         "chart_check_answer": answers.chart_check_answer,
+        "chart_check_status": chart_check_status(answers),
         "chart_answers": [{"question": a.question, "answer": a.answer} for a in answers.chart_answers],
         "model_id": answers.model_id,
         "model_revision": answers.model_revision,

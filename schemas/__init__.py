@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.5"
+SCHEMA_VERSION = "1.6"
 VERSION_KEY = b"docpipe.schema_version"
 TABLE_KEY = b"docpipe.table"
 
@@ -151,6 +151,14 @@ PAGES_FIELDS: list[pa.Field] = [
         "chart_check_answer",
         pa.string(),
         "The model's reply when asked whether the page holds a chart; has_chart is null when it was neither yes nor no.",
+    ),
+    _f(
+        "chart_check_status",
+        pa.string(),
+        "Why has_chart is what it is: chart / no_chart (the model said yes / no), unclear (its reply was neither: "
+        "has_chart is null and chart_check_answer holds its words), not_asked (the chart task was not in the run's "
+        "tasks), failed (the model failed on the page: see error_type); null when no model ran for the page (no "
+        "--model, or the page failed before the model).",
     ),
     _f("chart_answers", pa.list_(pa.field("element", CHART_ANSWER_TYPE)), "Answers to the run's chart questions (empty when no chart)."),
     _f("model_id", pa.string(), "Model folder or hub id that produced the model columns."),

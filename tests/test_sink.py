@@ -196,3 +196,24 @@ def test_rows_to_table_checks_rows() -> None:
 
 
 # ---- writing and reading -----------------------------------------------------------------
+
+
+def test_chart_check_status_says_why_has_chart_is_what_it_is() -> None:
+    import dataclasses
+
+    from pipeline.sink import chart_check_status
+
+    base = _answers()
+    cases = {
+        "chart": dataclasses.replace(base, has_chart=True, chart_check_answer="Yes."),
+        "no_chart": dataclasses.replace(base, has_chart=False, chart_check_answer="no"),
+        "unclear": dataclasses.replace(base, has_chart=None, chart_check_answer="a table of figures"),
+        "not_asked": dataclasses.replace(base, has_chart=None, chart_check_answer=None),
+        "failed": _answers(error=StageError(Stage.INFERENCE, "out_of_memory", "OOM")),
+    }
+    for status, answers in cases.items():
+        assert chart_check_status(answers) == status
+        row = page_row(doc_id="d", source_uri="u", page_number=1, page=_page("d", "u", 1), plan=_plan(),
+                       answers=answers, error=None, shard_id="s", **COMMON)
+        assert row["chart_check_status"] == status
+    assert chart_check_status(None) is None  # no model ran for the page
