@@ -28,7 +28,7 @@ import numpy as np
 
 from pipeline.inference import prompts
 from pipeline.inference.generation import GREEDY, GenerationSettings
-from pipeline.inference.registry import UnsupportedModelError
+from pipeline.inference.checkpoint import UnsupportedModelError
 from pipeline.records import PageImage, PageKind, TileBox, TilePlan
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -26,16 +26,13 @@ from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.inference.adapters import InputBuilder, load_chat_template
+from pipeline.inference.checkpoint import ModelConfigError, read_model_config
 from pipeline.inference.generation import GenerationSettings
 from pipeline.inference.registry import Family, family_by_name, recognise
 
 log = logging.getLogger(__name__)
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
-
-
-class ModelConfigError(ValueError):
-    """The model settings cannot work (unknown family, does not fit, bad device list)."""
 
 
 @dataclass(frozen=True)
@@ -451,13 +448,7 @@ def _tile_override(config: RunConfig, name: str) -> int | None:
 
 def _recognise_model(config: RunConfig) -> Family:
     """The checkpoint's family from its config.json (read once, no weights, no remote code)."""
-    from pipeline.preflight import SetupError, read_model_config
-
-    try:
-        data = read_model_config(config.model, config.revision)
-    except SetupError as exc:
-        raise ModelConfigError(str(exc)) from None
-    return recognise(data)
+    return recognise(read_model_config(config.model, config.revision))
 
 
 def generation_settings(config: RunConfig) -> GenerationSettings | None:

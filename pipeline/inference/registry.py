@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-
-class UnsupportedModelError(ValueError):
-    """The checkpoint is not of a family this pipeline can drive natively."""
+from pipeline.inference.checkpoint import UnsupportedModelError
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +57,7 @@ class Family:
         return getattr(self.implementation(), "GENERATION_DEFAULTS", GREEDY)
 
     def builder_class(self) -> type:
-        """The InputBuilder subclass of a native family."""
+        """The InputBuilder subclass of a native family (`builder` names it in pipeline.inference.adapters)."""
         if self.builder is None:
             raise UnsupportedModelError(f"family {self.name} builds its inputs in {self.module}")
         from pipeline.inference import adapters

@@ -125,7 +125,7 @@ def engine_for(config: RunConfig) -> str:
     if config.engine == "transformers" or config.model is None:
         return "transformers"
     from pipeline.inference.registry import recognise
-    from pipeline.preflight import read_model_config
+    from pipeline.inference.checkpoint import read_model_config
 
     data = read_model_config(config.model, config.revision)
     return resolve_engine(config, recognise(data), data)
@@ -363,7 +363,7 @@ def load_vllm_engine(config: RunConfig, *, forced_output: ForcedOutput | None = 
     generation = None
     try:
         from pipeline.inference.registry import recognise
-        from pipeline.preflight import read_model_config
+        from pipeline.inference.checkpoint import read_model_config
 
         generation = _generation(config, recognise(read_model_config(config.model, config.revision)))
     except Exception:  # noqa: BLE001 - older registries have no generation defaults
