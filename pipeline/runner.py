@@ -525,7 +525,8 @@ class _ShardRun:
             return DocFacts(attempt=attempt, reported=False)
         return DocFacts(attempt=attempt, prepared=outcome.status, error=outcome.error, pages_ok=outcome.pages_ok,
                         pages_failed=outcome.pages_failed, model_failed=state.failed_in_model,
-                        page_errors=tuple(state.errors))
+                        page_errors=tuple(state.errors), damaged=outcome.open_note is not None,
+                        pages_blank=sum(row.get("page_kind") == "blank" for row in state.rows))
 
     def finish(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], ShardResult]:
         """Final rows of the shard: (pages, documents) and its counts."""

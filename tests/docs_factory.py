@@ -13,6 +13,7 @@ import struct
 import zlib
 from collections.abc import Sequence
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import pymupdf
@@ -114,6 +115,20 @@ def draw_bar_chart(
 
 
 @lru_cache(maxsize=8)
+def make_pdf(path: Path, pages: int, text: str = "Quarterly report") -> Path:
+    """A small PDF file of `pages` Letter pages, each saying "<text> page <n>" over a box (made
+    distinct by `text`); parent folders are created. The one `make_pdf` of the tests."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = pymupdf.open()
+    for i in range(pages):
+        page = doc.new_page(width=612, height=792)
+        page.insert_text((72, 72), f"{text} page {i + 1}", fontsize=14)
+        page.draw_rect(pymupdf.Rect(72, 120, 300, 300), color=(0, 0, 1), fill=(0.8, 0.8, 1))
+    doc.save(path)
+    doc.close()
+    return path
+
+
 def born_digital_pdf(pages: int = 1, size: tuple[float, float] = LETTER) -> bytes:
     """Pages of real text with a ruled table and a vector bar chart on each."""
     doc = pymupdf.open()
@@ -414,6 +429,19 @@ def misplaced_object_pdf() -> bytes:
     assert full[entry + 17 : entry + 18] == b"n", "unexpected cross-reference entry"
     full[entry : entry + 10] = b"%010d" % 20  # inside the header: not an object
     return bytes(full)
+
+
+def damaged_blank_page_pdf() -> bytes:
+    """A 3-page PDF cut short in its last page's content: MuPDF repairs it and opens all 3
+    pages, the last one renders blank (its drawing is lost)."""
+    doc = pymupdf.open()
+    for i in range(3):
+        page = doc.new_page()
+        page.insert_text((72, 72), f"Page {i + 1} text " * 20)
+        page.draw_rect(pymupdf.Rect(72, 120, 300, 300), color=(0, 0, 1), fill=(0.8, 0.8, 1))
+    data = doc.tobytes(garbage=0, deflate=False, no_new_id=True)
+    doc.close()
+    return data[: int(len(data) * 0.6)]
 
 
 def zero_page_pdf() -> bytes:

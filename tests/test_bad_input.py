@@ -32,6 +32,7 @@ CASES = {
     "l-pdf-named.png": (f.text_pdf(2), "ok", None),  # the content decides, not the name
     "m-png-named.pdf": (f.encode_image(f.marker_image(), "PNG"), "ok", None),
     "n-cut.tiff": (f.truncated_tiff(frames=4, keep=2), "partial", "page_errors"),
+    "o-cut-blank-page.pdf": (f.damaged_blank_page_pdf(), "partial", "damaged_blank_pages"),
 }
 
 

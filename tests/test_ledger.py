@@ -47,6 +47,11 @@ TABLE = [
      (PARTIAL, "page_errors", 2, 1, True, True, True)),
     ("no outcome reported: never lost", DocFacts(1, reported=False), (ERROR, "lost_document", 0, 0, False, False,
                                                                       False)),
+    ("repaired file, a page blank: partial", DocFacts(1, pages_ok=3, damaged=True, pages_blank=1),
+     (PARTIAL, "damaged_blank_pages", 3, 0, True, True, False)),
+    ("repaired file, no page blank: ok", DocFacts(1, pages_ok=3, damaged=True), (OK, None, 3, 0, True, True, False)),
+    ("a blank page of an intact file: ok", DocFacts(1, pages_ok=3, pages_blank=1), (OK, None, 3, 0, True, True,
+                                                                                    False)),
 ]
 
 

@@ -66,6 +66,8 @@ class DocFacts:
     pages_failed: int = 0  # pages that failed in preparation
     model_failed: int = 0  # prepared pages the model failed on
     page_errors: tuple[StageError, ...] = ()  # every page-level error, preparation's and the model's
+    damaged: bool = False  # the file was read with repairs or cut short (the documents row's open_note)
+    pages_blank: int = 0  # pages that rendered blank (page_kind blank)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +119,16 @@ def decide(facts: DocFacts, policy: RetryPolicy = POLICY) -> Verdict:
             f"{facts.model_failed} of {pages_ok + pages_failed} pages failed in the model (first: {first.type}: "
             f"{first.message})",
             retryable=any(e.retryable for e in facts.page_errors),
+        )
+    if status is DocStatus.OK and facts.damaged and facts.pages_blank:
+        # A damaged file whose pages came out blank has likely lost them: say so in the status,
+        # not only in open_note (the pages stand: they are what the file still holds).
+        status = DocStatus.PARTIAL
+        error = StageError(
+            Stage.RASTERIZE,
+            "damaged_blank_pages",
+            f"the file is damaged (see open_note) and {facts.pages_blank} of its {pages_ok + pages_failed} pages "
+            "rendered blank: their content is likely lost",
         )
     retryable = _retryable_errors(dataclasses.replace(facts, error=error))
     if not retryable or status is DocStatus.DUPLICATE:
