@@ -39,15 +39,23 @@ def _flag(name: str) -> str:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One argparse option per RunConfig field, with its type, default and help."""
+    """One argparse option per RunConfig field, with its type, default and help, grouped by the
+    field's stage (config.FIELD_TABLE) in `--help`."""
+    from pipeline.config import FIELD_STAGE
+
+    groups: dict[str, Any] = {}
     for name, info in RunConfig.model_fields.items():
+        stage = FIELD_STAGE.get(name, "other")
+        if stage not in groups:
+            groups[stage] = parser.add_argument_group(f"{stage} settings")
+        group = groups[stage]
         annotation, _optional = _unwrap_optional(info.annotation)
         origin = typing.get_origin(annotation)
         help_text = info.description or ""
         default = None if info.is_required() else info.get_default(call_default_factory=True)
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
         if name in _POSITIONAL:
-            parser.add_argument(name, help=help_text)
+            group.add_argument(name, help=help_text)
             continue
         if annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -66,7 +74,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         elif default is not None and default != [] and default != {}:
             help_text += f" [default: {default}]"
         kwargs["help"] = help_text
-        parser.add_argument(_flag(name), **kwargs)
+        group.add_argument(_flag(name), **kwargs)
 
 
 def _json_object(text: str) -> dict[str, Any]:

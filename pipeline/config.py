@@ -26,33 +26,60 @@ DEFAULT_CHART_QUESTIONS = (
     "Give the data shown in the chart as a Markdown table.",
 )
 
-# Fields that do not change what is written for a page: they are left out of the
-# fingerprint so that, e.g., a rerun with a different shard size or progress setting
-# still recognises finished work.
-_NON_OUTPUT_FIELDS = frozenset(
-    {
-        "source",
-        "output",
-        "storage_options",
-        "shard_size",
-        "run_id",
-        "progress",
-        "prep_workers",
-        "prefetch_pages",
-        "document_timeout_s",
-        "batch_visual_tokens",
-        "max_batch_pages",
-        "engine",
-        "tensor_parallel_size",
-        "gpu_memory_utilization",
-        "vllm_max_pages",
-        "device",
-        "gpu_memory_headroom",
-        "limit",
-        "reprocess",
-        "wait_for_output_s",
-    }
+# ---- every field's stage and roles, declared once ---------------------------------------
+# A field belongs to one stage (the CLI groups its options by stage) and has the roles that
+# say where it matters:
+#   "output": it changes what is written for a page: part of the fingerprint (`output_settings`),
+#             so a rerun with another value refuses to mix rows unless --reprocess;
+#   "engine": it changes what a loaded model does: part of the engine cache key
+#             (`runner.get_engine` reloads the model when one of these differs).
+# Fields with neither (where the data is, how the work is cut and scheduled) change neither.
+# tests/test_config.py checks that every field is declared here exactly once.
+_OUT, _ENG = "output", "engine"
+FIELD_TABLE: tuple[tuple[str, str, frozenset[str]], ...] = tuple(
+    (name, stage, frozenset(roles))
+    for stage, fields in (
+        ("where", (
+            ("source", ()), ("output", ()), ("storage_options", ()), ("extensions", (_OUT,)), ("limit", ()),
+        )),
+        ("rasterize", (
+            ("min_dpi", (_OUT, _ENG)), ("max_dpi", (_OUT, _ENG)), ("max_page_pixels", (_OUT, _ENG)),
+            ("extract_text_layer", (_OUT, _ENG)),
+        )),
+        ("tiling", (
+            ("tiling_policy", (_OUT, _ENG)), ("min_tiles", (_OUT, _ENG)), ("max_tiles", (_OUT, _ENG)),
+            ("tokens_per_tile", (_OUT, _ENG)),
+        )),
+        ("inference", (
+            ("model", (_OUT, _ENG)), ("revision", (_OUT, _ENG)), ("trust_remote_code", (_OUT, _ENG)),
+            ("tasks", (_OUT, _ENG)), ("chart_questions", (_OUT, _ENG)), ("default_chart_questions", (_OUT, _ENG)),
+            ("ocr", (_OUT, _ENG)), ("ocr_max_new_tokens", (_OUT, _ENG)), ("description_max_new_tokens", (_OUT, _ENG)),
+            ("chart_check_max_new_tokens", (_OUT, _ENG)), ("chart_answer_max_new_tokens", (_OUT, _ENG)),
+            ("max_new_tokens", (_OUT, _ENG)), ("num_beams", (_OUT, _ENG)), ("repetition_penalty", (_OUT, _ENG)),
+            ("dtype", (_OUT, _ENG)), ("device", (_ENG,)), ("gpu_memory_headroom", (_ENG,)),
+            ("batch_visual_tokens", (_ENG,)), ("max_batch_pages", (_ENG,)), ("engine", (_ENG,)),
+            ("tensor_parallel_size", (_ENG,)), ("gpu_memory_utilization", (_ENG,)), ("vllm_max_pages", (_ENG,)),
+        )),
+        ("execution", (
+            ("shard_size", ()), ("prep_workers", ()), ("prefetch_pages", ()), ("document_timeout_s", ()),
+            ("run_id", ()), ("reprocess", ()), ("wait_for_output_s", ()), ("progress", ()),
+        )),
+    )
+    for name, roles in fields
 )
+FIELD_STAGE: dict[str, str] = {name: stage for name, stage, _ in FIELD_TABLE}
+
+
+def fields_with(role: str) -> frozenset[str]:
+    """The fields declared with `role` ("output" or "engine")."""
+    return frozenset(name for name, _, roles in FIELD_TABLE if role in roles)
+
+
+OUTPUT_FIELDS = fields_with(_OUT)
+ENGINE_FIELDS = fields_with(_ENG)
+# Fields left out of the fingerprint (so a rerun with a different shard size or progress
+# setting still recognises finished work).
+_NON_OUTPUT_FIELDS = frozenset(FIELD_STAGE) - OUTPUT_FIELDS
 
 
 class RunConfig(BaseModel):

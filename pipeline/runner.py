@@ -323,16 +323,11 @@ def _replayable(pending: list[PlanRecord], refs: list[DocumentRef], done: frozen
 _ENGINES: dict[tuple[Any, ...], Any] = {}
 
 
-# Settings that never change what the loaded engine does; every other one is part of its key,
-# so a new setting cannot be forgotten here (at worst it reloads the model once too often).
-_NOT_ENGINE = frozenset({
-    "source", "output", "storage_options", "extensions", "limit", "shard_size", "run_id", "progress",
-    "prep_workers", "prefetch_pages", "document_timeout_s", "reprocess", "wait_for_output_s",
-})
-
-
 def _engine_key(config: RunConfig) -> tuple[Any, ...]:
-    return (config.model_dump_json(exclude=set(_NOT_ENGINE)),)
+    """The settings that change what a loaded engine does (declared once: config.FIELD_TABLE's "engine" role)."""
+    from pipeline.config import ENGINE_FIELDS
+
+    return (config.model_dump_json(include=set(ENGINE_FIELDS)),)
 
 
 def get_engine(config: RunConfig) -> Any | None:

@@ -76,3 +76,40 @@ def test_defaults_are_normalised_like_explicit_values():
     explicit = RunConfig(source="a", output="b", extensions=list(DEFAULT_EXTENSIONS), tasks=["description", "ocr", "chart"])
     assert implicit.extensions == explicit.extensions == sorted(DEFAULT_EXTENSIONS)
     assert implicit.fingerprint() == explicit.fingerprint()
+
+
+def test_every_field_has_one_stage_and_its_roles_declared_once():
+    from pipeline.config import ENGINE_FIELDS, FIELD_STAGE, FIELD_TABLE, OUTPUT_FIELDS
+
+    names = [name for name, _, _ in FIELD_TABLE]
+    assert sorted(names) == sorted(RunConfig.model_fields) and len(names) == len(set(names))
+    assert {stage for _, stage, _ in FIELD_TABLE} == {"where", "rasterize", "tiling", "inference", "execution"}
+    assert all(roles <= {"output", "engine"} for _, _, roles in FIELD_TABLE)
+    # what the output's rows depend on is part of the fingerprint; where the data is and how work is cut are not
+    assert {"model", "tasks", "max_dpi", "tiling_policy", "ocr_max_new_tokens"} <= OUTPUT_FIELDS
+    assert not {"source", "output", "shard_size", "prep_workers", "device", "engine"} & OUTPUT_FIELDS
+    # a loaded engine is reused across shards and runs whose other settings differ
+    assert {"model", "dtype", "device", "max_batch_pages", "engine"} <= ENGINE_FIELDS
+    assert not {"source", "output", "shard_size", "prep_workers", "run_id"} & ENGINE_FIELDS
+    assert FIELD_STAGE["device"] == "inference"
+
+
+def test_the_fingerprint_and_the_engine_key_follow_the_declared_roles():
+    from pipeline import runner
+    from pipeline.config import ENGINE_FIELDS, OUTPUT_FIELDS
+
+    base = RunConfig(source="in", output="out", model="m")
+    for name, value in (("shard_size", 7), ("prep_workers", 3), ("device", "cpu"), ("max_dpi", 250.0),
+                        ("tasks", ["ocr"])):
+        other = base.model_copy(update={name: value})
+        assert (other.fingerprint() != base.fingerprint()) == (name in OUTPUT_FIELDS), name
+        assert (runner._engine_key(other) != runner._engine_key(base)) == (name in ENGINE_FIELDS), name
+
+
+def test_run_help_groups_options_by_stage():
+    from pipeline.cli import build_parser
+
+    run_parser = build_parser()._subparsers._group_actions[0].choices["run"]  # noqa: SLF001
+    titles = [g.title for g in run_parser._action_groups]  # noqa: SLF001
+    assert {"where settings", "rasterize settings", "tiling settings", "inference settings",
+            "execution settings"} <= set(titles)
