@@ -324,10 +324,11 @@ _ENGINES: dict[tuple[Any, ...], Any] = {}
 
 
 def _engine_key(config: RunConfig) -> tuple[Any, ...]:
-    """The settings that change what a loaded engine does (declared once: config.FIELD_TABLE's "engine" role)."""
-    from pipeline.config import ENGINE_FIELDS
+    """The settings that change what a loaded engine does (declared once: config.FIELD_TABLE's "engine" role).
+    A field not declared there counts (at worst the model is reloaded once too often)."""
+    from pipeline.config import ENGINE_FIELDS, FIELD_STAGE
 
-    return (config.model_dump_json(include=set(ENGINE_FIELDS)),)
+    return (config.model_dump_json(exclude=set(FIELD_STAGE) - ENGINE_FIELDS),)
 
 
 def get_engine(config: RunConfig) -> Any | None:
