@@ -454,10 +454,17 @@ class Dataset:
         self.fs.pipe_file(path, data)
         return True
 
+    def _read_small(self, path: str) -> bytes:
+        """All bytes of a small record in one GET. (Opening a file on S3 pins its ETag: a
+        record rewritten between the open and the read, as a lease is by its heartbeat,
+        would fail with FileExpired.)"""
+        if not self.local:
+            self.fs.invalidate_cache(path)
+        return self.fs.cat_file(path)
+
     def read_json(self, path: str) -> dict[str, Any] | None:
         try:
-            with self.fs.open(path, "rb") as fh:
-                return json.loads(fh.read())
+            return json.loads(self._read_small(path))
         except FileNotFoundError:
             return None
         except (ValueError, UnicodeDecodeError):
@@ -515,8 +522,7 @@ class Dataset:
         malformed, which counts as a stale lease (one warning, never a traceback)."""
         path = self._lease_path(generation)
         try:
-            with self.fs.open(path, "rb") as fh:
-                raw = fh.read()
+            raw = self._read_small(path)
         except FileNotFoundError:
             return None, False
         try:
@@ -592,8 +598,7 @@ class Dataset:
             if not name.endswith(".json") or name.startswith("."):
                 continue
             try:
-                with self.fs.open(entry["name"], "rb") as fh:
-                    model = _PlanModel.model_validate_json(fh.read())
+                model = _PlanModel.model_validate_json(self._read_small(entry["name"]))
                 Shard.from_dict(model.shard)  # the shard itself must read back
                 plan = PlanRecord(**model.model_dump())
             except FileNotFoundError:
