@@ -818,6 +818,8 @@ class Dataset:
             if retryable and attempts < max_attempts:
                 if key not in done:
                     retry[key] = max(retry.get(key, 0), attempts)
+                if doc_id:
+                    versions.setdefault(uri, doc_id)  # a changed file's new version replaces this row too
                 continue
             done.add(key)
             retry.pop(key, None)

@@ -137,3 +137,20 @@ def test_a_device_that_fails_every_batch_stops_the_shard_with_one_error(tmp_path
     assert read_rows(str(out), "documents") == [] and read_rows(str(out), "pages") == []
     (run,) = read_rows(str(out), "runs")
     assert run["status"] == "failed" and "DeviceFailure" in run["message"]
+
+
+def test_a_file_rewritten_after_a_retryable_failure_replaces_the_failure_row(
+    tmp_path: Path, flaky_reads: dict[str, int]
+):
+    from tests.prefect_support import make_pdf
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_corpus(src, 2)
+    flaky_reads["doc-001.pdf"] = runner.POLICY.rounds  # every try of this run fails
+    runner.run(_config(src, out))
+    (failed,) = [d for d in read_rows(str(out), "documents") if d["status"] == "error"]
+    make_pdf(src / "doc-001.pdf", 3, "a new version")  # rewritten before the next run
+    runner.run(_config(src, out))
+    rows = [d for d in read_rows(str(out), "documents") if d["source_uri"] == failed["source_uri"]]
+    assert len(rows) == 1 and rows[0]["status"] == "ok" and rows[0]["replaces_doc_id"] == failed["doc_id"]
+    assert len([p for p in read_rows(str(out), "pages") if p["source_uri"] == failed["source_uri"]]) == 3
