@@ -519,8 +519,9 @@ class _ShardRun:
         attempt = self.shard.attempt_of(uri)
         if outcome is None:
             return DocFacts(attempt=attempt, reported=False)
-        return DocFacts(attempt=attempt, prepared=outcome.status, error=outcome.error, pages_ok=outcome.pages_ok,
-                        pages_failed=outcome.pages_failed, model_failed=state.failed_in_model,
+        return DocFacts(attempt=attempt, duplicate=outcome.status is DocStatus.DUPLICATE, error=outcome.error,
+                        pages_ok=outcome.pages_ok, pages_failed=outcome.pages_failed,
+                        model_failed=state.failed_in_model,
                         page_errors=tuple(state.errors), damaged=outcome.open_note is not None,
                         pages_blank=sum(row.get("page_kind") == "blank" for row in state.rows))
 

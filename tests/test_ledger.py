@@ -20,22 +20,22 @@ OK, PARTIAL, ERROR, DUP = DocStatus.OK, DocStatus.PARTIAL, DocStatus.ERROR, DocS
 # facts -> (status, error type, pages ok, pages failed, pages kept, final, retried within the run)
 TABLE = [
     ("clean", DocFacts(1, pages_ok=3), (OK, None, 3, 0, True, True, False)),
-    ("bad input, recorded once", DocFacts(1, prepared=ERROR, error=BAD), (ERROR, "encrypted_pdf", 0, 0, True, True,
+    ("bad input, recorded once", DocFacts(1, error=BAD), (ERROR, "encrypted_pdf", 0, 0, True, True,
                                                                           False)),
-    ("a bad page: partial, final", DocFacts(2, prepared=PARTIAL, pages_ok=2, pages_failed=1, page_errors=(PAGE,)),
+    ("a bad page: partial, final", DocFacts(2, pages_ok=2, pages_failed=1, page_errors=(PAGE,)),
      (PARTIAL, None, 2, 1, True, True, False)),
-    ("duplicate", DocFacts(1, prepared=DUP), (DUP, None, 0, 0, True, True, False)),
-    ("storage blip, run 1: next run", DocFacts(1, prepared=ERROR, error=NET), (ERROR, "unreadable", 0, 0, False,
+    ("duplicate", DocFacts(1, duplicate=True), (DUP, None, 0, 0, True, True, False)),
+    ("storage blip, run 1: next run", DocFacts(1, error=NET), (ERROR, "unreadable", 0, 0, False,
                                                                                False, True)),
-    ("storage blip, run 2: next run", DocFacts(2, prepared=ERROR, error=NET), (ERROR, "unreadable", 0, 0, False,
+    ("storage blip, run 2: next run", DocFacts(2, error=NET), (ERROR, "unreadable", 0, 0, False,
                                                                                False, True)),
-    ("storage blip, last run: final", DocFacts(3, prepared=ERROR, error=NET), (ERROR, "unreadable", 0, 0, True, True,
+    ("storage blip, last run: final", DocFacts(3, error=NET), (ERROR, "unreadable", 0, 0, True, True,
                                                                                True)),
-    ("worker lost: the pool retried it", DocFacts(1, prepared=ERROR, error=CRASH), (ERROR, "worker_crashed", 0, 0,
+    ("worker lost: the pool retried it", DocFacts(1, error=CRASH), (ERROR, "worker_crashed", 0, 0,
                                                                                     False, False, False)),
-    ("timed out with pages: not kept yet", DocFacts(1, prepared=PARTIAL, error=TIMEOUT, pages_ok=2),
+    ("timed out with pages: not kept yet", DocFacts(1, error=TIMEOUT, pages_ok=2),
      (ERROR, "document_timeout", 0, 0, False, False, False)),
-    ("timed out, last run: partial stands", DocFacts(3, prepared=PARTIAL, error=TIMEOUT, pages_ok=2),
+    ("timed out, last run: partial stands", DocFacts(3, error=TIMEOUT, pages_ok=2),
      (PARTIAL, "document_timeout", 2, 0, True, True, False)),
     ("model failed one page for good", DocFacts(1, pages_ok=3, model_failed=1, page_errors=(GEN,)),
      (PARTIAL, "page_errors", 2, 1, True, True, False)),
@@ -45,6 +45,13 @@ TABLE = [
      (ERROR, "page_errors", 0, 0, False, False, True)),
     ("out of memory, last run: partial", DocFacts(3, pages_ok=3, model_failed=1, page_errors=(OOM,)),
      (PARTIAL, "page_errors", 2, 1, True, True, True)),
+    ("every page failed in preparation", DocFacts(1, pages_failed=2, page_errors=(PAGE, PAGE),
+                                                  error=StageError(Stage.RASTERIZE, "page_errors", "2 of 2")),
+     (ERROR, "page_errors", 0, 2, True, True, False)),
+    ("no pages at all", DocFacts(1, error=StageError(Stage.RASTERIZE, "no_pages", "none")),
+     (ERROR, "no_pages", 0, 0, True, True, False)),
+    ("a copy of a failed input is not 'duplicate'", DocFacts(1, duplicate=True, error=BAD),
+     (ERROR, "encrypted_pdf", 0, 0, True, True, False)),
     ("no outcome reported: never lost", DocFacts(1, reported=False), (ERROR, "lost_document", 0, 0, False, False,
                                                                       False)),
     ("repaired file, a page blank: partial", DocFacts(1, pages_ok=3, damaged=True, pages_blank=1),
@@ -79,6 +86,6 @@ def test_one_policy_holds_every_budget() -> None:
     assert runner.DEVICE_FAILURE_WINDOWS == POLICY.device_failure_windows
     assert not hasattr(runner, "IN_RUN_ROUNDS") and not hasattr(runner, "MAX_ATTEMPTS")
     # a policy with more runs keeps trying where the default gives up
-    facts = DocFacts(3, prepared=DocStatus.ERROR, error=NET)
+    facts = DocFacts(3, error=NET)
     assert decide(facts).final and not decide(facts, RetryPolicy(runs=5)).final
     assert RetryPolicy(backoff_s=(1.0, 3.0)).backoff(5) == 3.0

@@ -1,8 +1,10 @@
 """The one place a document's fate is decided, and the one place every retry budget lives.
 
-Stages report what happened to a document as facts: what preparation ended with (its
-outcome and document-level error: unreadable, not a PDF, worker lost, timed out...), and
-per page, whether it was prepared and answered or failed and why. `decide` turns the facts
+Stages report what happened to a document as facts: whether it is a copy of another input,
+its document-level error if any (unreadable, not a PDF, worker lost, timed out, no pages,
+a summary of failed pages...), how many pages were prepared and failed, how many the model
+failed, and every page error. Preparation also labels its outcome for its own events; the
+row's status is not taken from that label but decided here, from the facts. `decide` turns the facts
 of one attempt into the document's row: status, error, page counts, whether its page rows
 stand, and whether a later run tries it again. `retry_in_run` says whether this run should
 try it once more first. Both are pure functions of the facts and of one `RetryPolicy`,
@@ -60,8 +62,8 @@ class DocFacts:
 
     attempt: int  # runs that have tried it, this one included
     reported: bool = True  # False: preparation never reported an end (a stage broke its contract)
-    prepared: DocStatus = DocStatus.OK  # how preparation ended: ok, partial (pages failed), error, duplicate
-    error: StageError | None = None  # preparation's document-level error (unreadable, timed out, ...)
+    duplicate: bool = False  # same bytes as another input: its pages are that input's
+    error: StageError | None = None  # preparation's document-level error (unreadable, timed out, no pages, ...)
     pages_ok: int = 0  # pages prepared without error
     pages_failed: int = 0  # pages that failed in preparation
     model_failed: int = 0  # prepared pages the model failed on
@@ -105,12 +107,17 @@ def retry_in_run(facts: DocFacts) -> bool:
 def decide(facts: DocFacts, policy: RetryPolicy = POLICY) -> Verdict:
     """The document's status, error, page counts, and whether its pages stand and it is final."""
     if not facts.reported:  # never lose a document: an error row, tried again by the next run
-        facts = dataclasses.replace(facts, prepared=DocStatus.ERROR, error=LOST, pages_ok=0, pages_failed=0)
-    status, error = facts.prepared, facts.error
+        facts = dataclasses.replace(facts, error=LOST, pages_ok=0, pages_failed=0, model_failed=0)
+    error = facts.error
     pages_ok = facts.pages_ok - facts.model_failed
     pages_failed = facts.pages_failed + facts.model_failed
-    if facts.model_failed and status is DocStatus.OK:
+    if facts.duplicate and error is None:
+        status = DocStatus.DUPLICATE
+    elif error is None and not pages_failed:
+        status = DocStatus.OK
+    else:  # some pages (or the document) failed: partial while any page stands
         status = DocStatus.PARTIAL if pages_ok else DocStatus.ERROR
+    if facts.model_failed and error is None:
         model_errors = [e for e in facts.page_errors if e.stage is Stage.INFERENCE]
         first = model_errors[0] if model_errors else StageError(Stage.INFERENCE, "generation_failed", "?")
         error = StageError(
