@@ -530,29 +530,28 @@ class _ShardRun:
         self.answer_window()
         outcomes: dict[str, DocumentOutcome] = {}
         pages: list[dict[str, Any]] = []
-        for ref in self.shard.refs:
-            state = self.states[ref.uri]
-            outcome, rows = self._final_outcome(ref, state)
+        # originals first: a copy whose original failed takes that failure (a fact for the ledger)
+        for ref in sorted(self.shard.refs, key=lambda r: r.duplicate_of is not None):
+            original = outcomes.get(ref.duplicate_of or "")
+            failed = None
+            if original is not None and original.status is DocStatus.ERROR and original.error is not None:
+                failed = dataclasses.replace(original.error,
+                                             message=f"same bytes as {original.ref.uri}: {original.error.message}")
+            outcome, rows = self._final_outcome(ref, self.states[ref.uri], original_failed=failed)
             outcomes[ref.uri] = outcome
             pages.extend(rows)
-        for ref in self.shard.refs:  # copies take their original's outcome when it failed
-            outcome = outcomes[ref.uri]
-            original = outcomes.get(ref.duplicate_of or "")
-            if outcome.status is DocStatus.DUPLICATE and original is not None and original.status is DocStatus.ERROR:
-                err = original.error
-                assert err is not None
-                outcome.status = DocStatus.ERROR
-                outcome.error = dataclasses.replace(err, message=f"same bytes as {original.ref.uri}: {err.message}")
         docs = [self._document_row(outcomes[r.uri]) for r in self.shard.refs]
         pages.sort(key=lambda row: (row["source_uri"], row["page_number"]))
         docs.sort(key=lambda row: row["source_uri"])
         return pages, docs, self._counts(pages, docs)
 
     # ---- helpers -------------------------------------------------------------------
-    def _final_outcome(self, ref: DocumentRef, state: _DocState) -> tuple[DocumentOutcome, list[dict[str, Any]]]:
+    def _final_outcome(self, ref: DocumentRef, state: _DocState, *, original_failed: StageError | None = None
+                       ) -> tuple[DocumentOutcome, list[dict[str, Any]]]:
         """The document's row as the ledger decides it (`pipeline.shard.ledger.decide`), with
         the page rows that stand."""
-        verdict = decide(self._facts(ref.uri, state), POLICY)
+        facts = dataclasses.replace(self._facts(ref.uri, state), original_failed=original_failed)
+        verdict = decide(facts, POLICY)
         outcome = state.outcome or DocumentOutcome(ref=ref, status=verdict.status)
         outcome.attempt = self.shard.attempt_of(ref.uri)
         outcome.timings.inference_s += state.model_s

@@ -63,6 +63,7 @@ class DocFacts:
     attempt: int  # runs that have tried it, this one included
     reported: bool = True  # False: preparation never reported an end (a stage broke its contract)
     duplicate: bool = False  # same bytes as another input: its pages are that input's
+    original_failed: StageError | None = None  # a copy whose original (in this shard) failed: that failure
     error: StageError | None = None  # preparation's document-level error (unreadable, timed out, no pages, ...)
     pages_ok: int = 0  # pages prepared without error
     pages_failed: int = 0  # pages that failed in preparation
@@ -108,6 +109,8 @@ def decide(facts: DocFacts, policy: RetryPolicy = POLICY) -> Verdict:
     """The document's status, error, page counts, and whether its pages stand and it is final."""
     if not facts.reported:  # never lose a document: an error row, tried again by the next run
         facts = dataclasses.replace(facts, error=LOST, pages_ok=0, pages_failed=0, model_failed=0)
+    if facts.duplicate and facts.original_failed is not None:  # a copy shares its original's failure
+        facts = dataclasses.replace(facts, duplicate=False, error=facts.original_failed)
     error = facts.error
     pages_ok = facts.pages_ok - facts.model_failed
     pages_failed = facts.pages_failed + facts.model_failed
