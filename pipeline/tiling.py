@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -244,27 +245,82 @@ def select_best_canvas(width: int, height: int, canvases: tuple[tuple[int, int],
     return best
 
 
+def unpadded_grid(width: int, height: int, grid_w: int, grid_h: int) -> tuple[int, int]:
+    """(w_num, h_num): the part of a grid_w x grid_h feature grid that holds the page, the
+    centred padding bands removed (integer arithmetic, as MiniMax-VL-01's processor counts it)."""
+    if width * grid_h > height * grid_w:  # wider than the canvas: bands above and below
+        content = height * grid_w // width
+        return grid_w, grid_h - 2 * ((grid_h - content) // 2)
+    content = width * grid_h // height
+    return grid_w - 2 * ((grid_w - content) // 2), grid_h
+
+
+def keep_ratio_size(width: int, height: int, canvas_w: int, canvas_h: int) -> tuple[int, int, int, int]:
+    """(new_w, new_h, left, top): the page resized into the canvas keeping its aspect
+    ratio, pasted centred (MiniMax-VL-01's processor's keepratio_resize)."""
+    if width * canvas_h > height * canvas_w:
+        new_h = int(canvas_w * height / width)
+        return canvas_w, new_h, 0, (canvas_h - new_h) // 2
+    new_w = int(canvas_h * width / height)
+    return new_w, canvas_h, (canvas_w - new_w) // 2, 0
+
+
+@dataclass(frozen=True, slots=True)
+class MiniMaxTilePlan(TilePlan):
+    """A TilePlan with the anyres facts MiniMax-VL-01's token count needs.
+
+    The page is resized to (content_width, content_height), pasted at (left, top) on a
+    black resized_width x resized_height canvas and cut into `boxes`; the thumbnail is
+    the whole page stretched to thumbnail_size. Image tokens are not tiles x tokens:
+    the thumbnail's grid_side^2, then (w_num + 1) * h_num for the unpadded tile grid.
+    """
+
+    image_width: int = 0
+    image_height: int = 0
+    content_width: int = 0
+    content_height: int = 0
+    left: int = 0
+    top: int = 0
+    w_num: int = 0
+    h_num: int = 0
+    base_tokens: int = 0
+
+    @property
+    def visual_tokens(self) -> int:
+        return (self.w_num + 1) * self.h_num + self.base_tokens
+
+
 def plan_minimax(
     width: int,
     height: int,
     *,
+    pinpoints: tuple[tuple[int, int], ...] | list | None = None,
     tile_size: int = MINIMAX_TILE,
+    patch_size: int = 14,
     max_grid: int = MINIMAX_MAX_GRID,
-    tokens_per_tile: int = DEFAULT_TOKENS_PER_TILE["minimax"],
-) -> TilePlan:
-    """MiniMax-VL-01 anyres: the best canvas of the 336 px grid, split, plus a thumbnail.
-
-    The canvas is chosen the LLaVA-NeXT way (`select_best_canvas`). The page is then
-    resized to the whole canvas (stretched, like InternVL and the LLaVA derivatives that
-    skip padding) rather than fitted with its aspect ratio and padded as LLaVA-NeXT does:
-    no tile is spent on padding bands and every tile is page content. The selection keeps
-    the stretch small for pages rendered large (see `target_render_size`): a Letter page
-    lands on 1680x2016 (5x6 tiles), an 8 % stretch. A tile_size x tile_size thumbnail of
-    the whole page is always added.
-    """
-    cw, ch = select_best_canvas(width, height, minimax_pinpoints(tile_size, max_grid))
+) -> MiniMaxTilePlan:
+    """MiniMax-VL-01's anyres plan, as its processor and the family's builder make it (one rule,
+    here): the pinpoint with the best effective resolution (`select_best_canvas`), the page
+    resized into it keeping its aspect ratio and centred on black padding, cut into
+    tile_size tiles row-major, plus a tile_size thumbnail; visual tokens
+    `(w_num + 1) * h_num + (tile/patch)^2`, `w_num` x `h_num` being the unpadded feature grid.
+    `pinpoints` (width, height) default to the 336..2016 grid of the model card."""
+    if width < 1 or height < 1:
+        raise ValueError(f"page size must be positive whole pixels, got {width!r} x {height!r}")
+    canvases = tuple((int(w), int(h)) for w, h in pinpoints) if pinpoints else minimax_pinpoints(tile_size, max_grid)
+    cw, ch = select_best_canvas(width, height, canvases)
     cols, rows = cw // tile_size, ch // tile_size
-    return _grid_plan("minimax", cols, rows, tile_size, tile_size, (tile_size, tile_size), tokens_per_tile)
+    side = tile_size // patch_size
+    w_num, h_num = unpadded_grid(width, height, cw // patch_size, ch // patch_size)
+    new_w, new_h, left, top = keep_ratio_size(width, height, cw, ch)
+    boxes = tuple(TileBox(c * tile_size, r * tile_size, (c + 1) * tile_size, (r + 1) * tile_size)
+                  for r in range(rows) for c in range(cols))
+    return MiniMaxTilePlan(
+        policy="minimax", cols=cols, rows=rows, tile_width=tile_size, tile_height=tile_size, resized_width=cw,
+        resized_height=ch, boxes=boxes, thumbnail=True, thumbnail_size=(tile_size, tile_size),
+        tokens_per_tile=side * side, image_width=width, image_height=height, content_width=new_w,
+        content_height=new_h, left=left, top=top, w_num=w_num, h_num=h_num, base_tokens=side * side,
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -365,8 +421,8 @@ def plan_tiles(width: int, height: int, options: TilingOptions) -> TilePlan:
     if options.policy == "internvl":
         return plan_internvl(width, height, min_num=options.min_tiles, max_num=options.max_tiles,
                              tokens_per_tile=tokens)
-    if options.policy == "minimax":
-        return plan_minimax(width, height, tokens_per_tile=tokens)
+    if options.policy == "minimax":  # its token count follows from the patch grid, not tokens_per_tile
+        return plan_minimax(width, height)
     if options.policy == "minicpm":
         return plan_minicpm(width, height, max_slices=min(options.max_tiles, MINICPM_MAX_SLICES),
                             tokens_per_tile=tokens)
@@ -414,42 +470,49 @@ def _cover(width: float, height: float, target_w: int, target_h: int) -> tuple[i
     return max(target_w, math.ceil(width * scale - 1e-9)), max(target_h, math.ceil(height * scale - 1e-9))
 
 
-def target_render_size(width_pt: float, height_pt: float, options: TilingOptions) -> tuple[int, int]:
-    """Pixel size to render a width_pt x height_pt page at so its tiles come from downsampling.
+def fixed_point_render_size(
+    plan: Callable[[int, int], TilePlan], width_pt: float, height_pt: float
+) -> tuple[int, int]:
+    """A render size of the page's aspect ratio whose plan's canvas fits inside it.
 
-    Start from the policy's canvas for a page of this aspect ratio when pixels are
-    plentiful (internvl: the closest-aspect grid within max_tiles; minimax: the largest
-    useful canvas; minicpm: the most slices) and cover it with a size of the page's
-    aspect ratio. The policy is asked again at that size (its choice can depend on the
-    area, and rounding can break an exact aspect tie) and the size grows until the canvas
-    fits: the result is a fixed point, planning a page rendered at it gives a canvas no
-    larger than the page. Then it shrinks to the cover of that canvas while that is still
-    a fixed point. The rasterizer turns the size into a DPI and clamps it.
+    Starts from the canvas `plan` picks for a huge render of the page (what it wants when
+    pixels are plentiful), covers it at the page's aspect ratio, grows until planning at
+    that size gives a canvas that fits (a plan may depend on the area), then shrinks while
+    the cover of the planned canvas still fits. The same fixed point as
+    one rule for every family's planner (`target_render_size` for the policies here; a builder's
+    `target_size` with its own `plan`).
     """
     if not (width_pt > 0 and height_pt > 0) or not (math.isfinite(width_pt) and math.isfinite(height_pt)):
         raise ValueError(f"page size must be positive, got {width_pt!r} x {height_pt!r}")
 
     def fits(size: tuple[int, int]) -> TilePlan | None:
-        plan = plan_tiles(size[0], size[1], options)
-        return plan if plan.resized_width <= size[0] and plan.resized_height <= size[1] else None
+        p = plan(*size)
+        return p if p.resized_width <= size[0] and p.resized_height <= size[1] else None
 
-    # "Plentiful": every side at least 16k px (planning is arithmetic, nothing is allocated).
-    big = plan_tiles(*_cover(width_pt, height_pt, 16_384, 16_384), options)
+    big = plan(*_cover(width_pt, height_pt, 16_384, 16_384))
     size = _cover(width_pt, height_pt, big.resized_width, big.resized_height)
-    for _ in range(32):  # grow to a fixed point (one or two rounds in practice)
-        plan = fits(size)
-        if plan is not None:
+    for _ in range(32):
+        found = fits(size)
+        if found is not None:
             break
-        grown = plan_tiles(size[0], size[1], options)
+        grown = plan(*size)
         size = _cover(width_pt, height_pt, max(size[0], grown.resized_width), max(size[1], grown.resized_height))
     else:  # pragma: no cover - defensive
         return size
-    for _ in range(32):  # shrink while the cover of the planned canvas still fits
-        smaller = _cover(width_pt, height_pt, plan.resized_width, plan.resized_height)
+    for _ in range(32):
+        smaller = _cover(width_pt, height_pt, found.resized_width, found.resized_height)
         if smaller == size or not (smaller[0] <= size[0] and smaller[1] <= size[1]):
             break
         smaller_plan = fits(smaller)
         if smaller_plan is None:
             break
-        size, plan = smaller, smaller_plan
+        size, found = smaller, smaller_plan
     return size
+
+
+def target_render_size(width_pt: float, height_pt: float, options: TilingOptions) -> tuple[int, int]:
+    """Pixel size to render a width_pt x height_pt page at so its tiles come from downsampling:
+    `fixed_point_render_size` of the policy's plan (the rasterizer turns it into a DPI and clamps it)."""
+    return fixed_point_render_size(lambda w, h: plan_tiles(w, h, options), width_pt, height_pt)
+
+

@@ -299,7 +299,9 @@ def test_minimax_canvas_matches_llava_next_select_best_resolution() -> None:
         assert 1 <= plan.cols <= 6 and 1 <= plan.rows <= 6
         assert plan.thumbnail and plan.thumbnail_size == (336, 336)
         assert plan.tiles == plan.cols * plan.rows + 1
-        assert plan.visual_tokens == (plan.cols * plan.rows + 1) * 576
+        # the processor's count: the thumbnail's 576, then the unpadded 24-per-tile grid with a newline per row
+        assert plan.visual_tokens == (plan.w_num + 1) * plan.h_num + 576
+        assert plan.w_num <= 24 * plan.cols and plan.h_num <= 24 * plan.rows
 
 
 @pytest.mark.parametrize(
@@ -320,8 +322,23 @@ def test_minimax_grids(size: tuple[int, int], grid: tuple[int, int]) -> None:
     plan = plan_minimax(*size)
     assert (plan.cols, plan.rows) == grid
     assert (plan.resized_width, plan.resized_height) == (336 * grid[0], 336 * grid[1])
-    assert plan.visual_tokens == (grid[0] * grid[1] + 1) * 576
+    assert plan.visual_tokens == (plan.w_num + 1) * plan.h_num + 576
     assert plan_tiles(*size, TilingOptions(policy="minimax")) == plan
+
+
+def test_the_minimax_policy_is_the_model_builders_plan() -> None:
+    """One anyres rule: the no-model `--tiling-policy minimax` and MiniMax-VL-01's builder plan alike
+    (a Letter page at 200 dpi: 5x6 tiles on 1680x2016, 16,848 visual tokens, not 31 x 576)."""
+    from pipeline.inference.families import minimax_vl_01 as fam
+
+    official = [[336 * c, 336 * r] for c in range(1, 7) for r in range(1, 7)]  # the config.json's pinpoints
+    for size in [(1700, 2200), (612, 792), (4000, 500), (336, 336), (900, 700), (1000, 120), (2480, 3508)]:
+        ours, builders = plan_tiles(*size, TilingOptions(policy="minimax")), fam.plan_anyres(*size, official)
+        assert (ours.cols, ours.rows, ours.visual_tokens, ours.boxes) == (
+            builders.cols, builders.rows, builders.visual_tokens, builders.boxes), size
+    letter = plan_minimax(1700, 2200)
+    assert (letter.cols, letter.rows, letter.visual_tokens) == (5, 6, 16_848)
+    assert (letter.content_width, letter.content_height, letter.left) == (1557, 2016, 61)  # keeps its aspect, padded
 
 
 def test_minimax_ignores_tile_count_options() -> None:
@@ -437,9 +454,9 @@ def test_options_from_config_and_token_defaults() -> None:
     assert options.resolved_tokens_per_tile == 64
     assert TilingOptions(policy="internvl").resolved_tokens_per_tile == 256
     assert TilingOptions(policy="minimax").resolved_tokens_per_tile == 576 == (336 // 14) ** 2
-    custom = TilingOptions(policy="minimax", tokens_per_tile=100)
+    custom = TilingOptions(policy="internvl", tokens_per_tile=100)
     assert custom.resolved_tokens_per_tile == 100
-    assert plan_tiles(672, 336, custom).visual_tokens == 3 * 100
+    assert plan_tiles(672, 336, custom).visual_tokens == 3 * 100  # 2x1 tiles + thumbnail
 
 
 def test_internvl_options_reach_the_plan() -> None:

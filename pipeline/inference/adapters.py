@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from pipeline import tiling
 from pipeline.inference import prompts
 from pipeline.inference.generation import GREEDY, GenerationSettings
 from pipeline.inference.checkpoint import UnsupportedModelError
@@ -161,51 +162,6 @@ def _rgb(image: "Image.Image") -> "Image.Image":
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _cover(width_pt: float, height_pt: float, width: int, height: int) -> tuple[int, int]:
-    """The smallest whole-pixel size of the page's aspect ratio covering width x height."""
-    scale = max(width / width_pt, height / height_pt)
-    return max(1, math.ceil(width_pt * scale - 1e-6)), max(1, math.ceil(height_pt * scale - 1e-6))
-
-
-def fixed_point_render_size(
-    plan: Callable[[int, int], TilePlan], width_pt: float, height_pt: float
-) -> tuple[int, int]:
-    """A render size of the page's aspect ratio whose plan's canvas fits inside it.
-
-    Starts from the canvas `plan` picks for a huge render of the page (what it wants when
-    pixels are plentiful), covers it at the page's aspect ratio, grows until planning at
-    that size gives a canvas that fits (a plan may depend on the area), then shrinks while
-    the cover of the planned canvas still fits. The same fixed point as
-    `pipeline.tiling.target_render_size`, for any family's planner.
-    """
-    if not (width_pt > 0 and height_pt > 0) or not (math.isfinite(width_pt) and math.isfinite(height_pt)):
-        raise ValueError(f"page size must be positive, got {width_pt!r} x {height_pt!r}")
-
-    def fits(size: tuple[int, int]) -> TilePlan | None:
-        p = plan(*size)
-        return p if p.resized_width <= size[0] and p.resized_height <= size[1] else None
-
-    big = plan(*_cover(width_pt, height_pt, 16_384, 16_384))
-    size = _cover(width_pt, height_pt, big.resized_width, big.resized_height)
-    for _ in range(32):
-        found = fits(size)
-        if found is not None:
-            break
-        grown = plan(*size)
-        size = _cover(width_pt, height_pt, max(size[0], grown.resized_width), max(size[1], grown.resized_height))
-    else:  # pragma: no cover - defensive
-        return size
-    for _ in range(32):
-        smaller = _cover(width_pt, height_pt, found.resized_width, found.resized_height)
-        if smaller == size or not (smaller[0] <= size[0] and smaller[1] <= size[1]):
-            break
-        smaller_plan = fits(smaller)
-        if smaller_plan is None:
-            break
-        size, found = smaller, smaller_plan
-    return size
-
-
 # ---------------------------------------------------------------------------------------
 # base builder
 # ---------------------------------------------------------------------------------------
@@ -278,7 +234,7 @@ class InputBuilder:
         """Pixel size (aspect ratio of the page) to render a width_pt x height_pt page at, so
         that this family's own preprocessing only ever downsamples it: the smallest such size
         whose plan's canvas fits inside it. The rasterizer clamps it to its DPI bounds."""
-        return fixed_point_render_size(self.plan, width_pt, height_pt)
+        return tiling.fixed_point_render_size(self.plan, width_pt, height_pt)
 
     # ---- tiling ------------------------------------------------------------------------
     def plan(self, width: int, height: int) -> TilePlan:
@@ -726,7 +682,6 @@ __all__ = [
     "Qwen2VLBuilder",
     "UnsupportedModelError",
     "chart_key",
-    "fixed_point_render_size",
     "idefics3_grid",
     "input_device",
     "load_chat_template",

@@ -27,7 +27,7 @@ from pipeline.inference.families.minimax_vl_01.configuration import (
     MiniMaxVL01Config,
     load_config,
 )
-from pipeline.inference.families.minimax_vl_01.processing import MiniMaxTilePlan
+from pipeline.tiling import MiniMaxTilePlan
 
 
 # ---------------------------------------------------------------------------------------

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +22,8 @@ from pipeline.inference.families.minimax_vl_01.configuration import (
     _read_json,
     parse_pinpoints,
 )
-from pipeline.records import TileBox, TilePlan
+from pipeline.records import TilePlan
+from pipeline.tiling import MiniMaxTilePlan, plan_minimax
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -35,84 +34,11 @@ if TYPE_CHECKING:  # pragma: no cover
 # ---------------------------------------------------------------------------------------
 
 
-def best_canvas(width: int, height: int, pinpoints: Sequence[Sequence[int]]) -> tuple[int, int]:
-    """The (width, height) pinpoint the processor picks: the largest effective resolution
-    (the image scaled to fit, never above its own pixels), then the least wasted area;
-    the first in list order on a full tie."""
-    best, best_effective, best_wasted = None, -1, math.inf
-    for cw, ch in pinpoints:
-        scale = min(cw / width, ch / height)
-        effective = min(int(width * scale) * int(height * scale), width * height)
-        wasted = cw * ch - effective
-        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
-            best, best_effective, best_wasted = (int(cw), int(ch)), effective, wasted
-    if best is None:
-        raise ValueError("no pinpoints")
-    return best
-
-
-def unpadded_grid(width: int, height: int, grid_w: int, grid_h: int) -> tuple[int, int]:
-    """(w_num, h_num): the part of a grid_w x grid_h feature grid that holds the page, the
-    centred padding bands removed (integer arithmetic, as the processor counts it)."""
-    if width * grid_h > height * grid_w:  # wider than the canvas: bands above and below
-        content = height * grid_w // width
-        return grid_w, grid_h - 2 * ((grid_h - content) // 2)
-    content = width * grid_h // height
-    return grid_w - 2 * ((grid_w - content) // 2), grid_h
-
-
-def keep_ratio_size(width: int, height: int, canvas_w: int, canvas_h: int) -> tuple[int, int, int, int]:
-    """(new_w, new_h, left, top): the page resized into the canvas keeping its aspect
-    ratio, pasted centred (the processor's keepratio_resize)."""
-    if width * canvas_h > height * canvas_w:
-        new_h = int(canvas_w * height / width)
-        return canvas_w, new_h, 0, (canvas_h - new_h) // 2
-    new_w = int(canvas_h * width / height)
-    return new_w, canvas_h, (canvas_w - new_w) // 2, 0
-
-
-@dataclass(frozen=True, slots=True)
-class MiniMaxTilePlan(TilePlan):
-    """A TilePlan with the anyres facts the token count needs.
-
-    The page is resized to (content_width, content_height), pasted at (left, top) on a
-    black resized_width x resized_height canvas and cut into `boxes`; the thumbnail is
-    the whole page stretched to thumbnail_size. Image tokens are not tiles x tokens:
-    the thumbnail's grid_side^2, then (w_num + 1) * h_num for the unpadded tile grid.
-    """
-
-    image_width: int = 0
-    image_height: int = 0
-    content_width: int = 0
-    content_height: int = 0
-    left: int = 0
-    top: int = 0
-    w_num: int = 0
-    h_num: int = 0
-    base_tokens: int = 0
-
-    @property
-    def visual_tokens(self) -> int:
-        return (self.w_num + 1) * self.h_num + self.base_tokens
-
-
 def plan_anyres(width: int, height: int, pinpoints: Sequence[Sequence[int]], tile: int = 336,
                 patch: int = 14) -> MiniMaxTilePlan:
-    """MiniMax-VL-01's plan for a width x height image (pixels)."""
-    if width < 1 or height < 1:
-        raise ValueError(f"page size must be positive whole pixels, got {width!r} x {height!r}")
-    cw, ch = best_canvas(width, height, pinpoints)
-    cols, rows = cw // tile, ch // tile
-    side = tile // patch
-    w_num, h_num = unpadded_grid(width, height, cw // patch, ch // patch)
-    new_w, new_h, left, top = keep_ratio_size(width, height, cw, ch)
-    boxes = tuple(TileBox(c * tile, r * tile, (c + 1) * tile, (r + 1) * tile) for r in range(rows) for c in range(cols))
-    return MiniMaxTilePlan(
-        policy="minimax", cols=cols, rows=rows, tile_width=tile, tile_height=tile, resized_width=cw,
-        resized_height=ch, boxes=boxes, thumbnail=True, thumbnail_size=(tile, tile), tokens_per_tile=side * side,
-        image_width=width, image_height=height, content_width=new_w, content_height=new_h, left=left, top=top,
-        w_num=w_num, h_num=h_num, base_tokens=side * side,
-    )
+    """MiniMax-VL-01's plan for a width x height image (pixels): `pipeline.tiling.plan_minimax`,
+    the one home of the anyres rule (the no-model `--tiling-policy minimax` uses it too)."""
+    return plan_minimax(width, height, pinpoints=[tuple(p) for p in pinpoints], tile_size=tile, patch_size=patch)
 
 
 def cut_page(image: "Image.Image", plan: MiniMaxTilePlan, thumbnail: "Image.Image | None" = None) -> list["Image.Image"]:
