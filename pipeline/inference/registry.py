@@ -31,7 +31,7 @@ class Family:
     module: str | None = None  # pipeline.inference.families.<name> for ported families
     architectures: tuple[str, ...] = ()
     # native families only (a ported family's module says these itself):
-    builder: str | None = None  # InputBuilder subclass in pipeline.inference.adapters
+    builder: str | None = None  # InputBuilder subclass in pipeline.inference.families.<name>
     tile_overrides: tuple[str, ...] = ()  # RunConfig tile bounds its builder takes (min_tiles, max_tiles)
     first_device: tuple[str, ...] = ()  # module prefixes that sit on the first GPU (where inputs go)
     last_device: tuple[str, ...] = ()  # module prefixes that sit on the last GPU
@@ -57,12 +57,11 @@ class Family:
         return getattr(self.implementation(), "GENERATION_DEFAULTS", GREEDY)
 
     def builder_class(self) -> type:
-        """The InputBuilder subclass of a native family (`builder` names it in pipeline.inference.adapters)."""
+        """The InputBuilder subclass of a native family (`builder` names it in
+        pipeline.inference.families.<name>, the family's folder)."""
         if self.builder is None:
             raise UnsupportedModelError(f"family {self.name} builds its inputs in {self.module}")
-        from pipeline.inference import adapters
-
-        return getattr(adapters, self.builder)
+        return getattr(importlib.import_module(f"pipeline.inference.families.{self.name}"), self.builder)
 
     def implementation(self) -> ModuleType:
         """The family's module (ported families only)."""
