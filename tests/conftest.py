@@ -93,3 +93,20 @@ def one_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory):
+    """One Prefect server on 127.0.0.1 for the whole test session (~10-16 s to start, once).
+
+    Modules take a `share()` of it for their own workers; flows run in-process point at it
+    with `temporary_settings(PREFECT_API_URL=...)`. Stopped at the end of the session.
+    """
+    from tests.prefect_support import PrefectStack
+
+    base = tmp_path_factory.mktemp("prefect-session")
+    stack = PrefectStack(home=base / "home", log_dir=base / "logs")
+    try:
+        yield stack.start_server()
+    finally:
+        stack.close()

@@ -165,6 +165,11 @@ class PrefectStack:
         self.startup_s = time.monotonic() - t0
         return self
 
+    def share(self, log_dir: Path) -> PrefectStack:
+        """A view of this stack's server for one test module: the same server and home, its
+        own workers (stopped by its `close`, which leaves the server running)."""
+        return PrefectStack(home=self.home, log_dir=log_dir, api_url=self.api_url, startup_s=self.startup_s)
+
     def env(self, **extra: str) -> dict[str, str]:
         return prefect_env(self.home, self.api_url, **extra)
 
@@ -226,19 +231,7 @@ def flow_runs_taken(worker: ManagedProcess) -> set[str]:
 # Documents and output
 # ---------------------------------------------------------------------------------------
 
-
-def make_pdf(path: Path, pages: int, text: str) -> Path:
-    import pymupdf
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    doc = pymupdf.open()
-    for i in range(pages):
-        page = doc.new_page(width=612, height=792)
-        page.insert_text((72, 72), f"{text} - page {i + 1}", fontsize=14)
-        page.draw_rect(pymupdf.Rect(72, 120, 300, 260), color=(0, 0, 1), fill=(0.85, 0.85, 1))
-    doc.save(path)
-    doc.close()
-    return path
+from tests.docs_factory import make_pdf  # noqa: E402 - re-exported: the tests' one make_pdf
 
 
 def make_png(path: Path, label: str) -> Path:

@@ -5,7 +5,6 @@ penalty); the same ids as a plain `generate` on raw pixels."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ import torch
 from pipeline.cli import main
 from pipeline.inference import Engine, ask
 from pipeline.inference.ask import ASK_KEY, load_ask_engine, prepare_question
-from pipeline.testing.tiny_models import make_tiny_model
 
 FAMILIES = ("internvl", "qwen2_vl", "idefics3", "minicpm_v2", "mono_internvl", "minimax_vl_01")
 QUESTION = "What is shown in this picture?"
@@ -23,14 +21,8 @@ NEW_TOKENS = 6
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models on shared cores: one torch thread is much faster than two."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread) -> None:
+    """Tiny models on shared cores: one torch thread is much faster than two (conftest)."""
 
 
 def _image(width: int = 160, height: int = 120, seed: int = 0):
@@ -41,9 +33,8 @@ def _image(width: int = 160, height: int = 120, seed: int = 0):
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory) -> dict[str, Engine]:
-    root = tmp_path_factory.mktemp("ask")
-    return {f: load_ask_engine(make_tiny_model(f, root / f), device="cpu", max_new_tokens=NEW_TOKENS) for f in FAMILIES}
+def engines(tiny_model) -> dict[str, Engine]:
+    return {f: load_ask_engine(tiny_model(f), device="cpu", max_new_tokens=NEW_TOKENS) for f in FAMILIES}
 
 
 def _plain_generate(engine: Engine, image, question: str) -> list[int]:
@@ -84,8 +75,8 @@ def test_ask_answers_in_the_family_chat_format_greedily(family: str, engines) ->
     assert other.prompt_ids != answer.prompt_ids and len(other.token_ids) <= 2
 
 
-def test_docpipe_ask_prints_the_same_answer(tmp_path: Path, capsys, engines) -> None:
-    folder = make_tiny_model("qwen2_vl", tmp_path / "model")  # the same seed: the same model as engines[...]
+def test_docpipe_ask_prints_the_same_answer(tmp_path: Path, capsys, engines, tiny_model) -> None:
+    folder = tiny_model("qwen2_vl")  # the same folder as engines["qwen2_vl"]
     image_path = tmp_path / "page.png"
     _image(seed=5).save(image_path)
     code = main(["ask", str(folder), str(image_path), QUESTION, "--max-new-tokens", "4", "--device", "cpu", "--json"])

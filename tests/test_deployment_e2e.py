@@ -31,11 +31,9 @@ POOL = "docpipe"
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory):
-    base = tmp_path_factory.mktemp("prefect-e2e")
-    stack = PrefectStack(home=base / "home", log_dir=base / "logs")
+def stack(prefect_server: PrefectStack, tmp_path_factory: pytest.TempPathFactory):
+    stack = prefect_server.share(tmp_path_factory.mktemp("prefect-e2e"))
     try:
-        stack.start_server()
         stack.create_pool(POOL)
         stack.deploy_all()
         stack.start_worker(POOL, "gpu", "gpu-0")

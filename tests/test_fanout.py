@@ -35,11 +35,9 @@ _UUID_RE = re.compile(r"UUID[^0-9a-f]*([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory):
-    base = tmp_path_factory.mktemp("prefect-fanout")
-    stack = PrefectStack(home=base / "home", log_dir=base / "logs")
+def stack(prefect_server: PrefectStack, tmp_path_factory: pytest.TempPathFactory):
+    stack = prefect_server.share(tmp_path_factory.mktemp("prefect-fanout"))
     try:
-        stack.start_server()
         stack.create_pool(POOL)
         stack.deploy_all()
         stack.start_worker(POOL, "control", "control", limit=None)

@@ -1,4 +1,4 @@
-"""The Prefect flows in-process (prefect_test_harness): parameters, artifacts, retries, errors."""
+"""The Prefect flows in-process against the session's Prefect server: parameters, artifacts, retries, errors."""
 
 from __future__ import annotations
 
@@ -20,8 +20,7 @@ from prefect.client.schemas.filters import (
     TaskRunFilterFlowRunId,
 )
 from prefect.client.schemas.objects import StateType
-from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
-from prefect.testing.utilities import prefect_test_harness
+from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
 from prefect.utilities.callables import parameter_schema
 
 from flows import fanout as fanout_mod
@@ -212,11 +211,11 @@ def test_no_resubmits_when_disabled():
 
 
 @pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory):
-    home = tmp_path_factory.mktemp("prefect-home")
-    with temporary_settings(updates={PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}):
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
+def prefect_api(prefect_server):
+    """The flows run in this process against the session's Prefect server."""
+    with temporary_settings(updates={PREFECT_HOME: str(prefect_server.home), PREFECT_API_URL: prefect_server.api_url,
+                                     PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+        yield
 
 
 @pytest.fixture()

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.testing.tiny_models import make_tiny_model
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_docs"
 DOCPIPE = str(Path(sys.executable).parent / "docpipe")
@@ -77,8 +76,8 @@ def test_pillow_warns_on_the_test_file(docs: Path) -> None:
     assert caught  # otherwise the test below proves nothing
 
 
-def test_run_with_a_model_prints_only_docpipe_lines(docs: Path, tmp_path: Path) -> None:
-    model = make_tiny_model("internvl", tmp_path / "tiny")
+def test_run_with_a_model_prints_only_docpipe_lines(docs: Path, tmp_path: Path, tiny_model) -> None:
+    model = tiny_model("internvl")
     out = tmp_path / "out"
     proc = subprocess.run(
         [DOCPIPE, "run", str(docs), "--output", str(out), "--model", str(model), "--device", "cpu",
@@ -89,7 +88,7 @@ def test_run_with_a_model_prints_only_docpipe_lines(docs: Path, tmp_path: Path) 
     foreign = [line for line in proc.stderr.splitlines() if line.strip() and not _OURS.match(line)]
     assert foreign == [], proc.stderr
     assert "Loading weights" not in proc.stdout and "Warning" not in proc.stdout
-    assert f"docpipe report {out} --run " in proc.stdout  # the summary says how to see the pages
+    assert f"docpipe report {out} --html report.html" in proc.stdout  # the summary says how to see the pages
 
 
 def test_library_warnings_go_to_the_log_with_verbose(docs: Path, tmp_path: Path) -> None:

@@ -147,15 +147,5 @@ def test_docpipe_run_survives_repeated_sigkill(tmp_path: Path):
     crash_resume_scenario(cli_command, env, tmp_path)
 
 
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory):
-    base = tmp_path_factory.mktemp("prefect-resume")
-    stack = PrefectStack(home=base / "home", log_dir=base / "logs")
-    try:
-        yield stack.start_server()
-    finally:
-        stack.close()
-
-
-def test_ingest_flow_survives_repeated_sigkill(prefect_server: PrefectStack, tmp_path: Path):
+def test_ingest_flow_survives_repeated_sigkill(prefect_server: PrefectStack, tmp_path: Path):  # the session's server
     crash_resume_scenario(flow_command, prefect_server.env(), tmp_path)

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import duckdb
-import pymupdf
 import pyarrow.dataset as ds
 import pytest
 from PIL import Image
@@ -18,18 +17,8 @@ from pipeline.planning import Shard
 from pipeline.prepare import DocumentDone, PageWork, PrepPool, PrepSettings
 from pipeline.records import DocStatus
 
+from tests.docs_factory import make_pdf
 from tests.slow_builder import HangingBuilder
-
-
-def make_pdf(path: Path, pages: int, text: str = "Quarterly report") -> Path:
-    doc = pymupdf.open()
-    for i in range(pages):
-        page = doc.new_page(width=612, height=792)
-        page.insert_text((72, 72), f"{text} page {i + 1}", fontsize=14)
-        page.draw_rect(pymupdf.Rect(72, 120, 300, 300), color=(0, 0, 1), fill=(0.8, 0.8, 1))
-    doc.save(path)
-    doc.close()
-    return path
 
 
 @pytest.fixture()

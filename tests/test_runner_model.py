@@ -9,14 +9,13 @@ import pyarrow.dataset as ds
 import pytest
 
 from pipeline.cli import main
-from pipeline.testing.tiny_models import make_tiny_model
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_docs"
 
 
 @pytest.fixture(scope="module")
-def tiny_internvl(tmp_path_factory) -> Path:
-    return make_tiny_model("internvl", tmp_path_factory.mktemp("models") / "tiny-internvl")
+def tiny_internvl(tiny_model) -> Path:
+    return Path(tiny_model("internvl"))  # the session's shared tiny model (conftest)
 
 
 def _pages(out: Path) -> list[dict]:
