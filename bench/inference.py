@@ -698,7 +698,10 @@ def main(argv: list[str] | None = None) -> None:
             if done.returncode != 0:
                 print(done.stderr[-4000:], file=sys.stderr)
                 raise SystemExit(f"{path} path failed")
-            results[path] = json.loads(done.stdout.strip().splitlines()[-1])
+            # the last JSON line (vLLM may print its shutdown notices after it)
+            line = next(l for l in reversed(done.stdout.strip().splitlines()) if l.startswith("{"))
+            results[path] = json.loads(line)
+            print(f"  ({path}: {json.dumps(results[path])})", file=sys.stderr, flush=True)
 
     size = "InternVL3-1B architecture (random weights)" if args.real_size else f"tiny {args.family}"
     if vllm_real:

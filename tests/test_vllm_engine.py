@@ -83,3 +83,18 @@ def test_engine_vllm_for_a_ported_family_is_one_line_exit_2(tmp_path: Path, caps
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "--engine vllm" in err and "minicpm_v2" in err
+
+
+def test_the_real_size_vllm_benchmark_runs_its_code_path_on_a_cpu() -> None:
+    # `bench/inference.py --real-size --engine vllm` is for a GPU; --dry-run runs the same code
+    # (checkpoint, real page geometry, vLLM set-up, all requests in flight) with the layers shrunk
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, str(root / "bench" / "inference.py"), "--real-size", "--engine", "vllm", "--dry-run"],
+        capture_output=True, text=True, timeout=900, cwd=root,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "4 pages of 1700x2200 px, 17 tiles / 1088 visual tokens per page" in done.stdout
+    assert "errors" not in done.stdout
+    hits = re.search(r"prompt tokens of which ([0-9.]+)% prefix-cache hits", done.stdout)
+    assert hits and float(hits.group(1)) > 0, done.stdout

@@ -259,15 +259,24 @@ class VllmEngine(PageEngine):
         # the same decode steps as the forced transformers row: no end token before `length`
         return SamplingParams(max_tokens=length, min_tokens=length, ignore_eos=True, **common), ids
 
-    def _request(self, pages: Sequence[PreparedPage], i: int, key: str, pending: dict[str, Any]) -> None:
+    def _request(
+        self, pages: Sequence[PreparedPage], i: int, key: str, pending: dict[str, Any], images: dict[int, Any]
+    ) -> None:
         page = pages[i]
-        from PIL import Image
+        if i not in images:  # one image and one content hash per page, shared by its requests
+            import hashlib
 
+            from PIL import Image
+
+            array = page.image_inputs[_IMAGE]
+            digest = hashlib.blake2b(array.tobytes(), digest_size=16).hexdigest()
+            images[i] = (Image.fromarray(array), f"{digest}-{array.shape[1]}x{array.shape[0]}")
+        image, uuid = images[i]
         text = vllm_prompt(self.builder, self.builder.task_prompts(page.text)[key])
-        image = Image.fromarray(page.image_inputs[_IMAGE])
         params, forced = self._params(page, key)
         request_id = f"r{next(self._ids)}"
-        self.llm.llm_engine.add_request(request_id, {"prompt": text, "multi_modal_data": {"image": image}}, params)
+        prompt = {"prompt": text, "multi_modal_data": {"image": image}, "multi_modal_uuids": {"image": [uuid]}}
+        self.llm.llm_engine.add_request(request_id, prompt, params)
         pending[request_id] = (i, key, forced)
 
     def _answer_batch(self, pages: Sequence[PreparedPage]) -> list[PageAnswers]:
@@ -279,10 +288,11 @@ class VllmEngine(PageEngine):
         engine = self.llm.llm_engine
         result = _BatchResult()
         pending: dict[str, Any] = {}
+        images: dict[int, Any] = {}
         try:
             for i, page in enumerate(pages):
                 for key in self._first_keys(page):
-                    self._request(pages, i, key, pending)
+                    self._request(pages, i, key, pending, images)
             while pending:
                 for out in engine.step():
                     if not out.finished or out.request_id not in pending:
@@ -292,7 +302,7 @@ class VllmEngine(PageEngine):
                     result.outputs[(i, key)] = gen
                     if key == CHART and prompts.parse_yes_no(gen.text):
                         for chart_key in self._chart_keys(pages[i]):
-                            self._request(pages, i, chart_key, pending)
+                            self._request(pages, i, chart_key, pending, images)
                 if not pending:
                     break
                 if not engine.has_unfinished_requests():
