@@ -117,8 +117,12 @@ def process_shard_task(shard: Shard, config: RunConfig, run_id: str, lease: Leas
     lease, nothing is committed once another run owns the output."""
     logger = get_run_logger()
     run_progress = live(run_id)
-    on_event = run_progress.on_event if run_progress is not None else _ShardLog(shard).on_event
+    shard_log = _ShardLog(shard) if run_progress is None else None
+    meter = run_progress.meter if run_progress is not None else shard_log.meter  # type: ignore[union-attr]
+    on_event = run_progress.on_event if run_progress is not None else shard_log.on_event  # type: ignore[union-attr]
     engine = load_model(config, on_event)
+    if engine is not None and getattr(engine, "stats", None) is not None and not meter.attached:
+        meter.attach(engine.stats)  # tokens/s and busy share move between batches
     result = runner.process_shard(
         shard, config, run_id=run_id, engine=engine, progress=on_event,
         dataset=lease.dataset if lease is not None else None, lease=lease,

@@ -143,6 +143,10 @@ class ProgressMeter:
         self.documents_total = documents
         self.shard_ids = list(shard_ids)
 
+    @property
+    def attached(self) -> bool:
+        return self._stats is not None
+
     def attach(self, stats: Any) -> None:
         """Follow an engine's cumulative counters (`.generated_tokens`, `.model_s`) from now on."""
         self._stats = stats
