@@ -106,4 +106,16 @@ def read_model_config(model: str, revision: str | None = None) -> dict[str, Any]
     return data
 
 
-__all__ = ["HUB_PROBE_S", "ModelConfigError", "UnsupportedModelError", "hub_unreachable", "read_model_config"]
+def model_folder(model: str, revision: str | None = None, *, weights: bool = False) -> Path:
+    """A local folder holding the checkpoint's files: `model` itself when it is a folder,
+    else the hub snapshot (config and tokenizer files; the weights too with `weights`)."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"] + (["*.safetensors"] if weights else [])
+    return Path(snapshot_download(model, revision=revision, allow_patterns=patterns))
+
+
+__all__ = ["HUB_PROBE_S", "ModelConfigError", "UnsupportedModelError", "hub_unreachable", "model_folder", "read_model_config"]

@@ -1,11 +1,11 @@
 """Model loading: device, dtype, multi-GPU device map, revision, and the input builder.
 
 The checkpoint's config.json is read once and its family recognised by
-`pipeline.inference.registry`. Native families load through
-`AutoModelForImageTextToText` from a local folder or a hub id (safetensors only,
-`trust_remote_code` passed through, off by default); ported families (the seed models)
-through their module's `load_model` / `load_builder`, which never execute a file of the
-checkpoint (`trust_remote_code` does not apply to them). On several GPUs the model is
+`pipeline.inference.registry`; everything else goes through the family's `FamilyCode`
+(`family.code()`, pipeline.inference.families), the same calls for every family: native
+ones load through `AutoModelForImageTextToText` from a local folder or a hub id
+(safetensors only, `trust_remote_code` passed through, off by default), ported ones (the
+seed models) through their package, which never executes a file of the checkpoint. On several GPUs the model is
 loaded once, sharded by a device map: the family's own placement when it has one
 (MiniMax-VL-01: the model card's), else `accelerate.infer_auto_device_map` balanced
 over the GPUs, never splitting a decoder layer, with the family's first-GPU modules
@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig
-from pipeline.inference.adapters import InputBuilder, load_chat_template
-from pipeline.inference.checkpoint import ModelConfigError, read_model_config
+from pipeline.inference.adapters import InputBuilder
+from pipeline.inference.checkpoint import ModelConfigError, model_folder, read_model_config
 from pipeline.inference.generation import GenerationSettings
 from pipeline.inference.registry import Family, family_by_name, recognise
 
@@ -116,12 +116,8 @@ def family_for(config_or_model: Any, family: "Family | str | None" = None) -> Fa
 
 def model_config_for(family: Family, folder: str | Path, revision: str | None = None,
                      trust_remote_code: bool = False) -> Any:
-    """The config object of the checkpoint in `folder` (a hub id for native families)."""
-    if family.ported:
-        return family.implementation().load_config(folder)
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(str(folder), revision=revision, trust_remote_code=trust_remote_code)
+    """The config object of the checkpoint in `folder` (a local folder or a hub id)."""
+    return family.code().load_config(str(folder), revision=revision, trust_remote_code=trust_remote_code)
 
 
 def _meta_model(config_or_model: Any, family: "Family | str | None" = None) -> Any:
@@ -130,14 +126,7 @@ def _meta_model(config_or_model: Any, family: "Family | str | None" = None) -> A
 
     if isinstance(config_or_model, torch.nn.Module):
         return config_or_model
-    fam = family_for(config_or_model, family)
-    if fam.ported:
-        return fam.implementation().meta_model(config_or_model)
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForImageTextToText
-
-    with init_empty_weights():
-        return AutoModelForImageTextToText.from_config(config_or_model)
+    return family_for(config_or_model, family).code().meta_model(config_or_model)
 
 
 meta_model = _meta_model
@@ -193,7 +182,7 @@ def compute_device_map(
         )
     first, last = fam.device_groups()
 
-    own = getattr(fam.implementation(), "placement", None) if fam.ported else None
+    own = fam.code().placement()
     if own is not None and len(gpus) > 1:
         placed = {name: gpus[index] for name, index in own(model, len(gpus)).items()}
         used = _bytes_per_device(sizes, placed)
@@ -331,12 +320,7 @@ def int8_special_dtypes(model: Any, family: Family, keep_dtype: Any = None) -> d
     import torch
 
     keep_dtype = keep_dtype or torch.bfloat16
-    skip: Sequence[str] = ("lm_head",)
-    if family.ported:
-        listed = getattr(family.implementation(), "int8_skip_modules", None)
-        if listed is not None:
-            layers = int(model.config.get_text_config().num_hidden_layers)
-            skip = tuple(listed(layers))
+    skip = tuple(family.code().int8_skip_modules(int(model.config.get_text_config().num_hidden_layers)))
     converted: set[str] = set()
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and not any(key in name for key in skip):
@@ -353,18 +337,6 @@ def top_level_map(model: Any, device_map: Mapping[str, int]) -> dict[str, int]:
     names = [name for name, _ in model.named_children()]
     names += [name for name, _ in model.named_parameters(recurse=False)]
     return {name: gpu for name in names}
-
-
-def model_folder(model: str, revision: str | None = None, *, weights: bool = False) -> Path:
-    """A local folder holding the checkpoint's files: `model` itself when it is a folder,
-    else the hub snapshot (config and tokenizer files; the weights too with `weights`)."""
-    path = Path(model)
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"] + (["*.safetensors"] if weights else [])
-    return Path(snapshot_download(model, revision=revision, allow_patterns=patterns))
 
 
 def gpu_total_memory(gpus: Sequence[int]) -> dict[int, int]:
@@ -464,35 +436,11 @@ def load_builder(config: RunConfig, model_config: Any | None = None, *, family: 
     if config.model is None:
         raise ModelConfigError("no model configured")
     family = family or _recognise_model(config)
-    overrides = {name: getattr(config, name) for name in ("min_tiles", "max_tiles") if getattr(config, name) is not None}
-    if family.ported:
-        module = family.implementation()
-        folder = model_folder(config.model, config.revision)
-        if model_config is None:
-            model_config = module.load_config(folder)
-        return module.load_builder(
-            folder, model_config, tasks=tuple(config.tasks), chart_questions=tuple(config.all_chart_questions()),
-            **overrides,
-        )
-
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
-
-    common = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
-    if model_config is None:
-        model_config = AutoConfig.from_pretrained(config.model, **common)
-    tokenizer = AutoTokenizer.from_pretrained(config.model, **common)
-    tokenizer.padding_side = "left"
-    image_processor = AutoImageProcessor.from_pretrained(config.model, backend="pil", **common)
-    local = Path(config.model) if Path(config.model).is_dir() else None
-    chat_template = getattr(tokenizer, "chat_template", None) or load_chat_template(local)
-    kwargs: dict[str, Any] = {
-        "tasks": tuple(config.tasks),
-        "chart_questions": tuple(config.all_chart_questions()),
-        "chat_template": chat_template,
-    }
-    for name in family.tile_overrides:  # None: the checkpoint's own bound
-        kwargs[name] = _tile_override(config, name)
-    return family.builder_class()(tokenizer, image_processor, model_config, **kwargs)
+    return family.code().load_builder(
+        config.model, model_config, revision=config.revision, trust_remote_code=config.trust_remote_code,
+        tasks=tuple(config.tasks), chart_questions=tuple(config.all_chart_questions()),
+        **{name: _tile_override(config, name) for name in ("min_tiles", "max_tiles")},
+    )
 
 
 def load_model(config: RunConfig) -> LoadedModel:
@@ -503,17 +451,8 @@ def load_model(config: RunConfig) -> LoadedModel:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     common = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
-    if family.ported:
-        module = family.implementation()
-        folder = model_folder(config.model, config.revision, weights=True)
-        model_config = module.load_config(folder)
-        if config.trust_remote_code:
-            log.info("%s is ported natively: no code of the checkpoint runs (trust_remote_code has no effect)", family.name)
-    else:
-        from transformers import AutoConfig
-
-        folder = Path(config.model)
-        model_config = AutoConfig.from_pretrained(config.model, **common)
+    code = family.code()
+    model_config = code.load_config(config.model, **common)
 
     device_map: dict[str, int] | None = None
     if device.kind == "cuda" and len(device.gpus) > 1:
@@ -532,15 +471,7 @@ def load_model(config: RunConfig) -> LoadedModel:
     model = None
     for attn in dict.fromkeys((preferred, "sdpa", "eager")):
         try:
-            if family.ported:
-                model = module.load_model(folder, dtype=dtype, device_map=load_map, attn_implementation=attn)
-            else:
-                from transformers import AutoModelForImageTextToText
-
-                kwargs: dict[str, Any] = {**common, "dtype": dtype, "use_safetensors": True}
-                if load_map is not None:
-                    kwargs["device_map"] = load_map
-                model = AutoModelForImageTextToText.from_pretrained(config.model, attn_implementation=attn, **kwargs)
+            model = code.load_model(config.model, **common, dtype=dtype, device_map=load_map, attn_implementation=attn)
             break
         except (ValueError, ImportError) as exc:
             if not re.search(r"attention|attn", str(exc), re.IGNORECASE):

@@ -63,6 +63,14 @@ class Family:
             raise UnsupportedModelError(f"family {self.name} builds its inputs in {self.module}")
         return getattr(importlib.import_module(f"pipeline.inference.families.{self.name}"), self.builder)
 
+    def code(self) -> Any:
+        """The family's `FamilyCode` (pipeline.inference.families): what loading drives, for any family."""
+        from pipeline.inference import families
+
+        if self.module is not None:
+            return families.PortedCode(self.name, self.module)
+        return families.NativeCode(self.name, self.builder_class(), self.tile_overrides)
+
     def implementation(self) -> ModuleType:
         """The family's module (ported families only)."""
         if self.module is None:
