@@ -37,7 +37,7 @@ def docpipe(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str
     return subprocess.run([DOCPIPE, *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-def run_args(src: Path, out: Path, *extra: str) -> list[str]:
+def run_args(src: Path, out: Path | str, *extra: str) -> list[str]:
     return ["run", str(src), "--output", str(out), "--no-progress", *extra]
 
 
@@ -209,7 +209,7 @@ def test_every_broken_setting_fails_before_any_work(tmp_path: Path):
 TTL = "3"
 
 
-def _stalled(point: str, src: Path, out: Path, tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
+def _stalled(point: str, src: Path, out: Path | str, tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
     marker = tmp_path / f"stalled-{point}"
     env = {**os.environ, "DOCPIPE_LEASE_TTL_S": TTL, "DOCPIPE_FAULT_POINT": point,
            "DOCPIPE_FAULT_MARKER": str(marker)}
@@ -233,7 +233,7 @@ def _state(pid: int) -> str:
         return "?"
 
 
-def _takeover(src: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def _takeover(src: Path, out: Path | str, *extra: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DOCPIPE_LEASE_TTL_S": TTL}
     return subprocess.run([DOCPIPE, *run_args(src, out, "--wait-for-output-s", "60", *extra)], capture_output=True,
                           text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
@@ -350,32 +350,21 @@ def test_a_run_stalled_at_its_commit_on_s3_leaves_the_output_exact_after_a_rerun
     src, expected = small_corpus
     out = f"s3://{s3_bucket}/stall-out"
     options = ["--storage-options", json.dumps(s3_storage_options)]
-    marker = tmp_path / "stalled"
-    env = {**os.environ, "DOCPIPE_LEASE_TTL_S": TTL}
-    stalled = subprocess.Popen([DOCPIPE, "run", str(src), "--output", out, "--no-progress", "--shard-size", "2",
-                                *options], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env={**env, "DOCPIPE_FAULT_POINT": "before_commit", "DOCPIPE_FAULT_MARKER": str(marker)},
-                               stdin=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not (marker.exists() and _state(stalled.pid) == "T") and time.monotonic() < deadline:
-        time.sleep(0.02)
+    stalled = _stalled("before_commit", src, out, tmp_path, "--shard-size", "2", *options)
     try:
-        taker = subprocess.run([DOCPIPE, "run", str(src), "--output", out, "--no-progress", "--shard-size", "3",
-                                "--wait-for-output-s", "60", *options], capture_output=True, text=True, timeout=300,
-                               env=env, stdin=subprocess.DEVNULL)
+        taker = _takeover(src, out, "--shard-size", "3", *options)
         assert taker.returncode == 0, taker.stderr
     finally:
         code, err = _wake(stalled)
     assert code == 1 and "Traceback" not in err, err
-    again = subprocess.run([DOCPIPE, "run", str(src), "--output", out, "--no-progress", *options],
-                           capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
+    again = docpipe(*run_args(src, out, *options))
     assert again.returncode == 0, again.stderr
     pages = read_rows(out, "pages", s3_storage_options)
     docs = read_rows(out, "documents", s3_storage_options)
     assert max(page_key_counts(pages).values()) == 1
     assert pages_by_name(pages) == expected_pages(expected)
     assert sorted(Path(d["source_uri"]).name for d in docs) == sorted(expected)
-    assert subprocess.run([DOCPIPE, "verify", out, *options], capture_output=True).returncode == 0
+    assert docpipe("verify", out, *options).returncode == 0
 
 
 def test_docpipe_verify_finds_damage_repairs_it_and_the_rerun_redoes_what_was_moved_aside(tmp_path: Path):
