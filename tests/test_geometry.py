@@ -117,3 +117,30 @@ def test_an_explicit_tiling_policy_that_contradicts_the_model_is_refused(pdf: Pa
         check_model(_config(pdf, models["minimax_vl_01"], tiling_policy="internvl"))
     assert check_model(_config(pdf, models["minimax_vl_01"], tiling_policy="minimax")).family == "minimax_vl_01"
     assert check_model(_config(pdf, models["qwen2_vl"])).family == "qwen2_vl"  # left out: the model decides
+
+
+
+@pytest.mark.parametrize("family", ["internvl", "minimax_vl_01"])
+def test_no_page_is_planned_twice(family: str, pdf: Path, models, monkeypatch) -> None:
+    """Rendering and preparing a document asks for each page's geometry several times (render
+    size, canvas, the recorded plan, build); the family's planner runs once per distinct size."""
+    from pipeline.inference.adapters import _memoized
+
+    cfg = _config(pdf, models[family])
+    builder = load_builder(cfg)
+    cls = type(builder)
+    planner = cls.plan.__wrapped__  # the family's own planning, under the memo
+    calls: list[tuple[int, int]] = []
+
+    def counting(self, width: int, height: int):
+        calls.append((width, height))
+        return planner(self, width, height)
+
+    monkeypatch.setattr(cls, "plan", _memoized(counting, "_plan_memo"))
+    data = pdf.read_bytes()
+    ref = DocumentRef(str(pdf), hashlib.sha256(data).hexdigest(), len(data), "application/pdf")
+    pages = [w for w in iter_document(ref, PrepSettings(cfg, builder)) if isinstance(w, PageWork)]
+    assert len(pages) == len(PAGES) and all(w.prepared is not None for w in pages)
+    assert calls and len(calls) == len(set(calls)), calls  # each size planned once, whoever asked
+    rendered = {(w.page.render.width, w.page.render.height) for w in pages}
+    assert rendered <= set(calls)  # the recorded plans are among them

@@ -17,6 +17,7 @@ image processors of transformers are used (AutoProcessor cannot be built without
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -28,8 +29,8 @@ import numpy as np
 
 from pipeline import tiling
 from pipeline.inference import prompts
-from pipeline.inference.generation import GREEDY, GenerationSettings
 from pipeline.inference.checkpoint import UnsupportedModelError
+from pipeline.inference.generation import GREEDY, GenerationSettings
 from pipeline.records import PageImage, PageKind, TileBox, TilePlan
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -167,8 +168,41 @@ def _rgb(image: "Image.Image") -> "Image.Image":
 # ---------------------------------------------------------------------------------------
 
 
+_MEMO_SIZE = 1024  # distinct page sizes remembered per builder (documents repeat a few sizes)
+
+
+def _memoized(method: Any, slot: str) -> Any:
+    """`method(self, *args)` remembered per builder instance and arguments: a page's geometry
+    (its plan, its render size) is computed once per size however many stages ask for it
+    (the rasterizer's render size and canvas, preparation's plan, the builder's own build)."""
+
+    @functools.wraps(method)
+    def remembered(self: Any, *args: Any) -> Any:
+        memo = self.__dict__.setdefault(slot, {})
+        found = memo.get(args)
+        if found is None:
+            if len(memo) >= _MEMO_SIZE:
+                memo.clear()
+            found = memo[args] = method(self, *args)
+        return found
+
+    remembered.memoized = True  # type: ignore[attr-defined]
+    return remembered
+
+
 class InputBuilder:
-    """Builds model inputs for one checkpoint. Subclasses implement one family each."""
+    """Builds model inputs for one checkpoint. Subclasses implement one family each.
+
+    `plan` and `target_size` are pure functions of the page size for a given builder; every
+    subclass's are remembered per size (`_memoized`), so no stage plans a page twice.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, slot in (("plan", "_plan_memo"), ("target_size", "_target_memo")):
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "memoized", False):
+                setattr(cls, name, _memoized(method, slot))
 
     family: ClassVar[str] = ""
     placeholder: str = ""  # what the chat template emits for an image
@@ -346,6 +380,9 @@ class InputBuilder:
     def naive_inputs(self, prepared: PreparedPage, key: str, device: Any) -> dict[str, Any]:
         """Inputs for plain `generate` with raw pixel values, as the model cards do (bench, tests)."""
         raise NotImplementedError
+
+
+InputBuilder.target_size = _memoized(InputBuilder.target_size, "_target_memo")  # type: ignore[method-assign]
 
 
 def input_device(model: Any) -> Any:
