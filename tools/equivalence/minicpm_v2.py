@@ -11,8 +11,15 @@ and greedy ids; then this script loads the same folder with the project
                                            [--venv /tmp/ref-venv] [--cases 448x448,1000x600,...]
     python tools/equivalence/minicpm_v2.py --write-fixture tests/fixtures/minicpm_v2_prompt_ids.json
 
-One table row per case; exit status 1 when any case differs (ids unequal or logits
-beyond 1e-4).
+Each case is compared three ways: fp32 (prompt ids and pixels equal, logits within 1e-4,
+8 greedy ids equal); bf16 (the original run as its model card does, `.to(torch.bfloat16)`:
+greedy ids equal and our logits no further from the original's bf16 than its own bf16 error
+from fp32); and the family's default decoding, chat(sampling=False)'s 3 beams with
+repetition_penalty 1.2, through this project's Engine on two rows at once (ids and the
+decoded text equal to the original's generate() + _decode_text). The reference prompt is the
+official chat() one (REF_PROMPT=official: one <AI>).
+
+One table row per case; exit status 1 when any case differs.
 """
 
 from __future__ import annotations
