@@ -312,3 +312,31 @@ def test_a_ported_family_is_never_given_to_vllm(monkeypatch) -> None:
     config = RunConfig(source="s", output="o", model="m", engine="vllm")
     with pytest.raises(vllm_engine.EngineUnavailable, match="minicpm_v2 family is a port"):
         vllm_engine.resolve_engine(config, family_by_name("minicpm_v2"), {"architectures": ["MiniCPMV"]})
+
+
+def test_pages_for_vllm_keep_the_rendered_page_and_the_same_prompts(tiny_dirs) -> None:
+    # vLLM runs the family's image processor itself: a page prepared for it carries the page as
+    # rendered (no pixel values), the same prompt ids as for the transformers engine, and the
+    # builder pickles for the prep workers
+    import pickle
+
+    import numpy as np
+
+    from pipeline.inference import load_builder
+    from pipeline.inference.vllm_engine import VllmInputs, vllm_prompt
+
+    builder = load_builder(_config(tiny_dirs["idefics3"]))
+    wrapped = pickle.loads(pickle.dumps(VllmInputs(builder)))
+    page = render_sample_page(dpi=60)
+    plan = wrapped.plan(page.image.width, page.image.height)
+    assert plan == builder.plan(page.image.width, page.image.height) and wrapped.family == "idefics3"
+    for_vllm, for_hf = wrapped.build(page, plan), builder.build(page, plan)
+    assert np.array_equal(for_vllm.image_inputs["image"], np.asarray(page.image.convert("RGB")))
+    assert for_vllm.pixels.size == 0 and for_vllm.visual_tokens == for_hf.visual_tokens
+    assert set(for_vllm.prompts) == set(for_hf.prompts)
+    assert all(np.array_equal(for_vllm.prompts[k], for_hf.prompts[k]) for k in for_hf.prompts)
+    # one image placeholder, the image before the task: a page's requests share their prefix
+    texts = [vllm_prompt(builder, p) for p in builder.task_prompts(None).values()]
+    assert all(t.count(builder.placeholder) == 1 for t in texts)
+    cut = texts[0].index(builder.placeholder) + len(builder.placeholder)
+    assert len({t[:cut] for t in texts}) == 1

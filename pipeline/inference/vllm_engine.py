@@ -328,12 +328,14 @@ class VllmEngine(PageEngine):
         completion = out.outputs[0]
         tokens = list(completion.token_ids)
         limit = self.budgets[row_kind(key)]
-        gen = self._finish(tokens, limit)
-        if completion.finish_reason == "length" and len(tokens) < limit:
-            gen.hit_limit = False  # a forced length (benchmarks), not the task's limit
-        if forced is not None:  # exact ids forced (benchmarks): they stand for the output
-            gen.tokens = forced
-            gen.text = self.builder.tokenizer.decode(forced, skip_special_tokens=True).strip()
+        if self.forced_output is None:
+            gen = self._finish(tokens, limit)
+        else:  # benchmarks: every decoded token counts (no end token was allowed before the forced length)
+            stand = forced if forced is not None else tokens  # exact ids forced: they stand for the output
+            text = self.builder.tokenizer.decode(stand, skip_special_tokens=True).strip()
+            gen = _Gen(tokens=list(stand), text=text, prompt_tokens=0, generated_tokens=len(tokens),
+                       hit_limit=forced is None and len(tokens) >= limit)
+            self.stats.generated_tokens += len(tokens)
         prompt_tokens = len(out.prompt_token_ids or [])
         gen.prompt_tokens = prompt_tokens
         self.stats.rows += 1
