@@ -73,7 +73,7 @@ def test_is_repetitive_needs_the_limit() -> None:
 
 
 def _feed(costs: list[int], rule: BatchRule) -> list[list[int]]:
-    """Group item indices as the runner does, one page at a time (pipeline.runner._ShardRun.on_page)."""
+    """Group item indices as the runner does, one page at a time (pipeline.shard.run._ShardRun.on_page)."""
     groups: list[list[int]] = []
     held: list[int] = []
     used = 0

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import runner, sources
+from pipeline.shard import run as shard_run
 from pipeline.config import RunConfig
 from pipeline.records import PageAnswers, Stage, StageError
 from pipeline.shard.ledger import RetryPolicy
@@ -15,7 +16,7 @@ from tests.prefect_support import make_corpus, page_key_counts, read_rows
 
 @pytest.fixture(autouse=True)
 def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runner, "POLICY", RetryPolicy(backoff_s=(0.0,)))
+    monkeypatch.setattr(shard_run, "POLICY", RetryPolicy(backoff_s=(0.0,)))
 
 
 @pytest.fixture()
@@ -56,7 +57,7 @@ def test_a_failure_that_outlasts_the_run_is_retried_by_the_next_run_and_replaced
 ):
     src, out = tmp_path / "in", tmp_path / "out"
     expected = make_corpus(src, 4)
-    flaky_reads["doc-002.pdf"] = runner.POLICY.rounds  # every try of this run fails
+    flaky_reads["doc-002.pdf"] = shard_run.POLICY.rounds  # every try of this run fails
     first = runner.run(_config(src, out))
     assert first.documents_by_status == {"ok": 3, "error": 1}
     (failed,) = [d for d in read_rows(str(out), "documents") if d["status"] == "error"]
@@ -146,7 +147,7 @@ def test_a_file_rewritten_after_a_retryable_failure_replaces_the_failure_row(
 
     src, out = tmp_path / "in", tmp_path / "out"
     make_corpus(src, 2)
-    flaky_reads["doc-001.pdf"] = runner.POLICY.rounds  # every try of this run fails
+    flaky_reads["doc-001.pdf"] = shard_run.POLICY.rounds  # every try of this run fails
     runner.run(_config(src, out))
     (failed,) = [d for d in read_rows(str(out), "documents") if d["status"] == "error"]
     make_pdf(src / "doc-001.pdf", 3, "a new version")  # rewritten before the next run
