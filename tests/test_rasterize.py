@@ -17,6 +17,8 @@ from PIL import Image
 
 import docs_factory as f
 from pipeline import rasterize
+from pipeline.rasterize import options as raster_options
+from pipeline.rasterize import pdf as raster_pdf
 from pipeline.config import RunConfig
 from pipeline.rasterize import (
     RENDER_FLOOR_DPI,
@@ -165,7 +167,7 @@ def test_page_that_never_fits_becomes_page_failure(monkeypatch: pytest.MonkeyPat
         tried.append(dpi)
         raise pymupdf.mupdf.FzErrorLimit("Overly large image")
 
-    monkeypatch.setattr(rasterize, "_render", always_too_large)
+    monkeypatch.setattr(raster_pdf, "_render", always_too_large)
     items = all_pages(f.text_pdf(2), options=RasterOptions(min_dpi=300.0, max_dpi=300.0))
     assert [type(i) for i in items] == [PageFailure, PageFailure]
     assert items[0].error.type == "page_too_large"
@@ -175,21 +177,21 @@ def test_page_that_never_fits_becomes_page_failure(monkeypatch: pytest.MonkeyPat
 
 
 def test_memory_error_while_rendering_is_retried_lower(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = rasterize._render
+    real = raster_pdf._render
 
     def oom_above_100(page: pymupdf.Page, dpi: float, canvas: tuple[int, int] | None = None) -> Image.Image:
         if dpi > 100:
             raise MemoryError
         return real(page, dpi, canvas)
 
-    monkeypatch.setattr(rasterize, "_render", oom_above_100)
+    monkeypatch.setattr(raster_pdf, "_render", oom_above_100)
     page = one_page(f.text_pdf(1), options=RasterOptions(min_dpi=300.0, max_dpi=300.0))
     assert page.render.dpi == 75.0 and page.render.downscaled
     assert "MemoryError" in (page.render.note or "")
 
 
 def test_silent_all_white_render_with_limit_warning_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = rasterize._render
+    real = raster_pdf._render
     pending: list[str] = []  # what MuPDF would have collected during the last render
 
     def white_first(page: pymupdf.Page, dpi: float, canvas: tuple[int, int] | None = None) -> Image.Image:
@@ -205,7 +207,7 @@ def test_silent_all_white_render_with_limit_warning_is_retried(monkeypatch: pyte
             pending.clear()
         return text
 
-    monkeypatch.setattr(rasterize, "_render", white_first)
+    monkeypatch.setattr(raster_pdf, "_render", white_first)
     monkeypatch.setattr(pymupdf.TOOLS, "mupdf_warnings", warnings)
     page = one_page(f.text_pdf(1), options=RasterOptions(min_dpi=200.0, max_dpi=200.0))
     assert page.render.dpi == 100.0 and page.render.downscaled
@@ -606,7 +608,7 @@ def test_canvas_render_matches_a_resized_plain_render() -> None:
     page = one_page(f.born_digital_pdf(), options=options)
     plan = choose_dpi(*f.LETTER, options)
     with pymupdf.open(stream=f.born_digital_pdf(), filetype="pdf") as doc:
-        plain = rasterize._render(doc[0], plan.dpi)
+        plain = raster_pdf._render(doc[0], plan.dpi)
     resized = plain.resize(page.image.size, Image.Resampling.BICUBIC)
     diff = np.abs(np.asarray(resized, dtype=np.int16) - np.asarray(page.image, dtype=np.int16))
     assert diff.mean() < 4.0  # anti-aliasing differs at glyph edges only
@@ -619,10 +621,10 @@ def test_canvas_is_not_used_when_min_dpi_asks_for_more() -> None:
 
 
 def test_requested_dpi_is_clamped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rasterize, "target_render_size", lambda w, h, o: (10, 10))
+    monkeypatch.setattr(raster_options, "target_render_size", lambda w, h, o: (10, 10))
     low = choose_dpi(612, 792, RasterOptions(min_dpi=90, max_dpi=200))
     assert (low.requested, low.dpi, low.over_budget) == (90, 90, False)
-    monkeypatch.setattr(rasterize, "target_render_size", lambda w, h, o: (100_000, 100_000))
+    monkeypatch.setattr(raster_options, "target_render_size", lambda w, h, o: (100_000, 100_000))
     high = choose_dpi(612, 792, RasterOptions(min_dpi=90, max_dpi=200, max_page_pixels=10**9))
     assert (high.requested, high.dpi) == (200, 200)
     assert (high.width, high.height) == pixel_size(612, 792, 200) == (1700, 2200)
