@@ -516,7 +516,7 @@ def test_a_malformed_lease_is_a_stale_one_with_a_warning(tmp_path: Path, record:
 
 
 def test_owner_gone_only_where_the_owner_can_be_seen(tmp_path: Path) -> None:
-    from pipeline.dataset import _boot_id, _pid_namespace, _start_time
+    from pipeline.dataset.lease import _boot_id, _pid_namespace, _start_time
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

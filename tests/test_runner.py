@@ -201,14 +201,14 @@ def test_a_rerun_with_nothing_new_reads_no_file(inputs: Path, tmp_path: Path, mo
 
 
 def test_a_worker_that_died_between_shards_is_replaced(inputs: Path, tmp_path: Path):
-    from pipeline import prepare
+    from pipeline.prepare import pool as prepare_pool  # the module that holds the shared pool
 
     cfg = RunConfig(source=str(inputs), output=str(tmp_path / "o"), progress=False, shard_size=2, prep_workers=1)
     handle = runner.begin_run(cfg, "r")
     plan = runner.discover_work(cfg, handle)
     first, second = plan.shards[0], plan.shards[1]
     runner.process_shard(first, cfg, run_id="r", lease=handle.lease)
-    pool = prepare._SHARED[1]
+    pool = prepare_pool._SHARED[1]
     pool.workers[0].process.kill()  # e.g. the OOM killer, while the worker was idle
     pool.workers[0].process.join(5)
     result = runner.process_shard(second, cfg, run_id="r", lease=handle.lease)

@@ -1,26 +1,17 @@
-"""CPU side of a shard: read -> rasterize -> plan tiles -> (build model inputs), per document.
-
-`iter_document` is a generator over one document that yields `PageWork` items and ends with
-one `DocumentDone`. `PrepPool` runs it in worker processes, each talking to the parent over
-its own pipe, with credit-based backpressure (so the model never waits for the CPU and memory
-stays flat) and a hard per-document timeout. A document whose worker dies or times out is
-run again once in a fresh worker; the pool then yields a `DocumentRetry` so the consumer drops
-the pages of the failed attempt. With zero workers documents run inline, and the timeout is
-checked between pages only.
+"""The parent's side of the prep workers: a crash-tolerant pool that runs documents in
+worker processes (pipeline/prepare/worker.py) with credit-based backpressure and a hard
+per-document timeout, the process-wide pool shared across a run's shards, and
+`iter_shard_documents`, which runs a shard's documents inline or in that pool.
 """
 
 from __future__ import annotations
 
 import atexit
-import ctypes
-import dataclasses
-import logging
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
 import pickle
 import signal
-import sys
 import threading
 import time
 import weakref
@@ -29,227 +20,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.config import RunConfig
-from pipeline.records import (
-    DocStatus,
-    DocTimings,
-    DocumentOutcome,
-    DocumentRef,
-    PageFailure,
-    PageImage,
-    Stage,
-    StageError,
-    TilePlan,
-)
-
+from pipeline.prepare.document import DocumentDone, DocumentRetry, PageWork, PrepSettings, iter_document
+from pipeline.prepare.worker import _send, _worker_main
+from pipeline.records import DocStatus, DocumentOutcome, DocumentRef, Stage, StageError
 from pipeline.shard.ledger import POLICY
-
-log = logging.getLogger("docpipe")
-
-
-@dataclass(slots=True)
-class PageWork:
-    """One page on its way to the model and the sink. `page.image` is dropped once used."""
-
-    ref_uri: str
-    doc_id: str
-    page_number: int
-    page: PageImage | None  # None when the page failed to render
-    plan: TilePlan | None
-    prepared: Any = None  # model inputs (pipeline.inference.PreparedPage) when a model is set
-    error: StageError | None = None
-    # Which run of the document made this page (1, then 2 if a worker died or timed out on
-    # it). After a `DocumentRetry` only pages of its attempt or a later one count.
-    attempt: int = 1
-
-
-@dataclass(slots=True)
-class DocumentDone:
-    """End of a document: its outcome, minus inference (the runner adds that)."""
-
-    outcome: DocumentOutcome
-
-
-@dataclass(slots=True)
-class DocumentRetry:
-    """The pool is about to run `ref_uri` again as `attempt` (its last run's worker died or
-    timed out, for `reason`).
-
-    Drop every page received for `ref_uri` whose attempt is lower than `attempt`: the new
-    attempt delivers the document's pages again from the first one. Pages of an older
-    attempt never arrive after this event, and the document's one `DocumentDone` follows.
-    """
-
-    ref_uri: str
-    attempt: int
-    reason: StageError
-
-
-@dataclass(frozen=True, slots=True)
-class PrepSettings:
-    """Everything a worker process needs; picklable."""
-
-    config: RunConfig
-    builder: Any = None  # pipeline.inference.InputBuilder or None
-
-
-def _plan(settings: PrepSettings, width: int, height: int) -> TilePlan:
-    from pipeline import tiling
-
-    if settings.builder is not None:
-        return settings.builder.plan(width, height)
-    return tiling.plan_tiles(width, height, tiling.TilingOptions.from_config(settings.config))
-
-
-def _strip_image(page: PageImage) -> PageImage:
-    return dataclasses.replace(page, image=None, thumbnail=None)  # type: ignore[arg-type]
-
-
-def iter_document(ref: DocumentRef, settings: PrepSettings, attempt: int = 1) -> Iterator[PageWork | DocumentDone]:
-    """Rasterize, tile and prepare every page of one document, lazily. Never raises.
-
-    `attempt` is only stamped on the pages (see `PageWork.attempt`).
-    """
-    from pipeline import rasterize, sources
-
-    cfg = settings.config
-    timings = DocTimings()
-    started = time.perf_counter()
-    outcome = DocumentOutcome(ref=ref, status=DocStatus.OK, timings=timings)
-    opened: Any = None
-
-    def done(status: DocStatus, error: StageError | None = None) -> DocumentDone:
-        outcome.status = status
-        outcome.error = error
-        outcome.open_note = getattr(opened, "open_note", None)  # e.g. MuPDF repaired the file
-        timings.total_s = time.perf_counter() - started
-        return DocumentDone(outcome)
-
-    if ref.error is not None:
-        yield done(DocStatus.ERROR, ref.error)
-        return
-    if ref.duplicate_of is not None:
-        yield done(DocStatus.DUPLICATE)
-        return
-
-    t0 = time.perf_counter()
-    try:
-        # The bytes rendered are the bytes hashed: read once, and checked against the id.
-        local = sources.local_path(ref.uri)
-        if local is not None:
-            with open(local, "rb") as fh:
-                data: bytes = fh.read()
-        else:
-            data = sources.read_bytes(ref.uri, cfg.storage_options)
-    except Exception as exc:  # storage errors on one file are that file's error, and may pass
-        err = StageError(Stage.SOURCES, "unreadable", f"{type(exc).__name__}: {exc}", retryable=sources.is_transient(exc))
-        yield done(DocStatus.ERROR, err)
-        return
-    changed = sources.changed_ref(ref, data)
-    if changed is not None:  # rewritten since discovery: processed as what it is now, under its new id
-        log.warning("%s changed since it was listed; processing its new content (doc_id %s...)",
-                    ref.uri, changed.doc_id[:12])
-        ref = changed
-        outcome.ref = ref
-    opened = rasterize.open_document(data, uri=ref.uri, doc_id=ref.doc_id, media_type=ref.media_type)
-    timings.rasterize_s += time.perf_counter() - t0
-    if isinstance(opened, StageError):
-        yield done(DocStatus.ERROR, opened)
-        return
-
-    # the model owns the page geometry: with one, pages are rendered at the size its preprocessing wants
-    raster_options = rasterize.RasterOptions.from_config(cfg, geometry=settings.builder)
-    with opened:
-        outcome.page_count = opened.page_count
-        pages = opened.pages(raster_options)
-        while True:
-            # Only time spent preparing counts (not time the consumer spends in the model).
-            if timings.rasterize_s + timings.tiling_s > cfg.document_timeout_s:
-                pages.close()
-                err = StageError(
-                    Stage.TIMEOUT,
-                    "document_timeout",
-                    f"stopped after {cfg.document_timeout_s:g} s with {outcome.pages_ok + outcome.pages_failed}"
-                    f" of {outcome.page_count} pages done",
-                    retryable=True,  # a loaded machine may be the cause: a later run tries again
-                )
-                yield done(DocStatus.PARTIAL if outcome.pages_ok else DocStatus.ERROR, err)
-                return
-            t0 = time.perf_counter()
-            try:
-                item = next(pages)
-            except StopIteration:
-                break
-            except Exception as exc:  # a rasterizer bug must not lose the document
-                timings.rasterize_s += time.perf_counter() - t0
-                err = StageError(Stage.RASTERIZE, "rasterize_crash", f"{type(exc).__name__}: {exc}")
-                yield done(DocStatus.PARTIAL if outcome.pages_ok else DocStatus.ERROR, err)
-                return
-            timings.rasterize_s += time.perf_counter() - t0
-            if isinstance(item, PageFailure):
-                outcome.pages_failed += 1
-                yield PageWork(ref.uri, ref.doc_id, item.page_number, None, None, error=item.error, attempt=attempt)
-                continue
-            yield _prepare_page(item, settings, timings, outcome, attempt)
-
-    if outcome.pages_ok == 0 and outcome.pages_failed == 0:
-        yield done(DocStatus.ERROR, StageError(Stage.RASTERIZE, "no_pages", "the document has no pages"))
-    elif outcome.pages_failed:
-        first = f"{outcome.pages_failed} of {outcome.pages_ok + outcome.pages_failed} pages failed"
-        status = DocStatus.PARTIAL if outcome.pages_ok else DocStatus.ERROR
-        yield done(status, StageError(Stage.RASTERIZE, "page_errors", first + " (see the pages table)"))
-    else:
-        yield done(DocStatus.OK)
-
-
-def _prepare_page(
-    page: PageImage, settings: PrepSettings, timings: DocTimings, outcome: DocumentOutcome, attempt: int = 1
-) -> PageWork:
-    t0 = time.perf_counter()
-    try:
-        plan = _plan(settings, page.render.width, page.render.height)
-        prepared = settings.builder.build(page, plan) if settings.builder is not None else None
-    except Exception as exc:
-        timings.tiling_s += time.perf_counter() - t0
-        outcome.pages_failed += 1
-        err = StageError(Stage.TILING, "tiling_failed", f"{type(exc).__name__}: {exc}")
-        return PageWork(page.uri, page.doc_id, page.page_number, _strip_image(page), None, error=err, attempt=attempt)
-    timings.tiling_s += time.perf_counter() - t0
-    outcome.pages_ok += 1
-    return PageWork(page.uri, page.doc_id, page.page_number, _strip_image(page), plan, prepared, attempt=attempt)
-
-
-
-
-# ---------------------------------------------------------------------------------------
-# Worker processes
-# ---------------------------------------------------------------------------------------
-#
-# Each worker has its own duplex pipe to the parent; nothing is shared between workers, so
-# a worker killed at any instant (even halfway through writing a message) can only close
-# its own pipe: the parent reads what it completed, then end-of-file. Messages are single
-# pickled tuples, pickled with plain pickle so each one is self-contained bytes (nothing
-# for the parent to fetch later from a worker that may be dead by then):
-#
-#   parent -> worker   ("doc", index, attempt, ref)     run this document as this attempt
-#                      ("credit", n)                    you may send n more pages
-#                      ("stop",)                        exit
-#   worker -> parent   ("ready", pid)                   started, settings loaded
-#                      ("start", index, attempt)        began the document
-#                      ("need",)                        has a page ready and no credit left
-#                      ("page", index, attempt, PageWork)
-#                      ("done", index, attempt, DocumentDone)
-#
-# The parent gives a worker a document only when it is idle. Credits bound the pages in
-# flight: the parent hands out at most `prefetch_pages` of them, and gets one back each
-# time the consumer takes a page, so a worker ahead of the model blocks waiting for one.
 
 MAX_ATTEMPTS = POLICY.worker_attempts  # a document whose worker dies or times out runs once more (ledger.RetryPolicy)
 MAX_DEATHS_IN_A_ROW = 5  # more worker deaths than this with no document finished between: stop
 MAX_STARTUP_DEATHS = 3  # workers that exit by themselves before they are ready, in a row: stop
 STARTUP_TIMEOUT_S = 300.0  # a worker not ready after this long is killed (counts as a start-up death)
 _POLL_S = 0.25
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _MAIN_GUARD_HINT = (
     'if you call docpipe from a Python script, put the call under `if __name__ == "__main__":` '
     "(prep workers are started with the spawn method and import the main module again; code piped "
@@ -260,6 +40,9 @@ _MAIN_GUARD_HINT = (
 class PrepWorkersFailing(RuntimeError):
     """Prep workers keep dying (at start-up, or one after another): the run cannot go on."""
 
+    # The public name: tracebacks and pickles call it pipeline.prepare.PrepWorkersFailing.
+    __module__ = "pipeline.prepare"
+
 
 def in_worker_bootstrap() -> bool:
     """True while a freshly spawned process is importing the parent's main module.
@@ -268,77 +51,6 @@ def in_worker_bootstrap() -> bool:
     guard, executing a second time inside a worker; it must not start work (or workers).
     """
     return bool(getattr(mp.current_process(), "_inheriting", False))
-
-
-def _send(conn: Any, message: tuple[Any, ...]) -> None:
-    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
-
-
-def _die_with_parent(parent_pid: int, use_pdeathsig: bool) -> None:
-    """Make sure this worker never outlives the process that started it.
-
-    PR_SET_PDEATHSIG has the kernel SIGKILL the worker when its parent dies; strictly, when
-    the parent *thread* that started it ends, so the parent asks for it only when it spawns
-    from its main thread. A watchdog thread covers the rest: other platforms, pools started
-    from other threads, and a parent that died before the prctl call took effect.
-    """
-    if use_pdeathsig and sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        except Exception:  # pragma: no cover - the watchdog still works
-            pass
-    if os.getppid() != parent_pid:
-        os._exit(0)
-    threading.Thread(target=_watch_parent, args=(parent_pid,), name="docpipe-parent-watch", daemon=True).start()
-
-
-def _watch_parent(parent_pid: int) -> None:
-    while True:
-        time.sleep(0.5)
-        if os.getppid() != parent_pid:  # reparented: the parent is gone
-            os._exit(0)
-
-
-def _worker_main(settings: PrepSettings, conn: Any, parent_pid: int, use_pdeathsig: bool) -> None:
-    _die_with_parent(parent_pid, use_pdeathsig)
-    # Ctrl-C reaches the whole process group; the parent handles it and stops its workers.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    def recv() -> tuple[Any, ...]:
-        return pickle.loads(conn.recv_bytes())
-
-    # Import the stages now, so a document's clock does not start with seconds of imports
-    # (and a broken environment shows as a start-up death, not as a slow document).
-    from pipeline import rasterize, sources, tiling  # noqa: F401
-
-    credits = 0
-    try:
-        _send(conn, ("ready", os.getpid()))
-        while True:
-            message = recv()
-            if message[0] == "stop":
-                return
-            if message[0] == "credit":
-                credits += message[1]
-                continue
-            _, index, attempt, ref = message
-            _send(conn, ("start", index, attempt))
-            for event in iter_document(ref, settings, attempt):
-                if isinstance(event, DocumentDone):
-                    _send(conn, ("done", index, attempt, event))
-                    continue
-                while credits == 0:  # backpressure: wait until the consumer has taken pages
-                    _send(conn, ("need",))
-                    reply = recv()
-                    if reply[0] == "stop":
-                        return
-                    if reply[0] == "credit":
-                        credits += reply[1]
-                credits -= 1
-                _send(conn, ("page", index, attempt, event))
-    except (EOFError, OSError):  # the parent closed our pipe or is gone
-        return
 
 
 def _describe_exit(exitcode: int | None) -> str:

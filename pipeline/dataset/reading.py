@@ -1,0 +1,137 @@
+"""Reading the output back: the committed files of a table, what is done (the protocol's
+step 5), and the runs table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from pipeline.dataset.store import DOCUMENTS, PAGES, RUNS, _Store, conform, shard_file_name
+from pipeline.records import KnownFile
+from pipeline.shard.ledger import POLICY
+from schemas import RUNS_SCHEMA, SCHEMAS
+
+@dataclass(frozen=True, slots=True)
+class DoneState:
+    """What an output dataset already holds (for planning a run)."""
+
+    shard_ids: frozenset[str] = frozenset()  # committed shards
+    doc_keys: frozenset[tuple[str, str]] = frozenset()  # (source_uri, doc_id) that are done
+    # doc_id -> a source URI whose pages are in the dataset (status ok or partial)
+    processed: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
+    # (source_uri, doc_id) -> attempts so far, for documents to try again (retryable failures)
+    retry: Mapping[tuple[str, str], int] = field(default_factory=dict, hash=False, compare=False)
+    # source_uri -> size, version, id and media type, for files recorded with a version:
+    # discovery skips re-reading those whose listing still shows the same size and version.
+    known: Mapping[str, KnownFile] = field(default_factory=dict, hash=False, compare=False)
+    fingerprints: frozenset[str] = frozenset()  # config fingerprints of the documents rows
+    # source_uri -> doc_id of its done row (the version of the file the output holds)
+    versions: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
+
+
+def _row_order(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Documents rows in attempt order, so a later attempt's verdict wins."""
+    return (row[0], row[1], int(row[7] or 1))
+
+
+class _ReadOps(_Store):
+    """Reading committed files back, and the runs table (methods of Dataset)."""
+
+    # ---- reading back --------------------------------------------------------------------
+    def open_table(self, table: str) -> ds.Dataset:
+        """The committed files of one table as a pyarrow dataset (uncommitted pages never show)."""
+        if table not in SCHEMAS:
+            raise ValueError(f"unknown table {table!r}; expected one of {sorted(SCHEMAS)}")
+        paths = self.committed_paths(table)  # hides shards a finished compaction replaced
+        return ds.dataset(paths, schema=SCHEMAS[table], format="parquet", filesystem=self.arrow_fs())
+
+    def read_state(
+        self, *, fingerprint: str | None = None, reprocess: bool = False, max_attempts: int | None = None
+    ) -> DoneState:
+        """Committed shards and which documents are done (see the module docstring, step 5)."""
+        parts = self.part_files(DOCUMENTS)
+        if not parts:
+            return DoneState()
+        max_attempts = POLICY.runs if max_attempts is None else max_attempts  # the ledger's budget of runs
+        names = ["source_uri", "doc_id", "status", "size_bytes", "source_version", "media_type",
+                 "error_retryable", "attempt", "config_fingerprint"]
+        table = self.open_table(DOCUMENTS).to_table(columns=names)
+        cols = {n: table.column(n).to_pylist() for n in names}
+        done: set[tuple[str, str]] = set()
+        retry: dict[tuple[str, str], int] = {}
+        processed: dict[str, str] = {}
+        known: dict[str, KnownFile] = {}
+        versions: dict[str, str] = {}
+        rows = zip(*(cols[n] for n in names))
+        for uri, doc_id, status, size, version, media, retryable, attempt, fp in sorted(rows, key=_row_order):
+            key = (uri, doc_id)
+            if reprocess and fingerprint is not None and fp != fingerprint:
+                continue  # written with other settings: this run does it again
+            attempts = int(attempt or 1)
+            if retryable and attempts < max_attempts:
+                if key not in done:
+                    retry[key] = max(retry.get(key, 0), attempts)
+                if doc_id:
+                    versions.setdefault(uri, doc_id)  # a changed file's new version replaces this row too
+                continue
+            done.add(key)
+            retry.pop(key, None)
+            if doc_id:
+                versions[uri] = doc_id
+            if status in ("ok", "partial"):
+                processed.setdefault(doc_id, uri)
+            if version and doc_id and size is not None and media:
+                known[uri] = KnownFile(size=size, version=version, doc_id=doc_id, media_type=media)
+        return DoneState(
+            shard_ids=frozenset(parts),
+            doc_keys=frozenset(done),
+            processed=processed,
+            retry=retry,
+            known=known,
+            fingerprints=frozenset(fp for fp in cols["config_fingerprint"] if fp),
+            versions=versions,
+        )
+
+    def committed_paths(self, table: str) -> list[str]:
+        """Paths of `table`'s committed part files, without shards a compaction replaced.
+
+        The documents folder is listed first, then the manifests, then the pages folder. A
+        committed shard without a pages file is either one whose pages are still staged (a
+        commit in progress, or cut short: see `commit_shard`) or one a compaction replaced
+        and removed between the listings; in the second case the documents folder has
+        changed meanwhile, so it is listed again (a few times) rather than rows returned short.
+        """
+        if table == RUNS:
+            parts = self.part_files(RUNS)
+            hidden = self._hidden(RUNS, parts)
+            return sorted(p for s, p in parts.items() if s not in hidden)
+        previous: set[str] | None = None
+        for _attempt in range(5):
+            committed = self.part_files(DOCUMENTS)
+            hidden = self._hidden(DOCUMENTS, committed)
+            live = {s: p for s, p in committed.items() if s not in hidden}
+            if table == DOCUMENTS:
+                return sorted(live.values())
+            pages = self.part_files(PAGES)
+            if all(s in pages for s in live) or set(committed) == previous:
+                break
+            previous = set(committed)
+        return sorted(p for s, p in pages.items() if s in live)
+
+    # ---- runs ---------------------------------------------------------------------------
+    def write_run(self, row: Mapping[str, Any]) -> None:
+        """Write (or replace) this run's row of the runs table."""
+        table = pa.Table.from_pylist([dict(row)], schema=RUNS_SCHEMA)
+        self.write_table(self.path(RUNS, shard_file_name(str(row["run_id"]))), conform(table, RUNS_SCHEMA))
+
+    def read_runs(self) -> list[dict[str, Any]]:
+        """Rows of the runs table, oldest first."""
+        if not self.part_files(RUNS):
+            return []
+        rows = self.open_table(RUNS).to_table().to_pylist()
+        return sorted(rows, key=lambda r: r["started_at"])

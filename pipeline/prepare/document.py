@@ -1,0 +1,203 @@
+"""One document -> page facts: read -> rasterize -> plan tiles -> (build model inputs).
+
+`iter_document` is a generator over one document that yields `PageWork` items and ends with
+one `DocumentDone`; it runs inline (zero prep workers) or inside a prep worker
+(pipeline/prepare/worker.py). `DocumentRetry` is what the pool (pipeline/prepare/pool.py)
+yields before it runs a document again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import RunConfig
+from pipeline.records import (
+    DocStatus,
+    DocTimings,
+    DocumentOutcome,
+    DocumentRef,
+    PageFailure,
+    PageImage,
+    Stage,
+    StageError,
+    TilePlan,
+)
+
+log = logging.getLogger("docpipe")
+
+
+@dataclass(slots=True)
+class PageWork:
+    """One page on its way to the model and the sink. `page.image` is dropped once used."""
+
+    ref_uri: str
+    doc_id: str
+    page_number: int
+    page: PageImage | None  # None when the page failed to render
+    plan: TilePlan | None
+    prepared: Any = None  # model inputs (pipeline.inference.PreparedPage) when a model is set
+    error: StageError | None = None
+    # Which run of the document made this page (1, then 2 if a worker died or timed out on
+    # it). After a `DocumentRetry` only pages of its attempt or a later one count.
+    attempt: int = 1
+
+
+@dataclass(slots=True)
+class DocumentDone:
+    """End of a document: its outcome, minus inference (the runner adds that)."""
+
+    outcome: DocumentOutcome
+
+
+@dataclass(slots=True)
+class DocumentRetry:
+    """The pool is about to run `ref_uri` again as `attempt` (its last run's worker died or
+    timed out, for `reason`).
+
+    Drop every page received for `ref_uri` whose attempt is lower than `attempt`: the new
+    attempt delivers the document's pages again from the first one. Pages of an older
+    attempt never arrive after this event, and the document's one `DocumentDone` follows.
+    """
+
+    ref_uri: str
+    attempt: int
+    reason: StageError
+
+
+@dataclass(frozen=True, slots=True)
+class PrepSettings:
+    """Everything a worker process needs; picklable."""
+
+    config: RunConfig
+    builder: Any = None  # pipeline.inference.InputBuilder or None
+
+
+def _plan(settings: PrepSettings, width: int, height: int) -> TilePlan:
+    from pipeline import tiling
+
+    if settings.builder is not None:
+        return settings.builder.plan(width, height)
+    return tiling.plan_tiles(width, height, tiling.TilingOptions.from_config(settings.config))
+
+
+def _strip_image(page: PageImage) -> PageImage:
+    return dataclasses.replace(page, image=None, thumbnail=None)  # type: ignore[arg-type]
+
+
+def iter_document(ref: DocumentRef, settings: PrepSettings, attempt: int = 1) -> Iterator[PageWork | DocumentDone]:
+    """Rasterize, tile and prepare every page of one document, lazily. Never raises.
+
+    `attempt` is only stamped on the pages (see `PageWork.attempt`).
+    """
+    from pipeline import rasterize, sources
+
+    cfg = settings.config
+    timings = DocTimings()
+    started = time.perf_counter()
+    outcome = DocumentOutcome(ref=ref, status=DocStatus.OK, timings=timings)
+    opened: Any = None
+
+    def done(status: DocStatus, error: StageError | None = None) -> DocumentDone:
+        outcome.status = status
+        outcome.error = error
+        outcome.open_note = getattr(opened, "open_note", None)  # e.g. MuPDF repaired the file
+        timings.total_s = time.perf_counter() - started
+        return DocumentDone(outcome)
+
+    if ref.error is not None:
+        yield done(DocStatus.ERROR, ref.error)
+        return
+    if ref.duplicate_of is not None:
+        yield done(DocStatus.DUPLICATE)
+        return
+
+    t0 = time.perf_counter()
+    try:
+        # The bytes rendered are the bytes hashed: read once, and checked against the id.
+        local = sources.local_path(ref.uri)
+        if local is not None:
+            with open(local, "rb") as fh:
+                data: bytes = fh.read()
+        else:
+            data = sources.read_bytes(ref.uri, cfg.storage_options)
+    except Exception as exc:  # storage errors on one file are that file's error, and may pass
+        err = StageError(Stage.SOURCES, "unreadable", f"{type(exc).__name__}: {exc}", retryable=sources.is_transient(exc))
+        yield done(DocStatus.ERROR, err)
+        return
+    changed = sources.changed_ref(ref, data)
+    if changed is not None:  # rewritten since discovery: processed as what it is now, under its new id
+        log.warning("%s changed since it was listed; processing its new content (doc_id %s...)",
+                    ref.uri, changed.doc_id[:12])
+        ref = changed
+        outcome.ref = ref
+    opened = rasterize.open_document(data, uri=ref.uri, doc_id=ref.doc_id, media_type=ref.media_type)
+    timings.rasterize_s += time.perf_counter() - t0
+    if isinstance(opened, StageError):
+        yield done(DocStatus.ERROR, opened)
+        return
+
+    # the model owns the page geometry: with one, pages are rendered at the size its preprocessing wants
+    raster_options = rasterize.RasterOptions.from_config(cfg, geometry=settings.builder)
+    with opened:
+        outcome.page_count = opened.page_count
+        pages = opened.pages(raster_options)
+        while True:
+            # Only time spent preparing counts (not time the consumer spends in the model).
+            if timings.rasterize_s + timings.tiling_s > cfg.document_timeout_s:
+                pages.close()
+                err = StageError(
+                    Stage.TIMEOUT,
+                    "document_timeout",
+                    f"stopped after {cfg.document_timeout_s:g} s with {outcome.pages_ok + outcome.pages_failed}"
+                    f" of {outcome.page_count} pages done",
+                    retryable=True,  # a loaded machine may be the cause: a later run tries again
+                )
+                yield done(DocStatus.PARTIAL if outcome.pages_ok else DocStatus.ERROR, err)
+                return
+            t0 = time.perf_counter()
+            try:
+                item = next(pages)
+            except StopIteration:
+                break
+            except Exception as exc:  # a rasterizer bug must not lose the document
+                timings.rasterize_s += time.perf_counter() - t0
+                err = StageError(Stage.RASTERIZE, "rasterize_crash", f"{type(exc).__name__}: {exc}")
+                yield done(DocStatus.PARTIAL if outcome.pages_ok else DocStatus.ERROR, err)
+                return
+            timings.rasterize_s += time.perf_counter() - t0
+            if isinstance(item, PageFailure):
+                outcome.pages_failed += 1
+                yield PageWork(ref.uri, ref.doc_id, item.page_number, None, None, error=item.error, attempt=attempt)
+                continue
+            yield _prepare_page(item, settings, timings, outcome, attempt)
+
+    if outcome.pages_ok == 0 and outcome.pages_failed == 0:
+        yield done(DocStatus.ERROR, StageError(Stage.RASTERIZE, "no_pages", "the document has no pages"))
+    elif outcome.pages_failed:
+        first = f"{outcome.pages_failed} of {outcome.pages_ok + outcome.pages_failed} pages failed"
+        status = DocStatus.PARTIAL if outcome.pages_ok else DocStatus.ERROR
+        yield done(status, StageError(Stage.RASTERIZE, "page_errors", first + " (see the pages table)"))
+    else:
+        yield done(DocStatus.OK)
+
+
+def _prepare_page(
+    page: PageImage, settings: PrepSettings, timings: DocTimings, outcome: DocumentOutcome, attempt: int = 1
+) -> PageWork:
+    t0 = time.perf_counter()
+    try:
+        plan = _plan(settings, page.render.width, page.render.height)
+        prepared = settings.builder.build(page, plan) if settings.builder is not None else None
+    except Exception as exc:
+        timings.tiling_s += time.perf_counter() - t0
+        outcome.pages_failed += 1
+        err = StageError(Stage.TILING, "tiling_failed", f"{type(exc).__name__}: {exc}")
+        return PageWork(page.uri, page.doc_id, page.page_number, _strip_image(page), None, error=err, attempt=attempt)
+    timings.tiling_s += time.perf_counter() - t0
+    outcome.pages_ok += 1
+    return PageWork(page.uri, page.doc_id, page.page_number, _strip_image(page), plan, prepared, attempt=attempt)
