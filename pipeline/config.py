@@ -80,6 +80,11 @@ ENGINE_FIELDS = fields_with(_ENG)
 # Fields left out of the fingerprint (so a rerun with a different shard size or progress
 # setting still recognises finished work).
 _NON_OUTPUT_FIELDS = frozenset(FIELD_STAGE) - OUTPUT_FIELDS
+# Output fields added after outputs already existed: while unset (None) they are left out of
+# the fingerprint, so upgrading docpipe does not turn every existing output into "written with
+# other settings" (a nightly job would exit 2 after the upgrade). Set, they count as usual.
+# A new output field whose default is None belongs here.
+_OUTPUT_FIELDS_ADDED_LATER = frozenset({"num_beams", "repetition_penalty"})
 
 
 class RunConfig(BaseModel):
@@ -315,7 +320,8 @@ class RunConfig(BaseModel):
 
     def output_settings(self) -> dict[str, Any]:
         """The settings the fingerprint covers (what changes the rows written)."""
-        return json.loads(json.dumps(self.model_dump(exclude=set(_NON_OUTPUT_FIELDS)), default=str))
+        unset_later = {name for name in _OUTPUT_FIELDS_ADDED_LATER if getattr(self, name) is None}
+        return json.loads(json.dumps(self.model_dump(exclude=set(_NON_OUTPUT_FIELDS) | unset_later), default=str))
 
     def public_dict(self) -> dict[str, Any]:
         """Settings safe to log or store: storage options are reduced to their keys."""

@@ -113,3 +113,14 @@ def test_run_help_groups_options_by_stage():
     titles = [g.title for g in run_parser._action_groups]  # noqa: SLF001
     assert {"where settings", "rasterize settings", "tiling settings", "inference settings",
             "execution settings"} <= set(titles)
+
+
+def test_upgrading_keeps_existing_outputs_resumable():
+    """A default run's fingerprint is the one docpipe wrote before the decoding fields existed
+    (a6ca0ee): an output written then resumes after the upgrade instead of exiting 2 as
+    "written with other settings". Setting a later field still changes the fingerprint."""
+    default = RunConfig(source="a", output="b")
+    assert default.fingerprint() == "a1dfe4ab36c86830"
+    assert "num_beams" not in default.output_settings()
+    assert RunConfig(source="a", output="b", num_beams=3).fingerprint() != default.fingerprint()
+    assert RunConfig(source="a", output="b", repetition_penalty=1.2).fingerprint() != default.fingerprint()
