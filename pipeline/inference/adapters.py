@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from pipeline import tiling
 from pipeline.inference import prompts
 from pipeline.inference.checkpoint import UnsupportedModelError
 from pipeline.inference.generation import GREEDY, GenerationSettings
-from pipeline.records import PageImage, PageKind, TileBox, TilePlan
+from pipeline.records import PageImage, PageKind, TilePlan
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

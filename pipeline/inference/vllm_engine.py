@@ -41,12 +41,12 @@ from pipeline.config import RunConfig
 from pipeline.inference import prompts
 from pipeline.inference.adapters import CHART, PreparedPage
 from pipeline.inference.batching import BatchRule
-from pipeline.inference.engine import (
-    ForcedOutput,
-    PageEngine,
+from pipeline.inference.page_engine import (
+    BatchResult,
     EngineStats,
-    _BatchResult,
-    _Gen,
+    ForcedOutput,
+    Gen,
+    PageEngine,
     budgets_for,
     row_kind,
 )
@@ -220,7 +220,7 @@ class VllmEngine(PageEngine):
         self._ids = itertools.count()
 
     def _eos_ids(self) -> set[int]:
-        from pipeline.inference.engine import _END_OF_TURN
+        from pipeline.inference.page_engine import END_OF_TURN
 
         tokenizer = self.builder.tokenizer
         ids: set[int] = set()
@@ -234,7 +234,7 @@ class VllmEngine(PageEngine):
         elif eos:
             ids.update(int(t) for t in eos)
         vocab = tokenizer.get_vocab()
-        ids.update(vocab[t] for t in _END_OF_TURN if t in vocab)
+        ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
         return ids
 
     # ---- requests --------------------------------------------------------------------
@@ -286,7 +286,7 @@ class VllmEngine(PageEngine):
             raise ValueError("page was not prepared for the vLLM engine (no page image)")
         t0 = time.perf_counter()
         engine = self.llm.llm_engine
-        result = _BatchResult()
+        result = BatchResult()
         pending: dict[str, Any] = {}
         images: dict[int, Any] = {}
         try:
@@ -324,7 +324,7 @@ class VllmEngine(PageEngine):
         )
         return answers
 
-    def _gen(self, out: Any, key: str, forced: list[int] | None) -> _Gen:
+    def _gen(self, out: Any, key: str, forced: list[int] | None) -> Gen:
         completion = out.outputs[0]
         tokens = list(completion.token_ids)
         limit = self.budgets[row_kind(key)]
@@ -333,7 +333,7 @@ class VllmEngine(PageEngine):
         else:  # benchmarks: every decoded token counts (no end token was allowed before the forced length)
             stand = forced if forced is not None else tokens  # exact ids forced: they stand for the output
             text = self.builder.tokenizer.decode(stand, skip_special_tokens=True).strip()
-            gen = _Gen(tokens=list(stand), text=text, prompt_tokens=0, generated_tokens=len(tokens),
+            gen = Gen(tokens=list(stand), text=text, prompt_tokens=0, generated_tokens=len(tokens),
                        hit_limit=forced is None and len(tokens) >= limit)
             self.stats.generated_tokens += len(tokens)
         prompt_tokens = len(out.prompt_token_ids or [])

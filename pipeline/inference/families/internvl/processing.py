@@ -54,7 +54,6 @@ class InternVLBuilder(InputBuilder):
         self.resample = int(getattr(ip, "resample", 3))  # PIL numbering; 3 = bicubic
 
     def plan(self, width: int, height: int) -> TilePlan:
-        from pipeline import tiling
 
         return tiling.plan_internvl(
             width,
@@ -71,7 +70,6 @@ class InternVLBuilder(InputBuilder):
     ) -> tuple["np.ndarray | CodedPixels", dict[str, np.ndarray]]:
         from PIL import Image
 
-        from pipeline import tiling
 
         # A thumbnail the rasterizer rendered directly (PDF pages) replaces the bicubic one.
         tiles = tiling.cut_tiles(image, plan, Image.Resampling(self.resample), thumbnail=thumbnail)
