@@ -12,7 +12,7 @@ record, never an exception that escapes the stage.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -230,18 +230,3 @@ class DocTimings:
     tiling_s: float = 0.0
     inference_s: float = 0.0
     total_s: float = 0.0
-
-
-@dataclass(slots=True)
-class DocumentOutcome:
-    """Everything the documents table needs to say about one input file."""
-
-    ref: DocumentRef
-    status: DocStatus
-    page_count: int | None = None  # pages in the file (None when it could not be opened)
-    pages_ok: int = 0
-    pages_failed: int = 0
-    error: StageError | None = None
-    timings: DocTimings = field(default_factory=DocTimings)
-    attempt: int = 1  # runs that have tried this document, this one included
-    open_note: str | None = None  # e.g. MuPDF had to repair the file to open it

@@ -13,7 +13,9 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.dataset import conform
-from pipeline.records import DocumentOutcome, PageAnswers, PageImage, StageError, TilePlan
+from pipeline.prepare.document import DocumentOutcome
+from pipeline.records import PageAnswers, PageImage, StageError, TilePlan
+from pipeline.shard.ledger import Verdict
 from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA, TASK_USAGE_COLUMNS
 
 # ---------------------------------------------------------------------------------------
@@ -153,9 +155,16 @@ def page_row(
 
 
 def document_row(
-    outcome: DocumentOutcome, *, shard_id: str, run_id: str, fingerprint: str, processed_at: datetime
+    outcome: DocumentOutcome,
+    verdict: Verdict,
+    *,
+    shard_id: str,
+    run_id: str,
+    fingerprint: str,
+    processed_at: datetime,
 ) -> dict[str, Any]:
-    """One row of the documents table. `processed_at` must be timezone-aware."""
+    """One row of the documents table: the ledger's `verdict` (status, error, page counts) on
+    the document preparation reported (`outcome`). `processed_at` must be timezone-aware."""
     if processed_at.tzinfo is None or processed_at.utcoffset() is None:
         raise ValueError("processed_at must be timezone-aware (e.g. datetime.now(timezone.utc))")
     ref, timings = outcome.ref, outcome.timings
@@ -165,15 +174,15 @@ def document_row(
         "size_bytes": ref.size,
         "media_type": ref.media_type,
         "page_count": outcome.page_count,
-        "pages_ok": outcome.pages_ok,
-        "pages_failed": outcome.pages_failed,
-        "status": outcome.status.value,
+        "pages_ok": verdict.pages_ok,
+        "pages_failed": verdict.pages_failed,
+        "status": verdict.status.value,
         "duplicate_of": ref.duplicate_of,
         "replaces_doc_id": ref.replaces,
         "source_version": ref.version,
         "source_etag": ref.etag,
         "source_mtime": None if ref.mtime is None else datetime.fromtimestamp(ref.mtime, timezone.utc),
-        **_error_columns(outcome.error if outcome.error is not None else ref.error),
+        **_error_columns(verdict.error if verdict.error is not None else ref.error),
         "attempt": outcome.attempt,
         "open_note": outcome.open_note,
         "rasterize_s": timings.rasterize_s,

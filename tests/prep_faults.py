@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import tiling
-from pipeline.prepare import DocumentDone, DocumentRetry, PageWork
-from pipeline.records import DocumentOutcome
+from pipeline.prepare import DocumentDone, DocumentOutcome, DocumentRetry, PageWork
 
 
 def _die(mode: str) -> None:

@@ -32,7 +32,7 @@ from pipeline.dataset import (
 )
 from pipeline.records import DocStatus, Stage, StageError
 from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA, SCHEMA_VERSION, VERSION_KEY
-from tests.test_sink import WHEN, COMMON, _doc, _files, _same_schema, _shard_tables
+from tests.test_sink import WHEN, COMMON, _doc, _files, _same_schema, _shard_tables, _verdict
 
 
 def write_shard(url, shard_id, pages, documents, storage_options=None):
@@ -458,7 +458,7 @@ def _docs_with(shard_id: str, name: str, *, status: DocStatus, retryable: bool |
     if retryable is not None:
         outcome.error = StageError(Stage.SOURCES, "unreadable", "connection reset", retryable=retryable)
         outcome.pages_ok = 0
-    row = document_row(outcome, shard_id=shard_id, processed_at=WHEN, **COMMON)
+    row = document_row(outcome, _verdict(outcome, status), shard_id=shard_id, processed_at=WHEN, **COMMON)
     return rows_to_table([row], DOCUMENTS_SCHEMA)
 
 

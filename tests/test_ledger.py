@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import shutil
+from pathlib import Path
+
 import pytest
 
 from pipeline.records import DocStatus, Stage, StageError
@@ -95,3 +99,62 @@ def test_one_policy_holds_every_budget() -> None:
     facts = DocFacts(3, error=NET)
     assert decide(facts).final and not decide(facts, RetryPolicy(runs=5)).final
     assert RetryPolicy(backoff_s=(1.0, 3.0)).backoff(5) == 3.0
+
+
+# ---- the ledger is the only writer of a document's status ------------------------------
+
+def status_writers(root: Path) -> list[str]:
+    """Places under `root` (a copy of pipeline/) that set a document's status outside the
+    ledger, read with `ast`: a `DocStatus` member or `DocStatus(...)` used other than in a
+    comparison, a `Verdict(...)` built, a `status=` keyword given a DocStatus, or an
+    assignment to an attribute `.status`."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel == "shard/ledger.py":
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        compared = {id(node) for cmp in ast.walk(tree) if isinstance(cmp, ast.Compare)
+                    for node in (cmp.left, *cmp.comparators)}
+        for node in ast.walk(tree):
+            what = None
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "DocStatus"
+                    and id(node) not in compared):
+                what = f"DocStatus.{node.attr}"
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("DocStatus",
+                                                                                                     "Verdict"):
+                what = f"{node.func.id}(...)"
+            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                flat = [t for target in targets for t in ast.walk(target)]
+                if any(isinstance(t, ast.Attribute) and t.attr == "status" for t in flat):
+                    what = ".status = ..."
+            elif isinstance(node, ast.keyword) and node.arg == "status" and "DocStatus" in ast.unparse(node.value):
+                what = "status=DocStatus..."
+            if what:
+                found.append(f"{rel}:{getattr(node, 'lineno', '?')}: {what}")
+    return found
+
+
+def test_only_the_ledger_sets_a_documents_status(tmp_path: Path) -> None:
+    pipeline = Path(__file__).resolve().parents[1] / "pipeline"
+    assert status_writers(pipeline) == []
+    # the scan is not blind: the ledger itself is a writer, and so is each planted violation
+    copy = tmp_path / "pipeline"
+    shutil.copytree(pipeline, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "shard" / "ledger.py").rename(copy / "shard" / "not_the_ledger.py")
+    assert any(w.startswith("shard/not_the_ledger.py:") and "Verdict(...)" in w for w in status_writers(copy))
+    (copy / "shard" / "not_the_ledger.py").unlink()
+    planted = {
+        "outcome.status = DocStatus.PARTIAL": [".status = ...", "DocStatus.PARTIAL"],
+        "state.outcome.status = 'error'": [".status = ..."],
+        "make(status=DocStatus('ok'))": ["DocStatus(...)", "status=DocStatus..."],
+        "label = DocStatus.ERROR if failed else DocStatus.OK": ["DocStatus.ERROR", "DocStatus.OK"],
+    }
+    for line, expected in planted.items():
+        (copy / "prepare" / "document.py").write_text((pipeline / "prepare" / "document.py").read_text() + line + "\n")
+        got = [w.split(": ", 1)[1] for w in status_writers(copy)]
+        assert sorted(got) == sorted(expected), line
+    # reading a status is not writing one
+    (copy / "prepare" / "document.py").write_text("ok = verdict.status is DocStatus.ERROR\n")
+    assert status_writers(copy) == []

@@ -9,11 +9,11 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from pipeline.prepare import DocumentOutcome
 from pipeline.records import (
     ChartAnswer,
     DocStatus,
     DocTimings,
-    DocumentOutcome,
     DocumentRef,
     PageAnswers,
     PageImage,
@@ -24,6 +24,7 @@ from pipeline.records import (
     TileBox,
     TilePlan,
 )
+from pipeline.shard.ledger import Verdict
 from pipeline.sink import document_row, page_row, rows_to_table
 from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA
 
@@ -72,7 +73,14 @@ def _doc(name: str, status: DocStatus = DocStatus.OK, **ref_kwargs) -> DocumentO
     ref = DocumentRef(uri=f"/in/{name}", doc_id=(name * 64)[:64], size=1234, media_type="application/pdf", **ref_kwargs)
     pages_ok = 2 if status is DocStatus.OK else 0
     timings = DocTimings(0.1, 0.2, 0.3, 0.4, 1.0)
-    return DocumentOutcome(ref=ref, status=status, page_count=2, pages_ok=pages_ok, timings=timings)
+    return DocumentOutcome(ref=ref, page_count=2, pages_ok=pages_ok, timings=timings)
+
+
+def _verdict(outcome: DocumentOutcome, status: DocStatus) -> Verdict:
+    """A ledger verdict of `status` on `outcome`'s facts, for building rows in tests."""
+    error = outcome.error
+    return Verdict(status, error, outcome.pages_ok, outcome.pages_failed, keep_pages=True,
+                   final=error is None or not error.retryable)
 
 
 def _shard_tables(
@@ -81,9 +89,10 @@ def _shard_tables(
     statuses = statuses or {}
     page_rows, doc_rows = [], []
     for name in names:
-        outcome = _doc(name, statuses.get(name, DocStatus.OK))
-        doc_rows.append(document_row(outcome, shard_id=shard_id, processed_at=WHEN, **COMMON))
-        if outcome.status is DocStatus.DUPLICATE:
+        status = statuses.get(name, DocStatus.OK)
+        outcome = _doc(name, status)
+        doc_rows.append(document_row(outcome, _verdict(outcome, status), shard_id=shard_id, processed_at=WHEN, **COMMON))
+        if status is DocStatus.DUPLICATE:
             continue
         for number in (1, 2):
             page_rows.append(
@@ -166,23 +175,26 @@ def test_document_row_fields() -> None:
     source_error = StageError(Stage.SOURCES, "mislabelled", "named .pdf but content is text/html")
     outcome = _doc("x", DocStatus.ERROR, error=source_error)
     outcome.page_count = None
-    row = document_row(outcome, shard_id="s", processed_at=WHEN.astimezone(timezone(timedelta(hours=2))), **COMMON)
+    verdict = _verdict(outcome, DocStatus.ERROR)
+    row = document_row(outcome, verdict, shard_id="s", processed_at=WHEN.astimezone(timezone(timedelta(hours=2))),
+                       **COMMON)
     assert list(row) == DOCUMENTS_SCHEMA.names
     assert (row["status"], row["error_stage"], row["error_type"]) == ("error", "sources", "mislabelled")
     assert row["page_count"] is None and row["size_bytes"] == 1234
     assert row["processed_at"] == WHEN and row["processed_at"].utcoffset() == timedelta(0)
     assert (row["rasterize_s"], row["tiling_s"], row["inference_s"], row["total_s"]) == (0.2, 0.3, 0.4, 1.0)
-    dup = document_row(_doc("y", DocStatus.DUPLICATE, duplicate_of="/in/first.pdf"), shard_id="s",
-                       processed_at=WHEN, **COMMON)
+    copy = _doc("y", DocStatus.DUPLICATE, duplicate_of="/in/first.pdf")
+    dup = document_row(copy, _verdict(copy, DocStatus.DUPLICATE), shard_id="s", processed_at=WHEN, **COMMON)
     assert (dup["status"], dup["duplicate_of"], dup["error_type"]) == ("duplicate", "/in/first.pdf", None)
     with pytest.raises(ValueError, match="timezone"):
-        document_row(outcome, shard_id="s", processed_at=datetime(2026, 1, 1), **COMMON)
+        document_row(outcome, verdict, shard_id="s", processed_at=datetime(2026, 1, 1), **COMMON)
 
 
 def test_rows_to_table_checks_rows() -> None:
     empty = rows_to_table([], PAGES_SCHEMA)
     assert empty.num_rows == 0 and empty.schema.equals(PAGES_SCHEMA, check_metadata=True)
-    row = document_row(_doc("a"), shard_id="s", processed_at=WHEN, **COMMON)
+    ok = _doc("a")
+    row = document_row(ok, _verdict(ok, DocStatus.OK), shard_id="s", processed_at=WHEN, **COMMON)
     table = rows_to_table([row], DOCUMENTS_SCHEMA)
     assert table.schema.equals(DOCUMENTS_SCHEMA, check_metadata=True) and table.to_pylist() == [row]
     with pytest.raises(ValueError, match="missing \\['run_id'\\]"):

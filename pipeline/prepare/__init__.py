@@ -10,8 +10,8 @@ checked between pages only.
 
 The package has three parts:
 
-    document.py  one document -> page facts (`iter_document`, `PageWork`, `DocumentDone`,
-                 `DocumentRetry`, `PrepSettings`): what runs inline or inside a worker
+    document.py  one document -> page facts (`iter_document`, `PageWork`, `DocumentDone` with
+                 its `DocumentOutcome`, `DocumentRetry`, `PrepSettings`): what runs inline or inside a worker
     worker.py    the worker process's side: its main loop and the message protocol
     pool.py      the parent's side: `PrepPool` (crash-tolerant, credit-based), the
                  process-wide `shared_pool`, and `iter_shard_documents`
@@ -19,7 +19,14 @@ The package has three parts:
 
 from __future__ import annotations
 
-from pipeline.prepare.document import DocumentDone, DocumentRetry, PageWork, PrepSettings, iter_document
+from pipeline.prepare.document import (
+    DocumentDone,
+    DocumentOutcome,
+    DocumentRetry,
+    PageWork,
+    PrepSettings,
+    iter_document,
+)
 from pipeline.prepare.pool import (
     _MAIN_GUARD_HINT,
     MAX_ATTEMPTS,
@@ -39,6 +46,7 @@ __all__ = [
     "MAX_STARTUP_DEATHS",
     "STARTUP_TIMEOUT_S",
     "DocumentDone",
+    "DocumentOutcome",
     "DocumentRetry",
     "PageWork",
     "PrepPool",

@@ -1,7 +1,9 @@
 """One document -> page facts: read -> rasterize -> plan tiles -> (build model inputs).
 
 `iter_document` is a generator over one document that yields `PageWork` items and ends with
-one `DocumentDone`; it runs inline (zero prep workers) or inside a prep worker
+one `DocumentDone`, whose `DocumentOutcome` reports facts only (pages prepared and failed, the
+document's error, whether its bytes changed on disk): no stage labels a document, the shard's
+ledger (pipeline/shard/ledger.py) decides its status; it runs inline (zero prep workers) or inside a prep worker
 (pipeline/prepare/worker.py). `DocumentRetry` is what the pool (pipeline/prepare/pool.py)
 yields before it runs a document again.
 """
@@ -12,14 +14,13 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.records import (
     DocStatus,
     DocTimings,
-    DocumentOutcome,
     DocumentRef,
     PageFailure,
     PageImage,
@@ -27,8 +28,41 @@ from pipeline.records import (
     StageError,
     TilePlan,
 )
+from pipeline.shard.ledger import DocFacts, status_of
 
 log = logging.getLogger("docpipe")
+
+
+@dataclass(slots=True)
+class DocumentOutcome:
+    """What preparation reports about one input file: facts, never a status. The shard's
+    ledger decides the documents row from these and the model's facts (`pipeline.shard.ledger`).
+    """
+
+    ref: DocumentRef  # the file as read (its new id when it changed on disk since it was listed)
+    page_count: int | None = None  # pages in the file (None when it could not be opened)
+    pages_ok: int = 0  # pages prepared without error
+    pages_failed: int = 0  # pages that failed in preparation
+    error: StageError | None = None  # the document's own error (unreadable, timed out, worker lost, no pages...)
+    timings: DocTimings = field(default_factory=DocTimings)
+    attempt: int = 1  # runs that have tried this document, this one included
+    open_note: str | None = None  # e.g. MuPDF had to repair the file to open it
+
+    @property
+    def duplicate(self) -> bool:
+        """Same bytes as another input (its pages are that input's)."""
+        return self.ref.duplicate_of is not None
+
+    def facts(self, attempt: int | None = None) -> DocFacts:
+        """These facts in the ledger's terms (preparation's part only)."""
+        return DocFacts(attempt=self.attempt if attempt is None else attempt, duplicate=self.duplicate,
+                        error=self.error, pages_ok=self.pages_ok, pages_failed=self.pages_failed,
+                        damaged=self.open_note is not None)
+
+    @property
+    def status(self) -> DocStatus:
+        """What the ledger reads these facts as, before the model and the retry policy."""
+        return status_of(self.facts())
 
 
 @dataclass(slots=True)
@@ -99,21 +133,20 @@ def iter_document(ref: DocumentRef, settings: PrepSettings, attempt: int = 1) ->
     cfg = settings.config
     timings = DocTimings()
     started = time.perf_counter()
-    outcome = DocumentOutcome(ref=ref, status=DocStatus.OK, timings=timings)
+    outcome = DocumentOutcome(ref=ref, timings=timings)
     opened: Any = None
 
-    def done(status: DocStatus, error: StageError | None = None) -> DocumentDone:
-        outcome.status = status
+    def done(error: StageError | None = None) -> DocumentDone:
         outcome.error = error
         outcome.open_note = getattr(opened, "open_note", None)  # e.g. MuPDF repaired the file
         timings.total_s = time.perf_counter() - started
         return DocumentDone(outcome)
 
     if ref.error is not None:
-        yield done(DocStatus.ERROR, ref.error)
+        yield done(ref.error)
         return
-    if ref.duplicate_of is not None:
-        yield done(DocStatus.DUPLICATE)
+    if ref.duplicate_of is not None:  # a copy: nothing to prepare
+        yield done()
         return
 
     t0 = time.perf_counter()
@@ -127,7 +160,7 @@ def iter_document(ref: DocumentRef, settings: PrepSettings, attempt: int = 1) ->
             data = sources.read_bytes(ref.uri, cfg.storage_options)
     except Exception as exc:  # storage errors on one file are that file's error, and may pass
         err = StageError(Stage.SOURCES, "unreadable", f"{type(exc).__name__}: {exc}", retryable=sources.is_transient(exc))
-        yield done(DocStatus.ERROR, err)
+        yield done(err)
         return
     changed = sources.changed_ref(ref, data)
     if changed is not None:  # rewritten since discovery: processed as what it is now, under its new id
@@ -138,7 +171,7 @@ def iter_document(ref: DocumentRef, settings: PrepSettings, attempt: int = 1) ->
     opened = rasterize.open_document(data, uri=ref.uri, doc_id=ref.doc_id, media_type=ref.media_type)
     timings.rasterize_s += time.perf_counter() - t0
     if isinstance(opened, StageError):
-        yield done(DocStatus.ERROR, opened)
+        yield done(opened)
         return
 
     # the model owns the page geometry: with one, pages are rendered at the size its preprocessing wants
@@ -157,7 +190,7 @@ def iter_document(ref: DocumentRef, settings: PrepSettings, attempt: int = 1) ->
                     f" of {outcome.page_count} pages done",
                     retryable=True,  # a loaded machine may be the cause: a later run tries again
                 )
-                yield done(DocStatus.PARTIAL if outcome.pages_ok else DocStatus.ERROR, err)
+                yield done(err)
                 return
             t0 = time.perf_counter()
             try:
@@ -167,7 +200,7 @@ def iter_document(ref: DocumentRef, settings: PrepSettings, attempt: int = 1) ->
             except Exception as exc:  # a rasterizer bug must not lose the document
                 timings.rasterize_s += time.perf_counter() - t0
                 err = StageError(Stage.RASTERIZE, "rasterize_crash", f"{type(exc).__name__}: {exc}")
-                yield done(DocStatus.PARTIAL if outcome.pages_ok else DocStatus.ERROR, err)
+                yield done(err)
                 return
             timings.rasterize_s += time.perf_counter() - t0
             if isinstance(item, PageFailure):
@@ -177,13 +210,12 @@ def iter_document(ref: DocumentRef, settings: PrepSettings, attempt: int = 1) ->
             yield _prepare_page(item, settings, timings, outcome, attempt)
 
     if outcome.pages_ok == 0 and outcome.pages_failed == 0:
-        yield done(DocStatus.ERROR, StageError(Stage.RASTERIZE, "no_pages", "the document has no pages"))
+        yield done(StageError(Stage.RASTERIZE, "no_pages", "the document has no pages"))
     elif outcome.pages_failed:
         first = f"{outcome.pages_failed} of {outcome.pages_ok + outcome.pages_failed} pages failed"
-        status = DocStatus.PARTIAL if outcome.pages_ok else DocStatus.ERROR
-        yield done(status, StageError(Stage.RASTERIZE, "page_errors", first + " (see the pages table)"))
+        yield done(StageError(Stage.RASTERIZE, "page_errors", first + " (see the pages table)"))
     else:
-        yield done(DocStatus.OK)
+        yield done()
 
 
 def _prepare_page(

@@ -20,9 +20,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.prepare.document import DocumentDone, DocumentRetry, PageWork, PrepSettings, iter_document
+from pipeline.prepare.document import (
+    DocumentDone,
+    DocumentOutcome,
+    DocumentRetry,
+    PageWork,
+    PrepSettings,
+    iter_document,
+)
 from pipeline.prepare.worker import _send, _worker_main
-from pipeline.records import DocStatus, DocumentOutcome, DocumentRef, Stage, StageError
+from pipeline.records import DocumentRef, Stage, StageError
 from pipeline.shard.ledger import POLICY
 
 MAX_ATTEMPTS = POLICY.worker_attempts  # a document whose worker dies or times out runs once more (ledger.RetryPolicy)
@@ -141,8 +148,8 @@ class PrepPool:
     `document_timeout_s` (it is killed) is replaced; its document is yielded as a
     `DocumentRetry` and runs again in the fresh worker, up to `max_attempts` in all. After
     the last attempt the document ends with a retryable `worker_crashed` or
-    `document_timeout` error; the pages of that last attempt stand (status partial if any
-    rendered). A worker that dies idle, or before it began its document, costs the
+    `document_timeout` error; the pages of that last attempt stand (the ledger makes it
+    partial if any rendered). A worker that dies idle, or before it began its document, costs the
     document nothing. Workers that keep dying stop the run with `PrepWorkersFailing`.
 
     The timeout clock only runs while the pool is waiting for or handing out results, not
@@ -321,15 +328,10 @@ class PrepPool:
                     st.ok[index] = st.failed[index] = 0
                     events.append(DocumentRetry(st.refs[index].uri, attempt + 1, reason))
                     self._assign(replacement, st, index, attempt + 1)
-                else:  # the last attempt's pages stand; the status follows from them
+                else:  # the last attempt's pages stand; the ledger decides from them and the reason
                     st.finished.add(index)
-                    ok, failed = st.ok[index], st.failed[index]
                     outcome = DocumentOutcome(
-                        ref=st.refs[index],
-                        status=DocStatus.PARTIAL if ok else DocStatus.ERROR,
-                        pages_ok=ok,
-                        pages_failed=failed,
-                        error=reason,
+                        ref=st.refs[index], pages_ok=st.ok[index], pages_failed=st.failed[index], error=reason
                     )
                     outcome.timings.total_s = max(0.0, st.clock.now() - w.started_at)
                     events.append(DocumentDone(outcome))

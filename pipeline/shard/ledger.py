@@ -3,12 +3,13 @@
 Stages report what happened to a document as facts: whether it is a copy of another input,
 its document-level error if any (unreadable, not a PDF, worker lost, timed out, no pages,
 a summary of failed pages...), how many pages were prepared and failed, how many the model
-failed, and every page error. Preparation also labels its outcome for its own events; the
-row's status is not taken from that label but decided here, from the facts. `decide` turns the facts
-of one attempt into the document's row: status, error, page counts, whether its page rows
-stand, and whether a later run tries it again. `retry_in_run` says whether this run should
-try it once more first. Both are pure functions of the facts and of one `RetryPolicy`,
-tested with a table (tests/test_ledger.py).
+failed, and every page error. No stage labels a document: this module is the only code that
+sets a document's status (tests/test_ledger.py scans pipeline/ for any other writer).
+`decide` turns the facts of one attempt into the document's row: status, error, page counts,
+whether its page rows stand, and whether a later run tries it again. `status_of` is what the
+facts alone show before the retry policy (what preparation's report reads as, e.g. in its
+tests). `retry_in_run` says whether this run should try it once more first. All are pure
+functions of the facts and of one `RetryPolicy`, tested with a table (tests/test_ledger.py).
 
 The meanings of "attempt", once each:
 - `RetryPolicy.worker_attempts`: a document whose prep worker died or timed out is run
@@ -105,12 +106,13 @@ def retry_in_run(facts: DocFacts) -> bool:
     return bool(errors) and not any(e.type in POOL_RETRIED for e in errors)
 
 
-def decide(facts: DocFacts, policy: RetryPolicy = POLICY) -> Verdict:
-    """The document's status, error, page counts, and whether its pages stand and it is final."""
+def _assess(facts: DocFacts) -> tuple[DocFacts, DocStatus, StageError | None, int, int]:
+    """The facts as they count, and what they show before the retry policy: (facts, status,
+    error, pages_ok, pages_failed)."""
     if not facts.reported:  # never lose a document: an error row, tried again by the next run
         facts = dataclasses.replace(facts, error=LOST, pages_ok=0, pages_failed=0, model_failed=0)
-    if facts.duplicate and facts.original_failed is not None:  # a copy shares its original's failure
-        facts = dataclasses.replace(facts, duplicate=False, error=facts.original_failed)
+    if facts.duplicate and facts.original_failed is not None and facts.error is None:
+        facts = dataclasses.replace(facts, duplicate=False, error=facts.original_failed)  # shares its original's failure
     error = facts.error
     pages_ok = facts.pages_ok - facts.model_failed
     pages_failed = facts.pages_failed + facts.model_failed
@@ -140,6 +142,17 @@ def decide(facts: DocFacts, policy: RetryPolicy = POLICY) -> Verdict:
             f"the file is damaged (see open_note) and {facts.pages_blank} of its {pages_ok + pages_failed} pages "
             "rendered blank: their content is likely lost",
         )
+    return facts, status, error, pages_ok, pages_failed
+
+
+def status_of(facts: DocFacts) -> DocStatus:
+    """What the facts alone show, before the retry policy (the status `decide` starts from)."""
+    return _assess(facts)[1]
+
+
+def decide(facts: DocFacts, policy: RetryPolicy = POLICY) -> Verdict:
+    """The document's status, error, page counts, and whether its pages stand and it is final."""
+    facts, status, error, pages_ok, pages_failed = _assess(facts)
     retryable = _retryable_errors(dataclasses.replace(facts, error=error))
     if not retryable or status is DocStatus.DUPLICATE:
         return Verdict(status, error, pages_ok, pages_failed, keep_pages=True, final=True)
@@ -153,4 +166,4 @@ def decide(facts: DocFacts, policy: RetryPolicy = POLICY) -> Verdict:
     return Verdict(status, error, pages_ok, pages_failed, keep_pages=True, final=True)
 
 
-__all__ = ["DocFacts", "POLICY", "POOL_RETRIED", "RetryPolicy", "Verdict", "decide", "retry_in_run"]
+__all__ = ["POLICY", "POOL_RETRIED", "DocFacts", "RetryPolicy", "Verdict", "decide", "retry_in_run", "status_of"]

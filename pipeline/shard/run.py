@@ -19,9 +19,16 @@ from typing import Any
 from pipeline.config import RunConfig
 from pipeline.dataset import Dataset, Lease
 from pipeline.planning import Shard
-from pipeline.prepare import DocumentDone, DocumentRetry, PageWork, PrepSettings, iter_shard_documents
-from pipeline.records import DocStatus, DocumentOutcome, DocumentRef, PageAnswers, Stage, StageError
-from pipeline.shard.ledger import POLICY, DocFacts, decide, retry_in_run
+from pipeline.prepare import (
+    DocumentDone,
+    DocumentOutcome,
+    DocumentRetry,
+    PageWork,
+    PrepSettings,
+    iter_shard_documents,
+)
+from pipeline.records import DocStatus, DocumentRef, PageAnswers, Stage, StageError
+from pipeline.shard.ledger import POLICY, DocFacts, Verdict, decide, retry_in_run
 
 log = logging.getLogger("docpipe")
 
@@ -95,7 +102,8 @@ DEVICE_FAILURE_WINDOWS = POLICY.device_failure_windows  # consecutive batches fa
 class _ShardRun:
     """State of one shard in progress: rows collected, documents waiting for their pages.
 
-    One place decides a document's status: `_final_outcome`, once its pages are answered.
+    It collects facts; the ledger (`pipeline.shard.ledger.decide`) decides each document's
+    row once its pages are answered (`_verdict`).
     """
 
     def __init__(
@@ -198,53 +206,48 @@ class _ShardRun:
 
     def _facts(self, uri: str, state: _DocState) -> DocFacts:
         """What the stages reported about the current attempt at `uri`, for the ledger."""
-        outcome = state.outcome
         attempt = self.shard.attempt_of(uri)
-        if outcome is None:
+        if state.outcome is None:
             return DocFacts(attempt=attempt, reported=False)
-        return DocFacts(attempt=attempt, duplicate=outcome.status is DocStatus.DUPLICATE, error=outcome.error,
-                        pages_ok=outcome.pages_ok, pages_failed=outcome.pages_failed,
-                        model_failed=state.failed_in_model,
-                        page_errors=tuple(state.errors), damaged=outcome.open_note is not None,
-                        pages_blank=sum(row.get("page_kind") == "blank" for row in state.rows))
+        return dataclasses.replace(state.outcome.facts(attempt), model_failed=state.failed_in_model,
+                                   page_errors=tuple(state.errors),
+                                   pages_blank=sum(row.get("page_kind") == "blank" for row in state.rows))
 
     def finish(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], ShardResult]:
         """Final rows of the shard: (pages, documents) and its counts."""
         self.answer_window()
-        outcomes: dict[str, DocumentOutcome] = {}
+        decided: dict[str, tuple[DocumentOutcome, Verdict]] = {}
         pages: list[dict[str, Any]] = []
         # originals first: a copy whose original failed takes that failure (a fact for the ledger)
         for ref in sorted(self.shard.refs, key=lambda r: r.duplicate_of is not None):
-            original = outcomes.get(ref.duplicate_of or "")
+            original = decided.get(ref.duplicate_of or "")
             failed = None
-            if original is not None and original.status is DocStatus.ERROR and original.error is not None:
-                failed = dataclasses.replace(original.error,
-                                             message=f"same bytes as {original.ref.uri}: {original.error.message}")
-            outcome, rows = self._final_outcome(ref, self.states[ref.uri], original_failed=failed)
-            outcomes[ref.uri] = outcome
+            if original is not None and original[1].status is DocStatus.ERROR and original[1].error is not None:
+                failed = dataclasses.replace(original[1].error,
+                                             message=f"same bytes as {original[0].ref.uri}: {original[1].error.message}")
+            outcome, verdict, rows = self._verdict(ref, self.states[ref.uri], original_failed=failed)
+            decided[ref.uri] = (outcome, verdict)
             pages.extend(rows)
-        docs = [self._document_row(outcomes[r.uri]) for r in self.shard.refs]
+        docs = [self._document_row(*decided[r.uri]) for r in self.shard.refs]
         pages.sort(key=lambda row: (row["source_uri"], row["page_number"]))
         docs.sort(key=lambda row: row["source_uri"])
         return pages, docs, self._counts(pages, docs)
 
     # ---- helpers -------------------------------------------------------------------
-    def _final_outcome(self, ref: DocumentRef, state: _DocState, *, original_failed: StageError | None = None
-                       ) -> tuple[DocumentOutcome, list[dict[str, Any]]]:
-        """The document's row as the ledger decides it (`pipeline.shard.ledger.decide`), with
-        the page rows that stand."""
+    def _verdict(self, ref: DocumentRef, state: _DocState, *, original_failed: StageError | None = None
+                 ) -> tuple[DocumentOutcome, Verdict, list[dict[str, Any]]]:
+        """The ledger's verdict on the document (`pipeline.shard.ledger.decide`), with what
+        preparation reported of it and the page rows that stand."""
         facts = dataclasses.replace(self._facts(ref.uri, state), original_failed=original_failed)
         verdict = decide(facts, POLICY)
-        outcome = state.outcome or DocumentOutcome(ref=ref, status=verdict.status)
-        outcome.attempt = self.shard.attempt_of(ref.uri)
+        outcome = state.outcome or DocumentOutcome(ref=ref)
+        outcome.attempt = facts.attempt
         outcome.timings.inference_s += state.model_s
         outcome.timings.total_s += state.model_s  # preparation wall time + its share of the model
-        outcome.status, outcome.error = verdict.status, verdict.error
-        outcome.pages_ok, outcome.pages_failed = verdict.pages_ok, verdict.pages_failed
         if not verdict.keep_pages:
-            return outcome, []
-        return outcome, [{**r, "error_retryable": False if r["error_retryable"] else r["error_retryable"]}
-                         for r in state.rows]
+            return outcome, verdict, []
+        return outcome, verdict, [{**r, "error_retryable": False if r["error_retryable"] else r["error_retryable"]}
+                                  for r in state.rows]
 
     def _failed_answer(self, err: StageError) -> PageAnswers:
         e = self.engine
@@ -282,13 +285,14 @@ class _ShardRun:
         if self.progress:
             self.progress("page", 1)
 
-    def _document_row(self, outcome: DocumentOutcome) -> dict[str, Any]:
+    def _document_row(self, outcome: DocumentOutcome, verdict: Verdict) -> dict[str, Any]:
         from pipeline import sink
 
         if self.progress:
             self.progress("document", 1)
         return sink.document_row(
             outcome,
+            verdict,
             shard_id=self.shard.shard_id,
             run_id=self.run_id,
             fingerprint=self.fingerprint,
