@@ -236,7 +236,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from pipeline.testing.tiny_models import make_tiny_model
+    from pipeline.testing import make_tiny_model  # the family's own builder, found through the registry
 
     path = make_tiny_model(args.family, args.directory, seed=args.seed)
     print(f"wrote a tiny random {args.family} model to {path}")
@@ -278,7 +278,6 @@ def _cmd_devices(args: argparse.Namespace) -> int:
         int8_special_dtypes,
         meta_model,
         model_config_for,
-        model_folder,
         top_level_map,
     )
     from pipeline.inference.registry import UnsupportedModelError, recognise
@@ -292,8 +291,7 @@ def _cmd_devices(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     try:
         family = recognise(read_model_config(args.model, args.revision))
-        folder = model_folder(args.model, args.revision) if family.ported else args.model
-        model = meta_model(model_config_for(family, folder, args.revision), family)
+        model = meta_model(model_config_for(family, args.model, args.revision), family)  # the family finds its files
         special = int8_special_dtypes(model, family) if args.dtype == "int8" else None
         device_map = compute_device_map(model, {g: args.gpu_memory for g in range(args.gpus)}, headroom, dtype,
                                         family=family, special_dtypes=special)

@@ -67,7 +67,7 @@ def s3_bucket(s3_endpoint: str, s3_storage_options: dict) -> str:
 def tiny_model(tmp_path_factory: pytest.TempPathFactory):
     """`tiny_model(family)`: the folder of a tiny random model of `family`, built once per
     test session and shared (tests must not write into it)."""
-    from pipeline.testing.tiny_models import make_tiny_model
+    from pipeline.testing import make_tiny_model
 
     built: dict[tuple[str, int], str] = {}
 

@@ -14,7 +14,7 @@ import torch
 from pipeline.cli import main, parse_memory_size
 from pipeline.inference.loading import meta_model, model_config_for
 from pipeline.inference.registry import recognise
-from pipeline.testing.tiny_models import make_tiny_model
+from pipeline.testing import make_tiny_model
 
 TINY = ("internvl", "qwen2_vl", "idefics3", "minicpm_v2", "mono_internvl", "minimax_vl_01")
 FAMILY_OF = {"internvl": "internvl", "qwen2_vl": "qwen2_vl", "idefics3": "idefics3"}

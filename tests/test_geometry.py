@@ -14,7 +14,7 @@ from pipeline.config import RunConfig
 from pipeline.inference.loading import load_builder
 from pipeline.prepare import PageWork, PrepSettings, iter_document
 from pipeline.records import DocumentRef
-from pipeline.testing.tiny_models import make_tiny_model
+from pipeline.testing import make_tiny_model
 
 # Letter, A4 (portrait), a 16:9 slide, a receipt: width x height in points
 PAGES = {"letter": (612.0, 792.0), "a4": (595.28, 841.89), "slide": (960.0, 540.0), "receipt": (226.77, 841.89)}

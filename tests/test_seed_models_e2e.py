@@ -13,7 +13,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import RunConfig
 from pipeline.inference.loading import load_builder
-from pipeline.testing.tiny_models import SEED_FAMILIES, make_tiny_model
+from pipeline.testing import SEED_FAMILIES, make_tiny_model
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_docs"
 POLICY = {"minicpm_v2": "minicpm", "mono_internvl": "internvl", "minimax_vl_01": "minimax"}

@@ -32,7 +32,12 @@ def _digest(path: Path) -> str:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_model_loads_like_a_hub_checkpoint(family: str, tmp_path: Path) -> None:
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModelForImageTextToText,
+        AutoTokenizer,
+    )
 
     make_tiny_model(family, tmp_path / "warm")  # imports happen here, not in the timing below
     start = time.perf_counter()
@@ -99,7 +104,7 @@ def test_make_tiny_model_cli_builds_the_seed_families_in_their_official_layout(f
 
     from pipeline.cli import main
     from pipeline.inference.registry import recognise
-    from pipeline.testing.tiny_models import SEED_FAMILIES
+    from pipeline.testing import SEED_FAMILIES
 
     assert family in SEED_FAMILIES
     assert main(["make-tiny-model", family, str(tmp_path / family)]) == 0
@@ -112,3 +117,23 @@ def test_make_tiny_model_cli_builds_the_seed_families_in_their_official_layout(f
     names = {p.name for p in folder.iterdir()}
     assert {"model.safetensors", tokenizer_file} <= names
     assert not any(name.endswith((".bin", ".pt", ".pth", ".py")) for name in names)  # no code, safetensors only
+
+
+def test_every_family_writes_its_tiny_checkpoints_with_its_own_builder(tmp_path: Path, capsys) -> None:
+    # one path for every family: the registry entry names the tiny checkpoints, the family's
+    # tiny.py writes them, and each is recognised as that family
+    import json
+
+    from pipeline.cli import main
+    from pipeline.inference.registry import FAMILIES as REGISTRY
+    from pipeline.inference.registry import recognise
+    from pipeline.testing import TINY_MODELS
+
+    assert sorted(TINY_MODELS) == sorted([*CLASSES, *SEED_LAYOUT])  # the five transformers ones, the three seeds
+    for family in REGISTRY:
+        assert family.tiny_names[0] == family.name
+        for name in family.tiny_names:
+            assert main(["make-tiny-model", name, str(tmp_path / name)]) == 0
+            config = json.loads((tmp_path / name / "config.json").read_text())
+            assert recognise(config) == family, name
+    assert len(capsys.readouterr().out.splitlines()) == len(TINY_MODELS)

@@ -21,7 +21,7 @@ pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
 from pipeline.cli import main  # noqa: E402
-from pipeline.testing.tiny_models import make_tiny_model  # noqa: E402
+from pipeline.testing import make_tiny_model  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_docs"
 ANSWER_COLUMNS = ("description", "ocr_text", "has_chart", "chart_check_answer", "chart_answers", "prompt_tokens",

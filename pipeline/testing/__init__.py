@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from pipeline.inference.registry import FAMILIES as _REGISTRY
+from pipeline.inference.registry import tiny_model_names
 from pipeline.records import PageImage, PageKind, RenderInfo
-from pipeline.testing.tiny_models import FAMILIES, make_tiny_model
 
 LETTER_PT = (612.0, 792.0)
+
+TINY_MODELS: tuple[str, ...] = tiny_model_names()  # every family's tiny checkpoints, from the registry
+# The project's seed models: their tiny checkpoints are in the official (remote-code) layout,
+# which only the pipeline's ports load.
+SEED_FAMILIES: tuple[str, ...] = ("minicpm_v2", "mono_internvl", "minimax_vl_01")
+# The others: checkpoints in transformers' own layout (its Auto classes load them).
+FAMILIES: tuple[str, ...] = tuple(name for name in TINY_MODELS if name not in SEED_FAMILIES)
+
+
+def make_tiny_model(family: str, out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Write a tiny random checkpoint named `family` (one of `TINY_MODELS`: internvl, qwen2_vl,
+    qwen2_5_vl, idefics3, smolvlm, minicpm_v2, mono_internvl, minimax_vl_01) to `out_dir` and
+    return the folder, built by the family's own tiny.py, found through the registry.
+    Offline, deterministic for a given seed, safetensors only."""
+    for entry in _REGISTRY:
+        if family in entry.tiny_names:
+            return entry.make_tiny_model(out_dir, seed=seed, variant=family)
+    raise ValueError(f"unknown family {family!r}; choose one of {', '.join(TINY_MODELS)}")
 
 
 def sample_pdf(
@@ -87,4 +108,4 @@ def sample_image_page(width: int, height: int, *, seed: int = 0, doc_id: str = "
     )
 
 
-__all__ = ["FAMILIES", "make_tiny_model", "render_sample_page", "sample_image_page"]
+__all__ = ["FAMILIES", "SEED_FAMILIES", "TINY_MODELS", "make_tiny_model", "render_sample_page", "sample_image_page"]

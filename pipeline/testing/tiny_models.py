@@ -1,11 +1,15 @@
-"""Tiny, randomly initialised checkpoints of real VLM architectures, built offline.
+"""What every family's tiny checkpoint builder shares (tests, smoke runs), built offline.
 
-`make_tiny_model(family, out_dir)` writes a folder that loads exactly like a hub
+Each family writes its own tiny checkpoint in `pipeline/inference/families/<name>/tiny.py`
+(found through the registry: `pipeline.testing.make_tiny_model(name, dir)`, `docpipe
+make-tiny-model NAME DIR`). The families transformers has classes for share what is here: a
+byte-level BPE tokenizer trained with `tokenizers` on a few sentences (with the family's
+special tokens and a chat template in the style of the real checkpoints), a 2-layer text
+config, and `save_tiny_checkpoint`, which writes a folder that loads exactly like a hub
 checkpoint through transformers (`AutoModelForImageTextToText`, `AutoTokenizer`,
-`AutoImageProcessor(backend="pil")`): config + safetensors weights, a byte-level BPE
-tokenizer trained with `tokenizers` on a few sentences (with the family's special tokens
-and a chat template in the style of the real checkpoints), and the image processor
-config. Nothing is downloaded. Each model is about 1 MB and builds in well under a second.
+`AutoImageProcessor(backend="pil")`): config + safetensors weights, the tokenizer and the
+image processor config. Nothing is downloaded. Each model is about 1 MB and builds in well
+under a second.
 
 Weights use `initializer_range=0.3` so that a random model emits varied tokens (with the
 default 0.02 it tends to repeat one token), which keeps batch-equality tests meaningful.
@@ -37,9 +41,9 @@ _CORPUS = (
     "Abstract. Introduction. Methods. Results. Discussion. References.",
 )
 
-# Jinja chat templates in the style of the real checkpoints (ChatML for InternVL3 and
-# Qwen2-VL, "User:/Assistant:" for Idefics3/SmolVLM).
-_CHATML_TEMPLATE = (
+# A Jinja ChatML template in the style of the real checkpoints (InternVL3, Qwen2-VL);
+# IMAGE is replaced by the family's image text.
+CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for content in message['content'] %}"
@@ -48,18 +52,12 @@ _CHATML_TEMPLATE = (
     "{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-_IDEFICS_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
-    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
-    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
-    "<end_of_utterance>\\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
+CHATML = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
 @dataclass(frozen=True)
-class _Spec:
-    """How to build one family: its special tokens and how to make config + processor."""
+class TinySpec:
+    """How to build one tiny checkpoint: its special tokens and how to make config + processor."""
 
     specials: tuple[str, ...]
     eos: str
@@ -69,7 +67,7 @@ class _Spec:
     build: Callable[[dict[str, int]], tuple[Any, dict[str, Any]]]
 
 
-def _text_config(vocab_size: int, ids: dict[str, int], eos: str, pad: str, **extra: Any) -> dict[str, Any]:
+def text_config(vocab_size: int, ids: dict[str, int], eos: str, pad: str, **extra: Any) -> dict[str, Any]:
     """A 2-layer decoder, small enough to run in milliseconds on a CPU."""
     cfg: dict[str, Any] = {
         "vocab_size": vocab_size,
@@ -89,230 +87,7 @@ def _text_config(vocab_size: int, ids: dict[str, int], eos: str, pad: str, **ext
     return cfg
 
 
-def _internvl(ids: dict[str, int]) -> tuple[Any, dict[str, Any]]:
-    from transformers import InternVLConfig
-
-    vocab = len(ids)
-    config = InternVLConfig(
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 448,
-            # Real tiles (448 px) but 56 px patches: 8x8 patches, 16 tokens per tile after
-            # the 0.5 pixel shuffle (real checkpoints: 14 px patches, 256 tokens per tile).
-            "patch_size": 56,
-            "initializer_range": INIT_RANGE,
-        },
-        text_config={"model_type": "qwen2", **_text_config(vocab, ids, "<|im_end|>", "<|endoftext|>")},
-        image_token_id=ids["<IMG_CONTEXT>"],
-        image_seq_length=16,
-        downsample_ratio=0.5,
-        tie_word_embeddings=False,
-    )
-    processor = {
-        "image_processor_type": "GotOcr2ImageProcessor",
-        "processor_class": "InternVLProcessor",
-        "crop_to_patches": False,  # the processor turns it on per call, as in the real checkpoints
-        "min_patches": 1,
-        "max_patches": 12,
-        "size": {"height": 448, "width": 448},
-        "resample": 3,
-        "do_resize": True,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": [0.485, 0.456, 0.406],
-        "image_std": [0.229, 0.224, 0.225],
-        "do_convert_rgb": True,
-    }
-    return config, processor
-
-
-def _qwen2_vl(ids: dict[str, int], *, v25: bool = False) -> tuple[Any, dict[str, Any]]:
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
-
-    vocab = len(ids)
-    text = _text_config(
-        vocab,
-        ids,
-        "<|im_end|>",
-        "<|endoftext|>",
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-    )
-    if v25:
-        vision = {
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 56,
-            "fullatt_block_indexes": [1],
-            "initializer_range": INIT_RANGE,
-        }
-        cls = Qwen2_5_VLConfig
-    else:
-        vision = {
-            "depth": 2,
-            "embed_dim": 32,
-            "hidden_size": 64,
-            "mlp_ratio": 2,
-            "num_heads": 2,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "initializer_range": INIT_RANGE,
-        }
-        cls = Qwen2VLConfig
-    config = cls(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
-    processor = {
-        "image_processor_type": "Qwen2VLImageProcessor",
-        "processor_class": "Qwen2_5_VLProcessor" if v25 else "Qwen2VLProcessor",
-        # Few visual tokens for speed: at most 64 merged patches (real checkpoints allow ~16k).
-        "min_pixels": 28 * 28 * 4,
-        "max_pixels": 28 * 28 * 64,
-        "patch_size": 14,
-        "temporal_patch_size": 2,
-        "merge_size": 2,
-        "resample": 3,
-        "do_resize": True,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "do_convert_rgb": True,
-    }
-    return config, processor
-
-
-def _idefics3(ids: dict[str, int], *, smol: bool = False) -> tuple[Any, dict[str, Any]]:
-    from transformers import Idefics3Config, SmolVLMConfig
-
-    vocab = len(ids)
-    tile = 112  # vision encoder input; 8x8 patches of 14 px, scale factor 2 -> 16 tokens per tile
-    cls = SmolVLMConfig if smol else Idefics3Config
-    config = cls(
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": tile,
-            "patch_size": 14,
-            "initializer_range": INIT_RANGE,
-        },
-        # head_dim 64: vLLM's CPU attention refuses 16 (64 / 4 heads), so the same checkpoint serves both engines
-        text_config={
-            "model_type": "llama", **_text_config(vocab, ids, "<end_of_utterance>", "<|endoftext|>", head_dim=64)
-        },
-        image_token_id=ids["<image>"],
-        scale_factor=2,
-        tie_word_embeddings=False,
-    )
-    processor = {
-        "image_processor_type": "SmolVLMImageProcessor" if smol else "Idefics3ImageProcessor",
-        "processor_class": "SmolVLMProcessor" if smol else "Idefics3Processor",
-        "do_image_splitting": True,
-        "size": {"longest_edge": 4 * tile},
-        "max_image_size": {"longest_edge": tile},
-        "resample": 1,
-        "do_resize": True,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5],
-        "do_pad": True,
-        "do_convert_rgb": True,
-    }
-    return config, processor
-
-
-_CHATML = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-_IDEFICS_SPECIALS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<end_of_utterance>",
-    "<fake_token_around_image>",
-    "<image>",
-    "<global-img>",
-    *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)),
-)
-_QWEN_SPECIALS = (*_CHATML, "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
-
-_SPECS: dict[str, _Spec] = {
-    "internvl": _Spec(
-        specials=(*_CHATML, "<img>", "</img>", "<IMG_CONTEXT>", "<video>"),
-        eos="<|im_end|>",
-        pad="<|endoftext|>",
-        named_tokens={
-            "start_image_token": "<img>",
-            "end_image_token": "</img>",
-            "context_image_token": "<IMG_CONTEXT>",
-            "video_token": "<video>",
-        },
-        chat_template=_CHATML_TEMPLATE.replace("IMAGE", "'<IMG_CONTEXT>\\n'"),
-        build=_internvl,
-    ),
-    "qwen2_vl": _Spec(
-        specials=_QWEN_SPECIALS,
-        eos="<|im_end|>",
-        pad="<|endoftext|>",
-        named_tokens={},
-        chat_template=_CHATML_TEMPLATE.replace("IMAGE", "'<|vision_start|><|image_pad|><|vision_end|>'"),
-        build=_qwen2_vl,
-    ),
-    "qwen2_5_vl": _Spec(
-        specials=_QWEN_SPECIALS,
-        eos="<|im_end|>",
-        pad="<|endoftext|>",
-        named_tokens={},
-        chat_template=_CHATML_TEMPLATE.replace("IMAGE", "'<|vision_start|><|image_pad|><|vision_end|>'"),
-        build=lambda ids: _qwen2_vl(ids, v25=True),
-    ),
-    "idefics3": _Spec(
-        specials=_IDEFICS_SPECIALS,
-        eos="<end_of_utterance>",
-        pad="<|endoftext|>",
-        named_tokens={},
-        chat_template=_IDEFICS_TEMPLATE,
-        build=_idefics3,
-    ),
-    "smolvlm": _Spec(
-        specials=_IDEFICS_SPECIALS,
-        eos="<end_of_utterance>",
-        pad="<|endoftext|>",
-        named_tokens={
-            "fake_image_token": "<fake_token_around_image>",
-            "image_token": "<image>",
-            "global_image_token": "<global-img>",
-        },
-        chat_template=_IDEFICS_TEMPLATE,
-        build=lambda ids: _idefics3(ids, smol=True),
-    ),
-}
-
-FAMILIES: tuple[str, ...] = tuple(_SPECS)  # served by transformers' own classes
-# Ported seed families: each module writes its own tiny checkpoint in the official layout.
-SEED_FAMILIES: tuple[str, ...] = ("minicpm_v2", "mono_internvl", "minimax_vl_01")
-ALL_FAMILIES: tuple[str, ...] = FAMILIES + SEED_FAMILIES
-
-
-def _train_tokenizer(specials: tuple[str, ...], vocab_size: int = 400) -> Any:
+def train_tokenizer(specials: tuple[str, ...], vocab_size: int = 400) -> Any:
     """A byte-level BPE tokenizer (any text encodes) with `specials` as its first ids."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -329,27 +104,21 @@ def _train_tokenizer(specials: tuple[str, ...], vocab_size: int = 400) -> Any:
     return tok
 
 
-def make_tiny_model(family: str, out_dir: str | Path, *, seed: int = 0) -> Path:
-    """Write a tiny random checkpoint of `family` to `out_dir` and return the folder.
-
-    Families: internvl, qwen2_vl, qwen2_5_vl, idefics3, smolvlm (transformers' classes),
-    and the seed models minicpm_v2, mono_internvl, minimax_vl_01 (official layout, built by
-    their family module). Offline, deterministic for a given seed, safetensors only.
-    """
-    if family in SEED_FAMILIES:
-        from pipeline.inference.registry import family_by_name
-
-        return Path(family_by_name(family).implementation().make_tiny_model(out_dir, seed=seed))
+def save_tiny_checkpoint(spec: TinySpec, out_dir: str | Path, *, seed: int = 0) -> tuple[Path, Any, dict[str, Any]]:
+    """Write a tiny random checkpoint of a family transformers has classes for to `out_dir`:
+    (the folder, the model config, the image processor config). Offline, deterministic for a
+    given seed, safetensors only."""
     import torch
-    from transformers import AutoModelForImageTextToText, GenerationConfig, PreTrainedTokenizerFast
+    from transformers import (
+        AutoModelForImageTextToText,
+        GenerationConfig,
+        PreTrainedTokenizerFast,
+    )
 
-    if family not in _SPECS:
-        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(ALL_FAMILIES)}")
-    spec = _SPECS[family]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    backend = _train_tokenizer(spec.specials)
+    backend = train_tokenizer(spec.specials)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token=spec.eos,
@@ -371,14 +140,8 @@ def make_tiny_model(family: str, out_dir: str | Path, *, seed: int = 0) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     (out / "preprocessor_config.json").write_text(json.dumps(processor_config, indent=2))
-    if family in ("idefics3", "smolvlm"):
-        # The processor's image tokens per tile, as the model really produces them; readers that
-        # build the processor (vLLM) default to the full-size model's 169 otherwise.
-        vision = config.vision_config
-        seq_len = (vision.image_size // vision.patch_size) ** 2 // config.scale_factor**2
-        processor = {"image_seq_len": int(seq_len), "processor_class": processor_config["processor_class"]}
-        (out / "processor_config.json").write_text(json.dumps(processor, indent=2))
-    return out
+    return out, config, processor_config
 
 
-__all__ = ["ALL_FAMILIES", "FAMILIES", "INIT_RANGE", "SEED_FAMILIES", "make_tiny_model"]
+__all__ = ["CHATML", "CHATML_TEMPLATE", "INIT_RANGE", "TinySpec", "save_tiny_checkpoint", "text_config",
+           "train_tokenizer"]

@@ -1,5 +1,5 @@
 """Idefics3 / SmolVLM: served by transformers' own classes; the pipeline adds its input builder
-(processing.py: plan, pixels, prompt and token count)."""
+(processing.py: plan, pixels, prompt and token count) and its tiny checkpoint builder (tiny.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Qwen2-VL / Qwen2.5-VL: served by transformers' own classes; the pipeline adds its input builder
-(processing.py: plan, pixels, prompt and token count)."""
+(processing.py: plan, pixels, prompt and token count) and its tiny checkpoint builder (tiny.py)."""
 
 from __future__ import annotations
 
