@@ -86,7 +86,7 @@ class ChildRun:
       flow_run_name="shard-{shard[shard_id]}")
 def process_shard_flow(
     shard: dict[str, Any], config: dict[str, Any], run_id: str, lease_generation: int | None = None
-) -> dict[str, Any]:
+) -> Any:
     """Process one shard of a fanned-out run and publish its result as a table artifact.
 
     Args:
@@ -97,6 +97,15 @@ def process_shard_flow(
             commits nothing once a newer run owns the output (a child left queued by a
             parent that died is then skipped: the newer parent replays its shard).
     """
+    try:
+        return _process_shard(shard, config, run_id, lease_generation)
+    except tasks.expected_failures() as exc:  # one line in the run's state, no traceback
+        return tasks.failed_run(exc)
+
+
+def _process_shard(
+    shard: dict[str, Any], config: dict[str, Any], run_id: str, lease_generation: int | None
+) -> dict[str, Any]:
     cfg = build_config(config)
     work = Shard.from_dict(shard)
     lease: Lease | None = None
@@ -232,7 +241,14 @@ _EXTRA_HELP = {
     extra=_EXTRA,
     extra_help=_EXTRA_HELP,
 )
-def fanout(**params: Any) -> dict[str, Any]:
+def fanout(**params: Any) -> Any:
+    try:
+        return _fanout(params)
+    except tasks.expected_failures() as exc:  # one line in the run's state, no traceback
+        return tasks.failed_run(exc)
+
+
+def _fanout(params: dict[str, Any]) -> dict[str, Any]:
     deployment = str(params.pop("shard_deployment", DEFAULT_SHARD_DEPLOYMENT))
     max_resubmits = int(params.pop("max_resubmits", 1))
     config = build_config(params)

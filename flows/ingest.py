@@ -5,7 +5,9 @@ Its parameters are exactly `RunConfig`'s fields, generated from the model (see
 source=s3://bucket/prefix --param output=s3://bucket/out` takes the same settings as
 `docpipe run`. Shards run one after another in this process, sharing one loaded model;
 a failed shard does not stop the others, and the flow fails at the end naming them (a
-rerun resumes: finished shards are skipped).
+rerun resumes: finished shards are skipped). A run that cannot start or go on (bad settings,
+missing source, busy or changed output, broken device) ends Failed with one line as its
+state message and no traceback (`tasks.expected_failures`); anything else keeps its traceback.
 """
 
 from __future__ import annotations
@@ -72,8 +74,11 @@ def run_shards_here(config: RunConfig, run_id: str) -> dict[str, Any]:
 @with_config_parameters(
     "Ingest a folder or bucket of PDFs and scans into Parquet (pages and documents tables), on this machine."
 )
-def ingest(**params: Any) -> dict[str, Any]:
-    config = build_config(params)
-    run_id = resolve_run_id(config)
-    log_config(config, run_id)
-    return run_shards_here(config, run_id)
+def ingest(**params: Any) -> Any:
+    try:
+        config = build_config(params)
+        run_id = resolve_run_id(config)
+        log_config(config, run_id)
+        return run_shards_here(config, run_id)
+    except tasks.expected_failures() as exc:  # one line in the run's state, no traceback
+        return tasks.failed_run(exc)

@@ -332,7 +332,7 @@ def finish_run(
         runner.end_run(handle, "failed", summary, message)
         publish_report(config, run_id)
         report_failure(run_id, message)
-        raise RuntimeError(message)
+        raise RunFailed(message)
     runner.end_run(handle, "completed", summary)
     publish_report(config, run_id)
     data = summary.to_dict()
@@ -359,9 +359,37 @@ def report_failure(run_id: str, reason: str) -> None:
 
 def describe_failure(exc: BaseException) -> str:
     """One line about an exception that ended a run (no traceback; a user's mistake reads as one)."""
-    if isinstance(exc, ConfigurationError):
+    if isinstance(exc, (ConfigurationError, RunFailed)):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
+
+
+class RunFailed(RuntimeError):
+    """A run ended for a reason already said in one line (e.g. shards failed: a rerun resumes)."""
+
+
+def expected_failures() -> tuple[type[BaseException], ...]:
+    """What ends a flow run in one line, as `docpipe run` ends in one line with its exit code
+    (pipeline/cli.py `_cmd_run`): the settings, the setup, a busy or changed output, a lost
+    lease, a broken device, failing prep workers, failed shards. Anything else is a bug of
+    ours and keeps its traceback."""
+    from pipeline.dataset import LeaseLost, OutputBusy
+    from pipeline.preflight import SetupError
+    from pipeline.prepare import PrepWorkersFailing
+
+    return (ConfigurationError, RunFailed, SetupError, runner.SettingsChanged, OutputBusy, LeaseLost,
+            runner.DeviceFailure, PrepWorkersFailing)
+
+
+def failed_run(exc: BaseException) -> State:
+    """The end of a flow run that met an expected failure: Failed, with the one line as its
+    message. Returned rather than raised, so Prefect logs no traceback of our code (it is
+    logged at DEBUG: PREFECT_LOGGING_LEVEL=DEBUG shows it, as `docpipe -v` does)."""
+    from prefect.states import Failed
+
+    message = describe_failure(exc)
+    get_run_logger().debug("the run failed: %s", message, exc_info=exc)
+    return Failed(message=message)
 
 
 def failure_message(failed: Iterable[tuple[str, str]], total: int) -> str:

@@ -352,6 +352,28 @@ def test_missing_source_fails_without_retries(prefect_api, tmp_path: Path):
     assert len(failure) == 1 and "source not found" in str(failure[0].data)
 
 
+@pytest.mark.slow
+def test_an_expected_failure_ends_the_flow_run_in_one_line_and_a_bug_keeps_its_traceback(
+    prefect_api, tmp_path: Path, monkeypatch
+):
+    state = ingest(source=str(tmp_path / "nowhere"), output=str(tmp_path / "out"), return_state=True)
+    assert state.is_failed()
+    message = state.message or ""
+    assert message.startswith("source not found") and "\n" not in message, message
+    assert "ConfigurationError" not in message and "encountered an exception" not in message  # the reason alone
+    logs = _flow_run_logs(state.state_details.flow_run_id)
+    assert f"failed: {message}" in logs  # the one line, where `--watch` and the UI show it
+    assert "Traceback" not in logs and "Encountered exception" not in logs, logs
+
+    def bug(config, run_id):  # not a user's mistake: our own error keeps its traceback
+        raise ZeroDivisionError("a bug of ours")
+
+    monkeypatch.setattr(tasks, "begin", bug)
+    state = ingest(source=str(tmp_path / "nowhere"), output=str(tmp_path / "out"), return_state=True)
+    assert state.is_failed() and "ZeroDivisionError" in (state.message or "")
+    assert "Traceback" in _flow_run_logs(state.state_details.flow_run_id)
+
+
 def plan_elsewhere(config: RunConfig, tmp_path: Path) -> runner.WorkPlan:
     """The shards a run of `config` will cut (shard ids do not depend on the output), planned
     in a scratch output so the real one stays empty."""
