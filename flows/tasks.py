@@ -373,11 +373,11 @@ def expected_failures() -> tuple[type[BaseException], ...]:
     (pipeline/cli.py `_cmd_run`): the settings, the setup, a busy or changed output, a lost
     lease, a broken device, failing prep workers, failed shards. Anything else is a bug of
     ours and keeps its traceback."""
-    from pipeline.dataset import LeaseLost, OutputBusy
+    from pipeline.dataset import LeaseLost, OutputBusy, OutputUnsafe
     from pipeline.preflight import SetupError
     from pipeline.prepare import PrepWorkersFailing
 
-    return (ConfigurationError, RunFailed, SetupError, runner.SettingsChanged, OutputBusy, LeaseLost,
+    return (ConfigurationError, RunFailed, SetupError, runner.SettingsChanged, OutputBusy, OutputUnsafe, LeaseLost,
             runner.DeviceFailure, PrepWorkersFailing)
 
 

@@ -196,7 +196,7 @@ def _fail(message: str, code: int) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.dataset import LeaseLost, OutputBusy
+    from pipeline.dataset import LeaseLost, OutputBusy, OutputUnsafe
     from pipeline.preflight import SetupError, check_setup
     from pipeline.progress import run_with_progress
     from pipeline.runner import DeviceFailure, SettingsChanged
@@ -211,7 +211,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         summary = run_with_progress(config)
     except KeyboardInterrupt:
         return _fail(f"interrupted; {resume}", EXIT_INTERRUPTED)
-    except (SetupError, SettingsChanged) as exc:
+    except (SetupError, SettingsChanged, OutputUnsafe) as exc:
         return _fail(str(exc), EXIT_BAD_CONFIG)
     except OutputBusy as exc:
         return _fail(f"{exc}; try again when it has finished, or pass --wait-for-output-s", EXIT_OUTPUT_BUSY)
@@ -436,22 +436,25 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_compact(args: argparse.Namespace) -> int:
-    from pipeline.dataset import Dataset, OutputBusy
+    from pipeline.dataset import Dataset, OutputBusy, OutputUnsafe
 
     try:
         dataset = Dataset(args.output, args.storage_options)
         result = dataset.compact(target_rows=args.target_rows, wait_s=args.wait_for_output_s)
     except OutputBusy as exc:
         return _fail(f"{exc}; compact when it has finished, or pass --wait-for-output-s", EXIT_OUTPUT_BUSY)
+    except OutputUnsafe as exc:
+        return _fail(str(exc), EXIT_BAD_CONFIG)
     print(result.describe())
     return EXIT_OK
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from pipeline.dataset import Dataset, OutputBusy
+    from pipeline.dataset import Dataset, OutputBusy, OutputUnsafe
 
     dataset = Dataset(args.output, args.storage_options)
     try:
+        dataset.check_contained()  # a folder that is a link: refused before anything is read or moved
         if args.repair:
             with dataset.acquire(f"verify-{uuid.uuid4().hex[:8]}", wait_s=args.wait_for_output_s) as lease:
                 problems = dataset.verify(repair=True, lease=lease)
@@ -459,6 +462,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             problems = dataset.verify()
     except OutputBusy as exc:
         return _fail(f"{exc}; verify --repair when it has finished, or pass --wait-for-output-s", EXIT_OUTPUT_BUSY)
+    except OutputUnsafe as exc:
+        return _fail(str(exc), EXIT_BAD_CONFIG)
     for problem in problems:
         print(problem.describe())
     if not problems:

@@ -34,9 +34,11 @@ from pipeline.dataset.store import (
     _is_temp,
     _join,
     _Store,
+    _warn_once,
     _with_metadata,
     conform,
     fault_point,
+    is_own_file,
     shard_file_name,
     shard_id_of,
 )
@@ -49,6 +51,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("pipeline.dataset")
 
 _STAGE_RE = re.compile(r"^g(?P<gen>\d{12})$")
+_LEASELESS_STAGE = "nolease"  # the staging folder of writers without a lease (library use, tests)
+_FENCED_RE = re.compile(r"^(?:g\d{12}|nolease)-[0-9a-f]{8}$")  # a staging folder moved to _docpipe/fenced/
 
 
 class _CommitOps(_Store):
@@ -67,11 +71,12 @@ class _CommitOps(_Store):
     # which links or renames out of its own folder, fails instead of landing (local disks);
     # on object stores the documents file is created with `If-None-Match: *`.
     def _stage_dir(self, generation: int | None) -> str:
-        return self.path(META, "staging", "nolease" if generation is None else f"g{generation:012d}")
+        return self.path(META, "staging", _LEASELESS_STAGE if generation is None else f"g{generation:012d}")
 
     def _make_stage(self, generation: int) -> None:
         if self.local:
             for table in (PAGES, DOCUMENTS):
+                self._guard(_join(self._stage_dir(generation), table, "-"))
                 os.makedirs(_join(self._stage_dir(generation), table), exist_ok=True)
 
     def _staged_pages(self, shard_id: str, generation: int | None = None) -> str:
@@ -168,6 +173,7 @@ class _CommitOps(_Store):
             return self.create_exclusive(final, buffer.getvalue().to_pybytes())
         staged = _join(stage, DOCUMENTS, shard_file_name(shard_id))
         self._write_staged(staged, documents, may_create=not fenced, metadata=meta)
+        self._guard(final)
         os.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
         try:
             os.link(staged, final)  # fails if the stage folder was fenced away, or a commit is there
@@ -191,6 +197,8 @@ class _CommitOps(_Store):
         final = self.shard_path(PAGES, shard_id)
         try:
             if self.local:
+                self._guard(staged)
+                self._guard(final)
                 os.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
                 os.replace(staged, final)
                 _fsync_path(final.rsplit("/", 1)[0], directory=True)
@@ -320,17 +328,28 @@ class _CommitOps(_Store):
         are moved in (roll forward), anything else is removed. Locally the folder is first
         renamed to `_docpipe/fenced/`, after which its old owner can neither stage nor
         commit from it (its link/rename out of the folder fails); the commits are listed
-        only after that rename, so none is missed."""
+        only after that rename, so none is missed.
+
+        Only docpipe's own names are touched: staging folders `g<generation>` / `nolease`,
+        fenced folders `<that>-<8 hex>`, part files and docpipe's temp files in them. Anything
+        else found there (a link, a folder or file docpipe did not make) is left alone, and
+        a fenced folder is removed only once it is empty (never recursively)."""
         base = self.path(META, "staging")
         removed: list[str] = []
         folders: list[str] = []
         for name in self._subfolders(base):
             match = _STAGE_RE.match(name)
+            if not match and name not in (_LEASELESS_STAGE, PAGES):
+                _warn_once(f"foreign:{base}/{name}", "left %s alone: not a folder docpipe made",
+                           full_uri(self.fs, _join(base, name)))
+                continue
             if match and keep_generation is not None and int(match["gen"]) >= keep_generation:
                 continue  # this owner's own folder (or, if this owner lost, a newer one's)
             folder = _join(base, name)
             if self.local and name != PAGES:
                 fenced = self.path(META, "fenced", f"{name}-{uuid.uuid4().hex[:8]}")
+                self._guard(folder)
+                self._guard(fenced)
                 os.makedirs(fenced.rsplit("/", 1)[0], exist_ok=True)
                 try:
                     os.rename(folder, fenced)
@@ -338,8 +357,9 @@ class _CommitOps(_Store):
                     continue
                 folder = fenced
             folders.append(folder)
-        folders += [_join(self.path(META, "fenced"), n) for n in self._subfolders(self.path(META, "fenced"))
-                    if _join(self.path(META, "fenced"), n) not in folders]
+        fenced_base = self.path(META, "fenced")
+        folders += [_join(fenced_base, n) for n in self._subfolders(fenced_base)
+                    if _FENCED_RE.match(n) and _join(fenced_base, n) not in folders]
         if not folders:
             return removed
         committed = set(self.part_files(DOCUMENTS))  # listed after the fence
@@ -348,6 +368,8 @@ class _CommitOps(_Store):
             legacy = folder.rstrip("/").endswith(f"staging/{PAGES}")
             pages_dir = folder if legacy else _join(folder, PAGES)
             for entry in self._listing(pages_dir):
+                if not is_own_file(entry["name"]):
+                    continue
                 shard = shard_id_of(entry["name"])
                 if shard is not None and shard in committed and shard not in present:
                     if self._publish_pages(shard, stage=pages_dir):
@@ -357,10 +379,21 @@ class _CommitOps(_Store):
                 if self.remove(entry["name"]):
                     removed.append(full_uri(self.fs, entry["name"]))
             for entry in [] if legacy else self._listing(_join(folder, DOCUMENTS)):
-                self.remove(entry["name"])  # a committed one was linked into documents/ already
-            if not legacy:
-                try:
-                    self.fs.rm(folder, recursive=True)
-                except FileNotFoundError:
-                    pass
+                if is_own_file(entry["name"]):
+                    self.remove(entry["name"])  # a committed one was linked into documents/ already
+            if not legacy and self.local:
+                self._remove_empty_folder(folder)
         return removed
+
+    def _remove_empty_folder(self, folder: str) -> None:
+        """Remove a fenced staging folder and its two table folders, each only if empty (a
+        file docpipe did not make keeps it, with one warning). Object stores have no folders."""
+        for path in (_join(folder, PAGES), _join(folder, DOCUMENTS), folder):
+            try:
+                self._guard(_join(path, "-"))
+                os.rmdir(path)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                _warn_once(f"kept:{folder}", "kept %s: it holds files docpipe did not make", full_uri(self.fs, folder))
+                return

@@ -58,6 +58,8 @@ class _VerifyOps(_Store):
         rel = path[len(self.root.rstrip("/")) + 1:] if path.startswith(self.root.rstrip("/") + "/") else path.rsplit("/", 1)[-1]
         target = self.path(META, "quarantine", stamp, rel)
         if self.local:
+            self._guard(path)  # never moves a file from, or into, a place a link leads to
+            self._guard(target)
             os.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
             try:
                 os.replace(path, target)
