@@ -320,6 +320,7 @@ def finish_run(
         seconds=time.perf_counter() - started,
         total_documents=plan.total_documents,
         already_done=plan.already_done,
+        files_skipped=plan.skipped,
     )
     publish_summary(summary, failed_shards=[sid for sid, _ in failed])
     get_run_logger().info(

@@ -181,7 +181,8 @@ def run_row(handle: RunHandle, status: str, summary: "RunSummary | None" = None,
     counts = None
     if summary is not None:
         counts = json.dumps(
-            {"documents_by_status": summary.documents_by_status, "errors_by_type": summary.errors_by_type},
+            {"documents_by_status": summary.documents_by_status, "errors_by_type": summary.errors_by_type,
+             "files_skipped": summary.files_skipped},
             sort_keys=True,
         )
     return {
@@ -202,6 +203,7 @@ def run_row(handle: RunHandle, status: str, summary: "RunSummary | None" = None,
         "documents_processed": summary.documents if summary else None,
         "pages": summary.pages if summary else None,
         "pages_failed": summary.pages_failed if summary else None,
+        "files_skipped": sum(summary.files_skipped.values()) if summary else None,
         "counts": counts,
         "message": message,
     }
@@ -220,6 +222,7 @@ class WorkPlan:
     already_done: int
     discover_s: float
     replayed: int = 0  # shards of an earlier, unfinished run replayed under their own ids
+    skipped: dict[str, int] = field(default_factory=dict)  # files under the source with no row, by reason
 
     @property
     def to_do(self) -> int:
@@ -237,19 +240,23 @@ def discover_work(config: RunConfig, handle: RunHandle) -> WorkPlan:
     state = dataset.read_state(fingerprint=fingerprint, reprocess=config.reprocess)
     committed = set(dataset.part_files(DOCUMENTS))
     pending = [p for p in dataset.plans().values() if p.fingerprint == fingerprint and p.shard_id not in committed]
-    refs = sources.discover(
+    listing = sources.survey(
         config.source,
         extensions=config.extensions,
         storage_options=config.storage_options,
         limit=config.limit,
         known=state.known,  # unchanged files already recorded are not read again
     )
+    refs = listing.refs
     from pipeline.dataset import fault_point
 
     fault_point("after_discover")
-    # A file whose bytes differ from the version the output holds replaces it (latest wins).
+    # A file whose bytes differ from the version the output holds replaces it (latest wins); so
+    # does a file that can no longer be read (a dangling link, gone after listing: no id), and
+    # a readable file replaces its own `unreadable` row (id ""). One row per file.
     refs = [dataclasses.replace(r, replaces=state.versions[r.uri])
-            if r.doc_id and state.versions.get(r.uri) not in (None, r.doc_id) else r for r in refs]
+            if state.versions.get(r.uri) not in (None, r.doc_id) else r for r in refs]
+    _one_row_per_file(dataset, refs, state)
     replay = _replayable(pending, refs, state.doc_keys, dataset)
     in_plans = {(r.uri, r.doc_id) for shard in replay for r in shard.refs}
     plan: ShardPlan = plan_shards(
@@ -282,7 +289,21 @@ def discover_work(config: RunConfig, handle: RunHandle) -> WorkPlan:
         already_done=plan.already_done - len(in_plans & listed),
         discover_s=time.perf_counter() - t0,
         replayed=len(replay),
+        skipped=listing.skipped,
     )
+
+
+def _one_row_per_file(dataset: Dataset, refs: list[DocumentRef], state: Any) -> None:
+    """A file listed now whose current version (its id, "" when it cannot be read) is done
+    keeps that row alone: rows of its other versions still in the output are dropped (a
+    transient `unreadable` row after the file read fine again; a second row an older
+    docpipe left beside a file that turned into a dangling link). Deleted files are not
+    listed and keep their rows."""
+    stale = {(r.uri, other) for r in refs if (r.uri, r.doc_id) in state.doc_keys
+             for other in state.ids.get(r.uri, ()) if other != r.doc_id}
+    if stale:
+        removed = dataset.drop_versions(stale)
+        log.info("dropped %d rows of files' other versions (each file keeps its current row)", removed)
 
 
 def _replayable(pending: list[PlanRecord], refs: list[DocumentRef], done: frozenset[tuple[str, str]],
@@ -380,6 +401,7 @@ class RunSummary(Counts):
     already_done: int = 0
     shards: int = 0
     shards_skipped: int = 0
+    files_skipped: dict[str, int] = field(default_factory=dict)  # files under the source with no row, by reason
 
     @property
     def pages_per_s(self) -> float:
@@ -388,6 +410,7 @@ class RunSummary(Counts):
     def as_table_rows(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = [
             {"metric": "documents discovered", "value": self.total_documents},
+            *({"metric": f"files skipped ({reason})", "value": n} for reason, n in sorted(self.files_skipped.items())),
             {"metric": "documents already done (skipped)", "value": self.already_done},
             {"metric": "documents processed", "value": self.documents},
         ]
@@ -422,6 +445,7 @@ def summarize(
     seconds: float,
     total_documents: int = 0,
     already_done: int = 0,
+    files_skipped: dict[str, int] | None = None,
 ) -> RunSummary:
     summary = RunSummary(
         run_id=run_id,
@@ -430,6 +454,7 @@ def summarize(
         total_documents=total_documents,
         already_done=already_done,
         seconds=seconds,
+        files_skipped=dict(files_skipped or {}),
     )
     for r in results:
         summary.shards += 1
@@ -480,6 +505,7 @@ def run(config: RunConfig, *, progress: ProgressFn | None = None, on_plan: Calla
             seconds=time.perf_counter() - handle.t0,
             total_documents=plan.total_documents,
             already_done=plan.already_done,
+            files_skipped=plan.skipped,
         )
     except KeyboardInterrupt:
         end_run(handle, "interrupted", summary, "interrupted by the user")

@@ -30,8 +30,11 @@ class DoneState:
     # discovery skips re-reading those whose listing still shows the same size and version.
     known: Mapping[str, KnownFile] = field(default_factory=dict, hash=False, compare=False)
     fingerprints: frozenset[str] = frozenset()  # config fingerprints of the documents rows
-    # source_uri -> doc_id of its done row (the version of the file the output holds)
+    # source_uri -> doc_id of its done row (the version of the file the output holds; "" for a
+    # file recorded as unreadable, which has no content hash)
     versions: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
+    # source_uri -> every doc_id the output holds rows of for it (normally one)
+    ids: Mapping[str, frozenset[str]] = field(default_factory=dict, hash=False, compare=False)
 
 
 def _row_order(row: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -67,22 +70,22 @@ class _ReadOps(_Store):
         processed: dict[str, str] = {}
         known: dict[str, KnownFile] = {}
         versions: dict[str, str] = {}
+        ids: dict[str, set[str]] = {}
         rows = zip(*(cols[n] for n in names))
         for uri, doc_id, status, size, version, media, retryable, attempt, fp in sorted(rows, key=_row_order):
             key = (uri, doc_id)
+            ids.setdefault(uri, set()).add(doc_id)
             if reprocess and fingerprint is not None and fp != fingerprint:
                 continue  # written with other settings: this run does it again
             attempts = int(attempt or 1)
             if retryable and attempts < max_attempts:
                 if key not in done:
                     retry[key] = max(retry.get(key, 0), attempts)
-                if doc_id:
-                    versions.setdefault(uri, doc_id)  # a changed file's new version replaces this row too
+                versions.setdefault(uri, doc_id)  # a changed file's new version replaces this row too
                 continue
             done.add(key)
             retry.pop(key, None)
-            if doc_id:
-                versions[uri] = doc_id
+            versions[uri] = doc_id
             if status in ("ok", "partial"):
                 processed.setdefault(doc_id, uri)
             if version and doc_id and size is not None and media:
@@ -95,6 +98,7 @@ class _ReadOps(_Store):
             known=known,
             fingerprints=frozenset(fp for fp in cols["config_fingerprint"] if fp),
             versions=versions,
+            ids={uri: frozenset(found) for uri, found in ids.items()},
         )
 
     def committed_paths(self, table: str) -> list[str]:

@@ -190,8 +190,8 @@ class _VerifyOps(_Store):
                                             f"shard {shard} (lease generation {generations.get(shard, 0)}) holds "
                                             "documents a newer commit holds too", repaired=repair,
                                             moved_to=None if moved is None else full_uri(self.fs, moved)))
-                replaced = {(uri, r) for uri, _d, retryable, _a, _fp, shard, r, _s in rows
-                            if r and not retryable and shard not in losers}
+                replaced = {(uri, r) for uri, d, retryable, _a, _fp, shard, r, _s in rows
+                            if r is not None and r != d and not retryable and shard not in losers}
                 stale = replaced & {(uri, d) for uri, d, *_rest in rows}
                 if stale:
                     if repair:
