@@ -62,7 +62,7 @@ FIELD_TABLE: tuple[tuple[str, str, frozenset[str]], ...] = tuple(
         )),
         ("execution", (
             ("shard_size", ()), ("prep_workers", ()), ("prefetch_pages", ()), ("document_timeout_s", ()),
-            ("run_id", ()), ("reprocess", ()), ("wait_for_output_s", ()), ("progress", ()),
+            ("retry_timeouts", ()), ("run_id", ()), ("reprocess", ()), ("wait_for_output_s", ()), ("progress", ()),
         )),
     )
     for name, roles in fields
@@ -251,7 +251,13 @@ class RunConfig(BaseModel):
     )
     prefetch_pages: int = Field(default=32, ge=1, description="Prepared pages buffered ahead of the model.")
     document_timeout_s: float = Field(
-        default=600.0, gt=0, description="A document taking longer than this to prepare becomes an error row."
+        default=600.0, gt=0, description="A document taking longer than this to prepare becomes a document_timeout "
+        "row (the pages it got stand). The row is final: a timeout is not transient, so later runs leave the "
+        "document alone (with the defaults one pathological file costs this long once, over all runs).",
+    )
+    retry_timeouts: bool = Field(
+        default=False, description="Try again the documents an earlier run gave up on for taking longer than "
+        "--document-timeout-s (pass a larger --document-timeout-s with it); each run asked tries them once more.",
     )
     run_id: str | None = Field(default=None, description="Identifier of this run (generated when not given).")
     reprocess: bool = Field(

@@ -237,7 +237,8 @@ def discover_work(config: RunConfig, handle: RunHandle) -> WorkPlan:
     t0 = time.perf_counter()
     dataset = handle.dataset
     fingerprint = config.fingerprint()
-    state = dataset.read_state(fingerprint=fingerprint, reprocess=config.reprocess)
+    state = dataset.read_state(fingerprint=fingerprint, reprocess=config.reprocess,
+                               retry_timeouts=config.retry_timeouts)
     committed = set(dataset.part_files(DOCUMENTS))
     pending = [p for p in dataset.plans().values() if p.fingerprint == fingerprint and p.shard_id not in committed]
     listing = sources.survey(

@@ -42,6 +42,7 @@ from pipeline.dataset.store import (
     shard_file_name,
     shard_id_of,
 )
+from pipeline.shard.ledger import TIMEOUT_ERROR
 from pipeline.sources import full_uri
 from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA
 
@@ -211,8 +212,10 @@ class _CommitOps(_Store):
         return True
 
     def drop_superseded(self, keys: set[tuple[str, str]], *, keep_shard: str | None = None) -> int:
-        """Remove retryable-failure rows of `keys` from committed shards other than
-        `keep_shard` (their documents file is rewritten whole). Returns rows removed."""
+        """Remove the rows of `keys` that a retry supersedes (retryable failures, and final
+        `document_timeout` rows tried again on request) from committed shards other than
+        `keep_shard`: a timed-out row's pages go first (pages file rewritten, then the
+        documents file with its new pages row count). Returns documents rows removed."""
         removed = 0
         for shard, path in sorted(self.part_files(DOCUMENTS).items()):
             if shard == keep_shard:
@@ -220,13 +223,25 @@ class _CommitOps(_Store):
             table = self._read_part(path, DOCUMENTS_SCHEMA)
             uris, ids = table.column("source_uri").to_pylist(), table.column("doc_id").to_pylist()
             retryable = table.column("error_retryable").to_pylist()
-            keep = [not (bool(r) and (u, d) in keys) for u, d, r in zip(uris, ids, retryable)]
+            etypes = table.column("error_type").to_pylist()
+            keep = [not ((bool(r) or t == TIMEOUT_ERROR) and (u, d) in keys)
+                    for u, d, r, t in zip(uris, ids, retryable, etypes)]
             if all(keep):
                 continue
             removed += keep.count(False)
             meta = {k: v for k, v in (self._footer(path).metadata or {}).items() if k in (GENERATION_KEY, PAGES_ROWS_KEY)}
+            gone = {(u, d) for u, d, k in zip(uris, ids, keep) if not k}
+            pages_path = self.shard_path(PAGES, shard)
+            if self.fs.exists(pages_path):
+                pages = self._read_part(pages_path, PAGES_SCHEMA)
+                keep_pages = [(u, d) not in gone for u, d in zip(pages.column("source_uri").to_pylist(),
+                                                                  pages.column("doc_id").to_pylist())]
+                if not all(keep_pages):  # a timed-out row's pages (retryable rows have none)
+                    pages = conform(pages.filter(pa.array(keep_pages, pa.bool_())), PAGES_SCHEMA)
+                    self.write_table(pages_path, pages)
+                    meta[PAGES_ROWS_KEY] = str(pages.num_rows).encode()
             self.write_table(path, conform(table.filter(pa.array(keep)), DOCUMENTS_SCHEMA), metadata=meta)
-            log.info("dropped %d superseded retryable rows from shard %s", keep.count(False), shard)
+            log.info("dropped %d superseded rows from shard %s", keep.count(False), shard)
         return removed
 
     def drop_versions(self, keys: set[tuple[str, str]], *, keep_shard: str | None = None) -> int:
@@ -265,17 +280,17 @@ class _CommitOps(_Store):
         if len(parts) < 2:
             return
         table = self.open_table(DOCUMENTS).to_table(
-            columns=["source_uri", "doc_id", "error_retryable", "attempt", "shard_id"]
+            columns=["source_uri", "doc_id", "error_retryable", "attempt", "shard_id", "error_type"]
         )
         latest: dict[tuple[str, str], int] = {}
         rows = list(zip(*(table.column(c).to_pylist() for c in table.column_names)))
-        for uri, doc_id, _retryable, attempt, _shard in rows:
+        for uri, doc_id, _retryable, attempt, _shard, _t in rows:
             key = (uri, doc_id)
             latest[key] = max(latest.get(key, 0), int(attempt or 1))
-        stale = {(u, d) for u, d, r, a, _s in rows if r and int(a or 1) < latest[(u, d)]}
+        stale = {(u, d) for u, d, r, a, _s, t in rows if (r or t == TIMEOUT_ERROR) and int(a or 1) < latest[(u, d)]}
         if stale:
             keep: dict[tuple[str, str], str] = {}
-            for uri, doc_id, _r, attempt, shard in rows:
+            for uri, doc_id, _r, attempt, shard, _t in rows:
                 if (uri, doc_id) in stale and int(attempt or 1) == latest[(uri, doc_id)]:
                     keep[(uri, doc_id)] = shard
             for key, shard in keep.items():
