@@ -217,12 +217,18 @@ def publish_summary(summary: runner.RunSummary, *, failed_shards: Sequence[str] 
                                  description=description)
 
 
+REPORT_TIMEOUT_S = 120.0  # the report step's thumbnails at most (each one at most 10 s), after the run's own end
+
+
 def publish_report(config: RunConfig, run_id: str) -> UUID:
     """Write the run's HTML report into the output (`_docpipe/reports/<run>.html`) and say
-    where it is in a markdown artifact (a report that fails is a line there, not a failed run)."""
+    where it is in a markdown artifact (a report that fails is a line there, not a failed run).
+    Bounded: thumbnails stop after REPORT_TIMEOUT_S, each after at most 10 s in a worker that
+    is killed, and only from the bytes the run read (pipeline/report/thumbnails.py)."""
     from pipeline.report import publish_markdown
 
-    note = publish_markdown(config.output, run_id, config.storage_options, shown_output=public_url(config.output))
+    note = publish_markdown(config.output, run_id, config.storage_options, shown_output=public_url(config.output),
+                            timeout_s=REPORT_TIMEOUT_S)
     return create_markdown_artifact(note, key=REPORT_KEY, description=f"docpipe run {run_id}: visual report")
 
 

@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="Pages in the gallery besides every error page. [default: 48]")
     report_p.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON",
                           help="fsspec options for the output and the sources (e.g. an S3 endpoint).")
+    report_p.add_argument("--timeout-s", type=float, default=120.0,
+                          help="Stop drawing thumbnails after this many seconds (each takes at most 10 s, and only "
+                          "pages the run rendered are drawn, from the bytes it read). [default: 120]")
 
     compact_p = sub.add_parser("compact", help="Merge an output's small shard files into larger ones, safely.")
     compact_p.add_argument("output", help="The output to compact (folder or URL).")
@@ -427,7 +430,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     try:
         result = write_report(args.output, args.html, args.run_id, sample=args.sample,
-                              storage_options=args.storage_options)
+                              storage_options=args.storage_options, timeout_s=args.timeout_s)
     except (ReportError, FileNotFoundError) as exc:
         return _fail(str(exc), EXIT_BAD_CONFIG)
     what = (f"output {args.output} ({result.runs} runs)" if result.scope == "output" else f"run {result.run_id}")
