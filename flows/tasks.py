@@ -33,6 +33,7 @@ from pipeline.config import RunConfig
 from pipeline.dataset import Lease
 from pipeline.planning import Shard
 from pipeline.progress import ProgressMeter, format_bytes, model_size_bytes
+from pipeline.report.markdown import md_code, md_text
 from pipeline.shard.ledger import POLICY
 from pipeline.sources import is_transient as sources_is_transient
 
@@ -175,7 +176,7 @@ class _ShardLog:
         if event in ("shard", "document") or now - self._last >= Progress.ARTIFACT_EVERY_S:
             self._last = now
             snap = self.meter.snapshot()
-            text = f"shard `{self.shard_id}`: {snap.describe()}"
+            text = f"shard {md_code(self.shard_id)}: {md_text(snap.describe())}"
             if self.artifact_id is None:
                 self.artifact_id = create_progress_artifact(progress=snap.percent, description=text)
             else:
@@ -210,8 +211,8 @@ def publish_summary(summary: runner.RunSummary, *, failed_shards: Sequence[str] 
     """Create the table artifact describing the run."""
     state = "finished" if not failed_shards else f"finished with {len(failed_shards)} failed shard(s)"
     description = (
-        f"docpipe run `{summary.run_id}` {state}: {summary.documents} documents, {summary.pages} pages "
-        f"({summary.pages_failed} failed) in {summary.seconds:.1f} s -> `{public_url(summary.output)}`"
+        f"docpipe run {md_code(summary.run_id)} {state}: {summary.documents} documents, {summary.pages} pages "
+        f"({summary.pages_failed} failed) in {summary.seconds:.1f} s -> {md_code(public_url(summary.output))}"
     )
     return create_table_artifact(summary_rows(summary, failed_shards=failed_shards), key=SUMMARY_KEY,
                                  description=description)
@@ -261,9 +262,9 @@ class Progress:
         _LIVE[run_id] = self
 
     def _text(self) -> str:
-        head = f"run `{self.run_id}`: {self.done} of {self.total} shards finished"
+        head = f"run {md_code(self.run_id)}: {self.done} of {self.total} shards finished"
         if self.meter.shard_index or self.meter.model_loading:
-            return f"{head}; {self.meter.snapshot().describe()}"
+            return f"{head}; {md_text(self.meter.snapshot().describe())}"
         return head
 
     def on_event(self, event: str, count: int) -> None:
@@ -356,7 +357,7 @@ def report_failure(run_id: str, reason: str) -> None:
     get_run_logger().error("docpipe run %s failed: %s", run_id, reason)
     try:
         create_markdown_artifact(
-            f"## docpipe run `{run_id}` failed\n\n{reason}\n",
+            f"## docpipe run {md_code(run_id)} failed\n\n{md_text(reason)}\n",
             key=FAILURE_KEY,
             description=f"docpipe run {run_id}: why it failed",
         )
@@ -365,10 +366,13 @@ def report_failure(run_id: str, reason: str) -> None:
 
 
 def describe_failure(exc: BaseException) -> str:
-    """One line about an exception that ended a run (no traceback; a user's mistake reads as one)."""
+    """One line about an exception that ended a run (no traceback; a user's mistake reads as one;
+    no credential of a URL, whoever's message it quotes)."""
+    from pipeline.redaction import one_line
+
     if isinstance(exc, (ConfigurationError, RunFailed)):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
+        return one_line(str(exc))
+    return one_line(f"{type(exc).__name__}: {exc}")
 
 
 class RunFailed(RuntimeError):

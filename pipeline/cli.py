@@ -194,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"docpipe: {message}", file=sys.stderr)
+    from pipeline.redaction import one_line
+
+    print(f"docpipe: {one_line(message)}", file=sys.stderr)  # one line, no credential of any URL
     return code
 
 
@@ -488,9 +490,13 @@ def _cmd_schemas(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from pipeline import redaction
     from pipeline.logs import configure as configure_logging
 
+    for value in vars(args).values():  # user-info of any URL given is masked in every message
+        redaction.remember_url(value)
     configure_logging(args.verbose)  # docpipe's lines on the console; libraries' chatter in the log
+    redaction.install()
     handlers = {
         "run": _cmd_run,
         "make-tiny-model": _cmd_make_tiny_model,

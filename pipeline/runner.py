@@ -74,9 +74,16 @@ class RunHandle:
 def begin_run(config: RunConfig, run_id: str | None = None) -> RunHandle:
     """Take the output's lease, check the settings against what it holds, record the run.
 
-    Raises OutputBusy (another live run owns it), SettingsChanged, OutputNotWritable.
+    Raises SetupError (an invalid run id, before anything is written), OutputBusy (another live
+    run owns it), SettingsChanged, OutputNotWritable.
     """
     run_id = run_id or config.run_id or new_run_id()
+    from pipeline.config import RUN_ID_RE
+    from pipeline.preflight import SetupError
+
+    if not RUN_ID_RE.fullmatch(run_id):  # before the output is touched (config.run_id is checked earlier)
+        raise SetupError(f"invalid run id {run_id!r}: 1-128 letters, digits, '.', '_' or '-', starting with a "
+                         "letter or digit")
     dataset = Dataset(config.output, config.storage_options)
     lease = dataset.acquire(run_id, wait_s=config.wait_for_output_s).start_heartbeat()
     handle = RunHandle(config=config, run_id=run_id, dataset=dataset, lease=lease, started_at=datetime.now(timezone.utc))
@@ -512,7 +519,9 @@ def run(config: RunConfig, *, progress: ProgressFn | None = None, on_plan: Calla
         end_run(handle, "interrupted", summary, "interrupted by the user")
         raise
     except BaseException as exc:
-        end_run(handle, "failed", summary, f"{type(exc).__name__}: {exc}")
+        from pipeline.redaction import one_line
+
+        end_run(handle, "failed", summary, one_line(f"{type(exc).__name__}: {exc}"))
         raise
     end_run(handle, "completed", summary)
     return summary

@@ -371,3 +371,30 @@ def test_report_loads_cleanly_in_chromium(finished_run: Path, tmp_path: Path) ->
     (tmp_path / "gallery.png").write_bytes(base64.b64decode(shot))
     assert png.size[0] >= 1000
     assert ImageStat.Stat(png).stddev[0] > 20  # thumbnails and text, not a blank page
+
+
+def test_markdown_notes_show_a_run_id_and_a_url_as_text(tmp_path: Path) -> None:
+    """A backtick in a run id (or a URL) must not end its code span and let the rest become HTML
+    in Prefect's markdown artifact (run ids are checked, but library callers and old outputs)."""
+    from markdown_it import MarkdownIt
+
+    from pipeline.report import publish_markdown
+
+    run_id = "r`<img src=x onerror=alert(1)>"
+    output = str(tmp_path / "no`<b>such</b>-output")
+    note = publish_markdown(output, run_id)  # no such output: the "could not be written" note
+    rendered = MarkdownIt("commonmark", {"html": True}).render(note)
+    assert "<img" not in rendered and "<b>" not in rendered, rendered
+    assert "&lt;img src=x onerror=alert(1)&gt;" in rendered
+
+
+def test_markdown_text_is_never_markup() -> None:
+    from markdown_it import MarkdownIt
+
+    from pipeline.report.markdown import md_block, md_code, md_text
+
+    source = (f"## run {md_code('`x`')} failed\n\n{md_text('<script>x</script> [link](javascript:alert(1)) *b*')}\n\n"
+              + md_block("docpipe report 'a```b'"))
+    rendered = MarkdownIt("commonmark", {"html": True}).render(source)
+    assert "<script" not in rendered and "<a " not in rendered and "<em>" not in rendered, rendered
+    assert "<code>`x`</code>" in rendered and "a```b" in rendered

@@ -28,6 +28,7 @@ The package: `data.py` (reading the output, the pure summaries), `thumbnails.py`
 from __future__ import annotations
 
 import logging
+import shlex
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from pipeline.report.data import (
     summarize_run,
 )
 from pipeline.report.html import build_html, gallery_cards
+from pipeline.report.markdown import md_block, md_code
 from pipeline.report.plots import make_plots, shard_progress
 from pipeline.report.thumbnails import (
     THUMB_TIMEOUT_S,
@@ -140,12 +142,13 @@ def publish_markdown(
         result = write_report(output, destination, run_id, storage_options=storage_options, timeout_s=timeout_s)
     except Exception as exc:  # noqa: BLE001 - the run's rows are committed; the report is extra
         log.warning("could not write the report of run %s (%s)", run_id, exc)
-        return (f"The report of run `{run_id}` could not be written ({type(exc).__name__}). Make it with\n\n"
-                f"```\ndocpipe report {shown} --run {run_id} --html report.html\n```\n")
-    return (f"## docpipe run `{run_id}`: report\n\nA self-contained HTML page (summary, plots, a gallery of "
+        return (f"The report of run {md_code(run_id)} could not be written ({type(exc).__name__}). Make it with\n\n"
+                + md_block(f"docpipe report {shlex.quote(shown)} --run {shlex.quote(run_id)} --html report.html"))
+    command = f"docpipe report {shlex.quote(shown)} --run {shlex.quote(run_id)} --html report.html"
+    return (f"## docpipe run {md_code(run_id)}: report\n\nA self-contained HTML page (summary, plots, a gallery of "
             f"{result.gallery_pages} of {result.pages} pages beside their extracted text) is at\n\n"
-            f"`{shown_dest}`\n\nOpen it in a browser (download it first from a bucket), or make another with "
-            f"`docpipe report {shown} --run {run_id} --html report.html`.\n")
+            f"{md_code(shown_dest)}\n\nOpen it in a browser (download it first from a bucket), or make another with "
+            f"{md_code(command)}.\n")
 
 
 __all__ = [

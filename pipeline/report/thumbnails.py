@@ -129,7 +129,10 @@ class _Renderer:
         try:
             self.conn.send(request)
             if self.conn.poll(timeout_s):
-                return self.conn.recv()
+                thumb, said = self.conn.recv()
+                for line in said:  # the worker's log lines (MuPDF's complaints...), into this process's log
+                    log.debug("%s", line)
+                return thumb
         except (EOFError, OSError, BrokenPipeError):
             self._kill()
             return Thumbnail(note="not rendered: the thumbnail worker died on this page")
@@ -159,6 +162,12 @@ class _Renderer:
 def _serve(conn: Any) -> None:
     """The worker: draw requested thumbnails until told to stop (None)."""
     cached: tuple[str, str, bytes | None, str | None] | None = None  # (uri, doc_id, bytes, why not)
+    said: list[str] = []
+    collector = logging.Handler(logging.DEBUG)
+    collector.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    log.addHandler(collector)
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
     conn.send("ready")
     while True:
         try:
@@ -171,7 +180,9 @@ def _serve(conn: Any) -> None:
         if cached is None or cached[:2] != (uri, doc_id):
             cached = (uri, doc_id, *_read_checked(uri, storage_options, doc_id))
         data, why = cached[2], cached[3]
-        conn.send(Thumbnail(note=why) if data is None else render_thumbnail(data, media_type, number, max_px))
+        thumb = Thumbnail(note=why) if data is None else render_thumbnail(data, media_type, number, max_px)
+        conn.send((thumb, list(said)))
+        said.clear()
 
 
 def _read_checked(uri: str, storage_options: Mapping[str, Any], doc_id: str) -> tuple[bytes | None, str | None]:
