@@ -506,8 +506,9 @@ def symlinked_internal_folders(target: Target, rng: random.Random, tally: Tally)
             refused += result.returncode == 2 and result.stderr.decode().count("\n") == 1
         after = _tree(scratch)
         changed += sum(1 for key in set(before) | set(after) if before.get(key) != after.get(key))
-        folder.unlink()
-        folder.mkdir()
+        if folder.is_symlink():  # (code that followed links may have moved the link itself away)
+            folder.unlink()
+        folder.mkdir(parents=True, exist_ok=True)
         for name in moved:  # what is left of it (code that followed the link may have moved or removed some)
             if os.path.lexists(scratch / name):
                 shutil.move(str(scratch / name), folder / name)
