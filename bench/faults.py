@@ -441,6 +441,213 @@ SCENARIOS: dict[str, Callable[[Path, Path, random.Random, Tally], None]] = {
 }
 
 
+# ---- issue 19, files and names (h19fs): nothing outside the output, every file accounted for,
+# bounded costs, secrets and ids. Each scenario says what it saw in its notes. -----------------
+
+_LINKED_FOLDERS = ("documents", "pages", "runs", "_docpipe", "_docpipe/lease", "_docpipe/plans", "_docpipe/staging",
+                   "_docpipe/staging/<gen>", "_docpipe/staging/<gen>/pages", "_docpipe/fenced", "_docpipe/quarantine",
+                   "_docpipe/compactions", "_docpipe/reports")
+
+
+def _tree(folder: Path) -> dict[str, object]:
+    """Every path under `folder`: file bytes, link targets, folders."""
+    out: dict[str, object] = {}
+    for dirpath, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(folder))
+            out[rel] = ("link", os.readlink(path)) if path.is_symlink() else (
+                path.read_bytes() if path.is_file() else "dir")
+    return out
+
+
+def _add_decoys(scratch: Path) -> None:
+    """What a scratch disk or home folder might hold, named like docpipe's own files (never
+    over a name already there)."""
+    (scratch / ".ssh").mkdir()
+    (scratch / ".ssh" / "id_ed25519").write_bytes(b"-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    for gen in ("g000000000001", "g000000000002", "nolease", "g000000000001-0123abcd"):
+        if (scratch / gen).exists():
+            continue
+        for table in ("pages", "documents"):
+            (scratch / gen / table).mkdir(parents=True)
+            (scratch / gen / table / "part-decoy.parquet").write_bytes(b"not docpipe's")
+    (scratch / "part-decoy.parquet").write_bytes(b"someone's data")
+    old_temp = scratch / ".part-decoy.parquet.tmp-0123"
+    old_temp.write_bytes(b"old")
+    os.utime(old_temp, (1, 1))
+
+
+def symlinked_internal_folders(target: Target, rng: random.Random, tally: Tally) -> None:
+    """A finished output; each internal folder in turn is made a symbolic link to a scratch
+    folder (holding what the folder held, a .ssh/ and decoys named like docpipe's files), and
+    `run`, `verify --repair` and `compact` are run on it; then the folder is put back."""
+    out = Path(target.url)
+    finish(run_args(target.src, out, "--shard-size", "8"))
+    gen = sorted(p.name for p in (out / "_docpipe" / "staging").iterdir())[-1]
+    commands = (run_args(target.src, out, "--shard-size", "8"), [DOCPIPE, "verify", str(out), "--repair"],
+                [DOCPIPE, "compact", str(out)])
+    calls = refused = changed = 0
+    for rel in (f.replace("<gen>", gen) for f in _LINKED_FOLDERS):
+        folder, scratch = out / rel, Path(tempfile.mkdtemp(prefix="docpipe-scratch-"))
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        moved = []
+        if folder.exists():
+            for item in folder.iterdir():
+                shutil.move(str(item), scratch / item.name)
+                moved.append(item.name)
+            folder.rmdir()
+        _add_decoys(scratch)
+        folder.symlink_to(scratch, target_is_directory=True)
+        before = _tree(scratch)
+        for args in commands:
+            result = finish(args)
+            calls += 1
+            refused += result.returncode == 2 and result.stderr.decode().count("\n") == 1
+        after = _tree(scratch)
+        changed += sum(1 for key in set(before) | set(after) if before.get(key) != after.get(key))
+        if folder.is_symlink():  # (code that followed links may have moved the link itself away)
+            folder.unlink()
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in moved:  # what is left of it (code that followed the link may have moved or removed some)
+            if os.path.lexists(scratch / name):
+                shutil.move(str(scratch / name), folder / name)
+        shutil.rmtree(scratch, ignore_errors=True)
+    tally.notes.append(f"{calls} commands over {len(_LINKED_FOLDERS)} linked folders: {refused} refused in one line "
+                       f"with exit 2, {changed} paths changed outside the output")
+    target.extra = ("--shard-size", "8")
+
+
+_ODD_NAMES = ("new\nline.pdf", "tab\there.pdf", "esc\x1b[31m.pdf", "x" * 251 + ".pdf", "caf\u00e9.pdf",
+              "cafe\u0301.pdf", "Case.pdf", "case.pdf", "rtl\u202efdp.pdf", "<img src=x onerror=alert(1)>.pdf",
+              "ends in space.pdf ")
+
+
+def odd_names_links_and_hidden_files(target: Target, rng: random.Random, tally: Tally) -> None:
+    """Odd names (one row each, exact source_uri), a Latin-1 name, a link to a file (a row), a
+    dangling link (an `unreadable` row), hidden files, a FIFO, a link to a folder, another
+    extension (counted as skipped); after the first run a processed file turns into a
+    dangling link (its one row says so)."""
+    from tests.docs_factory import make_pdf
+
+    src = target.src
+    for i, name in enumerate(_ODD_NAMES):
+        make_pdf(src / name, 1 + i % 2, f"odd name {i}")
+        target.expected[name] = 1 + i % 2
+    with open(os.fsencode(src) + b"/caf\xe9-latin1.pdf", "wb") as fh:
+        fh.write((src / _ODD_NAMES[0]).read_bytes() + b"\n%latin-1\n")
+    target.expected["caf%E9-latin1.pdf"] = 1  # the last segment of its file:// source_uri
+    first = sorted(n for n in target.expected if n.startswith("doc-"))[0]
+    (src / "link-to-a-doc.pdf").symlink_to(src / first)
+    target.expected["link-to-a-doc.pdf"] = 0  # the same bytes as its target: a duplicate row
+    (src / "dangling.pdf").symlink_to(src / "nowhere.pdf")
+    target.expected["dangling.pdf"] = 0
+    (src / ".hidden.pdf").write_bytes((src / first).read_bytes())
+    (src / ".git").mkdir()
+    (src / ".git" / "x.pdf").write_bytes((src / first).read_bytes())
+    (src / "notes.txt").write_text("not a document")
+    os.mkfifo(src / "pipe.pdf")
+    (src / "a-linked-folder").symlink_to(Path(tempfile.mkdtemp(prefix="docpipe-elsewhere-")), target_is_directory=True)
+    skips = {"extension": 1, "hidden": 2, "special": 1, "symlinked_folder": 1}
+    out = target.url
+    codes = [finish(run_args(src, out, "--shard-size", "8")).returncode]
+    victim = sorted(n for n in target.expected if n.startswith("doc-"))[1]
+    (src / victim).unlink()
+    (src / victim).symlink_to(src / "gone.pdf")
+    target.expected[victim] = 0  # latest wins: its one row says unreadable, its pages go
+    codes.append(finish(run_args(src, out, "--shard-size", "8")).returncode)
+    runs = sorted(read_rows(out, "runs"), key=lambda r: r["started_at"])
+    seen = [json.loads(r["counts"] or "{}").get("files_skipped") for r in runs]
+    tally.notes.append(f"exits {codes}; files skipped by reason per run {seen} (expected {skips} each)")
+    target.extra = ("--shard-size", "8")
+
+
+def cpu_bomb_short_timeout(target: Target, rng: random.Random, tally: Tally) -> None:
+    """A few KB of PDF whose page takes minutes to draw, with --document-timeout-s 5: three
+    runs; the bomb may cost one timeout in all."""
+    from tests.docs_factory import cpu_bomb_pdf
+
+    (target.src / "bomb.pdf").write_bytes(cpu_bomb_pdf(segments=100_000))
+    target.expected["bomb.pdf"] = 0
+    target.extra = ("--shard-size", "8", "--document-timeout-s", "5", "--prep-workers", "1")
+    spent = []
+    for _ in range(3):
+        t0 = time.monotonic()
+        finish(run_args(target.src, target.url, *target.extra))
+        spent.append(time.monotonic() - t0)
+    [bomb] = [d for d in read_rows(target.url, "documents") if d["source_uri"].endswith("/bomb.pdf")]
+    tally.notes.append(f"runs took {', '.join(f'{s:.0f}' for s in spent)} s; the bomb's row: {bomb['status']} "
+                       f"{bomb['error_type']}, retryable {bomb['error_retryable']}, attempt {bomb['attempt']}")
+
+
+def report_on_replaced_sources(target: Target, rng: random.Random, tally: Tally) -> None:
+    """A finished output whose sources are then replaced: one PNG by a 169 MP PNG (over the
+    run's decode limit), one PDF by a CPU-bomb PDF; `docpipe report` (timed, peak RSS of its
+    process tree) must not decode either."""
+    from tests.docs_factory import bomb_png, cpu_bomb_pdf
+    from tests.prefect_support import make_png
+
+    src = target.src
+    make_png(src / "scan.png", "a scan")
+    target.expected["scan.png"] = 1
+    finish(run_args(src, target.url, "--shard-size", "8"))
+    (src / "scan.png").write_bytes(bomb_png(13_000, 13_000))
+    victim = sorted(n for n in target.expected if n.startswith("doc-"))[0]
+    (src / victim).write_bytes(cpu_bomb_pdf(segments=100_000))
+    target.expected["scan.png"] = target.expected[victim] = 0  # their new versions: image_too_large, timeout
+    target.extra = ("--shard-size", "8", "--document-timeout-s", "5", "--prep-workers", "1")
+    html = Path(tempfile.mkdtemp(prefix="docpipe-report-")) / "r.html"
+    t0 = time.monotonic()
+    result = finish(["/usr/bin/time", "-f", "peak-rss-kb %M", DOCPIPE, "report", target.url, "--html", str(html)])
+    seconds = time.monotonic() - t0
+    err = result.stderr.decode(errors="replace")
+    peak = next((int(line.split()[1]) for line in err.splitlines() if line.startswith("peak-rss-kb")), -1)
+    page = html.read_text() if html.exists() else ""
+    tally.notes.append(f"report exit {result.returncode}, {seconds:.1f} s, peak RSS {peak / 1024:.0f} MB; "
+                       f"{page.count('the source changed since the run')} cards 'source changed', "
+                       f"{page.count('data:image/jpeg')} thumbnails")
+
+
+def credentials_and_run_ids(target: Target, rng: random.Random, tally: Tally) -> None:
+    """Credentials in the S3 URL given to run (as source and as output), verify, verify --repair,
+    compact and report; run ids with '../' and a backtick. None may print the credentials or
+    take the lease."""
+    key, secret = "AKIAFAKEKEY0000019", "s3cr3t-in-the-url-19"
+    bucket_path = target.url[len("s3://"):]
+    secret_url = f"s3://{key}:{secret}@{bucket_path}"
+    opts = _option_args(target)
+    commands = [run_args(target.src, secret_url, *opts), run_args(f"s3://{key}:{secret}@nowhere-bucket/in", target.url,
+                                                                  *opts),
+                [DOCPIPE, "verify", secret_url, *opts], [DOCPIPE, "verify", secret_url, "--repair", *opts],
+                [DOCPIPE, "compact", secret_url, *opts],
+                [DOCPIPE, "report", secret_url, "--html", str(Path(tempfile.mkdtemp()) / "r.html"), *opts]]
+    codes, leaks, long_lines = [], 0, 0
+    for args in commands:
+        result = finish(args)
+        err = result.stderr.decode(errors="replace") + result.stdout.decode(errors="replace")
+        codes.append(result.returncode)
+        leaks += key in err or secret in err
+        long_lines += result.stderr.decode(errors="replace").count("\n") > 1
+    bad = [finish(run_args(target.src, target.url, "--run-id", rid, *opts)).returncode for rid in ("../x", "a`b")]
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**(target.options or {}))
+    fs.invalidate_cache()
+    leases = len(fs.glob(f"{bucket_path}/_docpipe/lease/*.json"))
+    tally.notes.append(f"{len(commands)} commands with credentials in a URL: exits {codes}, {leaks} printed them, "
+                       f"{long_lines} printed more than one line; bad run ids: exits {bad}, lease records {leases}")
+    finish(run_args(target.src, target.url, *opts))
+
+
+ISSUE19_FS_SCENARIOS: dict[str, Callable[[Target, random.Random, Tally], None]] = {
+    "symlinked internal folders: run, verify --repair, compact": symlinked_internal_folders,
+    "odd names, links, hidden and special files": odd_names_links_and_hidden_files,
+    "CPU-bomb PDF, --document-timeout-s 5, 3 runs": cpu_bomb_short_timeout,
+    "report on sources replaced by a 169 MP PNG and a CPU bomb": report_on_replaced_sources,
+    "credentials in the URL, bad run ids (S3, moto)": credentials_and_run_ids,
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=150, help="PDFs per corpus (1-3 pages each, ~2 pages on average)")
@@ -450,7 +657,7 @@ def main() -> None:
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
-    every = {**SCENARIOS, **NEW_SCENARIOS}
+    every = {**SCENARIOS, **NEW_SCENARIOS, **ISSUE19_FS_SCENARIOS}
     chosen = {k: v for k, v in every.items() if not args.only or any(o in k for o in args.only)}
     rows = []
     s3 = _S3() if any("S3" in k for k in chosen) else None

@@ -43,6 +43,8 @@ from pipeline import runner
 from pipeline.config import RunConfig
 from pipeline.dataset import Dataset, Lease, LeaseLost
 from pipeline.planning import Shard
+from pipeline.redaction import one_line
+from pipeline.report.markdown import md_code, md_text
 
 PARENT_FLOW_NAME = "docpipe-fanout"
 CHILD_FLOW_NAME = "docpipe-process-shard"
@@ -115,7 +117,8 @@ def _process_shard(
         except LeaseLost as exc:
             get_run_logger().warning("shard %s not processed: %s", work.shard_id, exc)
             result = runner.ShardResult(shard_id=work.shard_id, skipped=True)
-            create_table_artifact([result.to_dict()], description=f"docpipe shard `{work.shard_id}`: {exc}")
+            create_table_artifact([result.to_dict()],
+                                  description=f"docpipe shard {md_code(work.shard_id)}: {md_text(one_line(str(exc)))}")
             return result.to_dict()
         lease.start_heartbeat()  # a running shard keeps its parent's lease fresh
     try:
@@ -125,7 +128,7 @@ def _process_shard(
             lease.stop_heartbeat()
     create_table_artifact(
         [result.to_dict()],
-        description=f"docpipe shard `{work.shard_id}` of run `{run_id}`"
+        description=f"docpipe shard {md_code(work.shard_id)} of run {md_code(run_id)}"
         + (" (already done: skipped)" if result.skipped else ""),
     )
     return result.to_dict()

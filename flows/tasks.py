@@ -33,6 +33,7 @@ from pipeline.config import RunConfig
 from pipeline.dataset import Lease
 from pipeline.planning import Shard
 from pipeline.progress import ProgressMeter, format_bytes, model_size_bytes
+from pipeline.report.markdown import md_code, md_text
 from pipeline.shard.ledger import POLICY
 from pipeline.sources import is_transient as sources_is_transient
 
@@ -175,7 +176,7 @@ class _ShardLog:
         if event in ("shard", "document") or now - self._last >= Progress.ARTIFACT_EVERY_S:
             self._last = now
             snap = self.meter.snapshot()
-            text = f"shard `{self.shard_id}`: {snap.describe()}"
+            text = f"shard {md_code(self.shard_id)}: {md_text(snap.describe())}"
             if self.artifact_id is None:
                 self.artifact_id = create_progress_artifact(progress=snap.percent, description=text)
             else:
@@ -210,19 +211,25 @@ def publish_summary(summary: runner.RunSummary, *, failed_shards: Sequence[str] 
     """Create the table artifact describing the run."""
     state = "finished" if not failed_shards else f"finished with {len(failed_shards)} failed shard(s)"
     description = (
-        f"docpipe run `{summary.run_id}` {state}: {summary.documents} documents, {summary.pages} pages "
-        f"({summary.pages_failed} failed) in {summary.seconds:.1f} s -> `{public_url(summary.output)}`"
+        f"docpipe run {md_code(summary.run_id)} {state}: {summary.documents} documents, {summary.pages} pages "
+        f"({summary.pages_failed} failed) in {summary.seconds:.1f} s -> {md_code(public_url(summary.output))}"
     )
     return create_table_artifact(summary_rows(summary, failed_shards=failed_shards), key=SUMMARY_KEY,
                                  description=description)
 
 
+REPORT_TIMEOUT_S = 120.0  # the report step's thumbnails at most (each one at most 10 s), after the run's own end
+
+
 def publish_report(config: RunConfig, run_id: str) -> UUID:
     """Write the run's HTML report into the output (`_docpipe/reports/<run>.html`) and say
-    where it is in a markdown artifact (a report that fails is a line there, not a failed run)."""
+    where it is in a markdown artifact (a report that fails is a line there, not a failed run).
+    Bounded: thumbnails stop after REPORT_TIMEOUT_S, each after at most 10 s in a worker that
+    is killed, and only from the bytes the run read (pipeline/report/thumbnails.py)."""
     from pipeline.report import publish_markdown
 
-    note = publish_markdown(config.output, run_id, config.storage_options, shown_output=public_url(config.output))
+    note = publish_markdown(config.output, run_id, config.storage_options, shown_output=public_url(config.output),
+                            timeout_s=REPORT_TIMEOUT_S)
     return create_markdown_artifact(note, key=REPORT_KEY, description=f"docpipe run {run_id}: visual report")
 
 
@@ -255,9 +262,9 @@ class Progress:
         _LIVE[run_id] = self
 
     def _text(self) -> str:
-        head = f"run `{self.run_id}`: {self.done} of {self.total} shards finished"
+        head = f"run {md_code(self.run_id)}: {self.done} of {self.total} shards finished"
         if self.meter.shard_index or self.meter.model_loading:
-            return f"{head}; {self.meter.snapshot().describe()}"
+            return f"{head}; {md_text(self.meter.snapshot().describe())}"
         return head
 
     def on_event(self, event: str, count: int) -> None:
@@ -320,6 +327,7 @@ def finish_run(
         seconds=time.perf_counter() - started,
         total_documents=plan.total_documents,
         already_done=plan.already_done,
+        files_skipped=plan.skipped,
     )
     publish_summary(summary, failed_shards=[sid for sid, _ in failed])
     get_run_logger().info(
@@ -349,7 +357,7 @@ def report_failure(run_id: str, reason: str) -> None:
     get_run_logger().error("docpipe run %s failed: %s", run_id, reason)
     try:
         create_markdown_artifact(
-            f"## docpipe run `{run_id}` failed\n\n{reason}\n",
+            f"## docpipe run {md_code(run_id)} failed\n\n{md_text(reason)}\n",
             key=FAILURE_KEY,
             description=f"docpipe run {run_id}: why it failed",
         )
@@ -358,10 +366,13 @@ def report_failure(run_id: str, reason: str) -> None:
 
 
 def describe_failure(exc: BaseException) -> str:
-    """One line about an exception that ended a run (no traceback; a user's mistake reads as one)."""
+    """One line about an exception that ended a run (no traceback; a user's mistake reads as one;
+    no credential of a URL, whoever's message it quotes)."""
+    from pipeline.redaction import one_line
+
     if isinstance(exc, (ConfigurationError, RunFailed)):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
+        return one_line(str(exc))
+    return one_line(f"{type(exc).__name__}: {exc}")
 
 
 class RunFailed(RuntimeError):
@@ -373,11 +384,11 @@ def expected_failures() -> tuple[type[BaseException], ...]:
     (pipeline/cli.py `_cmd_run`): the settings, the setup, a busy or changed output, a lost
     lease, a broken device, failing prep workers, failed shards. Anything else is a bug of
     ours and keeps its traceback."""
-    from pipeline.dataset import LeaseLost, OutputBusy
+    from pipeline.dataset import LeaseLost, OutputBusy, OutputUnsafe
     from pipeline.preflight import SetupError
     from pipeline.prepare import PrepWorkersFailing
 
-    return (ConfigurationError, RunFailed, SetupError, runner.SettingsChanged, OutputBusy, LeaseLost,
+    return (ConfigurationError, RunFailed, SetupError, runner.SettingsChanged, OutputBusy, OutputUnsafe, LeaseLost,
             runner.DeviceFailure, PrepWorkersFailing)
 
 

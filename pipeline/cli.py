@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="Pages in the gallery besides every error page. [default: 48]")
     report_p.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON",
                           help="fsspec options for the output and the sources (e.g. an S3 endpoint).")
+    report_p.add_argument("--timeout-s", type=float, default=120.0,
+                          help="Stop drawing thumbnails after this many seconds (each takes at most 10 s, and only "
+                          "pages the run rendered are drawn, from the bytes it read). [default: 120]")
 
     compact_p = sub.add_parser("compact", help="Merge an output's small shard files into larger ones, safely.")
     compact_p.add_argument("output", help="The output to compact (folder or URL).")
@@ -191,12 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"docpipe: {message}", file=sys.stderr)
+    from pipeline.redaction import one_line
+
+    print(f"docpipe: {one_line(message)}", file=sys.stderr)  # one line, no credential of any URL
     return code
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.dataset import LeaseLost, OutputBusy
+    from pipeline.dataset import LeaseLost, OutputBusy, OutputUnsafe
     from pipeline.preflight import SetupError, check_setup
     from pipeline.progress import run_with_progress
     from pipeline.runner import DeviceFailure, SettingsChanged
@@ -211,7 +216,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         summary = run_with_progress(config)
     except KeyboardInterrupt:
         return _fail(f"interrupted; {resume}", EXIT_INTERRUPTED)
-    except (SetupError, SettingsChanged) as exc:
+    except (SetupError, SettingsChanged, OutputUnsafe) as exc:
         return _fail(str(exc), EXIT_BAD_CONFIG)
     except OutputBusy as exc:
         return _fail(f"{exc}; try again when it has finished, or pass --wait-for-output-s", EXIT_OUTPUT_BUSY)
@@ -427,7 +432,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     try:
         result = write_report(args.output, args.html, args.run_id, sample=args.sample,
-                              storage_options=args.storage_options)
+                              storage_options=args.storage_options, timeout_s=args.timeout_s)
     except (ReportError, FileNotFoundError) as exc:
         return _fail(str(exc), EXIT_BAD_CONFIG)
     what = (f"output {args.output} ({result.runs} runs)" if result.scope == "output" else f"run {result.run_id}")
@@ -436,22 +441,25 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_compact(args: argparse.Namespace) -> int:
-    from pipeline.dataset import Dataset, OutputBusy
+    from pipeline.dataset import Dataset, OutputBusy, OutputUnsafe
 
     try:
         dataset = Dataset(args.output, args.storage_options)
         result = dataset.compact(target_rows=args.target_rows, wait_s=args.wait_for_output_s)
     except OutputBusy as exc:
         return _fail(f"{exc}; compact when it has finished, or pass --wait-for-output-s", EXIT_OUTPUT_BUSY)
+    except OutputUnsafe as exc:
+        return _fail(str(exc), EXIT_BAD_CONFIG)
     print(result.describe())
     return EXIT_OK
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from pipeline.dataset import Dataset, OutputBusy
+    from pipeline.dataset import Dataset, OutputBusy, OutputUnsafe
 
     dataset = Dataset(args.output, args.storage_options)
     try:
+        dataset.check_contained()  # a folder that is a link: refused before anything is read or moved
         if args.repair:
             with dataset.acquire(f"verify-{uuid.uuid4().hex[:8]}", wait_s=args.wait_for_output_s) as lease:
                 problems = dataset.verify(repair=True, lease=lease)
@@ -459,6 +467,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             problems = dataset.verify()
     except OutputBusy as exc:
         return _fail(f"{exc}; verify --repair when it has finished, or pass --wait-for-output-s", EXIT_OUTPUT_BUSY)
+    except OutputUnsafe as exc:
+        return _fail(str(exc), EXIT_BAD_CONFIG)
     for problem in problems:
         print(problem.describe())
     if not problems:
@@ -480,9 +490,13 @@ def _cmd_schemas(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from pipeline import redaction
     from pipeline.logs import configure as configure_logging
 
+    for value in vars(args).values():  # user-info of any URL given is masked in every message
+        redaction.remember_url(value)
     configure_logging(args.verbose)  # docpipe's lines on the console; libraries' chatter in the log
+    redaction.install()
     handlers = {
         "run": _cmd_run,
         "make-tiny-model": _cmd_make_tiny_model,

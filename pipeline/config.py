@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -16,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 TilingPolicyName = Literal["internvl", "minimax", "minicpm"]
 TaskName = Literal["description", "ocr", "chart"]
 OcrMode = Literal["auto", "model", "text_layer"]
+
+# A run id names files (runs/part-<id>.parquet, _docpipe/reports/<id>.html) and shows in reports
+# and Prefect artifacts: checked before the run takes the output, so it never needs escaping twice.
+RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 DEFAULT_EXTENSIONS = ("pdf", "png", "jpg", "jpeg", "tif", "tiff", "webp", "bmp")
 
@@ -62,7 +67,7 @@ FIELD_TABLE: tuple[tuple[str, str, frozenset[str]], ...] = tuple(
         )),
         ("execution", (
             ("shard_size", ()), ("prep_workers", ()), ("prefetch_pages", ()), ("document_timeout_s", ()),
-            ("run_id", ()), ("reprocess", ()), ("wait_for_output_s", ()), ("progress", ()),
+            ("retry_timeouts", ()), ("run_id", ()), ("reprocess", ()), ("wait_for_output_s", ()), ("progress", ()),
         )),
     )
     for name, roles in fields
@@ -251,9 +256,18 @@ class RunConfig(BaseModel):
     )
     prefetch_pages: int = Field(default=32, ge=1, description="Prepared pages buffered ahead of the model.")
     document_timeout_s: float = Field(
-        default=600.0, gt=0, description="A document taking longer than this to prepare becomes an error row."
+        default=600.0, gt=0, description="A document taking longer than this to prepare becomes a document_timeout "
+        "row (the pages it got stand). The row is final: a timeout is not transient, so later runs leave the "
+        "document alone (with the defaults one pathological file costs this long once, over all runs).",
     )
-    run_id: str | None = Field(default=None, description="Identifier of this run (generated when not given).")
+    retry_timeouts: bool = Field(
+        default=False, description="Try again the documents an earlier run gave up on for taking longer than "
+        "--document-timeout-s (pass a larger --document-timeout-s with it); each run asked tries them once more.",
+    )
+    run_id: str | None = Field(
+        default=None, description="Identifier of this run (generated when not given): 1-128 letters, digits, '.', "
+        "'_' or '-', starting with a letter or digit (it names the run's files and shows in reports).",
+    )
     reprocess: bool = Field(
         default=False,
         description="Redo documents that the output holds from runs with other output settings (new rows are added "
@@ -275,6 +289,15 @@ class RunConfig(BaseModel):
         if not cleaned:
             raise ValueError("extensions must name at least one file extension")
         return cleaned
+
+    @field_validator("run_id")
+    @classmethod
+    def _check_run_id(cls, value: str | None) -> str | None:
+        if not value:
+            return None  # not given: generated
+        if not RUN_ID_RE.fullmatch(value):
+            raise ValueError("a run id is 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return value
 
     @field_validator("tasks")
     @classmethod

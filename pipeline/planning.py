@@ -75,10 +75,13 @@ def ref_from_dict(data: dict[str, Any]) -> DocumentRef:
 
 
 def shard_id_for(refs: Sequence[DocumentRef], fingerprint: str, attempts: Mapping[str, int] | None = None) -> str:
-    """Hash of the shard's documents (uri, content, attempt) and of the output-changing settings.
+    """Hash of the shard's documents (uri, content, attempt, the id it replaces) and of the
+    output-changing settings.
 
     The attempt is part of it so that a retry of a failed document never lands on the id
-    of the committed shard that recorded the failure.
+    of the committed shard that recorded the failure; the replaced id, so that a file that
+    comes back to bytes the output held before (A, then unreadable or B, then A again) is
+    not mistaken for the shard that held A and lost that row to the change.
     """
     attempts = attempts or {}
     digest = hashlib.sha256(fingerprint.encode())
@@ -90,6 +93,8 @@ def shard_id_for(refs: Sequence[DocumentRef], fingerprint: str, attempts: Mappin
         attempt = attempts.get(ref.uri, 1)
         if attempt > 1:
             digest.update(f"\t{attempt}".encode())
+        if ref.replaces is not None:
+            digest.update(f"\treplaces:{ref.replaces}".encode())
     return digest.hexdigest()[:20]
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import RunConfig
+from pipeline.redaction import one_line
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,10 @@ class ModelCheck:
 
 def check_setup(config: RunConfig) -> ModelCheck | None:
     """Raise SetupError for the first broken setting; return the model's family when set."""
+    from pipeline.redaction import remember_url
+
+    remember_url(config.source)  # a library's message may quote the URL: its user-info is masked
+    remember_url(config.output)
     check_source(config)
     model = check_model(config)
     check_device(config)
@@ -52,13 +57,13 @@ def check_source(config: RunConfig) -> None:
     except SetupError:
         raise
     except (ValueError, ImportError) as exc:  # unknown protocol, missing fsspec backend
-        raise SetupError(f"source {where} cannot be opened: {exc}") from None
+        raise SetupError(f"source {where} cannot be opened: {one_line(str(exc))}") from None
     except PermissionError:
         raise SetupError(f"source {where} cannot be read: permission denied") from None
     except OSError as exc:
         raise SetupError(f"source {where} cannot be reached: {exc.strerror or type(exc).__name__}") from None
     except Exception as exc:  # noqa: BLE001 - botocore and friends: say what, not a traceback
-        raise SetupError(f"source {where} cannot be reached: {type(exc).__name__}: {exc}") from None
+        raise SetupError(f"source {where} cannot be reached: {type(exc).__name__}: {one_line(str(exc))}") from None
 
 
 def check_output(config: RunConfig) -> None:
@@ -71,9 +76,9 @@ def check_output(config: RunConfig) -> None:
     except OutputNotWritable as exc:
         raise SetupError(str(exc)) from None
     except (ValueError, ImportError) as exc:
-        raise SetupError(f"output {where} cannot be opened: {exc}") from None
+        raise SetupError(f"output {where} cannot be opened: {one_line(str(exc))}") from None
     except Exception as exc:  # noqa: BLE001
-        raise SetupError(f"output {where} is not writable: {type(exc).__name__}: {exc}") from None
+        raise SetupError(f"output {where} is not writable: {type(exc).__name__}: {one_line(str(exc))}") from None
 
 
 def read_model_config(model: str, revision: str | None = None) -> dict[str, Any]:

@@ -74,9 +74,16 @@ class RunHandle:
 def begin_run(config: RunConfig, run_id: str | None = None) -> RunHandle:
     """Take the output's lease, check the settings against what it holds, record the run.
 
-    Raises OutputBusy (another live run owns it), SettingsChanged, OutputNotWritable.
+    Raises SetupError (an invalid run id, before anything is written), OutputBusy (another live
+    run owns it), SettingsChanged, OutputNotWritable.
     """
     run_id = run_id or config.run_id or new_run_id()
+    from pipeline.config import RUN_ID_RE
+    from pipeline.preflight import SetupError
+
+    if not RUN_ID_RE.fullmatch(run_id):  # before the output is touched (config.run_id is checked earlier)
+        raise SetupError(f"invalid run id {run_id!r}: 1-128 letters, digits, '.', '_' or '-', starting with a "
+                         "letter or digit")
     dataset = Dataset(config.output, config.storage_options)
     lease = dataset.acquire(run_id, wait_s=config.wait_for_output_s).start_heartbeat()
     handle = RunHandle(config=config, run_id=run_id, dataset=dataset, lease=lease, started_at=datetime.now(timezone.utc))
@@ -181,7 +188,8 @@ def run_row(handle: RunHandle, status: str, summary: "RunSummary | None" = None,
     counts = None
     if summary is not None:
         counts = json.dumps(
-            {"documents_by_status": summary.documents_by_status, "errors_by_type": summary.errors_by_type},
+            {"documents_by_status": summary.documents_by_status, "errors_by_type": summary.errors_by_type,
+             "files_skipped": summary.files_skipped},
             sort_keys=True,
         )
     return {
@@ -202,6 +210,7 @@ def run_row(handle: RunHandle, status: str, summary: "RunSummary | None" = None,
         "documents_processed": summary.documents if summary else None,
         "pages": summary.pages if summary else None,
         "pages_failed": summary.pages_failed if summary else None,
+        "files_skipped": sum(summary.files_skipped.values()) if summary else None,
         "counts": counts,
         "message": message,
     }
@@ -220,6 +229,7 @@ class WorkPlan:
     already_done: int
     discover_s: float
     replayed: int = 0  # shards of an earlier, unfinished run replayed under their own ids
+    skipped: dict[str, int] = field(default_factory=dict)  # files under the source with no row, by reason
 
     @property
     def to_do(self) -> int:
@@ -234,22 +244,27 @@ def discover_work(config: RunConfig, handle: RunHandle) -> WorkPlan:
     t0 = time.perf_counter()
     dataset = handle.dataset
     fingerprint = config.fingerprint()
-    state = dataset.read_state(fingerprint=fingerprint, reprocess=config.reprocess)
+    state = dataset.read_state(fingerprint=fingerprint, reprocess=config.reprocess,
+                               retry_timeouts=config.retry_timeouts)
     committed = set(dataset.part_files(DOCUMENTS))
     pending = [p for p in dataset.plans().values() if p.fingerprint == fingerprint and p.shard_id not in committed]
-    refs = sources.discover(
+    listing = sources.survey(
         config.source,
         extensions=config.extensions,
         storage_options=config.storage_options,
         limit=config.limit,
         known=state.known,  # unchanged files already recorded are not read again
     )
+    refs = listing.refs
     from pipeline.dataset import fault_point
 
     fault_point("after_discover")
-    # A file whose bytes differ from the version the output holds replaces it (latest wins).
+    # A file whose bytes differ from the version the output holds replaces it (latest wins); so
+    # does a file that can no longer be read (a dangling link, gone after listing: no id), and
+    # a readable file replaces its own `unreadable` row (id ""). One row per file.
     refs = [dataclasses.replace(r, replaces=state.versions[r.uri])
-            if r.doc_id and state.versions.get(r.uri) not in (None, r.doc_id) else r for r in refs]
+            if state.versions.get(r.uri) not in (None, r.doc_id) else r for r in refs]
+    _one_row_per_file(dataset, refs, state)
     replay = _replayable(pending, refs, state.doc_keys, dataset)
     in_plans = {(r.uri, r.doc_id) for shard in replay for r in shard.refs}
     plan: ShardPlan = plan_shards(
@@ -282,7 +297,21 @@ def discover_work(config: RunConfig, handle: RunHandle) -> WorkPlan:
         already_done=plan.already_done - len(in_plans & listed),
         discover_s=time.perf_counter() - t0,
         replayed=len(replay),
+        skipped=listing.skipped,
     )
+
+
+def _one_row_per_file(dataset: Dataset, refs: list[DocumentRef], state: Any) -> None:
+    """A file listed now whose current version (its id, "" when it cannot be read) is done
+    keeps that row alone: rows of its other versions still in the output are dropped (a
+    transient `unreadable` row after the file read fine again; a second row an older
+    docpipe left beside a file that turned into a dangling link). Deleted files are not
+    listed and keep their rows."""
+    stale = {(r.uri, other) for r in refs if (r.uri, r.doc_id) in state.doc_keys
+             for other in state.ids.get(r.uri, ()) if other != r.doc_id}
+    if stale:
+        removed = dataset.drop_versions(stale)
+        log.info("dropped %d rows of files' other versions (each file keeps its current row)", removed)
 
 
 def _replayable(pending: list[PlanRecord], refs: list[DocumentRef], done: frozenset[tuple[str, str]],
@@ -380,6 +409,7 @@ class RunSummary(Counts):
     already_done: int = 0
     shards: int = 0
     shards_skipped: int = 0
+    files_skipped: dict[str, int] = field(default_factory=dict)  # files under the source with no row, by reason
 
     @property
     def pages_per_s(self) -> float:
@@ -388,6 +418,7 @@ class RunSummary(Counts):
     def as_table_rows(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = [
             {"metric": "documents discovered", "value": self.total_documents},
+            *({"metric": f"files skipped ({reason})", "value": n} for reason, n in sorted(self.files_skipped.items())),
             {"metric": "documents already done (skipped)", "value": self.already_done},
             {"metric": "documents processed", "value": self.documents},
         ]
@@ -422,6 +453,7 @@ def summarize(
     seconds: float,
     total_documents: int = 0,
     already_done: int = 0,
+    files_skipped: dict[str, int] | None = None,
 ) -> RunSummary:
     summary = RunSummary(
         run_id=run_id,
@@ -430,6 +462,7 @@ def summarize(
         total_documents=total_documents,
         already_done=already_done,
         seconds=seconds,
+        files_skipped=dict(files_skipped or {}),
     )
     for r in results:
         summary.shards += 1
@@ -480,12 +513,15 @@ def run(config: RunConfig, *, progress: ProgressFn | None = None, on_plan: Calla
             seconds=time.perf_counter() - handle.t0,
             total_documents=plan.total_documents,
             already_done=plan.already_done,
+            files_skipped=plan.skipped,
         )
     except KeyboardInterrupt:
         end_run(handle, "interrupted", summary, "interrupted by the user")
         raise
     except BaseException as exc:
-        end_run(handle, "failed", summary, f"{type(exc).__name__}: {exc}")
+        from pipeline.redaction import one_line
+
+        end_run(handle, "failed", summary, one_line(f"{type(exc).__name__}: {exc}"))
         raise
     end_run(handle, "completed", summary)
     return summary

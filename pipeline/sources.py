@@ -21,9 +21,12 @@ import errno
 import hashlib
 import logging
 import os
+import stat
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import quote, unquote_to_bytes
 
 import fsspec
 from fsspec.core import split_protocol, strip_protocol
@@ -79,22 +82,43 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """The URL `read_bytes` reopens: an absolute path for local files, protocol://... otherwise."""
-    return path if is_local(fs) else fs.unstrip_protocol(path)
+    """The URL `read_bytes` reopens: an absolute path for local files (see `local_uri`),
+    protocol://... otherwise."""
+    return local_uri(path) if is_local(fs) else fs.unstrip_protocol(path)
+
+
+def local_uri(path: str) -> str:
+    """A local file's `source_uri`: its absolute path as it is, when the path is text (valid
+    UTF-8); otherwise (a name in another encoding, e.g. Latin-1 `caf\xe9.pdf` from an old
+    archive) its RFC 8089 `file://` URI, every byte that is not an unreserved ASCII character
+    percent-encoded (`file:///data/caf%E9.pdf`). The two forms cannot meet (one starts with
+    `/`, the other with `file://`) and `local_path` turns either back into the file's path."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes, held as surrogates (PEP 383)
+        return "file://" + quote(os.fsencode(path), safe="/")
+    return path
 
 
 def local_path(uri: str) -> str | None:
-    """The local file system path of `uri`, or None when the file lives elsewhere."""
+    """The local file system path of `uri`, or None when the file lives elsewhere. A
+    `file://` URI is percent-decoded (RFC 8089), so `local_path(local_uri(p)) == p`."""
     if "::" in uri:  # chained URL (e.g. simplecache::s3://...): not a plain local file
         return None
     protocol, _ = split_protocol(uri)
     if protocol is not None and protocol not in _LOCAL_PROTOCOLS:
         return None
+    if uri.startswith("file://"):
+        return os.path.abspath(os.fsdecode(unquote_to_bytes(uri[len("file://"):])))
     return os.path.abspath(strip_protocol(uri) if protocol else uri)
 
 
 def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
     """All bytes of the file at `uri` (as produced by `discover`)."""
+    local = local_path(uri)
+    if local is not None:
+        with open(local, "rb") as fh:
+            return fh.read()
     fs, path = resolve(uri, storage_options)
     return fs.cat_file(path)
 
@@ -154,9 +178,10 @@ def sniff_media_type(head: bytes) -> str:
 
 
 def extension_of(path: str) -> str:
-    """Lower-case extension without the dot ('' when there is none)."""
+    """Lower-case extension without the dot ('' when there is none); spaces around it do not
+    count (`report.pdf ` is a PDF by its name, and keeps its exact name as its source_uri)."""
     name = path.rstrip("/").rsplit("/", 1)[-1]
-    return name.rsplit(".", 1)[-1].lower() if "." in name.lstrip(".") else ""
+    return name.rsplit(".", 1)[-1].strip().lower() if "." in name.lstrip(".") else ""
 
 
 def is_document_content(media_type: str) -> bool:
@@ -251,25 +276,97 @@ def _normalise_extensions(extensions: Iterable[str]) -> frozenset[str]:
     return cleaned
 
 
+# Why a file under the source got no documents row (the run summary and the runs table count
+# them, so every file is accounted for): see docs/sources.md.
+SKIP_REASONS = {
+    "hidden": "a name starting with '.' (a hidden folder counts once locally: it is not walked)",
+    "extension": "an extension not in --extensions",
+    "symlinked_folder": "a symbolic link to a folder (not walked: links can loop or lead out of the source)",
+    "special": "not a regular file (a FIFO, socket or device, or a link to one)",
+    "unlistable_folder": "a folder that could not be listed (its files are unknown)",
+}
+
+
+def _is_hidden_part(part: str) -> bool:
+    return part.startswith(".") and part not in (".", "..")
+
+
 def _is_hidden(root: str, path: str) -> bool:
-    """Whether any part of `path` below `root` starts with a dot."""
+    """Whether any part of `path` below `root` starts with a dot (`.` and `..` segments of an
+    object key are not hidden names: the key is read as it is)."""
     rel = path[len(root) :] if path.startswith(root) else path
-    return any(part.startswith(".") for part in rel.split("/") if part)
+    return any(_is_hidden_part(part) for part in rel.split("/") if part)
 
 
-def _list_files(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict[str, Any]]:
-    """path -> info for every file under `root`, from as few listing calls as possible."""
+def _list_files(fs: fsspec.AbstractFileSystem, root: str, skipped: Counter[str] | None = None,
+                extensions: frozenset[str] | None = None) -> dict[str, dict[str, Any]]:
+    """path -> info for every file under `root` that may be a candidate, from as few listing
+    calls as possible; what is left out is counted in `skipped` by reason (SKIP_REASONS)."""
+    skipped = Counter() if skipped is None else skipped
     if not is_local(fs):
         # One recursive listing (a flat, paginated LIST on object stores), sizes included.
-        return fs.find(root, detail=True, withdirs=False)
-    # Locally, walk so that hidden directories (.git, .cache, ...) are pruned, not read.
+        found = {}
+        for path, info in fs.find(root, detail=True, withdirs=False).items():
+            if path.endswith("/"):
+                continue  # a "folder" marker object
+            if _is_hidden(root, path):
+                skipped["hidden"] += 1
+            elif extensions is not None and extension_of(path) not in extensions:
+                skipped["extension"] += 1
+            else:
+                found[path] = info
+        return found
+    return _walk_local(root.rstrip("/") or "/", skipped, extensions)
+
+
+def _walk_local(root: str, skipped: Counter[str], extensions: frozenset[str] | None) -> dict[str, dict[str, Any]]:
+    """A local walk that never follows a link to a folder and prunes hidden folders unread.
+
+    A link to a regular file is a file (its target's size and time); a dangling link is
+    listed too (it becomes an `unreadable` row); FIFOs, sockets and devices are skipped
+    (reading one could block forever)."""
     found: dict[str, dict[str, Any]] = {}
-    for dirpath, dirs, files in fs.walk(root, detail=True, on_error=_log_walk_error):
-        for name in [d for d in dirs if d.startswith(".")]:
-            del dirs[name]
-        for name, info in files.items():
-            if not name.startswith("."):
-                found[f"{dirpath.rstrip('/')}/{name}"] = info
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError as exc:
+            if folder == root:
+                raise
+            _log_walk_error(exc)
+            skipped["unlistable_folder"] += 1
+            continue
+        for entry in entries:
+            path = f"{folder.rstrip('/')}/{entry.name}"
+            if _is_hidden_part(entry.name):
+                skipped["hidden"] += 1
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(path)
+                    continue
+                link = entry.is_symlink()
+                try:
+                    st = os.stat(path) if link else entry.stat(follow_symlinks=False)
+                except OSError:  # a dangling link (or one that loops): an unreadable file
+                    st = None
+                if st is not None and stat.S_ISDIR(st.st_mode):
+                    skipped["symlinked_folder"] += 1
+                    continue
+                if extensions is not None and extension_of(path) not in extensions:
+                    skipped["extension"] += 1
+                    continue
+                if st is None:
+                    found[path] = {"type": "file", "size": None, "islink": True}
+                elif stat.S_ISREG(st.st_mode):
+                    found[path] = {"type": "file", "size": st.st_size, "mtime": st.st_mtime, "islink": link}
+                else:
+                    skipped["special"] += 1
+            except OSError as exc:  # vanished while listed: read (and reported) like any other file
+                log.debug("listing %s: %s", path, exc)
+                found[path] = {"type": "file", "size": None}
     return found
 
 
@@ -277,12 +374,11 @@ def _log_walk_error(exc: OSError) -> None:
     log.warning("skipping a folder that cannot be listed: %s", exc)
 
 
-def _is_broken_link(fs: fsspec.AbstractFileSystem, path: str, info: dict[str, Any]) -> bool:
-    return is_local(fs) and bool(info.get("islink")) and not os.path.exists(path)
-
-
-def _candidates(fs: fsspec.AbstractFileSystem, root: str, extensions: frozenset[str]) -> list[_Candidate]:
-    """Files under `root` (or `root` itself) that discovery should hash, sorted by URI."""
+def _candidates(fs: fsspec.AbstractFileSystem, root: str, extensions: frozenset[str],
+                skipped: Counter[str] | None = None) -> list[_Candidate]:
+    """Files under `root` (or `root` itself) that discovery should hash, sorted by URI; what
+    is left out is counted in `skipped` by reason."""
+    skipped = Counter() if skipped is None else skipped
     try:
         root_info = fs.info(root)
     except FileNotFoundError:
@@ -292,14 +388,16 @@ def _candidates(fs: fsspec.AbstractFileSystem, root: str, extensions: frozenset[
         return [_Candidate(root, full_uri(fs, root), root_info.get("size"), file_version(root_info),
                            file_etag(root_info), file_mtime(root_info))]
     out: list[_Candidate] = []
-    for path, info in _list_files(fs, root).items():
+    for path, info in _list_files(fs, root, skipped, extensions).items():
         if path.endswith("/") or _is_hidden(root, path) or extension_of(path) not in extensions:
-            continue  # "folder" marker objects on object stores, hidden and other files
-        if info.get("type", "file") == "file":
+            continue  # a listing that did not filter (a replaced _list_files)
+        if info.get("type", "file") == "file" and info.get("size", 0) is not None:
             out.append(_Candidate(path, full_uri(fs, path), info.get("size"), file_version(info), file_etag(info),
                                   file_mtime(info)))
-        elif _is_broken_link(fs, path, info):  # reported as unreadable; sockets, FIFOs... skipped
+        elif info.get("type", "file") == "file":  # a dangling link: reported as unreadable
             out.append(_Candidate(path, full_uri(fs, path), None))
+        else:
+            skipped["special"] += 1
     out.sort(key=lambda c: c.uri)
     return out
 
@@ -467,6 +565,15 @@ def _mark_duplicates(refs: list[DocumentRef]) -> list[DocumentRef]:
     return out
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Survey:
+    """What discovery found under a source: one ref per candidate file, and the other files
+    counted by why they got no row (SKIP_REASONS)."""
+
+    refs: list[DocumentRef]
+    skipped: dict[str, int]
+
+
 def discover(
     url: str,
     *,
@@ -479,18 +586,34 @@ def discover(
     """Every candidate document under `url` (a folder, prefix or single file), hashed and sniffed.
 
     Sorted by URI; `limit` keeps the first N after sorting (before any hashing). Hidden
-    files and folders (a name starting with '.') and object-store folder markers are
-    skipped. Bad files come back with `error` set. Raises FileNotFoundError only when
-    `url` itself does not exist (a broken configuration). `known` (uri -> what an earlier
-    run recorded) lets unchanged files skip the read.
+    files and folders (a name starting with '.'), links to folders, special files and
+    object-store folder markers are skipped (`survey` counts them). Bad files come back
+    with `error` set. Raises FileNotFoundError only when `url` itself does not exist (a
+    broken configuration). `known` (uri -> what an earlier run recorded) lets unchanged
+    files skip the read.
     """
+    return survey(url, extensions=extensions, storage_options=storage_options, hash_workers=hash_workers,
+                  limit=limit, known=known).refs
+
+
+def survey(
+    url: str,
+    *,
+    extensions: Iterable[str],
+    storage_options: dict[str, Any] | None = None,
+    hash_workers: int = 8,
+    limit: int | None = None,
+    known: Mapping[str, KnownFile] | None = None,
+) -> Survey:
+    """`discover`, with the files that are not candidates counted by reason."""
     known = known or {}
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
     fs, root = resolve(url, storage_options)
     if not is_local(fs):
         fs.invalidate_cache(root)  # fsspec instances are shared: never list from a stale cache
-    cands = _candidates(fs, root, _normalise_extensions(extensions))
+    skipped: Counter[str] = Counter()
+    cands = _candidates(fs, root, _normalise_extensions(extensions), skipped)
     if limit is not None:
         cands = cands[:limit]
     # Remote reads wait on the network: many threads. Local hashing is CPU/disk bound.
@@ -501,7 +624,7 @@ def discover(
     else:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docpipe-hash") as pool:
             refs = list(pool.map(lambda c: _make_ref(fs, c, known), cands))
-    return _mark_duplicates(refs)
+    return Survey(_mark_duplicates(refs), dict(sorted(skipped.items())))
 
 
 def public_url(url: str) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.6"
+SCHEMA_VERSION = "1.7"
 VERSION_KEY = b"docpipe.schema_version"
 TABLE_KEY = b"docpipe.table"
 
@@ -43,7 +43,9 @@ def _error_fields() -> list[pa.Field]:
 
 DOCUMENTS_FIELDS: list[pa.Field] = [
     _f("doc_id", pa.string(), "SHA-256 (hex) of the file's bytes; equal bytes give the same id.", nullable=False),
-    _f("source_uri", pa.string(), "Full URL or path of the input file.", nullable=False),
+    _f("source_uri", pa.string(), "Full URL or path of the input file, exactly as listed; a local name that is not "
+       "valid UTF-8 is given as its RFC 8089 file:// URI with every other byte percent-encoded "
+       "(file:///data/caf%E9.pdf).", nullable=False),
     _f("size_bytes", pa.int64(), "File size in bytes."),
     _f("media_type", pa.string(), "Media type sniffed from the content (application/pdf, image/png, ...)."),
     _f("page_count", pa.int32(), "Pages (or image frames) in the file; null when it could not be opened."),
@@ -66,9 +68,10 @@ DOCUMENTS_FIELDS: list[pa.Field] = [
        "local files."),
     _f("source_mtime", pa.timestamp("us", tz="UTC"), "The file's last modification time from its listing, UTC."),
     _f("duplicate_of", pa.string(), "source_uri of the input with the same bytes that was processed, for duplicates."),
-    _f("replaces_doc_id", pa.string(), "doc_id of the earlier version of this file (same source_uri, other bytes) "
-       "whose rows this row replaced; null for a file seen for the first time. Once this row commits, the older "
-       "version's documents and pages rows are removed."),
+    _f("replaces_doc_id", pa.string(), "doc_id of the row of the same source_uri this row replaced: the file's "
+       "earlier version (other bytes), or \"\" for an earlier row that recorded the file as unreadable (no id); null "
+       "when there was none. Once this row commits, the replaced documents and pages rows are removed: one row per "
+       "file (latest wins; a file that turns unreadable, e.g. into a dangling link, replaces its older row too)."),
     *_error_fields(),
     _f("attempt", pa.int32(), "How many runs have tried this document (1 the first time; retryable failures are "
        "tried again up to 3 times).", nullable=False),
@@ -229,7 +232,9 @@ RUNS_FIELDS: list[pa.Field] = [
     _f("documents_processed", pa.int64(), "Documents this run wrote rows for."),
     _f("pages", pa.int64(), "Pages this run wrote rows for."),
     _f("pages_failed", pa.int64(), "Of which with status error."),
-    _f("counts", pa.string(), "JSON: documents by status and errors by type."),
+    _f("files_skipped", pa.int64(), "Files under the source that got no documents row (hidden, other extensions, "
+       "links to folders, special files); by reason in counts.files_skipped."),
+    _f("counts", pa.string(), "JSON: documents by status, errors by type, and files skipped by reason."),
     _f("message", pa.string(), "Why the run failed or was interrupted, when it did."),
 ]
 

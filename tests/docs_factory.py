@@ -129,6 +129,22 @@ def make_pdf(path: Path, pages: int, text: str = "Quarterly report") -> Path:
     return path
 
 
+def cpu_bomb_pdf(segments: int = 20_000, good_pages: int = 0) -> bytes:
+    """A few KB of PDF whose last page's drawing is a CPU bomb: one even-odd filled path of
+    `segments` lines zigzagging across the page, so the rasterizer's work grows with
+    segments x scanlines (20,000: ~4 s at 72 dpi, ~14 s at 200 dpi on one core; 100,000: minutes).
+    `good_pages` ordinary pages come first (they render at once)."""
+    doc = pymupdf.open()
+    for i in range(good_pages):
+        page = doc.new_page(width=612, height=792)
+        page.insert_text((72, 72), f"an ordinary page {i + 1}", fontsize=14)
+    page = doc.new_page(width=612, height=792)
+    page.insert_text((72, 72), "x")
+    ops = ["0 0 m", *(f"{(i * 37) % 612} {792 if i % 2 else 0} l" for i in range(segments)), "f*"]
+    doc.update_stream(page.get_contents()[0], "\n".join(ops).encode())
+    return _pdf_bytes(doc)
+
+
 def born_digital_pdf(pages: int = 1, size: tuple[float, float] = LETTER) -> bytes:
     """Pages of real text with a ruled table and a vector bar chart on each."""
     doc = pymupdf.open()

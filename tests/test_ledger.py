@@ -37,9 +37,11 @@ TABLE = [
                                                                                True)),
     ("worker lost: the pool retried it", DocFacts(1, error=CRASH), (ERROR, "worker_crashed", 0, 0,
                                                                                     False, False, False)),
-    ("timed out with pages: not kept yet", DocFacts(1, error=TIMEOUT, pages_ok=2),
-     (ERROR, "document_timeout", 0, 0, False, False, False)),
-    ("timed out, last run: partial stands", DocFacts(3, error=TIMEOUT, pages_ok=2),
+    ("timed out: final at once, the pages it got stand", DocFacts(1, error=TIMEOUT, pages_ok=2),
+     (PARTIAL, "document_timeout", 2, 0, True, True, False)),
+    ("timed out with no page: error, final", DocFacts(1, error=TIMEOUT), (ERROR, "document_timeout", 0, 0, True,
+                                                                          True, False)),
+    ("timed out again when asked (--retry-timeouts): final", DocFacts(2, error=TIMEOUT, pages_ok=2),
      (PARTIAL, "document_timeout", 2, 0, True, True, False)),
     ("model failed one page for good", DocFacts(1, pages_ok=3, model_failed=1, page_errors=(GEN,)),
      (PARTIAL, "page_errors", 2, 1, True, True, False)),
@@ -68,6 +70,18 @@ TABLE = [
     ("a blank page of an intact file: ok", DocFacts(1, pages_ok=3, pages_blank=1), (OK, None, 3, 0, True, True,
                                                                                     False)),
 ]
+
+
+def test_a_timeout_is_not_transient() -> None:
+    """A CPU-bomb page times out on every try: the pool does not run it again in a fresh worker
+    (a crash it does), and the row says how to ask for another try."""
+    from pipeline.shard.ledger import retry_in_fresh_worker
+
+    assert not retry_in_fresh_worker(TIMEOUT, 1)
+    assert retry_in_fresh_worker(CRASH, 1) and not retry_in_fresh_worker(CRASH, POLICY.worker_attempts)
+    assert retry_in_fresh_worker(TIMEOUT, 1, RetryPolicy(timeout_attempts=2))
+    verdict = decide(DocFacts(1, error=TIMEOUT))
+    assert verdict.final and not verdict.error.retryable and "--retry-timeouts" in verdict.error.message
 
 
 @pytest.mark.parametrize(("name", "facts", "expected"), TABLE, ids=[t[0] for t in TABLE])

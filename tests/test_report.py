@@ -168,6 +168,99 @@ def test_thumbnails_follow_rotation() -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# Bounded: only what the run rendered, from the bytes it read, in time
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def replaced_sources(tmp_path: Path) -> tuple[Path, Path]:
+    """An output whose sources were replaced after the run: the PNG by a 169 MP PNG (over the
+    run's decode limit), the PDF by a CPU-bomb PDF; one more PDF is left as it was."""
+    from PIL import Image
+
+    from tests.docs_factory import bomb_png, cpu_bomb_pdf, make_pdf
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (300, 200), "white").save(src / "scan.png")
+    make_pdf(src / "report.pdf", 1)
+    make_pdf(src / "kept.pdf", 1, text="kept as it was")
+    out = tmp_path / "out"
+    run(RunConfig(source=str(src), output=str(out), prep_workers=0, progress=False))
+    (src / "scan.png").write_bytes(bomb_png(13_000, 13_000))  # 169 MP: under Pillow's hard limit, over the run's
+    (src / "report.pdf").write_bytes(cpu_bomb_pdf(segments=100_000))  # minutes to draw
+    return src, out
+
+
+def _notes(html: str) -> list[str]:
+    import re
+
+    return re.findall(r'<p class="none">([^<]*)</p>', html)
+
+
+def test_the_report_never_decodes_a_source_replaced_since_the_run(replaced_sources: tuple[Path, Path]) -> None:
+    _src, out = replaced_sources
+    t0 = time.monotonic()
+    result = make_report(str(out))
+    assert time.monotonic() - t0 < 60  # neither bomb was drawn (one takes minutes, the other 2 GB)
+    notes = _notes(result.html)
+    assert notes.count("not rendered: the source changed since the run (its bytes are not the ones it read)") == 2
+    assert result.html.count("data:image/jpeg;base64,") == 1  # kept.pdf, unchanged
+
+
+def test_thumbnails_stop_at_their_time_limits(tmp_path: Path) -> None:
+    """A page that takes too long is killed in its worker; the next one is drawn by a fresh one;
+    past the report's deadline nothing more is drawn."""
+    import hashlib
+
+    from pipeline.report import ThumbLimits, render_thumbnails
+    from tests.docs_factory import cpu_bomb_pdf, make_pdf
+
+    bomb, fine = tmp_path / "bomb.pdf", make_pdf(tmp_path / "fine.pdf", 1)
+    bomb.write_bytes(cpu_bomb_pdf(segments=100_000))
+
+    def row(path: Path, **extra: Any) -> dict[str, Any]:
+        return {"source_uri": str(path), "page_number": 1, "width_px": 1700, "height_px": 2200,
+                "doc_id": hashlib.sha256(path.read_bytes()).hexdigest(), **extra}
+
+    media = {str(bomb): "application/pdf", str(fine): "application/pdf"}
+    t0 = time.monotonic()
+    got = render_thumbnails([row(bomb), row(fine)], media, limits=ThumbLimits(per_thumb_s=1.0))
+    assert time.monotonic() - t0 < 30
+    assert got[(str(bomb), 1)].note == "not rendered: drawing it took over 1 s"
+    assert got[(str(fine), 1)].data  # a fresh worker drew the next one
+    late = render_thumbnails([row(fine)], media, limits=ThumbLimits(deadline=time.monotonic() - 1))
+    assert late[(str(fine), 1)].note == "not rendered: the report's time for thumbnails ran out"
+    refused = render_thumbnails([{"source_uri": str(fine), "page_number": 1, "error_type": "image_too_large"}], media)
+    assert refused[(str(fine), 1)].note == "not rendered: the run did not render this page (image_too_large)"
+
+
+def test_an_image_over_the_runs_decode_limit_is_never_decoded() -> None:
+    from tests.docs_factory import bomb_png
+
+    thumb = render_thumbnail(bomb_png(13_000, 13_000), "image/png", 1)
+    assert thumb.data is None and "decompression-bomb limit" in (thumb.note or "")
+
+
+def test_the_flows_report_step_has_a_time_limit(replaced_sources: tuple[Path, Path]) -> None:
+    import flows.tasks
+    from pipeline.report import publish_markdown
+
+    _src, out = replaced_sources
+    run_id = _run_ids(out)[-1]
+    assert 0 < flows.tasks.REPORT_TIMEOUT_S <= 300
+    note = publish_markdown(str(out), run_id, timeout_s=0.0)
+    html = (out / "_docpipe" / "reports" / f"{run_id}.html").read_text()
+    assert "ran out" in html and "data:image/jpeg" not in html and "report" in note
+
+
+def _run_ids(out: Path) -> list[str]:
+    from pipeline.dataset import Dataset
+
+    return [r["run_id"] for r in Dataset(str(out)).read_runs()]
+
+
+# ---------------------------------------------------------------------------------------
 # In a real browser
 # ---------------------------------------------------------------------------------------
 
@@ -278,3 +371,30 @@ def test_report_loads_cleanly_in_chromium(finished_run: Path, tmp_path: Path) ->
     (tmp_path / "gallery.png").write_bytes(base64.b64decode(shot))
     assert png.size[0] >= 1000
     assert ImageStat.Stat(png).stddev[0] > 20  # thumbnails and text, not a blank page
+
+
+def test_markdown_notes_show_a_run_id_and_a_url_as_text(tmp_path: Path) -> None:
+    """A backtick in a run id (or a URL) must not end its code span and let the rest become HTML
+    in Prefect's markdown artifact (run ids are checked, but library callers and old outputs)."""
+    from markdown_it import MarkdownIt
+
+    from pipeline.report import publish_markdown
+
+    run_id = "r`<img src=x onerror=alert(1)>"
+    output = str(tmp_path / "no`<b>such</b>-output")
+    note = publish_markdown(output, run_id)  # no such output: the "could not be written" note
+    rendered = MarkdownIt("commonmark", {"html": True}).render(note)
+    assert "<img" not in rendered and "<b>" not in rendered, rendered
+    assert "&lt;img src=x onerror=alert(1)&gt;" in rendered
+
+
+def test_markdown_text_is_never_markup() -> None:
+    from markdown_it import MarkdownIt
+
+    from pipeline.report.markdown import md_block, md_code, md_text
+
+    source = (f"## run {md_code('`x`')} failed\n\n{md_text('<script>x</script> [link](javascript:alert(1)) *b*')}\n\n"
+              + md_block("docpipe report 'a```b'"))
+    rendered = MarkdownIt("commonmark", {"html": True}).render(source)
+    assert "<script" not in rendered and "<a " not in rendered and "<em>" not in rendered, rendered
+    assert "<code>`x`</code>" in rendered and "a```b" in rendered

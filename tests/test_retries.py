@@ -155,3 +155,35 @@ def test_a_file_rewritten_after_a_retryable_failure_replaces_the_failure_row(
     rows = [d for d in read_rows(str(out), "documents") if d["source_uri"] == failed["source_uri"]]
     assert len(rows) == 1 and rows[0]["status"] == "ok" and rows[0]["replaces_doc_id"] == failed["doc_id"]
     assert len([p for p in read_rows(str(out), "pages") if p["source_uri"] == failed["source_uri"]]) == 3
+
+
+def test_a_document_that_times_out_is_given_up_and_tried_again_only_when_asked(tmp_path: Path):
+    """A CPU-bomb page: the first timeout is final (its first page stands), later runs leave it
+    alone, `--retry-timeouts` tries it once more and its new row replaces the old one."""
+    import time
+
+    from tests.docs_factory import cpu_bomb_pdf, make_pdf
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_pdf(src / "fine.pdf", 2)
+    (src / "bomb.pdf").write_bytes(cpu_bomb_pdf(segments=40_000, good_pages=1))
+    cfg = _config(src, out, document_timeout_s=1.5).model_copy(update={"prep_workers": 1})
+    first = runner.run(cfg)
+    assert first.errors_by_type == {"document_timeout": 1}
+    [bomb] = [d for d in read_rows(str(out), "documents") if d["source_uri"].endswith("bomb.pdf")]
+    assert (bomb["status"], bomb["error_type"], bomb["error_retryable"], bomb["attempt"]) == (
+        "partial", "document_timeout", False, 1)
+    assert "--retry-timeouts" in bomb["error_message"]
+    t0 = time.monotonic()
+    second = runner.run(cfg)  # the default: not tried again, no time spent on it
+    assert second.documents == 0 and second.already_done == 2 and time.monotonic() - t0 < 1.5
+    third = runner.run(cfg.model_copy(update={"retry_timeouts": True}))
+    assert third.documents == 1 and third.errors_by_type == {"document_timeout": 1}
+    docs = [d for d in read_rows(str(out), "documents") if d["source_uri"].endswith("bomb.pdf")]
+    assert [(d["attempt"], d["error_type"]) for d in docs] == [(2, "document_timeout")]  # one row, replaced
+    pages = read_rows(str(out), "pages")
+    assert [p["page_number"] for p in pages if p["source_uri"].endswith("bomb.pdf")] == [1]  # its first page, once
+    assert max(page_key_counts(pages).values()) == 1
+    from pipeline.cli import main
+
+    assert main(["verify", str(out)]) == 0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 import duckdb
@@ -231,3 +233,98 @@ def test_typed_listing_columns_and_page_timestamps(inputs: Path, tmp_path: Path)
     pages = read(out, "pages")
     assert all(p["processed_at"] is not None and p["processed_at"] >= started for p in pages)
     assert all(d["total_s"] >= d["rasterize_s"] for d in docs.values() if d["total_s"] is not None)
+
+
+# ---- every file accounted for, one row per file --------------------------------------------
+
+
+def _rows_by_uri(out: Path) -> dict[str, list[dict]]:
+    rows: dict[str, list[dict]] = {}
+    for row in read(out, "documents"):
+        rows.setdefault(row["source_uri"], []).append(row)
+    return rows
+
+
+def test_odd_names_get_one_row_each_and_skipped_files_are_counted(tmp_path: Path, capsys):
+    import os
+
+    src = tmp_path / "in"
+    src.mkdir()
+    names = ["new\nline.pdf", "esc\x1b.pdf", "rtl\u202efdp.pdf", "space at end.pdf ", "caf\u00e9.pdf", "cafe\u0301.pdf"]
+    for i, name in enumerate(names):
+        make_pdf(src / name, 1, text=f"odd {i}")
+    with open(os.fsencode(src) + b"/caf\xe9-latin1.pdf", "wb") as fh:  # a Latin-1 name: not UTF-8
+        fh.write((src / names[0]).read_bytes() + b"\n%latin")
+    (src / ".hidden.pdf").write_bytes(b"%PDF-1.4")
+    (src / "notes.txt").write_text("not a document")
+    (src / "folder-link").symlink_to(tmp_path, target_is_directory=True)
+    out = tmp_path / "out"
+    assert main(["run", str(src), "--output", str(out), "--no-progress", "--prep-workers", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "files skipped (hidden)" in printed and "files skipped (symlinked_folder)" in printed
+    rows = _rows_by_uri(out)
+    expected = {f"{src}/{n}" for n in names} | {f"file://{src}/caf%E9-latin1.pdf"}
+    assert set(rows) == expected and all(len(r) == 1 and r[0]["status"] == "ok" for r in rows.values())
+    [run_row] = read(out, "runs")
+    assert run_row["files_skipped"] == 3
+    assert json.loads(run_row["counts"])["files_skipped"] == {"extension": 1, "hidden": 1, "symlinked_folder": 1}
+    again = runner.run(RunConfig(source=str(src), output=str(out), progress=False, prep_workers=0))
+    assert again.documents == 0 and again.already_done == len(expected)
+    assert again.files_skipped == {"extension": 1, "hidden": 1, "symlinked_folder": 1}
+    assert {u: len(r) for u, r in _rows_by_uri(out).items()} == dict.fromkeys(expected, 1)
+
+
+def test_a_file_that_turns_into_a_dangling_link_keeps_one_row(tmp_path: Path):
+    src = tmp_path / "in"
+    src.mkdir()
+    make_pdf(src / "a.pdf", 2)
+    make_pdf(src / "b.pdf", 1, text="stays")
+    original = (src / "a.pdf").read_bytes()
+    out = tmp_path / "out"
+    cfg = RunConfig(source=str(src), output=str(out), progress=False, prep_workers=0, shard_size=1)
+    runner.run(cfg)
+    (src / "a.pdf").unlink()
+    (src / "a.pdf").symlink_to(tmp_path / "gone.pdf")
+    for _ in range(2):
+        runner.run(cfg)
+        [row] = _rows_by_uri(out)[f"{src}/a.pdf"]
+        assert (row["status"], row["error_type"], row["doc_id"]) == ("error", "unreadable", "")
+        assert row["replaces_doc_id"] == hashlib.sha256(original).hexdigest()
+        assert not [p for p in read(out, "pages") if p["source_uri"] == f"{src}/a.pdf"]  # latest wins
+    (src / "a.pdf").unlink()
+    (src / "a.pdf").write_bytes(original)  # back again: its row goes back to ok
+    runner.run(cfg)
+    [row] = _rows_by_uri(out)[f"{src}/a.pdf"]
+    assert row["status"] == "ok" and row["replaces_doc_id"] == ""
+    assert len([p for p in read(out, "pages") if p["source_uri"] == f"{src}/a.pdf"]) == 2
+    assert main(["verify", str(out)]) == 0
+
+
+def test_a_second_row_an_older_version_left_is_dropped(tmp_path: Path):
+    """Outputs written before one-row-per-file may hold a file's `unreadable` row beside its
+    good one: the next run that finds the file readable keeps the good row alone."""
+    from pipeline import sink
+    from pipeline.dataset import Dataset
+    from pipeline.records import DocumentRef, StageError, Stage
+    from pipeline.prepare import DocumentOutcome
+    from pipeline.shard.ledger import DocFacts, decide
+    from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA
+
+    src = tmp_path / "in"
+    src.mkdir()
+    make_pdf(src / "a.pdf", 1)
+    out = tmp_path / "out"
+    cfg = RunConfig(source=str(src), output=str(out), progress=False, prep_workers=0)
+    runner.run(cfg)
+    uri = f"{src}/a.pdf"
+    err = StageError(Stage.SOURCES, "unreadable", "FileNotFoundError: gone")
+    outcome = DocumentOutcome(ref=DocumentRef(uri, "", 0, "application/octet-stream", error=err), error=err)
+    verdict = decide(DocFacts(attempt=1, error=err))
+    row = sink.document_row(outcome, verdict, shard_id="legacy", run_id="old", fingerprint=cfg.fingerprint(),
+                            processed_at=datetime.now(timezone.utc))
+    Dataset(str(out)).commit_shard("legacy", sink.rows_to_table([], PAGES_SCHEMA),
+                                   sink.rows_to_table([row], DOCUMENTS_SCHEMA))
+    assert len(_rows_by_uri(out)[uri]) == 2
+    runner.run(cfg)
+    [kept] = _rows_by_uri(out)[uri]
+    assert kept["status"] == "ok" and kept["doc_id"] == hashlib.sha256((src / "a.pdf").read_bytes()).hexdigest()

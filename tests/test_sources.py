@@ -198,8 +198,8 @@ def test_unreadable_files_do_not_stop_discovery(tree: Path, monkeypatch: pytest.
     real_list = sources._list_files
     real_open = LocalFileSystem.open
 
-    def list_then_delete(fs, root):  # the file vanishes between listing and hashing
-        found = real_list(fs, root)
+    def list_then_delete(fs, root, *args):  # the file vanishes between listing and hashing
+        found = real_list(fs, root, *args)
         (tree / "zeta.jpeg").unlink()
         return found
 
@@ -516,3 +516,75 @@ def test_bucket_objects_carry_their_etag(s3_bucket, s3_storage_options):
     fs.pipe(f"{s3_bucket}/in/a.pdf", b"%PDF-1.7 bucket")
     (ref,) = discover(f"s3://{s3_bucket}/in", extensions=["pdf"], storage_options=s3_storage_options)
     assert ref.version and ref.version.startswith("ETag:") and '"' not in ref.version
+
+
+# ---- every file accounted for: odd names, links, hidden and special files ----------------
+
+# Names that hold (one row each, their exact source_uri), and one that is not UTF-8.
+ODD_NAMES = ["new\nline.pdf", "tab\there.pdf", "esc\x1b[31m.pdf", "x" * 251 + ".pdf", "caf\u00e9.pdf",
+             "cafe\u0301.pdf", "Case.pdf", "case.pdf", "rtl\u202efdp.pdf", "<img src=x onerror=alert(1)>.pdf", "ends in space.pdf "]
+LATIN1 = b"caf\xe9-latin1.pdf"
+
+
+def test_every_local_file_is_a_row_or_a_counted_skip(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, name in enumerate(ODD_NAMES):
+        (src / name).write_bytes(_pdf(f"odd {i}"))
+    latin_bytes = _pdf("latin-1 name")
+    with open(os.path.join(os.fsencode(src), LATIN1), "wb") as fh:
+        fh.write(latin_bytes)
+    (src / "target.pdf").write_bytes(_pdf("target of a link"))
+    (src / "link.pdf").symlink_to(src / "target.pdf")  # a link to a file: read through it
+    (src / "dangling.pdf").symlink_to(tmp_path / "nowhere.pdf")  # an unreadable row
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "far.pdf").write_bytes(_pdf("outside the source"))
+    (src / "linked-folder").symlink_to(elsewhere, target_is_directory=True)  # not walked
+    (src / "loop").symlink_to(src, target_is_directory=True)  # not walked (would loop)
+    os.mkfifo(src / "pipe.pdf")  # reading it would block forever
+    (src / ".hidden.pdf").write_bytes(_pdf("hidden"))
+    (src / ".git").mkdir()
+    (src / ".git" / "x.pdf").write_bytes(_pdf("in a hidden folder"))
+    (src / "notes.txt").write_text("other extension")
+
+    found = sources.survey(str(src), extensions=EXTS)
+    names = {os.path.basename(os.fsencode(local_path(r.uri))): r for r in found.refs}
+    expected = {os.fsencode(n) for n in ODD_NAMES} | {LATIN1, b"target.pdf", b"link.pdf", b"dangling.pdf"}
+    assert set(names) == expected and len(found.refs) == len(expected)
+    assert found.skipped == {"extension": 1, "hidden": 2, "special": 1, "symlinked_folder": 2}
+    for name in ODD_NAMES:  # the exact path, as it is
+        assert names[os.fsencode(name)].uri == f"{src}/{name}"
+    latin = names[LATIN1]
+    assert latin.uri == f"file://{src}/caf%E9-latin1.pdf"  # RFC 8089, other bytes percent-encoded
+    assert latin.error is None and read_bytes(latin.uri) == latin_bytes
+    assert os.fsencode(local_path(latin.uri)) == os.fsencode(src) + b"/" + LATIN1
+    assert names[b"link.pdf"].error is None and names[b"link.pdf"].doc_id == names[b"target.pdf"].doc_id
+    assert names[b"target.pdf"].duplicate_of == f"{src}/link.pdf"  # the same bytes: a duplicate row
+    assert names[b"dangling.pdf"].error.type == "unreadable"
+    assert names[os.fsencode("ends in space.pdf ")].media_type == "application/pdf"
+
+
+def test_local_uri_round_trips_and_never_meets_a_plain_path(tmp_path: Path) -> None:
+    plain = f"{tmp_path}/caf%E9.pdf"  # a real name that looks like an escape
+    odd = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9.pdf")
+    assert sources.local_uri(plain) == plain and local_path(plain) == plain
+    assert sources.local_uri(odd) == f"file://{tmp_path}/caf%E9.pdf" != plain
+    assert local_path(sources.local_uri(odd)) == odd
+
+
+def test_object_keys_with_dot_segments_and_spaces_are_rows(s3_bucket: str, s3_storage_options: dict) -> None:
+    fs, _ = resolve(f"s3://{s3_bucket}", s3_storage_options)
+    keys = ["in/a.pdf", "in/../up.pdf", "in/./here.pdf", "in//double.pdf", "in/space.pdf ", "in/.hidden.pdf",
+            "in/.cache/x.pdf", "in/notes.txt"]
+    data = {key: _pdf(f"key {i}") for i, key in enumerate(keys)}
+    for key in keys:
+        fs.pipe_file(f"{s3_bucket}/{key}", data[key])
+    fs.invalidate_cache()
+    found = sources.survey(f"s3://{s3_bucket}/in", extensions=EXTS, storage_options=s3_storage_options)
+    uris = {r.uri: r for r in found.refs}
+    assert set(uris) == {f"s3://{s3_bucket}/{k}" for k in keys[:5]}
+    assert found.skipped == {"hidden": 2, "extension": 1}
+    for key in keys[:5]:
+        ref = uris[f"s3://{s3_bucket}/{key}"]
+        assert ref.error is None and read_bytes(ref.uri, s3_storage_options) == data[key]

@@ -34,12 +34,15 @@ from pipeline.dataset.store import (
     _is_temp,
     _join,
     _Store,
+    _warn_once,
     _with_metadata,
     conform,
     fault_point,
+    is_own_file,
     shard_file_name,
     shard_id_of,
 )
+from pipeline.shard.ledger import TIMEOUT_ERROR
 from pipeline.sources import full_uri
 from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA
 
@@ -49,6 +52,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("pipeline.dataset")
 
 _STAGE_RE = re.compile(r"^g(?P<gen>\d{12})$")
+_LEASELESS_STAGE = "nolease"  # the staging folder of writers without a lease (library use, tests)
+_FENCED_RE = re.compile(r"^(?:g\d{12}|nolease)-[0-9a-f]{8}$")  # a staging folder moved to _docpipe/fenced/
 
 
 class _CommitOps(_Store):
@@ -67,11 +72,12 @@ class _CommitOps(_Store):
     # which links or renames out of its own folder, fails instead of landing (local disks);
     # on object stores the documents file is created with `If-None-Match: *`.
     def _stage_dir(self, generation: int | None) -> str:
-        return self.path(META, "staging", "nolease" if generation is None else f"g{generation:012d}")
+        return self.path(META, "staging", _LEASELESS_STAGE if generation is None else f"g{generation:012d}")
 
     def _make_stage(self, generation: int) -> None:
         if self.local:
             for table in (PAGES, DOCUMENTS):
+                self._guard(_join(self._stage_dir(generation), table, "-"))
                 os.makedirs(_join(self._stage_dir(generation), table), exist_ok=True)
 
     def _staged_pages(self, shard_id: str, generation: int | None = None) -> str:
@@ -168,6 +174,7 @@ class _CommitOps(_Store):
             return self.create_exclusive(final, buffer.getvalue().to_pybytes())
         staged = _join(stage, DOCUMENTS, shard_file_name(shard_id))
         self._write_staged(staged, documents, may_create=not fenced, metadata=meta)
+        self._guard(final)
         os.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
         try:
             os.link(staged, final)  # fails if the stage folder was fenced away, or a commit is there
@@ -191,6 +198,8 @@ class _CommitOps(_Store):
         final = self.shard_path(PAGES, shard_id)
         try:
             if self.local:
+                self._guard(staged)
+                self._guard(final)
                 os.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
                 os.replace(staged, final)
                 _fsync_path(final.rsplit("/", 1)[0], directory=True)
@@ -203,8 +212,10 @@ class _CommitOps(_Store):
         return True
 
     def drop_superseded(self, keys: set[tuple[str, str]], *, keep_shard: str | None = None) -> int:
-        """Remove retryable-failure rows of `keys` from committed shards other than
-        `keep_shard` (their documents file is rewritten whole). Returns rows removed."""
+        """Remove the rows of `keys` that a retry supersedes (retryable failures, and final
+        `document_timeout` rows tried again on request) from committed shards other than
+        `keep_shard`: a timed-out row's pages go first (pages file rewritten, then the
+        documents file with its new pages row count). Returns documents rows removed."""
         removed = 0
         for shard, path in sorted(self.part_files(DOCUMENTS).items()):
             if shard == keep_shard:
@@ -212,13 +223,25 @@ class _CommitOps(_Store):
             table = self._read_part(path, DOCUMENTS_SCHEMA)
             uris, ids = table.column("source_uri").to_pylist(), table.column("doc_id").to_pylist()
             retryable = table.column("error_retryable").to_pylist()
-            keep = [not (bool(r) and (u, d) in keys) for u, d, r in zip(uris, ids, retryable)]
+            etypes = table.column("error_type").to_pylist()
+            keep = [not ((bool(r) or t == TIMEOUT_ERROR) and (u, d) in keys)
+                    for u, d, r, t in zip(uris, ids, retryable, etypes)]
             if all(keep):
                 continue
             removed += keep.count(False)
             meta = {k: v for k, v in (self._footer(path).metadata or {}).items() if k in (GENERATION_KEY, PAGES_ROWS_KEY)}
+            gone = {(u, d) for u, d, k in zip(uris, ids, keep) if not k}
+            pages_path = self.shard_path(PAGES, shard)
+            if self.fs.exists(pages_path):
+                pages = self._read_part(pages_path, PAGES_SCHEMA)
+                keep_pages = [(u, d) not in gone for u, d in zip(pages.column("source_uri").to_pylist(),
+                                                                  pages.column("doc_id").to_pylist())]
+                if not all(keep_pages):  # a timed-out row's pages (retryable rows have none)
+                    pages = conform(pages.filter(pa.array(keep_pages, pa.bool_())), PAGES_SCHEMA)
+                    self.write_table(pages_path, pages)
+                    meta[PAGES_ROWS_KEY] = str(pages.num_rows).encode()
             self.write_table(path, conform(table.filter(pa.array(keep)), DOCUMENTS_SCHEMA), metadata=meta)
-            log.info("dropped %d superseded retryable rows from shard %s", keep.count(False), shard)
+            log.info("dropped %d superseded rows from shard %s", keep.count(False), shard)
         return removed
 
     def drop_versions(self, keys: set[tuple[str, str]], *, keep_shard: str | None = None) -> int:
@@ -257,17 +280,17 @@ class _CommitOps(_Store):
         if len(parts) < 2:
             return
         table = self.open_table(DOCUMENTS).to_table(
-            columns=["source_uri", "doc_id", "error_retryable", "attempt", "shard_id"]
+            columns=["source_uri", "doc_id", "error_retryable", "attempt", "shard_id", "error_type"]
         )
         latest: dict[tuple[str, str], int] = {}
         rows = list(zip(*(table.column(c).to_pylist() for c in table.column_names)))
-        for uri, doc_id, _retryable, attempt, _shard in rows:
+        for uri, doc_id, _retryable, attempt, _shard, _t in rows:
             key = (uri, doc_id)
             latest[key] = max(latest.get(key, 0), int(attempt or 1))
-        stale = {(u, d) for u, d, r, a, _s in rows if r and int(a or 1) < latest[(u, d)]}
+        stale = {(u, d) for u, d, r, a, _s, t in rows if (r or t == TIMEOUT_ERROR) and int(a or 1) < latest[(u, d)]}
         if stale:
             keep: dict[tuple[str, str], str] = {}
-            for uri, doc_id, _r, attempt, shard in rows:
+            for uri, doc_id, _r, attempt, shard, _t in rows:
                 if (uri, doc_id) in stale and int(attempt or 1) == latest[(uri, doc_id)]:
                     keep[(uri, doc_id)] = shard
             for key, shard in keep.items():
@@ -320,17 +343,28 @@ class _CommitOps(_Store):
         are moved in (roll forward), anything else is removed. Locally the folder is first
         renamed to `_docpipe/fenced/`, after which its old owner can neither stage nor
         commit from it (its link/rename out of the folder fails); the commits are listed
-        only after that rename, so none is missed."""
+        only after that rename, so none is missed.
+
+        Only docpipe's own names are touched: staging folders `g<generation>` / `nolease`,
+        fenced folders `<that>-<8 hex>`, part files and docpipe's temp files in them. Anything
+        else found there (a link, a folder or file docpipe did not make) is left alone, and
+        a fenced folder is removed only once it is empty (never recursively)."""
         base = self.path(META, "staging")
         removed: list[str] = []
         folders: list[str] = []
         for name in self._subfolders(base):
             match = _STAGE_RE.match(name)
+            if not match and name not in (_LEASELESS_STAGE, PAGES):
+                _warn_once(f"foreign:{base}/{name}", "left %s alone: not a folder docpipe made",
+                           full_uri(self.fs, _join(base, name)))
+                continue
             if match and keep_generation is not None and int(match["gen"]) >= keep_generation:
                 continue  # this owner's own folder (or, if this owner lost, a newer one's)
             folder = _join(base, name)
             if self.local and name != PAGES:
                 fenced = self.path(META, "fenced", f"{name}-{uuid.uuid4().hex[:8]}")
+                self._guard(folder)
+                self._guard(fenced)
                 os.makedirs(fenced.rsplit("/", 1)[0], exist_ok=True)
                 try:
                     os.rename(folder, fenced)
@@ -338,8 +372,9 @@ class _CommitOps(_Store):
                     continue
                 folder = fenced
             folders.append(folder)
-        folders += [_join(self.path(META, "fenced"), n) for n in self._subfolders(self.path(META, "fenced"))
-                    if _join(self.path(META, "fenced"), n) not in folders]
+        fenced_base = self.path(META, "fenced")
+        folders += [_join(fenced_base, n) for n in self._subfolders(fenced_base)
+                    if _FENCED_RE.match(n) and _join(fenced_base, n) not in folders]
         if not folders:
             return removed
         committed = set(self.part_files(DOCUMENTS))  # listed after the fence
@@ -348,6 +383,8 @@ class _CommitOps(_Store):
             legacy = folder.rstrip("/").endswith(f"staging/{PAGES}")
             pages_dir = folder if legacy else _join(folder, PAGES)
             for entry in self._listing(pages_dir):
+                if not is_own_file(entry["name"]):
+                    continue
                 shard = shard_id_of(entry["name"])
                 if shard is not None and shard in committed and shard not in present:
                     if self._publish_pages(shard, stage=pages_dir):
@@ -357,10 +394,21 @@ class _CommitOps(_Store):
                 if self.remove(entry["name"]):
                     removed.append(full_uri(self.fs, entry["name"]))
             for entry in [] if legacy else self._listing(_join(folder, DOCUMENTS)):
-                self.remove(entry["name"])  # a committed one was linked into documents/ already
-            if not legacy:
-                try:
-                    self.fs.rm(folder, recursive=True)
-                except FileNotFoundError:
-                    pass
+                if is_own_file(entry["name"]):
+                    self.remove(entry["name"])  # a committed one was linked into documents/ already
+            if not legacy and self.local:
+                self._remove_empty_folder(folder)
         return removed
+
+    def _remove_empty_folder(self, folder: str) -> None:
+        """Remove a fenced staging folder and its two table folders, each only if empty (a
+        file docpipe did not make keeps it, with one warning). Object stores have no folders."""
+        for path in (_join(folder, PAGES), _join(folder, DOCUMENTS), folder):
+            try:
+                self._guard(_join(path, "-"))
+                os.rmdir(path)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                _warn_once(f"kept:{folder}", "kept %s: it holds files docpipe did not make", full_uri(self.fs, folder))
+                return

@@ -208,7 +208,9 @@ class _LeaseOps(_Store):
     def acquire(
         self, run_id: str, *, wait_s: float = 0.0, ttl_s: float = LEASE_TTL_S, heartbeat_s: float = HEARTBEAT_S
     ) -> "Lease":
-        """Own the output for `run_id`; OutputBusy when a live run holds it past `wait_s`."""
+        """Own the output for `run_id`; OutputBusy when a live run holds it past `wait_s`;
+        OutputUnsafe, before anything is written, when one of its folders is a symbolic link."""
+        self.check_contained()
         deadline = time.monotonic() + wait_s
         while True:
             gens = self.lease_generations()

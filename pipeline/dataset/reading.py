@@ -13,7 +13,7 @@ import pyarrow.dataset as ds
 
 from pipeline.dataset.store import DOCUMENTS, PAGES, RUNS, _Store, conform, shard_file_name
 from pipeline.records import KnownFile
-from pipeline.shard.ledger import POLICY
+from pipeline.shard.ledger import POLICY, TIMEOUT_ERROR
 from schemas import RUNS_SCHEMA, SCHEMAS
 
 @dataclass(frozen=True, slots=True)
@@ -30,8 +30,11 @@ class DoneState:
     # discovery skips re-reading those whose listing still shows the same size and version.
     known: Mapping[str, KnownFile] = field(default_factory=dict, hash=False, compare=False)
     fingerprints: frozenset[str] = frozenset()  # config fingerprints of the documents rows
-    # source_uri -> doc_id of its done row (the version of the file the output holds)
+    # source_uri -> doc_id of its done row (the version of the file the output holds; "" for a
+    # file recorded as unreadable, which has no content hash)
     versions: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
+    # source_uri -> every doc_id the output holds rows of for it (normally one)
+    ids: Mapping[str, frozenset[str]] = field(default_factory=dict, hash=False, compare=False)
 
 
 def _row_order(row: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -51,15 +54,17 @@ class _ReadOps(_Store):
         return ds.dataset(paths, schema=SCHEMAS[table], format="parquet", filesystem=self.arrow_fs())
 
     def read_state(
-        self, *, fingerprint: str | None = None, reprocess: bool = False, max_attempts: int | None = None
+        self, *, fingerprint: str | None = None, reprocess: bool = False, max_attempts: int | None = None,
+        retry_timeouts: bool = False,
     ) -> DoneState:
-        """Committed shards and which documents are done (see the module docstring, step 5)."""
+        """Committed shards and which documents are done (see the module docstring, step 5).
+        `retry_timeouts`: documents whose row is a (final) `document_timeout` are tried again."""
         parts = self.part_files(DOCUMENTS)
         if not parts:
             return DoneState()
         max_attempts = POLICY.runs if max_attempts is None else max_attempts  # the ledger's budget of runs
         names = ["source_uri", "doc_id", "status", "size_bytes", "source_version", "media_type",
-                 "error_retryable", "attempt", "config_fingerprint"]
+                 "error_retryable", "attempt", "config_fingerprint", "error_type"]
         table = self.open_table(DOCUMENTS).to_table(columns=names)
         cols = {n: table.column(n).to_pylist() for n in names}
         done: set[tuple[str, str]] = set()
@@ -67,22 +72,22 @@ class _ReadOps(_Store):
         processed: dict[str, str] = {}
         known: dict[str, KnownFile] = {}
         versions: dict[str, str] = {}
+        ids: dict[str, set[str]] = {}
         rows = zip(*(cols[n] for n in names))
-        for uri, doc_id, status, size, version, media, retryable, attempt, fp in sorted(rows, key=_row_order):
+        for uri, doc_id, status, size, version, media, retryable, attempt, fp, etype in sorted(rows, key=_row_order):
             key = (uri, doc_id)
+            ids.setdefault(uri, set()).add(doc_id)
             if reprocess and fingerprint is not None and fp != fingerprint:
                 continue  # written with other settings: this run does it again
             attempts = int(attempt or 1)
-            if retryable and attempts < max_attempts:
+            if (retryable and attempts < max_attempts) or (retry_timeouts and etype == TIMEOUT_ERROR):
                 if key not in done:
                     retry[key] = max(retry.get(key, 0), attempts)
-                if doc_id:
-                    versions.setdefault(uri, doc_id)  # a changed file's new version replaces this row too
+                versions.setdefault(uri, doc_id)  # a changed file's new version replaces this row too
                 continue
             done.add(key)
             retry.pop(key, None)
-            if doc_id:
-                versions[uri] = doc_id
+            versions[uri] = doc_id
             if status in ("ok", "partial"):
                 processed.setdefault(doc_id, uri)
             if version and doc_id and size is not None and media:
@@ -95,6 +100,7 @@ class _ReadOps(_Store):
             known=known,
             fingerprints=frozenset(fp for fp in cols["config_fingerprint"] if fp),
             versions=versions,
+            ids={uri: frozenset(found) for uri, found in ids.items()},
         )
 
     def committed_paths(self, table: str) -> list[str]:

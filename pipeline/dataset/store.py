@@ -41,6 +41,21 @@ class OutputNotWritable(RuntimeError):
     """The output cannot be written (read-only, missing permission, a file in the way)."""
 
 
+class OutputUnsafe(OutputNotWritable):
+    """A folder docpipe writes in or removes from is a symbolic link (it may lead out of the output)."""
+
+
+# The folders under the output root that docpipe writes in, moves files between or removes
+# files from. On a local disk none of them may be a symbolic link: docpipe never writes,
+# moves or deletes through a link that may lead out of the output (docs/exactly-once.md).
+INTERNAL_FOLDERS = (PAGES, DOCUMENTS, RUNS, META, *(f"{META}/{name}" for name in (
+    "lease", "plans", "staging", "fenced", "quarantine", "compactions", "reports")))
+# Folders whose subfolders are docpipe's too (a lease generation's staging folder, a fenced
+# one), with the subfolders of those.
+_NESTED_FOLDERS = (f"{META}/staging", f"{META}/fenced")
+_STAGE_SUBFOLDERS = (PAGES, DOCUMENTS)
+
+
 # ---------------------------------------------------------------------------------------
 # Paths and files
 # ---------------------------------------------------------------------------------------
@@ -62,6 +77,12 @@ def shard_id_of(name: str) -> str | None:
 def _is_temp(name: str) -> bool:
     base = name.rsplit("/", 1)[-1]
     return base.startswith(".") and _TEMP_MARK in base
+
+
+def is_own_file(name: str) -> bool:
+    """Whether a file of a table or staging folder has a name docpipe gives (a part file or one
+    of its temp files): the only files docpipe removes from those folders."""
+    return shard_id_of(name) is not None or _is_temp(name)
 
 
 def _join(*parts: str) -> str:
@@ -164,6 +185,50 @@ class _Store:
     def path(self, *parts: str) -> str:
         return _join(self.root, *parts)
 
+    # ---- containment: never through a link out of the output ---------------------------
+    def _link_message(self, path: str) -> str:
+        rel = path[len(self.root.rstrip("/")) + 1:]
+        try:
+            target = f" (to {os.readlink(path)})"
+        except OSError:
+            target = ""
+        return (f"output {self.root}: {rel}/ is a symbolic link{target}; docpipe never writes, moves or deletes "
+                "through a link that may lead out of the output: make it a real folder (or point the output "
+                "itself at the disk you want)")
+
+    def check_contained(self) -> None:
+        """OutputUnsafe when a folder docpipe writes in or removes from is a symbolic link
+        (INTERNAL_FOLDERS, and the lease generations' staging and fenced folders). Called
+        before any work: taking the lease, the write probe. The output root may be a link."""
+        if not self.local:
+            return  # object stores have no links
+        for rel in INTERNAL_FOLDERS:
+            if os.path.islink(self.path(rel)):
+                raise OutputUnsafe(self._link_message(self.path(rel)))
+        for rel in _NESTED_FOLDERS:
+            try:
+                names = sorted(os.listdir(self.path(rel)))
+            except OSError:  # not there (or not a folder: the writes say so)
+                continue
+            for name in names:
+                for path in (self.path(rel, name), *(self.path(rel, name, sub) for sub in _STAGE_SUBFOLDERS)):
+                    if os.path.islink(path):
+                        raise OutputUnsafe(self._link_message(path))
+
+    def _guard(self, path: str) -> None:
+        """OutputUnsafe unless every folder between the output root and `path` is a real folder
+        (local disks; checked right before each write, move and removal)."""
+        if not self.local:
+            return
+        root = self.root.rstrip("/")
+        if not path.startswith(root + "/"):
+            raise OutputUnsafe(f"{path} is not inside the output {root}; docpipe writes only inside it")
+        current = root
+        for part in path[len(root) + 1:].split("/")[:-1]:
+            current = f"{current}/{part}"
+            if os.path.islink(current):
+                raise OutputUnsafe(self._link_message(current))
+
     def shard_path(self, table: str, shard_id: str) -> str:
         return self.path(table, shard_file_name(shard_id))
 
@@ -175,7 +240,7 @@ class _Store:
             entries = self.fs.ls(folder, detail=True)
         except FileNotFoundError:
             return []
-        return [e for e in entries if e.get("type") == "file" and not e["name"].endswith("/")]
+        return [e for e in entries if e.get("type") == "file" and not e.get("islink") and not e["name"].endswith("/")]
 
     def part_files(self, table: str) -> dict[str, str]:
         """shard id -> path of the part files of `table` (temp files excluded)."""
@@ -195,6 +260,7 @@ class _Store:
         if not self.local:
             self.fs.pipe_file(path, data)
             return
+        self._guard(path)
         folder, name = path.rsplit("/", 1)
         if make_folder:
             os.makedirs(folder, exist_ok=True)
@@ -220,6 +286,7 @@ class _Store:
         Other stores fall back to check-then-write (documented as best effort).
         """
         if self.local:
+            self._guard(path)
             folder, name = path.rsplit("/", 1)
             os.makedirs(folder, exist_ok=True)
             temp = f"{folder}/.{name}{_TEMP_MARK}{uuid.uuid4().hex}"
@@ -263,6 +330,7 @@ class _Store:
             return None
 
     def remove(self, path: str) -> bool:
+        self._guard(path)
         try:
             self.fs.rm_file(path)
         except FileNotFoundError:
@@ -281,6 +349,7 @@ class _Store:
         where = full_uri(self.fs, self.root)
         if self.local and os.path.exists(self.root) and not os.path.isdir(self.root):
             raise OutputNotWritable(f"output {where} is a file, not a folder")
+        self.check_contained()
         probe = self.path(META, f".probe{_TEMP_MARK}{uuid.uuid4().hex}")
         try:
             self.write_bytes(probe, b"docpipe write probe\n")
@@ -302,4 +371,5 @@ class _Store:
             entries = self.fs.ls(folder, detail=True)
         except FileNotFoundError:
             return []
-        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries
+                      if e.get("type") == "directory" and not e.get("islink"))  # a link is never walked into

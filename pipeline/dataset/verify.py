@@ -25,6 +25,7 @@ from pipeline.dataset.store import (
     shard_file_name,
     shard_id_of,
 )
+from pipeline.shard.ledger import TIMEOUT_ERROR
 from pipeline.sources import full_uri
 from schemas import RUNS_SCHEMA
 
@@ -58,6 +59,8 @@ class _VerifyOps(_Store):
         rel = path[len(self.root.rstrip("/")) + 1:] if path.startswith(self.root.rstrip("/") + "/") else path.rsplit("/", 1)[-1]
         target = self.path(META, "quarantine", stamp, rel)
         if self.local:
+            self._guard(path)  # never moves a file from, or into, a place a link leads to
+            self._guard(target)
             os.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
             try:
                 os.replace(path, target)
@@ -163,16 +166,20 @@ class _VerifyOps(_Store):
         problems: list[Problem] = []
         if self.part_files(DOCUMENTS):
             names = ["source_uri", "doc_id", "error_retryable", "attempt", "config_fingerprint", "shard_id",
-                     "replaces_doc_id", "status"]
+                     "replaces_doc_id", "status", "error_type"]
             try:
                 table = self.open_table(DOCUMENTS).to_table(columns=names)
             except Exception:  # noqa: BLE001 - a damaged file was reported above; a read-only verify stops here
                 table = None
             if table is not None:
                 rows = list(zip(*(table.column(n).to_pylist() for n in names)))
+                latest: dict[tuple[str, str], int] = {}
+                for uri, doc_id, _r, attempt, *_rest in rows:
+                    latest[(uri, doc_id)] = max(latest.get((uri, doc_id), 0), int(attempt or 1))
                 owners: dict[tuple[str, str, str], set[str]] = {}
-                for uri, doc_id, retryable, _a, fp, shard, _r, _s in rows:
-                    if not retryable:
+                for uri, doc_id, retryable, attempt, fp, shard, _r, _s, etype in rows:
+                    superseded = etype == TIMEOUT_ERROR and int(attempt or 1) < latest[(uri, doc_id)]
+                    if not retryable and not superseded:  # a timeout tried again: the next clean drops it
                         owners.setdefault((uri, doc_id, fp or ""), set()).add(shard)
                 losers: set[str] = set()
                 for key, shards in owners.items():
@@ -188,8 +195,8 @@ class _VerifyOps(_Store):
                                             f"shard {shard} (lease generation {generations.get(shard, 0)}) holds "
                                             "documents a newer commit holds too", repaired=repair,
                                             moved_to=None if moved is None else full_uri(self.fs, moved)))
-                replaced = {(uri, r) for uri, _d, retryable, _a, _fp, shard, r, _s in rows
-                            if r and not retryable and shard not in losers}
+                replaced = {(uri, r) for uri, d, retryable, _a, _fp, shard, r, _s, _t in rows
+                            if r is not None and r != d and not retryable and shard not in losers}
                 stale = replaced & {(uri, d) for uri, d, *_rest in rows}
                 if stale:
                     if repair:

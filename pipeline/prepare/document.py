@@ -188,7 +188,7 @@ def iter_document(ref: DocumentRef, settings: PrepSettings, attempt: int = 1) ->
                     "document_timeout",
                     f"stopped after {cfg.document_timeout_s:g} s with {outcome.pages_ok + outcome.pages_failed}"
                     f" of {outcome.page_count} pages done",
-                    retryable=True,  # a loaded machine may be the cause: a later run tries again
+                    retryable=True,  # a fact of this attempt; the ledger decides the row is final
                 )
                 yield done(err)
                 return

@@ -30,9 +30,9 @@ from pipeline.prepare.document import (
 )
 from pipeline.prepare.worker import _send, _worker_main
 from pipeline.records import DocumentRef, Stage, StageError
-from pipeline.shard.ledger import POLICY
+from pipeline.shard.ledger import POLICY, TIMEOUT_ERROR, retry_in_fresh_worker
 
-MAX_ATTEMPTS = POLICY.worker_attempts  # a document whose worker dies or times out runs once more (ledger.RetryPolicy)
+MAX_ATTEMPTS = POLICY.worker_attempts  # a document whose worker dies runs once more (ledger.RetryPolicy)
 MAX_DEATHS_IN_A_ROW = 5  # more worker deaths than this with no document finished between: stop
 MAX_STARTUP_DEATHS = 3  # workers that exit by themselves before they are ready, in a row: stop
 STARTUP_TIMEOUT_S = 300.0  # a worker not ready after this long is killed (counts as a start-up death)
@@ -145,10 +145,10 @@ class PrepPool:
     Each worker takes one document at a time and sends its pages over its own pipe, as
     credit allows (at most `prefetch_pages` pages in flight overall). A worker that dies
     mid-document (a signal, the OOM killer, a renderer crash) or runs past
-    `document_timeout_s` (it is killed) is replaced; its document is yielded as a
-    `DocumentRetry` and runs again in the fresh worker, up to `max_attempts` in all. After
-    the last attempt the document ends with a retryable `worker_crashed` or
-    `document_timeout` error; the pages of that last attempt stand (the ledger makes it
+    `document_timeout_s` (it is killed) is replaced; a crashed worker's document is yielded
+    as a `DocumentRetry` and runs again in the fresh worker, up to `max_attempts` in all (a
+    timed-out one as the ledger's `retry_in_fresh_worker` says: by default not again). After
+    the last attempt the document ends with a `worker_crashed` or `document_timeout` error; the pages of that last attempt stand (the ledger makes it
     partial if any rendered). A worker that dies idle, or before it began its document, costs the
     document nothing. Workers that keep dying stop the run with `PrepWorkersFailing`.
 
@@ -295,12 +295,13 @@ class PrepPool:
         pages = st.ok[index] + st.failed[index]
         attempt = f"attempt {w.attempt} of {self.max_attempts}"
         if w.kill_reason == "timeout":
+            of = POLICY.timeout_attempts
             return StageError(
                 Stage.TIMEOUT,
-                "document_timeout",
-                f"preparing the document took over {self.settings.config.document_timeout_s:g} s ({attempt});"
-                f" stopped after {pages} pages",
-                retryable=True,
+                TIMEOUT_ERROR,
+                f"preparing the document took over {self.settings.config.document_timeout_s:g} s"
+                f"{f' (attempt {w.attempt} of {of})' if of > 1 else ''}; stopped after {pages} pages",
+                retryable=True,  # a fact of this attempt; the ledger decides the row is final
             )
         extra = f" ({w.kill_reason})" if w.kill_reason else ""
         return StageError(
@@ -323,7 +324,7 @@ class PrepPool:
                 st.pending.appendleft((index, attempt))
             else:
                 reason = self._failure(w, st, index)
-                if attempt < self.max_attempts:
+                if retry_in_fresh_worker(reason, attempt, worker_attempts=self.max_attempts):
                     st.attempts[index] = attempt + 1
                     st.ok[index] = st.failed[index] = 0
                     events.append(DocumentRetry(st.refs[index].uri, attempt + 1, reason))

@@ -70,9 +70,9 @@ class ImageDocument(OpenedDocument):
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 if self.page_count > 1 or index:
                     self._image.seek(index)
-                too_large = _too_large(self._image.size)
-                if too_large:
-                    return self._failure(number, "image_too_large", f"{where}: {too_large}")
+                refused = too_large(self._image.size)
+                if refused:
+                    return self._failure(number, "image_too_large", f"{where}: {refused}")
                 return self._convert(self._image, number, options)
         except Image.DecompressionBombError as exc:
             return self._failure(number, "image_too_large", f"{where}: {exc}")
@@ -139,8 +139,9 @@ def _image_dpi(image: Image.Image) -> float | None:
         return None
     return x if math.isfinite(x) and x > 1.0 else None
 
-def _too_large(size: tuple[int, int]) -> str | None:
-    """Why an image of `size` must not be decoded (Pillow's decompression-bomb limit), or None."""
+def too_large(size: tuple[int, int]) -> str | None:
+    """Why an image of `size` must not be decoded (Pillow's decompression-bomb limit), or None.
+    The one image size limit: the run's (here) and the report's thumbnails."""
     limit = Image.MAX_IMAGE_PIXELS
     pixels = size[0] * size[1]
     if limit is None or pixels <= limit:
@@ -172,10 +173,10 @@ def _open_image(data: bytes | str, head: bytes, uri: str, doc_id: str) -> Opened
         fmt = image.format
         image.close()
         return _error("unsupported_format", f"{fmt} images are not supported (PNG, JPEG, TIFF, WebP, BMP are)")
-    too_large = _too_large(image.size)
-    if too_large:
+    refused = too_large(image.size)
+    if refused:
         image.close()
-        return _error("image_too_large", too_large)
+        return _error("image_too_large", refused)
     if image.format not in MULTI_FRAME_FORMATS:
         return ImageDocument(image, uri, doc_id, 1)
     frames, broken = _count_frames(image)

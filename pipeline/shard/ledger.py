@@ -12,9 +12,14 @@ tests). `retry_in_run` says whether this run should try it once more first. All 
 functions of the facts and of one `RetryPolicy`, tested with a table (tests/test_ledger.py).
 
 The meanings of "attempt", once each:
-- `RetryPolicy.worker_attempts`: a document whose prep worker died or timed out is run
-  again in a fresh worker, up to this many times in all (the pool does this; the runner does
-  not retry those errors again within the run).
+- `RetryPolicy.worker_attempts`: a document whose prep worker died is run again in a fresh
+  worker, up to this many times in all (the pool does this, asking `retry_in_fresh_worker`;
+  the runner does not retry those errors again within the run).
+- `RetryPolicy.timeout_attempts`: the same for a document whose preparation ran past
+  `document_timeout_s` (1: not run again). A timeout is deterministic far more often than
+  not (a page whose drawing is a CPU bomb times out on every try), so its row is final: later
+  runs leave it alone unless asked (`--retry-timeouts`, read by `Dataset.read_state`), and one
+  pathological file costs `timeout_attempts x document_timeout_s` over all runs.
 - `RetryPolicy.rounds`: any other retryable failure (storage, network, a device error on
   every page) is tried up to this many times within one run, with `backoff_s` between.
 - `RetryPolicy.runs`: what still fails retryably is written with `error_retryable = true`
@@ -42,6 +47,7 @@ class RetryPolicy:
     rounds: int = 3
     backoff_s: tuple[float, ...] = (1.0, 3.0)
     worker_attempts: int = 2
+    timeout_attempts: int = 1
     shard_task_retries: int = 3
     shard_backoff_s: float = 2.0
     device_failure_windows: int = 2
@@ -53,8 +59,9 @@ class RetryPolicy:
 
 POLICY = RetryPolicy()
 
-# Error types the prep pool already retried in a fresh worker (up to worker_attempts).
-POOL_RETRIED = frozenset({"worker_crashed", "document_timeout"})
+TIMEOUT_ERROR = "document_timeout"
+# Error types the prep pool already retried in a fresh worker (see retry_in_fresh_worker).
+POOL_RETRIED = frozenset({"worker_crashed", TIMEOUT_ERROR})
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +97,19 @@ class Verdict:
         return not self.final
 
 
+TIMEOUT_FINAL = ("not tried again by later runs (a timeout is not transient); to try it again, rerun with "
+                 "--retry-timeouts and a larger --document-timeout-s")
+
 LOST = StageError(Stage.RASTERIZE, "lost_document", "no outcome was reported for this document", True)
+
+
+def retry_in_fresh_worker(error: StageError, attempt: int, policy: RetryPolicy = POLICY,
+                          worker_attempts: int | None = None) -> bool:
+    """Whether the prep pool runs a document again in a fresh worker after its attempt
+    `attempt` (from 1) ended in `error` (`worker_crashed` or `document_timeout`)."""
+    if error.type == TIMEOUT_ERROR:
+        return attempt < policy.timeout_attempts
+    return attempt < (policy.worker_attempts if worker_attempts is None else worker_attempts)
 
 
 def _retryable_errors(facts: DocFacts) -> list[StageError]:
@@ -153,6 +172,9 @@ def status_of(facts: DocFacts) -> DocStatus:
 def decide(facts: DocFacts, policy: RetryPolicy = POLICY) -> Verdict:
     """The document's status, error, page counts, and whether its pages stand and it is final."""
     facts, status, error, pages_ok, pages_failed = _assess(facts)
+    if error is not None and error.type == TIMEOUT_ERROR:  # not transient: final, the pages it got stand
+        error = dataclasses.replace(error, retryable=False, message=f"{error.message}; {TIMEOUT_FINAL}")
+        return Verdict(status, error, pages_ok, pages_failed, keep_pages=True, final=True)
     retryable = _retryable_errors(dataclasses.replace(facts, error=error))
     if not retryable or status is DocStatus.DUPLICATE:
         return Verdict(status, error, pages_ok, pages_failed, keep_pages=True, final=True)
@@ -166,4 +188,5 @@ def decide(facts: DocFacts, policy: RetryPolicy = POLICY) -> Verdict:
     return Verdict(status, error, pages_ok, pages_failed, keep_pages=True, final=True)
 
 
-__all__ = ["POLICY", "POOL_RETRIED", "DocFacts", "RetryPolicy", "Verdict", "decide", "retry_in_run", "status_of"]
+__all__ = ["POLICY", "POOL_RETRIED", "TIMEOUT_ERROR", "DocFacts", "RetryPolicy", "Verdict", "decide",
+           "retry_in_fresh_worker", "retry_in_run", "status_of"]

@@ -381,7 +381,8 @@ def process_shard(
         lease=lease,
         supersedes=shard.retried(),
         replaces=[(d["source_uri"], d["replaces_doc_id"]) for d in docs
-                  if d.get("replaces_doc_id") and d["replaces_doc_id"] != d["doc_id"] and not d["error_retryable"]],
+                  if d.get("replaces_doc_id") is not None and d["replaces_doc_id"] != d["doc_id"]
+                  and not d["error_retryable"]],
     )
     result.seconds = time.perf_counter() - t_start
     return result
