@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.6"
+SCHEMA_VERSION = "1.7"
 VERSION_KEY = b"docpipe.schema_version"
 TABLE_KEY = b"docpipe.table"
 
@@ -231,6 +231,9 @@ RUNS_FIELDS: list[pa.Field] = [
     _f("pages_failed", pa.int64(), "Of which with status error."),
     _f("counts", pa.string(), "JSON: documents by status and errors by type."),
     _f("message", pa.string(), "Why the run failed or was interrupted, when it did."),
+    _f("lease_generation", pa.int64(), "The output's lease generation the run held: it grows with every run that "
+       "takes the output, so it orders runs as the output saw them (the latest run has the largest; started_at "
+       "comes from the clock of the machine that ran it). Null for runs written before schema 1.7."),
 ]
 
 RUNS_SCHEMA = _schema(RUNS_FIELDS, "runs", "One row per run that wrote to this output: settings, versions, counts.")

@@ -57,7 +57,7 @@ def test_round_trip_keeps_schema_and_metadata(tmp_path: Path) -> None:
     for folder, table, schema in (("pages", pages, PAGES_SCHEMA), ("documents", documents, DOCUMENTS_SCHEMA)):
         path = tmp_path / folder / "part-s1.parquet"
         back = pq.read_table(path)
-        commit_keys = (b"docpipe.lease_generation", b"docpipe.pages_rows")
+        commit_keys = (b"docpipe.lease_generation", b"docpipe.pages_rows", b"docpipe.commit_id")
         assert (folder == "documents") == all(k in back.schema.metadata for k in commit_keys)
         bare = back.schema.with_metadata({k: v for k, v in back.schema.metadata.items() if k not in commit_keys})
         assert _same_schema(bare, schema)
@@ -339,6 +339,8 @@ def _stale(data: Dataset, generation: int, **changes) -> None:
     info = json.loads(data.fs.cat_file(path))
     info.update(changes)
     data.write_bytes(path, json.dumps(info).encode())
+    if "heartbeat_at" in changes and data.local:  # the store saw it written then, too
+        os.utime(path, (changes["heartbeat_at"], changes["heartbeat_at"]))
 
 
 def test_one_run_owns_an_output_until_it_releases_it(tmp_path: Path) -> None:
