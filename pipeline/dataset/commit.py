@@ -213,38 +213,36 @@ class _CommitOps(_Store):
         whole): its documents file reads, is this process's commit where it made one (the
         nonce in its footer), and its pages file is in `pages/` holding the rows the documents
         file records. Footers only: two small reads a shard."""
-        missing: list[str] = []
-        for shard_id in sorted(set(shard_ids)):
-            docs = self.shard_path(DOCUMENTS, shard_id)
-            pages = self.shard_path(PAGES, shard_id)
-            if not self.local:
-                self.fs.invalidate_cache(docs)
-                self.fs.invalidate_cache(pages)
-            try:
-                meta = self._footer(docs).metadata or {}
-            except FileNotFoundError:
-                missing.append(f"shard {shard_id}: no documents file")
-                continue
-            except Exception as exc:  # noqa: BLE001
-                missing.append(f"shard {shard_id}: the documents file does not read ({type(exc).__name__})")
-                continue
-            receipt = self.receipts.get(shard_id)
-            if receipt is not None and meta.get(COMMIT_KEY, b"").decode() != receipt.commit_id:
-                missing.append(f"shard {shard_id}: the documents file is not this run's commit")
-                continue
-            try:
-                rows = self._footer(pages).num_rows
-            except FileNotFoundError:
-                missing.append(f"shard {shard_id}: no pages file")
-                continue
-            except Exception as exc:  # noqa: BLE001
-                missing.append(f"shard {shard_id}: the pages file does not read ({type(exc).__name__})")
-                continue
-            expected = meta.get(PAGES_ROWS_KEY)
-            if expected is not None and int(expected) != rows:
-                missing.append(f"shard {shard_id}: the pages file holds {rows} rows, its documents file says "
-                               f"{int(expected)}")
-        return missing
+        return [problem for shard_id in sorted(set(shard_ids)) if (problem := self._not_whole(shard_id))]
+
+    def _not_whole(self, shard_id: str) -> str | None:
+        docs, why = self._shard_footer(DOCUMENTS, shard_id)
+        if docs is None:
+            return why
+        meta = docs.metadata or {}
+        receipt = self.receipts.get(shard_id)
+        if receipt is not None and meta.get(COMMIT_KEY, b"").decode() != receipt.commit_id:
+            return f"shard {shard_id}: the documents file is not this run's commit"
+        pages, why = self._shard_footer(PAGES, shard_id)
+        if pages is None:
+            return why
+        expected = meta.get(PAGES_ROWS_KEY)
+        if expected is not None and int(expected) != pages.num_rows:
+            return (f"shard {shard_id}: the pages file holds {pages.num_rows} rows, its documents file says "
+                    f"{int(expected)}")
+        return None
+
+    def _shard_footer(self, table: str, shard_id: str) -> tuple[pq.FileMetaData | None, str]:
+        """(footer, "") of a shard's file, or (None, why it cannot be read)."""
+        path = self.shard_path(table, shard_id)
+        if not self.local:
+            self.fs.invalidate_cache(path)
+        try:
+            return self._footer(path), ""
+        except FileNotFoundError:
+            return None, f"shard {shard_id}: no {table} file"
+        except Exception as exc:  # noqa: BLE001 - truncated, zeroed, not Parquet
+            return None, f"shard {shard_id}: the {table} file does not read ({type(exc).__name__})"
 
     def _put_documents(self, shard_id: str, documents: pa.Table, stage: str, meta: Mapping[bytes, bytes],
                        *, fenced: bool) -> bool:

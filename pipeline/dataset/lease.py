@@ -163,12 +163,14 @@ def stale_reason(info: LeaseInfo, *, unchanged_s: float, store_age_s: float | No
         if age < -info.ttl_s:
             return (f"its heartbeat is dated {-age:.0f} s in the future (the clock of the machine that wrote it "
                     f"is ahead; not trusted){stored}")
-        return f"its record has not changed for {store_age_s:.0f} s by the store's clock (last heartbeat {age:.0f} s ago)"
+        return (f"its record has not changed for {store_age_s:.0f} s by the store's clock "
+                f"(last heartbeat {age:.0f} s ago)")
     if store_age_s is None:
         if age > info.ttl_s:
             return f"its last heartbeat was {age:.0f} s ago"
         if age < -info.ttl_s:
-            return f"its heartbeat is dated {-age:.0f} s in the future (the clock of the machine that wrote it is ahead)"
+            return (f"its heartbeat is dated {-age:.0f} s in the future (the clock of the machine that wrote it "
+                    "is ahead)")
     return None
 
 
