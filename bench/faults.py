@@ -759,8 +759,9 @@ def print_net_table(rows: list[tuple[str, NetTally, float]]) -> None:
         return
     print()
     print("Lost replies, stop signals and skewed clocks: *exits* are the exit codes of the runs that met the "
-          "fault (code x count); *claimed ok over a missing page* counts pages missing right after a run that "
-          "exited 0; *took over s*: the longest a replacement run (another PID namespace) took to take the output.")
+          "fault and of the replacement runs (code x count); *claimed ok over a missing page* counts pages missing "
+          "right after a run that exited 0; *took over s*: the longest a replacement run (another PID namespace) "
+          "took to take the output.")
     header = ("scenario", "runs", "pages expected", "pages found", "lost", "duplicates", "doc rows off", "exits",
               "claimed ok over a missing page", "tracebacks", "reruns", "orphan procs", "took over s", "injected",
               "seconds")
