@@ -91,8 +91,8 @@ def measure(out: Path, repeat: int) -> dict[str, float]:
             f"JOIN read_parquet('{o}/pages/*.parquet') p USING (doc_id) GROUP BY 1",
         "DuckDB: pages of the latest run's fingerprint (README query)":
             f"SELECT count(*) FROM read_parquet('{o}/pages/*.parquet') p WHERE p.config_fingerprint = "
-            f"(SELECT config_fingerprint FROM read_parquet('{o}/runs/*.parquet') WHERE status = 'completed' "
-            f"ORDER BY started_at DESC LIMIT 1)",
+            f"(SELECT config_fingerprint FROM read_parquet('{o}/runs/*.parquet', union_by_name=true) "
+            f"WHERE status = 'completed' ORDER BY lease_generation DESC NULLS LAST, started_at DESC LIMIT 1)",
     }
     figures = {name: best_of(repeat, lambda q=q: con.sql(q).fetchall()) for name, q in queries.items()}
     dataset = Dataset(o)

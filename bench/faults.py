@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import hashlib
 import json
 import os
@@ -657,15 +658,20 @@ def main() -> None:
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
-    every = {**SCENARIOS, **NEW_SCENARIOS, **ISSUE19_FS_SCENARIOS}
+    every = {**SCENARIOS, **NEW_SCENARIOS, **ISSUE19_FS_SCENARIOS, **NET_SCENARIOS}
     chosen = {k: v for k, v in every.items() if not args.only or any(o in k for o in args.only)}
-    rows = []
+    rows, net_rows = [], []
     s3 = _S3() if any("S3" in k for k in chosen) else None
+    net = NetEnv(s3, _fault_proxy(s3) if s3 is not None and any(k in NET_SCENARIOS for k in chosen) else None)
     try:
         with tempfile.TemporaryDirectory(prefix="docpipe-faults-") as tmp:
             corpus = Path(tmp) / "in"
             expected = make_corpus(corpus, args.docs)
             for name, scenario in chosen.items():
+                if name in NET_SCENARIOS:  # issue 19's rows: their own table
+                    net_rows.append(net_row(name, tmp, corpus, expected, rng, args.repeat, net, len(net_rows)))
+                    print(f"... {name}: {net_rows[-1][1]}", file=sys.stderr, flush=True)
+                    continue
                 tally = Tally()
                 t0 = time.monotonic()
                 for i in range(args.repeat):
@@ -686,6 +692,8 @@ def main() -> None:
                 rows.append((name, tally, time.monotonic() - t0))
                 print(f"... {name}: {tally}", file=sys.stderr, flush=True)
     finally:
+        if net.proxy is not None:
+            net.proxy.stop()  # type: ignore[attr-defined]
         if s3 is not None:
             s3.stop()
     print(f"seed {seed}; {args.docs} PDFs, {sum(expected.values())} pages per corpus; reruns: plain reruns after "
@@ -701,6 +709,282 @@ def main() -> None:
     notes = [(name, t.notes) for name, t, _ in rows if t.notes]
     for name, items in notes:
         print(f"note: {name}: {'; '.join(items)}")
+    print_net_table(net_rows)
+
+
+# ==== Issue 19, network half: lost replies, stop signals, skewed clocks ========================
+# Own rows, printed as their own table: besides what the rows above count, the exit codes of
+# the runs that met the fault, "claimed ok over a missing page" (pages missing from the output
+# right after a run that ended `completed` with exit 0: must be 0), and what was injected.
+# The S3 rows put `pipeline.testing.s3_faults.FaultProxy` (127.0.0.1) between docpipe and moto;
+# the clock rows run docpipe under libfaketime (`faketime -f +3h`), skipped when it is missing.
+
+
+@dataclass
+class NetTally(Tally):
+    exits: collections.Counter = field(default_factory=collections.Counter)  # exit codes of the faulted runs
+    false_success: int = 0  # pages missing right after a run that exited 0
+    injected: collections.Counter = field(default_factory=collections.Counter)
+    waited_s: float | None = None  # the longest a replacement run took to take the output
+    seeds: list[int] = field(default_factory=list)  # the fault proxy's seeds (S3 rows)
+
+
+@dataclass
+class NetEnv:
+    s3: "_S3 | None"
+    proxy: object | None  # FaultProxy in front of s3, when S3 rows run
+
+
+def _net_run(tally: NetTally, target: Target, args: list[str], env: dict[str, str] | None = None,
+             options: dict | None = None) -> subprocess.CompletedProcess[bytes]:
+    """One run that meets the fault: its exit code tallied, and if it exited 0, the pages
+    missing from the output right after it (read directly, not through the faults)."""
+    if options:
+        args = [*args, "--storage-options", json.dumps(options)]
+    result = finish(args, env)
+    tally.exits[result.returncode] += 1
+    if result.returncode == 0:
+        tally.false_success += problems(target)["lost"]
+    return result
+
+
+def _s3_row(plan_of: Callable[[random.Random], object], shard_size: str, attempts: int = 3):
+    def scenario(target: Target, rng: random.Random, tally: NetTally, env: NetEnv) -> None:
+        from pipeline.testing.s3_faults import FaultPlan  # noqa: F401 - plan_of builds one
+
+        assert env.proxy is not None and target.options is not None
+        plan = plan_of(rng)
+        env.proxy.set_plan(plan)  # type: ignore[attr-defined]
+        tally.seeds.append(plan.seed)  # type: ignore[attr-defined]
+        before = collections.Counter(env.proxy.injected)  # type: ignore[attr-defined]
+        options = {**target.options, "endpoint_url": env.proxy.url}  # type: ignore[attr-defined]
+        args = run_args(target.src, target.url, "--shard-size", shard_size)
+        for _ in range(attempts):  # the nightly job's own retries, all through the faults
+            if _net_run(tally, target, args, options=options).returncode == 0:
+                break
+        tally.injected.update(collections.Counter(env.proxy.injected) - before)  # type: ignore[attr-defined]
+        env.proxy.set_plan(FaultPlan())  # type: ignore[attr-defined]  # the reruns that settle it are plain
+        target.extra = ("--shard-size", shard_size)
+
+    return scenario
+
+
+def _fault_proxy(s3: "_S3") -> object:
+    import logging
+
+    from pipeline.testing.s3_faults import FaultProxy
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
+    return FaultProxy(s3.options["endpoint_url"]).start()
+
+
+def _plan(**kw):
+    from pipeline.testing.s3_faults import FaultPlan
+
+    return lambda rng: FaultPlan(seed=rng.randrange(1 << 30), **kw)
+
+
+def _lease_released(out: Path) -> bool:
+    leases = sorted((out / "_docpipe" / "lease").glob("*.json"))
+    return bool(leases) and json.loads(leases[-1].read_text()).get("released") is True
+
+
+def _stop_signal(sig: int, to_group: bool):
+    def scenario(target: Target, rng: random.Random, tally: NetTally, env: NetEnv) -> None:
+        out = Path(target.url)
+        goal = rng.randint(1, max(1, len(target.expected) // 8))  # before half of its shards (of 4) are done
+        proc = subprocess.Popen(run_args(target.src, out, "--shard-size", "4", "--prep-workers", "2"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        wait_for(lambda: committed(out) >= goal or proc.poll() is not None)
+        below = descendants(proc.pid)
+        try:
+            if to_group:
+                os.killpg(proc.pid, sig)
+            else:
+                os.kill(proc.pid, sig)
+        except ProcessLookupError:  # it had finished
+            pass
+        _, err = proc.communicate(timeout=300)
+        text = err.decode(errors="replace")
+        STDERR.append(text)
+        tally.exits[proc.returncode] += 1
+        tally.orphans += len(wait_gone(below, 5.0))
+        lines = text.strip().splitlines()
+        runs = read_rows(str(out), "runs")
+        if proc.returncode == 0:  # it had finished before the signal came
+            tally.notes.append("finished before the signal")
+        elif (proc.returncode != 128 + sig or len(lines) != 1 or not _lease_released(out)
+              or [r["status"] for r in runs] != ["interrupted"]):
+            tally.notes.append(f"exit {proc.returncode}, {len(lines)} lines, lease released {_lease_released(out)}, "
+                               f"runs {[r['status'] for r in runs]}")
+        code = _replacement(tally, ["unshare", "--pid", "--fork", *run_args(target.src, out, "--shard-size", "4")],
+                            out)
+        if code:
+            tally.notes.append(f"replacement from another PID namespace exit {code}")
+        target.extra = ("--shard-size", "4")
+
+    return scenario
+
+
+def _replacement(tally: NetTally, args: list[str], out: Path, env: dict[str, str] | None = None) -> int:
+    """Run `args` (a run from another PID namespace) to its end; tally how long it took to take
+    the output (a lease generation newer than the ones there) and its exit code."""
+    known = {p.name for p in (out / "_docpipe" / "lease").glob("*.json")}
+    t0 = time.monotonic()
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            env=env)
+    def taken() -> bool:
+        return bool({p.name for p in (out / "_docpipe" / "lease").glob("*.json")} - known)
+
+    wait_for(lambda: proc.poll() is not None or taken(), timeout_s=600)
+    if taken():  # a run that never took it (exit 3) has no figure here; its exit code says it
+        tally.waited_s = max(tally.waited_s or 0.0, time.monotonic() - t0)
+    _, err = proc.communicate(timeout=1800)
+    STDERR.append(err.decode(errors="replace"))
+    tally.exits[proc.returncode] += 1
+    return proc.returncode
+
+
+def _faketime(offset: str) -> list[str] | None:
+    return ["faketime", "-f", offset] if shutil.which("faketime") else None
+
+
+def clock_ahead_killed(target: Target, rng: random.Random, tally: NetTally, env: NetEnv) -> None:
+    """A run on a machine 3 h ahead is SIGKILLed mid-run; a run from another PID namespace with
+    the right clock waits for the output (--wait-for-output-s 60, lease TTL 4 s)."""
+    fake = _faketime("+3h")
+    if fake is None:
+        tally.notes.append("faketime not installed: skipped")
+        return
+    out = Path(target.url)
+    ttl = {**os.environ, "DOCPIPE_LEASE_TTL_S": TTL_S}
+    proc = subprocess.Popen([*fake, *run_args(target.src, out, "--shard-size", "4")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True, env=ttl)
+    goal = rng.randint(1, max(1, len(target.expected) // 8))
+    wait_for(lambda: committed(out) >= goal or proc.poll() is not None)
+    below = descendants(proc.pid)
+    if proc.poll() is not None:
+        tally.notes.append("finished before the kill")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    tally.orphans += len(wait_gone(below, 5.0))
+    code = _replacement(tally, ["unshare", "--pid", "--fork",
+                                *run_args(target.src, out, "--shard-size", "4", "--wait-for-output-s", "60")],
+                        out, ttl)
+    if code == 0:
+        tally.false_success += problems(target)["lost"]
+    else:
+        tally.notes.append(f"replacement exit {code}")
+    target.extra = ("--shard-size", "4")
+
+
+def clock_ahead_settings(target: Target, rng: random.Random, tally: NetTally, env: NetEnv) -> None:
+    """A run on a machine 3 h ahead writes the output; a later run (right clock) redoes it with
+    other settings (--max-dpi 150 --reprocess). The latest run is the later one: its settings
+    are accepted (exit 0), the superseded ones refused (exit 2)."""
+    fake = _faketime("+3h")
+    if fake is None:
+        tally.notes.append("faketime not installed: skipped")
+        return
+    out = Path(target.url)
+    first = finish([*fake, *run_args(target.src, out, "--shard-size", "8")])
+    later = finish(run_args(target.src, out, "--shard-size", "8", "--max-dpi", "150", "--reprocess"))
+    same = _net_run(tally, target, run_args(target.src, out, "--shard-size", "8", "--max-dpi", "150"))
+    old = finish(run_args(target.src, out, "--shard-size", "8"))
+    tally.exits[old.returncode] += 1
+    if (first.returncode, later.returncode, same.returncode, old.returncode) != (0, 0, 0, 2):
+        tally.notes.append(f"exits {first.returncode}/{later.returncode}/{same.returncode}/{old.returncode} "
+                           "(expected 0/0/0/2)")
+    target.extra = ("--shard-size", "8", "--max-dpi", "150")
+
+
+NET_SCENARIOS: dict[str, Callable[[Target, random.Random, NetTally, NetEnv], None]] = {
+    "S3: 25% of first conditional PUTs answered 500 after the write": _s3_row(
+        _plan(conditional_after=0.25, kinds=("500",)), "4"),
+    "S3: 25% of first conditional PUTs dropped after the write": _s3_row(
+        _plan(conditional_after=0.25, kinds=("drop",)), "4"),
+    "S3: 9% of requests 503/500/dropped, before or after S3 ran them": _s3_row(
+        _plan(before=0.045, after=0.045), "4"),
+    "S3: 10% of requests delayed 3-8 s": _s3_row(_plan(delay=0.10), "32"),
+    "SIGTERM mid-run, new pod at once": _stop_signal(signal.SIGTERM, False),
+    "SIGTERM to the process group, new pod at once": _stop_signal(signal.SIGTERM, True),
+    "SIGHUP mid-run, new pod at once": _stop_signal(signal.SIGHUP, False),
+    "clock 3 h ahead, killed; new pod waits for the output": clock_ahead_killed,
+    "clock 3 h ahead, then a later run's settings": clock_ahead_settings,
+}
+
+
+LATEST_ONLY = {"clock 3 h ahead, then a later run's settings"}  # rows whose output holds two settings
+AT_LEAST = {"S3: 9% of requests 503/500/dropped, before or after S3 ran them": 5}  # several seeds, whatever --repeat
+
+
+@contextlib.contextmanager
+def _rows_of_the_latest_settings(target: Target):
+    """While settling a row whose output holds rows of two settings (a --reprocess run), the
+    checks read only the rows of the latest run's settings (as the README's query does)."""
+    from pipeline.dataset import Dataset
+
+    global read_rows
+    runs = Dataset(target.url, target.options).read_runs()
+    fingerprint = runs[-1]["config_fingerprint"] if runs else None
+    plain = read_rows
+
+    def rows(url, table, options=None):  # noqa: ANN001, ANN202
+        return [r for r in plain(url, table, options) if table == "runs" or r["config_fingerprint"] == fingerprint]
+
+    read_rows = rows
+    try:
+        yield
+    finally:
+        read_rows = plain
+
+
+def net_row(name: str, tmp: str, corpus: Path, expected: dict[str, int], rng: random.Random, repeat: int,
+            env: NetEnv, index: int) -> tuple[str, NetTally, float]:
+    scenario = NET_SCENARIOS[name]
+    tally = NetTally()
+    t0 = time.monotonic()
+    for i in range(max(repeat, AT_LEAST.get(name, 0))):
+        STDERR.clear()
+        src = Path(tmp) / f"in-net-{index}-{i}"
+        shutil.copytree(corpus, src)
+        target = Target(str(Path(tmp) / f"out-net-{index}-{i}"), dict(expected), src)
+        if name.startswith("S3"):
+            assert env.s3 is not None
+            target = Target(f"s3://faults/out-net-{index}-{i}", dict(expected), src, env.s3.options)
+        scenario(target, rng, tally, env)
+        if "faketime not installed: skipped" in tally.notes:
+            break
+        with _rows_of_the_latest_settings(target) if name in LATEST_ONLY else contextlib.nullcontext():
+            settle(target, tally)
+    return name, tally, time.monotonic() - t0
+
+
+def print_net_table(rows: list[tuple[str, NetTally, float]]) -> None:
+    if not rows:
+        return
+    print()
+    print("Lost replies, stop signals and skewed clocks: *exits* are the exit codes of the runs that met the "
+          "fault and of the replacement runs (code x count); *claimed ok over a missing page* counts pages missing "
+          "right after a run that exited 0; *took over s*: the longest a replacement run (another PID namespace) "
+          "took to take the output.")
+    header = ("scenario", "runs", "pages expected", "pages found", "lost", "duplicates", "doc rows off", "exits",
+              "claimed ok over a missing page", "tracebacks", "reruns", "orphan procs", "took over s", "injected",
+              "seconds")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name, t, seconds in rows:
+        exits = ", ".join(f"{code}x{n}" for code, n in sorted(t.exits.items()))
+        injected = ", ".join(f"{k} {n}" for k, n in sorted(t.injected.items())) or "-"
+        took = "-" if t.waited_s is None else f"{t.waited_s:.1f}"
+        cells = (name, t.runs, t.pages_expected, t.pages_found, t.lost, t.duplicates, t.bad_document_rows, exits,
+                 t.false_success, t.tracebacks, t.reruns, t.orphans, took, injected, f"{seconds:.0f}")
+        print("| " + " | ".join(str(c) for c in cells) + " |")
+    for name, t, _ in rows:
+        if t.notes or t.seeds:
+            seeds = [f"fault seeds {', '.join(map(str, t.seeds))}"] if t.seeds else []
+            print(f"note: {name}: {'; '.join(seeds + t.notes)}")
 
 
 if __name__ == "__main__":

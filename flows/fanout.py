@@ -269,8 +269,7 @@ def _fanout(params: dict[str, Any]) -> dict[str, Any]:
             generation=handle.lease.generation,
         )
     except BaseException as exc:
-        runner.end_run(handle, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", None,
-                       f"{type(exc).__name__}: {exc}")
+        runner.end_run(handle, runner.ended_status(exc), None, runner.describe_end(exc))
         tasks.report_failure(run_id, tasks.describe_failure(exc))
         raise
     return tasks.finish_run(results, failed, plan=plan, config=config, handle=handle)

@@ -63,8 +63,7 @@ def run_shards_here(config: RunConfig, run_id: str) -> dict[str, Any]:
                 logger.error("shard %s failed: %s", shard.shard_id, state.message)
             progress.advance()
     except BaseException as exc:
-        runner.end_run(handle, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", None,
-                       f"{type(exc).__name__}: {exc}")
+        runner.end_run(handle, runner.ended_status(exc), None, runner.describe_end(exc))
         tasks.report_failure(run_id, tasks.describe_failure(exc))
         raise
     return tasks.finish_run(results, failed, plan=plan, config=config, handle=handle)

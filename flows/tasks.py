@@ -335,8 +335,13 @@ def finish_run(
         run_id, summary.documents, summary.pages, summary.pages_failed, summary.seconds, summary.pages_per_s,
         len(plan.shards),
     )
-    if failed:
-        message = failure_message(failed, len(plan.shards))
+    message = failure_message(failed, len(plan.shards)) if failed else None
+    if message is None:
+        try:  # what the shards committed is whole in the output (footers only)
+            runner.check_commits(handle, results)
+        except runner.OutputIncomplete as exc:
+            message = str(exc)
+    if message is not None:
         runner.end_run(handle, "failed", summary, message)
         publish_report(config, run_id)
         report_failure(run_id, message)
@@ -389,7 +394,7 @@ def expected_failures() -> tuple[type[BaseException], ...]:
     from pipeline.prepare import PrepWorkersFailing
 
     return (ConfigurationError, RunFailed, SetupError, runner.SettingsChanged, OutputBusy, OutputUnsafe, LeaseLost,
-            runner.DeviceFailure, PrepWorkersFailing)
+            runner.DeviceFailure, PrepWorkersFailing, runner.OutputIncomplete)
 
 
 def failed_run(exc: BaseException) -> State:

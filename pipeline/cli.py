@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import types
 import typing
@@ -20,7 +21,7 @@ EXIT_OK = 0
 EXIT_NOTHING_PROCESSED = 1  # also: the run failed (device failure, storage failure); a rerun resumes
 EXIT_BAD_CONFIG = 2
 EXIT_OUTPUT_BUSY = 3  # another live run owns the output
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT); SIGTERM ends with 143 and SIGHUP with 129 (128 + the signal's number)
 
 _POSITIONAL = ("source",)
 
@@ -200,11 +201,38 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread: the command ends as on Ctrl-C (every
+    `except KeyboardInterrupt` and `finally` runs: the lease is released, the runs row says
+    `interrupted`, prep workers are stopped), then exits with 128 + the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _terminate(signum: int, _frame: Any) -> None:
+    for sig in _STOP_SIGNALS:  # one is enough: a second one must not cut the clean-up short
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+def _interrupted_code(exc: KeyboardInterrupt) -> int:
+    return 128 + exc.signum if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+
+
+def _interrupted_words(exc: KeyboardInterrupt) -> str:
+    return str(exc) if isinstance(exc, Terminated) else "interrupted"
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.dataset import LeaseLost, OutputBusy, OutputUnsafe
     from pipeline.preflight import SetupError, check_setup
     from pipeline.progress import run_with_progress
-    from pipeline.runner import DeviceFailure, SettingsChanged
+    from pipeline.runner import DeviceFailure, OutputIncomplete, SettingsChanged
 
     try:
         config = config_from_args(args)
@@ -214,14 +242,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         check_setup(config)
         summary = run_with_progress(config)
-    except KeyboardInterrupt:
-        return _fail(f"interrupted; {resume}", EXIT_INTERRUPTED)
+    except KeyboardInterrupt as exc:
+        return _fail(f"{_interrupted_words(exc)}; {resume}", _interrupted_code(exc))
     except (SetupError, SettingsChanged, OutputUnsafe) as exc:
         return _fail(str(exc), EXIT_BAD_CONFIG)
     except OutputBusy as exc:
         return _fail(f"{exc}; try again when it has finished, or pass --wait-for-output-s", EXIT_OUTPUT_BUSY)
     except (DeviceFailure, LeaseLost) as exc:
         return _fail(f"{exc}; {resume}", EXIT_NOTHING_PROCESSED)
+    except OutputIncomplete as exc:
+        return _fail(str(exc), EXIT_NOTHING_PROCESSED)
     except Exception as exc:
         from pipeline.prepare import PrepWorkersFailing
 
@@ -458,21 +488,29 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from pipeline.dataset import Dataset, OutputBusy, OutputUnsafe
 
     dataset = Dataset(args.output, args.storage_options)
+    if not dataset.has_output():
+        return _fail(f"no docpipe output at {args.output} (none of pages/, documents/, runs/, _docpipe/ is there)",
+                     EXIT_BAD_CONFIG)
+    holder = None
     try:
         dataset.check_contained()  # a folder that is a link: refused before anything is read or moved
         if args.repair:
             with dataset.acquire(f"verify-{uuid.uuid4().hex[:8]}", wait_s=args.wait_for_output_s) as lease:
                 problems = dataset.verify(repair=True, lease=lease)
         else:
-            problems = dataset.verify()
+            holder = dataset.holder()
+            problems = dataset.verify_settled() if holder is not None else dataset.verify()
     except OutputBusy as exc:
         return _fail(f"{exc}; verify --repair when it has finished, or pass --wait-for-output-s", EXIT_OUTPUT_BUSY)
     except OutputUnsafe as exc:
         return _fail(str(exc), EXIT_BAD_CONFIG)
+    if holder is not None:
+        print(f"note: {holder.describe()} holds the output; what it is committing now is not checked, only "
+              "settled damage is reported")
     for problem in problems:
         print(problem.describe())
     if not problems:
-        print(f"ok: {args.output} is consistent")
+        print(f"ok: {args.output} is consistent" + (" (as far as it is settled)" if holder is not None else ""))
         return EXIT_OK
     if args.repair:
         print(f"repaired {len(problems)} problems; the next run redoes the documents moved aside")
@@ -508,16 +546,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         "compact": _cmd_compact,
         "verify": _cmd_verify,
     }
+    previous = _catch_stop_signals()
     try:
         return handlers[args.command](args)
-    except KeyboardInterrupt:
-        return _fail("interrupted", EXIT_INTERRUPTED)
+    except KeyboardInterrupt as exc:
+        return _fail(_interrupted_words(exc), _interrupted_code(exc))
     except Exception as exc:  # never a traceback for the user: one line, the traceback with -v
         logging.getLogger("docpipe").debug("%s failed", args.command, exc_info=True)
         if args.verbose:
             raise
         return _fail(f"{args.command} failed: {type(exc).__name__}: {exc} (run with -v for the traceback)",
                      EXIT_NOTHING_PROCESSED)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _catch_stop_signals() -> dict[int, Any]:
+    """SIGTERM and SIGHUP end the command as Ctrl-C does (`Terminated`); returns the handlers
+    to restore. A signal the command was started with ignored (`nohup`) stays ignored; off
+    the main thread (a test calling `main`) nothing is installed."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for sig in _STOP_SIGNALS:
+        handler = signal.getsignal(sig)
+        if handler is signal.SIG_DFL:
+            previous[sig] = signal.signal(sig, _terminate)
+    return previous
 
 
 def entry() -> None:

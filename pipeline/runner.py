@@ -36,6 +36,7 @@ __all__ = [
     "ShardResult",
     "WorkPlan",
     "RunSummary",
+    "OutputIncomplete",
     "discover_work",
     "process_shard",
     "get_engine",
@@ -56,6 +57,10 @@ def new_run_id() -> str:
 
 class SettingsChanged(ValueError):
     """The output holds rows written with other output settings and the run did not ask to reprocess."""
+
+
+class OutputIncomplete(RuntimeError):
+    """Shards this run committed are not whole in the output (checked at its end): it did not succeed."""
 
 
 @dataclass
@@ -87,16 +92,51 @@ def begin_run(config: RunConfig, run_id: str | None = None) -> RunHandle:
     dataset = Dataset(config.output, config.storage_options)
     lease = dataset.acquire(run_id, wait_s=config.wait_for_output_s).start_heartbeat()
     handle = RunHandle(config=config, run_id=run_id, dataset=dataset, lease=lease, started_at=datetime.now(timezone.utc))
+    recorded = False
     try:
         dataset.repair(lease)  # what the run resumes from: checked, damaged files quarantined, one warning
         check_settings(dataset, config, run_id)
         handle.model_revision = model_revision(config)
         dataset.write_run(run_row(handle, "running"))
+        recorded = True
         dataset.clean(current_fingerprint=config.fingerprint(), generation=lease.generation)
-    except BaseException:
-        lease.release()
+    except BaseException as exc:
+        if recorded:  # the row says how it ended, and the lease is given up
+            end_run(handle, ended_status(exc), None, describe_end(exc))
+        else:
+            lease.release()
         raise
     return handle
+
+
+def ended_status(exc: BaseException) -> str:
+    """The runs row's status for a run that ended with `exc`: `interrupted` for Ctrl-C, SIGTERM,
+    SIGHUP (`pipeline.cli` raises a KeyboardInterrupt for them) and Prefect's termination
+    signal (a cancelled flow run); `failed` for anything else."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return "interrupted" if any(c.__name__ == "TerminationSignal" for c in type(exc).__mro__) else "failed"
+
+
+def describe_end(exc: BaseException) -> str:
+    """The runs row's message for a run that ended with `exc`."""
+    if isinstance(exc, KeyboardInterrupt):
+        return str(exc) or "interrupted by the user"
+    if ended_status(exc) == "interrupted":
+        signum = getattr(exc, "signal", None)
+        return f"terminated by signal {signum}" if signum else "terminated"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def check_commits(handle: RunHandle, results: Iterable[ShardResult]) -> None:
+    """OutputIncomplete (one line) unless every shard this run committed is whole in the output
+    (documents file, this run's commit, pages file with its rows: footers only)."""
+    written = [r.shard_id for r in results if not r.skipped]
+    missing = handle.dataset.check_commits(written)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise OutputIncomplete(f"{len(missing)} of the {len(written)} shards this run committed are not whole in the "
+                               f"output: {missing[0]}{more}; run the same command again to redo them")
 
 
 def end_run(handle: RunHandle, status: str, summary: "RunSummary | None" = None, message: str | None = None) -> None:
@@ -213,6 +253,7 @@ def run_row(handle: RunHandle, status: str, summary: "RunSummary | None" = None,
         "files_skipped": sum(summary.files_skipped.values()) if summary else None,
         "counts": counts,
         "message": message,
+        "lease_generation": handle.lease.generation,
     }
 
 
@@ -515,13 +556,11 @@ def run(config: RunConfig, *, progress: ProgressFn | None = None, on_plan: Calla
             already_done=plan.already_done,
             files_skipped=plan.skipped,
         )
-    except KeyboardInterrupt:
-        end_run(handle, "interrupted", summary, "interrupted by the user")
-        raise
+        check_commits(handle, results)
     except BaseException as exc:
         from pipeline.redaction import one_line
 
-        end_run(handle, "failed", summary, one_line(f"{type(exc).__name__}: {exc}"))
+        end_run(handle, ended_status(exc), summary, one_line(describe_end(exc)))
         raise
     end_run(handle, "completed", summary)
     return summary

@@ -236,6 +236,9 @@ RUNS_FIELDS: list[pa.Field] = [
        "links to folders, special files); by reason in counts.files_skipped."),
     _f("counts", pa.string(), "JSON: documents by status, errors by type, and files skipped by reason."),
     _f("message", pa.string(), "Why the run failed or was interrupted, when it did."),
+    _f("lease_generation", pa.int64(), "The output's lease generation the run held: it grows with every run that "
+       "takes the output, so it orders runs as the output saw them (the latest run has the largest; started_at "
+       "comes from the clock of the machine that ran it). Null for runs written before schema 1.7."),
 ]
 
 RUNS_SCHEMA = _schema(RUNS_FIELDS, "runs", "One row per run that wrote to this output: settings, versions, counts.")

@@ -161,3 +161,29 @@ def test_cli_compact_and_a_busy_output(nightly: tuple[Path, Path], capsys: pytes
         lease.release()
     assert main(["compact", str(out)]) == EXIT_OK
     assert "merged 6 shards into 1" in capsys.readouterr().out
+
+
+def test_compact_that_cannot_write_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """A full disk (here: a file size limit of 0 bytes, the same failing write) makes compact
+    fail in one line; no `_docpipe/lease/.<gen>.json.tmp-*` is left behind."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    shutil.copytree(SAMPLES, src, ignore=shutil.ignore_patterns("*.md", "*.py", "*.tiff", "*.jp*"))
+    _run(src, out)
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+
+    def no_room() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+
+    docpipe = str(Path(sys.executable).parent / "docpipe")
+    result = subprocess.run([docpipe, "compact", str(out)], preexec_fn=no_room, capture_output=True, text=True,
+                            timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    after = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    assert [p for p in after if ".tmp-" in p] == []  # was: _docpipe/lease/.000000000002.json.tmp-<hex>
+    assert after == before

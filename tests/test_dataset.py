@@ -57,7 +57,7 @@ def test_round_trip_keeps_schema_and_metadata(tmp_path: Path) -> None:
     for folder, table, schema in (("pages", pages, PAGES_SCHEMA), ("documents", documents, DOCUMENTS_SCHEMA)):
         path = tmp_path / folder / "part-s1.parquet"
         back = pq.read_table(path)
-        commit_keys = (b"docpipe.lease_generation", b"docpipe.pages_rows")
+        commit_keys = (b"docpipe.lease_generation", b"docpipe.pages_rows", b"docpipe.commit_id")
         assert (folder == "documents") == all(k in back.schema.metadata for k in commit_keys)
         bare = back.schema.with_metadata({k: v for k, v in back.schema.metadata.items() if k not in commit_keys})
         assert _same_schema(bare, schema)
@@ -339,6 +339,8 @@ def _stale(data: Dataset, generation: int, **changes) -> None:
     info = json.loads(data.fs.cat_file(path))
     info.update(changes)
     data.write_bytes(path, json.dumps(info).encode())
+    if "heartbeat_at" in changes and data.local:  # the store saw it written then, too
+        os.utime(path, (changes["heartbeat_at"], changes["heartbeat_at"]))
 
 
 def test_one_run_owns_an_output_until_it_releases_it(tmp_path: Path) -> None:
@@ -671,3 +673,81 @@ def test_malformed_plans_are_not_replayed_and_are_quarantined(tmp_path: Path) ->
     lease = data.acquire("r")
     assert [p.kind for p in data.repair(lease)] == ["plan_malformed"]
     assert not (out / "_docpipe" / "plans" / "p1.json").exists()
+
+
+# ---- liveness does not trust another machine's clock ---------------------------------------
+
+
+def _written_elsewhere(data: Dataset, generation: int, *, heartbeat_at: float, stored_at: float,
+                       ttl_s: float = 60.0) -> None:
+    """Make the lease record look written by a run in another PID namespace whose clock says
+    `heartbeat_at`, last written into the store at `stored_at` (this machine's clock)."""
+    path = data._lease_path(generation)
+    info = json.loads(data.fs.cat_file(path))
+    info.update(heartbeat_at=heartbeat_at, acquired_at=heartbeat_at, pid_ns="pid:1", ttl_s=ttl_s)
+    data.write_bytes(path, json.dumps(info).encode())
+    os.utime(path, (stored_at, stored_at))
+
+
+def test_a_dead_run_whose_clock_was_hours_ahead_does_not_lock_the_output(tmp_path: Path, caplog) -> None:
+    data = Dataset(str(tmp_path / "out"))
+    ahead = data.acquire("run-ahead")
+    _written_elsewhere(data, ahead.generation, heartbeat_at=time.time() + 3 * 3600, stored_at=time.time() - 120)
+    with caplog.at_level("WARNING"):
+        taken = Dataset(str(tmp_path / "out")).acquire("run-next")  # was: busy for 3 hours
+    assert taken.generation == ahead.generation + 1
+    (line,) = [r.getMessage() for r in caplog.records if "took over" in r.getMessage()]
+    assert "dated 10800 s in the future" in line and "not trusted" in line and "written 120 s ago" in line
+
+
+def test_a_record_that_stops_changing_is_stale_after_the_ttl_on_this_machines_clock(tmp_path: Path, caplog) -> None:
+    data = Dataset(str(tmp_path / "out"))
+    ahead = data.acquire("run-ahead")
+    # It just died: the store saw its record a moment ago, its own clock says 3 hours from now.
+    _written_elsewhere(data, ahead.generation, heartbeat_at=time.time() + 3 * 3600, stored_at=time.time(), ttl_s=1.0)
+    with pytest.raises(OutputBusy, match=r"its heartbeat dated 10800 s ahead of this machine's clock"):
+        Dataset(str(tmp_path / "out")).acquire("run-next")  # nothing can be concluded at once
+    t0 = time.monotonic()
+    with caplog.at_level("WARNING"):
+        taken = Dataset(str(tmp_path / "out")).acquire("run-next", wait_s=30)  # was: busy until the 30 s ran out
+    assert taken.generation == ahead.generation + 1 and time.monotonic() - t0 < 20
+    assert any("as watched on this machine's monotonic clock" in r.getMessage() for r in caplog.records)
+
+
+def test_a_live_run_whose_clock_is_behind_is_not_taken_over(tmp_path: Path) -> None:
+    data = Dataset(str(tmp_path / "out"))
+    behind = data.acquire("run-behind")
+    # Its heartbeats say an hour ago, but the store sees its record rewritten every few seconds.
+    _written_elsewhere(data, behind.generation, heartbeat_at=time.time() - 3600, stored_at=time.time())
+    with pytest.raises(OutputBusy, match="in use by run run-behind"):  # was: taken over while alive
+        Dataset(str(tmp_path / "out")).acquire("run-other")
+    assert Dataset(str(tmp_path / "out")).holder().run_id == "run-behind"
+
+
+def test_the_latest_run_is_the_newest_lease_generation_not_the_latest_clock(tmp_path: Path) -> None:
+    """A runs row written by a machine 3 h ahead is not "the last run" once a later run took
+    the output: the settings check, the report and the README's SQL order by lease_generation."""
+    from pipeline.config import RunConfig
+    from pipeline.runner import SettingsChanged, check_settings
+    from schemas import RUNS_SCHEMA
+
+    out = tmp_path / "out"
+    data = Dataset(str(out))
+    old, new = RunConfig(source=str(tmp_path), output=str(out)), RunConfig(source=str(tmp_path), output=str(out),
+                                                                            max_dpi=150)
+    base = {f.name: None for f in RUNS_SCHEMA}
+    now = datetime.now(timezone.utc)
+    for run_id, config, generation, started in (("ahead", old, 1, now.replace(year=now.year + 1)),
+                                                ("later", new, 2, now)):
+        data.write_run({**base, "run_id": run_id, "status": "completed", "started_at": started, "source": "s",
+                        "config_fingerprint": config.fingerprint(), "reprocess": False, "settings": "{}",
+                        "output_settings": json.dumps(config.output_settings()), "docpipe_version": "x",
+                        "python_version": "3", "host": "h", "lease_generation": generation})
+    assert [r["run_id"] for r in data.read_runs()] == ["ahead", "later"]
+    check_settings(data, new, "this-run")  # was: refused (the future-dated row was "the last run")
+    with pytest.raises(SettingsChanged, match="run later"):
+        check_settings(data, old, "this-run")
+    latest = duckdb.sql(  # the README's query
+        f"SELECT config_fingerprint FROM read_parquet('{out}/runs/*.parquet', union_by_name=true) "
+        "WHERE status = 'completed' ORDER BY lease_generation DESC NULLS LAST, started_at DESC LIMIT 1").fetchall()
+    assert latest == [(new.fingerprint(),)]

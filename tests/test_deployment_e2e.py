@@ -6,14 +6,19 @@ bucket (moto), and `docpipe serve` (flow.serve) on one machine.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 from prefect.exceptions import ObjectNotFound
+from prefect.states import Cancelling
 
 from tests.prefect_support import (
+    BIN,
     PrefectStack,
     expected_pages,
     make_corpus,
@@ -129,3 +134,55 @@ def test_serve_runs_the_ingest_flow_from_one_process(stack: PrefectStack, tmp_pa
         served.stop()
     pages = read_rows(str(out), "pages")
     assert pages_by_name(pages) == expected_pages(expected)
+
+
+def _signal_pending(pid: int, sig: int) -> bool:
+    """Whether `sig` waits for the (stopped) process `pid` (/proc/<pid>/status ShdPnd / SigPnd)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True  # gone: nothing left to wait for
+    masks = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("ShdPnd:", "SigPnd:"))]
+    return any(mask & (1 << (sig - 1)) for mask in masks)
+
+
+def test_cancelling_a_deployments_flow_run_releases_the_output(stack: PrefectStack, tmp_path: Path):
+    """Cancel a flow run of the ingest deployment while it works (the process worker sends
+    SIGTERM): the lease is released, the runs row is `interrupted`, and the next run starts at
+    at once (another PID namespace would do: the lease says released). The flow run stops itself at its commit point (DOCPIPE_FAULT_POINT, via the run's
+    job variables) so the cancellation lands mid-shard, whatever the machine's speed."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    expected = make_corpus(src, 6)
+    marker = tmp_path / "marker"
+    env = {"DOCPIPE_FAULT_POINT": "before_commit", "DOCPIPE_FAULT_MARKER": str(marker)}
+    with stack.client() as client:
+        deployment = client.read_deployment_by_name("docpipe-ingest/ingest")
+        flow_run = client.create_flow_run_from_deployment(
+            deployment.id, parameters={"source": str(src), "output": str(out), "shard_size": 2},
+            job_variables={"env": env})
+    deadline = time.monotonic() + 240
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), "the flow run never reached its commit point"
+    pid = int(marker.read_text().split()[1])
+    with stack.client() as client:
+        client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
+        while not _signal_pending(pid, signal.SIGTERM) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _signal_pending(pid, signal.SIGTERM), "the worker never sent SIGTERM"
+        os.kill(pid, signal.SIGCONT)
+        while time.monotonic() < deadline:
+            state = client.read_flow_run(flow_run.id).state
+            if state is not None and state.is_final():
+                break
+            time.sleep(0.5)
+    assert state is not None and state.is_cancelled(), state
+    leases = sorted((out / "_docpipe" / "lease").glob("*.json"))
+    assert json.loads(leases[-1].read_text())["released"] is True
+    (run,) = read_rows(str(out), "runs")
+    assert run["status"] == "interrupted", run  # was: failed (Prefect's TerminationSignal)
+    again = subprocess.run([str(BIN / "docpipe"), "run", str(src), "--output", str(out), "--no-progress",
+                            "--shard-size", "2"], capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+    assert again.returncode == 0, again.stderr
+    pages = read_rows(str(out), "pages")
+    assert pages_by_name(pages) == expected_pages(expected) and max(page_key_counts(pages).values()) == 1

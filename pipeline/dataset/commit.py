@@ -14,7 +14,8 @@ import re
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 from pipeline.dataset.compaction import COMPACT_MANIFEST_KEEP_S
 from pipeline.dataset.lease import LEASE_TTL_S, LeaseLost
 from pipeline.dataset.store import (
+    COMMIT_KEY,
     DOCUMENTS,
     GENERATION_KEY,
     META,
@@ -54,10 +56,33 @@ log = logging.getLogger("pipeline.dataset")
 _STAGE_RE = re.compile(r"^g(?P<gen>\d{12})$")
 _LEASELESS_STAGE = "nolease"  # the staging folder of writers without a lease (library use, tests)
 _FENCED_RE = re.compile(r"^(?:g\d{12}|nolease)-[0-9a-f]{8}$")  # a staging folder moved to _docpipe/fenced/
+_KEPT_KEYS = (GENERATION_KEY, PAGES_ROWS_KEY, COMMIT_KEY)  # footer keys a rewrite of a documents file keeps
+
+
+@dataclass(frozen=True, slots=True)
+class CommitReceipt:
+    """What this process committed for a shard: checked again at the end of its run."""
+
+    shard_id: str
+    generation: int
+    commit_id: str
+    pages_rows: int
+
+
+def _footer_of(data: bytes) -> dict[bytes, bytes]:
+    """The key-value metadata of a Parquet file held in memory ({} when it is not one)."""
+    try:
+        return dict(pq.read_metadata(pa.BufferReader(data)).metadata or {})
+    except (pa.ArrowException, OSError, ValueError):
+        return {}
 
 
 class _CommitOps(_Store):
     """Staging, the fenced commit, publishing pages, superseded rows, cleanup (methods of Dataset)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.receipts: dict[str, CommitReceipt] = {}  # shards this object committed, for `check_commits`
 
     # ---- shards -------------------------------------------------------------------------
     def shard_done(self, shard_id: str) -> bool:
@@ -111,11 +136,14 @@ class _CommitOps(_Store):
         Returns False when the shard was already committed (by this or another run): nothing
         is written then. The commit point is exclusive (a hard link out of the generation's
         own staging folder locally; `If-None-Match: *` on S3) and carries the lease
-        generation and the pages row count in its Parquet metadata, so a documents file
-        never replaces another and a stale commit is told from a real one (see
-        docs/exactly-once.md). A crash after the commit leaves the pages staged until the
-        next owner moves them in. Without a lease (library use, tests) a shard written
-        before is replaced: un-committed first (documents file, then its pages).
+        generation, the pages row count and a nonce of this commit (`docpipe.commit_id`) in its
+        Parquet metadata, so a documents file never replaces another, a stale commit is told
+        from a real one, and a commit the store carried out but answered as failed is
+        recognised as this one's (see docs/exactly-once.md). This run's staged pages are
+        removed only when the committed file's footer names another lease generation. A
+        crash after the commit leaves the pages staged until the next owner moves them in.
+        Without a lease (library use, tests) a shard written before is replaced:
+        un-committed first (documents file, then its pages).
         `supersedes`: (source_uri, doc_id) of retryable failure rows elsewhere this shard
         replaces; `replaces`: (source_uri, doc_id) of older versions of files this shard
         holds the new version of. Both are dropped from other shards after the commit.
@@ -133,23 +161,28 @@ class _CommitOps(_Store):
         elif self.remove(docs_path):  # un-commit a shard written before, then hide its pages
             self.remove(self.shard_path(PAGES, shard_id))
         stage = self._stage_dir(generation)
-        meta = {GENERATION_KEY: str(generation or 0).encode(), PAGES_ROWS_KEY: str(pages.num_rows).encode()}
+        staged_pages = _join(stage, PAGES, shard_file_name(shard_id))
+        commit_id = uuid.uuid4().hex  # tells this commit's documents file from any other
+        meta = {GENERATION_KEY: str(generation or 0).encode(), PAGES_ROWS_KEY: str(pages.num_rows).encode(),
+                COMMIT_KEY: commit_id.encode()}
         fault_point("before_stage")
-        self._write_staged(_join(stage, PAGES, shard_file_name(shard_id)), pages, may_create=lease is None)
+        self._write_staged(staged_pages, pages, may_create=lease is None)
         if lease is not None:
             lease.ensure()
         fault_point("before_commit")
         if not self._put_documents(shard_id, documents, stage, meta, fenced=lease is not None):
-            self.remove(_join(stage, PAGES, shard_file_name(shard_id)))
+            self._lost_commit(shard_id, generation or 0, staged_pages)
             if lease is not None:
                 lease.ensure()  # another run committed it: most likely one that took the output over
             self.delete_plan(shard_id)
             return False
+        self.receipts[shard_id] = CommitReceipt(shard_id, generation or 0, commit_id, pages.num_rows)
         fault_point("after_commit")
         if not self._publish_pages(shard_id, generation) and not self.fs.exists(self.shard_path(PAGES, shard_id)):
             # Its staged pages were removed by a newer owner that found no commit: this commit lost
             # the race (object stores, where the stage cannot be fenced). Take it back; it was ours.
             self.remove(docs_path)
+            self.receipts.pop(shard_id, None)
             raise LeaseLost(f"shard {shard_id}: a newer run removed this run's staged pages before its commit; "
                             "the commit was taken back")
         self.delete_plan(shard_id)
@@ -161,9 +194,66 @@ class _CommitOps(_Store):
             self.drop_versions(old, keep_shard=shard_id)
         return True
 
+    def _lost_commit(self, shard_id: str, generation: int, staged_pages: str) -> None:
+        """The shard's documents file is there and is not this commit's: remove this commit's
+        staged pages only with proof that another lease generation owns the committed file
+        (its footer says so). Another commit of the same generation (a resubmitted shard
+        run) stages under the same name: its file is left for it."""
+        path = self.shard_path(DOCUMENTS, shard_id)
+        try:
+            if not self.local:
+                self.fs.invalidate_cache(path)
+            owner = int((self._footer(path).metadata or {}).get(GENERATION_KEY, b"0") or 0)
+        except Exception as exc:  # noqa: BLE001 - gone, unreadable: no proof, so nothing is removed
+            raise OSError(f"shard {shard_id}: the store says its documents file exists, but it cannot be read back "
+                          f"({type(exc).__name__}); nothing was removed, the next run settles the shard") from None
+        if owner != generation:
+            log.info("shard %s was committed by lease generation %d; this run's copy is dropped", shard_id, owner)
+            self.remove(staged_pages)
+        else:
+            log.warning("shard %s was committed by another commit of this lease generation (%d); its staged "
+                        "pages are left to it", shard_id, generation)
+
+    def check_commits(self, shard_ids: Iterable[str]) -> list[str]:
+        """What is missing from the committed shards `shard_ids` (one line each; [] when each is
+        whole): its documents file reads, is this process's commit where it made one (the
+        nonce in its footer), and its pages file is in `pages/` holding the rows the documents
+        file records. Footers only: two small reads a shard."""
+        return [problem for shard_id in sorted(set(shard_ids)) if (problem := self._not_whole(shard_id))]
+
+    def _not_whole(self, shard_id: str) -> str | None:
+        docs, why = self._shard_footer(DOCUMENTS, shard_id)
+        if docs is None:
+            return why
+        meta = docs.metadata or {}
+        receipt = self.receipts.get(shard_id)
+        if receipt is not None and meta.get(COMMIT_KEY, b"").decode() != receipt.commit_id:
+            return f"shard {shard_id}: the documents file is not this run's commit"
+        pages, why = self._shard_footer(PAGES, shard_id)
+        if pages is None:
+            return why
+        expected = meta.get(PAGES_ROWS_KEY)
+        if expected is not None and int(expected) != pages.num_rows:
+            return (f"shard {shard_id}: the pages file holds {pages.num_rows} rows, its documents file says "
+                    f"{int(expected)}")
+        return None
+
+    def _shard_footer(self, table: str, shard_id: str) -> tuple[pq.FileMetaData | None, str]:
+        """(footer, "") of a shard's file, or (None, why it cannot be read)."""
+        path = self.shard_path(table, shard_id)
+        if not self.local:
+            self.fs.invalidate_cache(path)
+        try:
+            return self._footer(path), ""
+        except FileNotFoundError:
+            return None, f"shard {shard_id}: no {table} file"
+        except Exception as exc:  # noqa: BLE001 - truncated, zeroed, not Parquet
+            return None, f"shard {shard_id}: the {table} file does not read ({type(exc).__name__})"
+
     def _put_documents(self, shard_id: str, documents: pa.Table, stage: str, meta: Mapping[bytes, bytes],
                        *, fenced: bool) -> bool:
-        """The commit point: the documents file appears whole, only if none is there. False if one was."""
+        """The commit point: the documents file appears whole, only if none is there. False if one
+        was (and it is not this commit's own: see `create_exclusive`)."""
         final = self.shard_path(DOCUMENTS, shard_id)
         if not self.local:
             buffer = pa.BufferOutputStream()
@@ -171,7 +261,9 @@ class _CommitOps(_Store):
             if not fenced:
                 self.write_bytes(final, buffer.getvalue().to_pybytes())
                 return True
-            return self.create_exclusive(final, buffer.getvalue().to_pybytes())
+            commit_id = meta[COMMIT_KEY]
+            return self.create_exclusive(final, buffer.getvalue().to_pybytes(),
+                                         mine=lambda raw: _footer_of(raw).get(COMMIT_KEY) == commit_id)
         staged = _join(stage, DOCUMENTS, shard_file_name(shard_id))
         self._write_staged(staged, documents, may_create=not fenced, metadata=meta)
         self._guard(final)
@@ -229,7 +321,7 @@ class _CommitOps(_Store):
             if all(keep):
                 continue
             removed += keep.count(False)
-            meta = {k: v for k, v in (self._footer(path).metadata or {}).items() if k in (GENERATION_KEY, PAGES_ROWS_KEY)}
+            meta = {k: v for k, v in (self._footer(path).metadata or {}).items() if k in _KEPT_KEYS}
             gone = {(u, d) for u, d, k in zip(uris, ids, keep) if not k}
             pages_path = self.shard_path(PAGES, shard)
             if self.fs.exists(pages_path):
@@ -269,7 +361,7 @@ class _CommitOps(_Store):
                 meta[PAGES_ROWS_KEY] = str(pages.num_rows).encode()
             kept = conform(docs.filter(pa.array([not d for d in drop], pa.bool_())), DOCUMENTS_SCHEMA)
             self.write_table(path, kept, metadata={k: v for k, v in meta.items()
-                                                   if k in (GENERATION_KEY, PAGES_ROWS_KEY)})
+                                                   if k in _KEPT_KEYS})
             removed += sum(drop)
             log.info("dropped %d rows of older file versions from shard %s", sum(drop), shard)
         return removed

@@ -13,12 +13,13 @@ import re
 import socket
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.dataset.store import META, _join, _Store, _warn_once
+from pipeline.dataset.store import META, _age_s, _join, _Store, _warn_once
 from pipeline.sources import full_uri
 
 log = logging.getLogger("pipeline.dataset")
@@ -104,10 +105,13 @@ class LeaseInfo:
     boot_id: str | None = None  # the owner's kernel boot
     pid_ns: str | None = None  # the owner's PID namespace
     start_time: str | None = None  # the owner process's start time (clock ticks after boot)
+    nonce: str | None = None  # this acquisition's own mark: tells its record from any other
 
     def expired(self, now: float | None = None) -> bool:
+        """The record's own heartbeat is more than the TTL away from this machine's clock, in
+        the past or in the future (the writer's clock cannot be checked; see `stale_reason`)."""
         now = time.time() if now is None else now
-        return now - self.heartbeat_at > self.ttl_s
+        return abs(now - self.heartbeat_at) > self.ttl_s
 
     def owner_gone(self) -> bool:
         """The owner's process no longer exists, as far as this process can really tell.
@@ -128,9 +132,46 @@ class LeaseInfo:
     def lapsed(self) -> bool:
         return self.released or self.expired() or self.owner_gone()
 
+    def heartbeat_words(self, now: float | None = None) -> str:
+        age = (time.time() if now is None else now) - self.heartbeat_at
+        if age < -1:
+            return f"its heartbeat dated {-age:.0f} s ahead of this machine's clock"
+        return f"last heartbeat {max(age, 0):.0f} s ago"
+
     def describe(self) -> str:
-        age = time.time() - self.heartbeat_at
-        return f"run {self.run_id} (pid {self.pid} on {self.host}, last heartbeat {age:.0f} s ago)"
+        return f"run {self.run_id} (pid {self.pid} on {self.host}, {self.heartbeat_words()})"
+
+
+def stale_reason(info: LeaseInfo, *, unchanged_s: float, store_age_s: float | None,
+                 now: float | None = None) -> str | None:
+    """Why a live-looking lease record counts as stale, or None while it counts as live.
+
+    Liveness does not trust the clock of the machine that wrote the record. A record is
+    stale when it has not changed for the TTL: as watched on this machine's monotonic clock
+    (`unchanged_s`, while waiting for the output), or by the store's own modification time
+    against this machine's clock (`store_age_s`; None when the store gives none). The
+    heartbeat inside the record only confirms: a heartbeat older than the TTL counts when
+    the store's time agrees (a writer whose clock is behind keeps its record fresh in the
+    store), and a heartbeat dated more than the TTL in the future is not trusted at all.
+    """
+    now = time.time() if now is None else now
+    if unchanged_s > info.ttl_s:
+        return f"its record has not changed for {unchanged_s:.0f} s, as watched on this machine's monotonic clock"
+    age = now - info.heartbeat_at
+    stored = "" if store_age_s is None else f", and the store last saw it written {store_age_s:.0f} s ago"
+    if store_age_s is not None and store_age_s > info.ttl_s:
+        if age < -info.ttl_s:
+            return (f"its heartbeat is dated {-age:.0f} s in the future (the clock of the machine that wrote it "
+                    f"is ahead; not trusted){stored}")
+        return (f"its record has not changed for {store_age_s:.0f} s by the store's clock "
+                f"(last heartbeat {age:.0f} s ago)")
+    if store_age_s is None:
+        if age > info.ttl_s:
+            return f"its last heartbeat was {age:.0f} s ago"
+        if age < -info.ttl_s:
+            return (f"its heartbeat is dated {-age:.0f} s in the future (the clock of the machine that wrote it "
+                    "is ahead)")
+    return None
 
 
 class _LeaseRecord(BaseModel):
@@ -148,13 +189,24 @@ class _LeaseRecord(BaseModel):
     boot_id: str | None = None
     pid_ns: str | None = None
     start_time: str | None = None
+    nonce: str | None = None
 
 
 def _new_lease(generation: int, run_id: str, ttl_s: float) -> LeaseInfo:
     now = time.time()
     pid = os.getpid()
     return LeaseInfo(generation, run_id, _host(), pid, now, now, ttl_s, False, _boot_id(), _pid_namespace(),
-                     _start_time(pid))
+                     _start_time(pid), uuid.uuid4().hex)
+
+
+def _is_record_of(raw: bytes, info: LeaseInfo) -> bool:
+    """Whether the stored bytes are the record of this very acquisition (same run, same nonce)."""
+    try:
+        record = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return (isinstance(record, dict) and record.get("run_id") == info.run_id and record.get("nonce") == info.nonce
+            and record.get("generation") == info.generation)
 
 
 def _lease_bytes(info: LeaseInfo) -> bytes:
@@ -173,13 +225,17 @@ class _LeaseOps(_Store):
     def _lease_path(self, generation: int) -> str:
         return _join(self._lease_dir(), f"{generation:012d}.json")
 
-    def lease_generations(self) -> list[int]:
-        gens = []
+    def _lease_entries(self) -> dict[int, dict[str, Any]]:
+        """generation -> listing entry (with the store's modification time) of each lease record."""
+        out: dict[int, dict[str, Any]] = {}
         for entry in self._listing(self._lease_dir()):
             match = _GEN_RE.match(entry["name"].rsplit("/", 1)[-1])
             if match:
-                gens.append(int(match["gen"]))
-        return sorted(gens)
+                out[int(match["gen"])] = entry
+        return out
+
+    def lease_generations(self) -> list[int]:
+        return sorted(self._lease_entries())
 
     def read_lease(self, generation: int) -> LeaseInfo | None:
         """The lease record of `generation`; None when it is missing or malformed."""
@@ -188,45 +244,83 @@ class _LeaseOps(_Store):
     def _lease_record(self, generation: int) -> tuple[LeaseInfo | None, bool]:
         """(record, malformed): a record that is not valid JSON of the lease's shape is
         malformed, which counts as a stale lease (one warning, never a traceback)."""
+        return self._lease_read(generation)[:2]
+
+    def _lease_read(self, generation: int) -> tuple[LeaseInfo | None, bool, bytes]:
+        """(record, malformed, the stored bytes) of `generation`."""
         path = self._lease_path(generation)
         try:
             raw = self._read_small(path)
         except FileNotFoundError:
-            return None, False
+            return None, False, b""
         try:
             record = _LeaseRecord.model_validate_json(raw)
         except ValidationError as exc:
             _warn_once(path, "the output's lease record %s is malformed (%s); treating it as stale",
                        full_uri(self.fs, path), exc.errors()[0].get("msg", "invalid") if exc.errors() else "invalid")
-            return None, True
-        return LeaseInfo(**record.model_dump()), False
+            return None, True, raw
+        return LeaseInfo(**record.model_dump()), False, raw
 
     def current_lease(self) -> LeaseInfo | None:
         gens = self.lease_generations()
         return self.read_lease(gens[-1]) if gens else None
 
+    def holder(self) -> LeaseInfo | None:
+        """The newest lease when a live run holds it now (not released, its process not gone,
+        not stale by its record's age in the store); None when nobody does."""
+        entries = self._lease_entries()
+        if not entries:
+            return None
+        generation = max(entries)
+        current = self.read_lease(generation)
+        if current is None or current.released or current.owner_gone():
+            return None
+        if stale_reason(current, unchanged_s=0.0, store_age_s=_age_s(entries[generation], time.time())):
+            return None
+        return current
+
     def acquire(
         self, run_id: str, *, wait_s: float = 0.0, ttl_s: float = LEASE_TTL_S, heartbeat_s: float = HEARTBEAT_S
     ) -> "Lease":
-        """Own the output for `run_id`; OutputBusy when a live run holds it past `wait_s`;
-        OutputUnsafe, before anything is written, when one of its folders is a symbolic link."""
+        """Own the output for `run_id`; OutputBusy when a live run holds it past `wait_s`.
+
+        The newest lease may be taken when it is released, malformed, its owner's process is
+        gone (seen from the owner's own PID namespace), or it is stale by `stale_reason`:
+        unchanged for the TTL on this machine's monotonic clock while waiting, or by the
+        store's modification time; the writer's own clock is never trusted alone.
+        OutputUnsafe, before anything is written, when one of its folders is a symbolic link.
+        """
         self.check_contained()
         deadline = time.monotonic() + wait_s
+        watched: tuple[int, bytes, float] | None = None  # (generation, its bytes, monotonic time first seen so)
         while True:
-            gens = self.lease_generations()
-            current, malformed = self._lease_record(gens[-1]) if gens else (None, False)
+            entries = self._lease_entries()
+            gens = sorted(entries)
+            current, malformed, raw = self._lease_read(gens[-1]) if gens else (None, False, b"")
             if gens and current is None and not malformed:
                 continue  # listed, then gone (pruned by a new owner): look again
-            lapsed = current is None or current.lapsed()
-            if lapsed:
+            reason: str | None = None
+            if current is not None and not current.released:
+                seen = time.monotonic()
+                if watched is None or watched[:2] != (gens[-1], raw):
+                    watched = (gens[-1], raw, seen)
+                if current.owner_gone():
+                    reason = "its process is gone"
+                else:
+                    reason = stale_reason(current, unchanged_s=seen - watched[2],
+                                          store_age_s=_age_s(entries[gens[-1]], time.time()))
+            if current is None or current.released or reason is not None:
                 generation = (gens[-1] + 1) if gens else 1
                 info = _new_lease(generation, run_id, ttl_s)
-                if self.create_exclusive(self._lease_path(generation), _lease_bytes(info)):
+                if self.create_exclusive(self._lease_path(generation), _lease_bytes(info),
+                                         mine=lambda stored, info=info: _is_record_of(stored, info)):
                     if current is not None and not current.released:
-                        log.warning("took over the output from %s, whose lease had lapsed", current.describe())
+                        log.warning("took over the output from %s, whose lease had lapsed: %s", current.describe(),
+                                    reason)
                     self._prune_leases(generation)
                     self._make_stage(generation)
                     return Lease(self, info, heartbeat_s=heartbeat_s)
+                watched = None
                 continue  # someone else took this generation first: look again
             if time.monotonic() >= deadline:
                 holder = current.describe() if current else "another run"

@@ -10,11 +10,13 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
-from pipeline.dataset.store import DOCUMENTS, PAGES, RUNS, _Store, conform, shard_file_name
+from pipeline.dataset.store import DOCUMENTS, PAGES, RUNS, _Store, _warn_once, conform, shard_file_name
 from pipeline.records import KnownFile
 from pipeline.shard.ledger import POLICY, TIMEOUT_ERROR
-from schemas import RUNS_SCHEMA, SCHEMAS
+from pipeline.sources import full_uri
+from schemas import RUNS_SCHEMA, SCHEMAS, TABLE_KEY
 
 @dataclass(frozen=True, slots=True)
 class DoneState:
@@ -136,8 +138,51 @@ class _ReadOps(_Store):
         self.write_table(self.path(RUNS, shard_file_name(str(row["run_id"]))), conform(table, RUNS_SCHEMA))
 
     def read_runs(self) -> list[dict[str, Any]]:
-        """Rows of the runs table, oldest first."""
-        if not self.part_files(RUNS):
-            return []
-        rows = self.open_table(RUNS).to_table().to_pylist()
-        return sorted(rows, key=lambda r: r["started_at"])
+        """Rows of the runs table, oldest first: in the order of the lease generations the runs
+        held (the output's own order; wall clocks of different machines disagree), rows
+        written before runs recorded their generation first, by `started_at`. A runs file
+        that is not a runs table of this schema is left out (one warning; `verify` reports it
+        and the next run moves it to the quarantine)."""
+        rows: list[dict[str, Any]] = []
+        for path in self.committed_paths(RUNS):
+            found, problem = self._runs_file(path)
+            if problem is not None:
+                _warn_once(path, "runs file %s is left out: %s", full_uri(self.fs, path), problem[1])
+                continue
+            rows += found or []
+        return sorted(rows, key=run_order)
+
+    def _runs_file(self, path: str) -> tuple[list[dict[str, Any]] | None, tuple[str, str] | None]:
+        """(rows, None) of a runs file that is a runs table of this schema, else (None, (kind,
+        detail)): `runs_unreadable` (not Parquet, truncated), `runs_foreign` (a Parquet file
+        that is not a docpipe runs table) or `runs_schema` (a required column missing, of
+        another type, or null). Columns of a newer minor version are ignored; columns this
+        version added are null in older files."""
+        name = path.rsplit("/", 1)[-1]
+        try:
+            table = pq.read_table(path, filesystem=self.arrow_fs())
+        except FileNotFoundError:
+            return [], None
+        except Exception as exc:  # noqa: BLE001 - truncated, zeroed, not Parquet
+            return None, ("runs_unreadable", f"runs file {name} does not read ({type(exc).__name__})")
+        if (table.schema.metadata or {}).get(TABLE_KEY) != b"runs":
+            return None, ("runs_foreign", f"runs file {name} is not a docpipe runs table (no docpipe.table = runs "
+                                          "in its metadata)")
+        absent = [f for f in RUNS_SCHEMA if f.name not in table.column_names]
+        required = [f.name for f in absent if not f.nullable]
+        if required:
+            return None, ("runs_schema", f"runs file {name} lacks the required columns {', '.join(required)}")
+        try:
+            for column in absent:
+                table = table.append_column(column, pa.nulls(table.num_rows, column.type))
+            table = conform(table.select(RUNS_SCHEMA.names), RUNS_SCHEMA)
+        except (pa.ArrowException, ValueError) as exc:
+            return None, ("runs_schema", f"runs file {name} does not match the runs schema ({exc})")
+        return table.to_pylist(), None
+
+
+def run_order(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Sort key of runs rows, oldest first: by the lease generation the run held (rows without
+    one, from versions before it was recorded, first), then by `started_at`."""
+    generation = row.get("lease_generation")
+    return (generation is not None, generation or 0, row["started_at"])

@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -35,6 +35,7 @@ _PART_RE = re.compile(r"^part-(?P<shard>[^/\\]+)\.parquet$")
 _TEMP_MARK = ".tmp-"
 GENERATION_KEY = b"docpipe.lease_generation"  # documents files: the lease generation that committed it
 PAGES_ROWS_KEY = b"docpipe.pages_rows"  # documents files: rows its shard's pages file holds
+COMMIT_KEY = b"docpipe.commit_id"  # documents files: a nonce of the commit attempt that wrote it
 
 
 class OutputNotWritable(RuntimeError):
@@ -278,35 +279,53 @@ class _Store:
             raise
         _fsync_path(folder, directory=True)
 
-    def create_exclusive(self, path: str, data: bytes) -> bool:
+    def create_exclusive(self, path: str, data: bytes, *, mine: Callable[[bytes], bool] | None = None) -> bool:
         """Create `path` with `data` only if nothing is there; False when something was.
 
         Locally a temp file is hard-linked to the final name (link fails if it exists, and
         the file appears with its content); on S3 the PUT carries `If-None-Match: *`.
         Other stores fall back to check-then-write (documented as best effort).
+
+        An object store can carry out a write and still answer a failure (a 500, a dropped
+        connection); the client retries and is told the object exists, which it does
+        because of this very write. So when the store says "exists", the object is read
+        back and `mine(bytes)` decides whether it is this write (default: the same bytes):
+        then the create succeeded. Callers pass a `mine` that checks a nonce of theirs.
         """
         if self.local:
             self._guard(path)
             folder, name = path.rsplit("/", 1)
             os.makedirs(folder, exist_ok=True)
             temp = f"{folder}/.{name}{_TEMP_MARK}{uuid.uuid4().hex}"
-            with open(temp, "wb") as fh:
-                fh.write(data)
             try:
+                with open(temp, "wb") as fh:
+                    fh.write(data)
                 os.link(temp, path)
                 _fsync_path(folder, directory=True)
                 return True
             except FileExistsError:
                 return False
-            finally:
-                os.remove(temp)
+            finally:  # also when the write fails (a full disk): no temp file is left behind
+                try:
+                    os.remove(temp)
+                except FileNotFoundError:
+                    pass
         protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
         if "s3" in protocols:
             try:
                 self.fs.pipe_file(path, data, mode="create")
                 return True
             except FileExistsError:
+                pass
+            try:
+                existing = self._read_small(path)
+            except FileNotFoundError:  # removed again meanwhile: not this write's
                 return False
+            if (mine or (lambda raw: raw == data))(existing):
+                log.info("the store answered a failure for the exclusive write of %s that it carried out; "
+                         "the object is this write", full_uri(self.fs, path))
+                return True
+            return False
         if self.fs.exists(path):
             return False
         self.fs.pipe_file(path, data)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -151,12 +152,40 @@ class _VerifyOps(_Store):
                 found("orphan_pages", path, f"pages file of shard {shard} without a documents file")
         for path in bad_plans:
             found("plan_malformed", path, "malformed plan")
-        for run_id, path in sorted(self.part_files(RUNS).items()):
-            try:
-                self._footer(path)
-            except Exception as exc:  # noqa: BLE001
-                found("runs_unreadable", path, f"runs file of run {run_id} does not read ({type(exc).__name__})")
+        for _run_id, path in sorted(self.part_files(RUNS).items()):
+            _rows, bad = self._runs_file(path)  # type: ignore[attr-defined]  # reading.py
+            if bad is not None:
+                found(bad[0], path, bad[1])
         problems += self._verify_rows(repair=repair, stamp=stamp, generations=generations, lease=lease)
+        return problems
+
+    def has_output(self) -> bool:
+        """Whether anything of a docpipe output is at the root (its tables or `_docpipe/`)."""
+        for name in (DOCUMENTS, PAGES, RUNS, META):
+            folder = self.path(name)
+            if not self.local:
+                self.fs.invalidate_cache(folder)
+            try:
+                if self.fs.isdir(folder):
+                    return True
+            except OSError:
+                continue
+        return False
+
+    def verify_settled(self, *, passes: int = 3, pause_s: float = 1.0) -> list["Problem"]:
+        """`verify()` of an output a live run is writing: only what is settled. A commit in
+        flight shows for a moment as pages still staged, a pages file before its documents
+        file, a documents file before its pages, or a file's old version beside its new one;
+        so the check is made `passes` times, `pause_s` apart, and only problems found every
+        time are reported (a damaged file stays damaged). Pages still staged behind a
+        commit are never damage while their run lives (it moves them in next)."""
+        problems = [p for p in self.verify() if p.kind != "pages_staged"]
+        for _ in range(passes - 1):
+            if not problems:
+                break
+            time.sleep(pause_s)
+            again = {(p.kind, p.path) for p in self.verify()}
+            problems = [p for p in problems if (p.kind, p.path) in again]
         return problems
 
     def _verify_rows(self, *, repair: bool, stamp: str, generations: Mapping[str, int],
