@@ -12,12 +12,10 @@ from torch.nn import functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
-from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils.deprecation import deprecate_kwarg
 
 from pipeline.inference.families import load_strict
+from pipeline.inference.families.compat import causal_mask, lm_output
 from pipeline.inference.families.mono_internvl.configuration import (
     InternLM2VEConfig,
     MonoInternVLConfig,
@@ -294,13 +292,7 @@ class InternLM2VEModel(nn.Module):
         length = inputs_embeds.shape[1]
         if position_ids is None:
             position_ids = torch.arange(past, past + length, device=inputs_embeds.device)[None]
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-        )
+        mask = causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
         position_embeddings = rope_cos_sin(self.config, position_ids, past + length, inputs_embeds.dtype)
         expert_rows = None
         if visual_token_mask is not None:
@@ -390,7 +382,6 @@ class MonoInternVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return self.mlp1(grid.reshape(grid.shape[0], -1, grid.shape[-1]))
 
     # ---- forward ----------------------------------------------------------------------------
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -403,9 +394,11 @@ class MonoInternVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         visual_token_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
-        """Logits for `input_ids` (or `inputs_embeds`).
+    ) -> Any:
+        """Logits for `input_ids` (or `inputs_embeds`). (`past_key_values`: the cache's name in
+        transformers 5.19's generate(), pipeline.inference.families.compat.)
 
         At the prefill (empty or no cache) the `<IMG_CONTEXT>` positions of `input_ids` get
         `image_features` (all placeholders of the batch, in order; or the features of
@@ -415,6 +408,7 @@ class MonoInternVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        cache = cache if cache is not None else past_key_values
         use_cache = self.config.llm_config.use_cache if use_cache is None else use_cache
         prefill = cache is None or cache.get_seq_length() == 0
         if inputs_embeds is None:
@@ -435,7 +429,7 @@ class MonoInternVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         else:
             hidden = hidden[:, logits_to_keep, :]
         logits = self.language_model.output(hidden).float()
-        return CausalLMOutputWithPast(logits=logits, cache=cache if use_cache else None)
+        return lm_output(logits, cache if use_cache else None)
 
     def _merge_images(
         self,
