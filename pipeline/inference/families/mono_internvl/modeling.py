@@ -83,6 +83,28 @@ def pixel_shuffle(x: torch.Tensor, scale: float, version: str = "v2") -> torch.T
     return x
 
 
+def image_features(vision_model: nn.Module, mlp1: nn.Module, pixel_values: torch.Tensor,
+                   config: MonoInternVLConfig) -> torch.Tensor:
+    """Image tokens of a stack of tiles (tiles, tokens_per_tile, llm hidden size): patch
+    embeddings, pixel shuffle, projector. Shared by the transformers port and the vLLM class."""
+    dtype = mlp1[1].weight.dtype
+    patches = vision_model(pixel_values.to(dtype))
+    side = int(patches.shape[1] ** 0.5)
+    if side * side != patches.shape[1]:  # a class token (never here: it is dropped) would make it non-square
+        patches = patches[:, 1:, :]
+        side = int(patches.shape[1] ** 0.5)
+    grid = patches.reshape(patches.shape[0], side, side, -1)
+    grid = pixel_shuffle(grid, config.downsample_ratio, config.ps_version)
+    return mlp1(grid.reshape(grid.shape[0], -1, grid.shape[-1]))
+
+
+def projector(config: MonoInternVLConfig) -> nn.Sequential:
+    """`mlp1`: LayerNorm, Linear, GELU, Linear over the pixel-shuffled patches."""
+    shuffled = config.vision_config.hidden_size * int(1 / config.downsample_ratio) ** 2
+    llm_dim = config.llm_config.hidden_size
+    return nn.Sequential(nn.LayerNorm(shuffled), nn.Linear(shuffled, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
+
+
 # ---------------------------------------------------------------------------------------
 # language side: InternLM2 with visual experts
 # ---------------------------------------------------------------------------------------
@@ -337,13 +359,8 @@ class MonoInternVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: MonoInternVLConfig) -> None:
         super().__init__(config)
-        vit_dim = config.vision_config.hidden_size
-        llm_dim = config.llm_config.hidden_size
-        shuffled = vit_dim * int(1 / config.downsample_ratio) ** 2
         self.vision_model = MonoVisionModel(config.vision_config)
-        self.mlp1 = nn.Sequential(
-            nn.LayerNorm(shuffled), nn.Linear(shuffled, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim)
-        )
+        self.mlp1 = projector(config)
         self.language_model = InternLM2VEForCausalLM(config.llm_config)
         self.post_init()
 
@@ -371,15 +388,7 @@ class MonoInternVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
     # ---- images ---------------------------------------------------------------------------
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Image tokens of a stack of tiles: (tiles, tokens_per_tile, llm hidden size)."""
-        dtype = self.mlp1[1].weight.dtype
-        patches = self.vision_model(pixel_values.to(dtype))
-        side = int(patches.shape[1] ** 0.5)
-        if side * side != patches.shape[1]:  # a class token (never here: it is dropped) would make it non-square
-            patches = patches[:, 1:, :]
-            side = int(patches.shape[1] ** 0.5)
-        grid = patches.reshape(patches.shape[0], side, side, -1)
-        grid = pixel_shuffle(grid, self.config.downsample_ratio, self.config.ps_version)
-        return self.mlp1(grid.reshape(grid.shape[0], -1, grid.shape[-1]))
+        return image_features(self.vision_model, self.mlp1, pixel_values, self.config)
 
     # ---- forward ----------------------------------------------------------------------------
     def forward(
