@@ -457,14 +457,14 @@ def seed_engine_args(config: RunConfig, family: Any) -> dict[str, Any]:
     """The `vllm.LLM` arguments that select docpipe's classes for a seed port: its config
     through docpipe's config parser, its docpipe architecture, no vLLM tokenizer, plus the
     family module's own `engine_args`."""
-    from pipeline.inference.vllm_plugin import CONFIG_FORMAT
+    from pipeline.inference.vllm_plugin import CONFIG_FORMAT, read_seed_config
 
     module = family.vllm()
     args: dict[str, Any] = {"config_format": CONFIG_FORMAT, "hf_overrides": {"architectures": [module.ARCH]},
                             "skip_tokenizer_init": True}
     extra = getattr(module, "engine_args", None)
-    if callable(extra):
-        args.update(extra(config, None))
+    if callable(extra):  # given the config object vLLM will get
+        args.update(extra(config, read_seed_config(config.model, config.revision)[1]))
     return args
 
 

@@ -54,10 +54,4 @@ def adapt_config(config: Any) -> Any:
 
 def engine_args(run_config: Any, hf_config: Any) -> dict:
     """The longest sequence vLLM takes: where plain RoPE equals the original's (see adapt_config)."""
-    import json
-
-    from pipeline.inference.checkpoint import model_folder
-
-    folder = model_folder(str(run_config.model), getattr(run_config, "revision", None))
-    llm = json.loads((folder / "config.json").read_text()).get("llm_config") or {}
-    return {"max_model_len": int(llm.get("max_position_embeddings", 2048))}
+    return {"max_model_len": int(hf_config.llm_config.max_position_embeddings)}
