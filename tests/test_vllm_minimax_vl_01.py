@@ -83,6 +83,34 @@ def test_torch_lightning_chunks_and_decoding_continue_from_the_cached_state() ->
     assert (got[:, :, 419:] - port_step).abs().max().item() < 1e-5 * port_step.abs().max().item()
 
 
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None or not torch.cuda.is_available(), reason="needs vllm + CUDA")
+def test_vllms_triton_lightning_kernels_equal_the_torch_path(monkeypatch) -> None:
+    """On a GPU the class runs vLLM's Triton kernels; they compute what the CPU path computes,
+    on the same cache layout (state after the last token, [key dim, value dim] per head).
+    IEEE float32 dots (Triton's default for float32 is TF32, ~1e-3 relative)."""
+    monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
+    from vllm.model_executor.layers.lightning_attn import lightning_attention, linear_decode_forward_triton
+
+    gen = torch.Generator().manual_seed(2)
+    heads, n, dim = 8, 600, 128
+    q, k, v = (torch.randn(heads, n, dim, generator=gen) * 0.1 for _ in range(3))
+    slope = fam.alibi_slopes(heads) * 0.5
+    cuda = torch.device("cuda")
+    out, history = lightning_attention(q[None].to(cuda), k[None].to(cuda), v[None].to(cuda), slope.to(cuda),
+                                       block_size=256, kv_history=torch.zeros(1, heads, dim, dim, device=cuda))
+    ref, state = lightning_prefill(q, k, v, torch.zeros(heads, dim, dim), slope)
+    assert (out[0].cpu() - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+    final = history[:, :, -1].reshape(heads, dim, dim).cpu()
+    assert (final - state).abs().max().item() < 1e-4 * state.abs().max().item()
+    cache = torch.stack((torch.zeros_like(state), state)).to(cuda)  # slot 1 holds the sequence
+    step = linear_decode_forward_triton(q[None, :, -1:].to(cuda), k[None, :, -1:].to(cuda), v[None, :, -1:].to(cuda),
+                                        cache, slope.to(cuda), torch.tensor([1], device=cuda), 32)
+    want, new_state = lightning_decode(q[None, :, -1], k[None, :, -1], v[None, :, -1], state[None], slope)
+    assert (step.cpu().reshape(1, heads, dim) - want).abs().max().item() < 1e-4 * want.abs().max().item()
+    assert (cache[1].cpu() - new_state[0]).abs().max().item() < 1e-4 * new_state.abs().max().item()
+
+
 # ---- what the family hands to docpipe's engine (no vllm) -----------------------------------------
 
 
@@ -148,9 +176,12 @@ def test_engine_args_cap_the_model_length_and_ask_for_expert_parallel(tiny: Path
 
 
 def _child(tiny: str, out: str) -> None:
-    """vLLM on the tiny checkpoint: the pages' requests, two rounds, and one plain PIL page."""
+    """vLLM on the tiny checkpoint: the pages' requests, two rounds, and one plain PIL page.
+    (On a GPU: float32 without TF32, in Triton's dots and in cuBLAS/cuDNN, to compare at 1e-4.)"""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
+    os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
     from pipeline.inference.vllm_plugin import register
 
     register()  # what the installed entry point does in every vLLM process
