@@ -143,6 +143,7 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "minimax_vl_01", ("minimax_vl_01",), "minimax", "pipeline.inference.families.minimax_vl_01",
         ("MiniMaxVL01ForConditionalGeneration",), vllm_module="pipeline.inference.families.minimax_vl_01.vllm",
+        tiny_variants=("minimax_vl_01_vllm",),
     ),
     Family(
         "internvl", ("internvl",), "internvl", builder="InternVLBuilder", tile_overrides=("min_tiles", "max_tiles"),

@@ -90,7 +90,10 @@ def _child(family_name: str, folder: str, image_path: str, question: str, tokens
               **seed_engine_args(run, family))
     params = SamplingParams(temperature=0.0, max_tokens=tokens, min_tokens=least, detokenize=False,
                             stop_token_ids=[int(builder.tokenizer.eos_token_id)])
-    out = llm.generate([prompt], params, use_tqdm=False)[0]
+    try:
+        out = llm.generate([prompt], params, use_tqdm=False)[0]
+    finally:  # stop vLLM's engine processes now (left running, they would hold the parent's pipes)
+        llm.llm_engine.engine_core.shutdown()
     return {"ids": list(out.outputs[0].token_ids), "prompt_ids": list(out.prompt_token_ids),
             "prompt_ids_equal": list(out.prompt_token_ids) == [int(t) for t in ids]}
 
@@ -99,4 +102,7 @@ if __name__ == "__main__":
     family_name, folder, image_path, question, tokens, least = sys.argv[1:7]
     print(json.dumps(_child(family_name, folder, image_path, question, int(tokens), int(least))))
     sys.stdout.flush()
-    os._exit(0)  # vLLM's engine process teardown can abort the interpreter's own
+    import atexit
+
+    atexit._run_exitfuncs()  # vLLM's own clean-up, then out: its teardown can abort the interpreter's
+    os._exit(0)
