@@ -172,6 +172,24 @@ def test_engine_args_cap_the_model_length_and_ask_for_expert_parallel(tiny: Path
     assert mv.refusal() is None or "MiniMaxText01LinearAttention" in mv.refusal()
 
 
+def test_the_released_checkpoints_keys_are_what_the_class_loads(tmp_path: Path) -> None:
+    """vLLM's loader takes a checkpoint that lacks one shard of a fused q/k/v, or carries keys its
+    expert loader does not know, without a word; the class checks the key set (the port's)."""
+    from test_devices import official_minimax_vl_01_config
+    from test_family_minimax_vl_01 import _released_keys
+
+    (tmp_path / "config.json").write_text(json.dumps(official_minimax_vl_01_config()))
+    config = fam.load_config(tmp_path)
+    released = _released_keys()
+    mv.check_checkpoint_keys(released, config)  # 8,637 keys of the published checkpoint: accepted
+    k_proj = "language_model.model.layers.7.self_attn.k_proj.weight"
+    with pytest.raises(ValueError, match=f"missing {k_proj}$"):
+        mv.check_checkpoint_keys(released - {k_proj}, config)
+    extra = "language_model.model.layers.0.block_sparse_moe.experts.0.w4.weight"
+    with pytest.raises(ValueError, match=f"unexpected {extra}$"):
+        mv.check_checkpoint_keys(released | {extra}, config)
+
+
 # ---- through vLLM ------------------------------------------------------------------------------
 
 

@@ -102,6 +102,29 @@ def _run_token(ids: Sequence[int], length: int) -> int:
     raise ValueError(f"the prompt has no run of {length} image placeholders")
 
 
+# ---- the checkpoint ----------------------------------------------------------------------------
+
+
+def official_keys(config: Any) -> set[str]:
+    """The released checkpoint's key set for this config: the transformers port's state dict (its
+    module names are the official ones; CLIP's position_ids buffer is not a weight)."""
+    from pipeline.inference.families.minimax_vl_01.modeling import meta_model
+
+    return {k for k in meta_model(config).state_dict() if not k.endswith("position_ids")}
+
+
+def check_checkpoint_keys(seen: set[str], config: Any) -> None:
+    """Raise ValueError (one line, a few names) unless `seen` is the official key set."""
+    expected = official_keys(config)
+    missing, unexpected = sorted(expected - seen), sorted(seen - expected)
+    if missing or unexpected:
+        def few(names: list[str]) -> str:
+            return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+
+        parts = ([f"missing {few(missing)}"] if missing else []) + ([f"unexpected {few(unexpected)}"] if unexpected else [])
+        raise ValueError(f"the checkpoint's weights are not MiniMax-VL-01's official key set: {'; '.join(parts)}")
+
+
 # ---- engine settings -------------------------------------------------------------------------
 
 
@@ -130,5 +153,5 @@ def engine_args(run_config: Any, hf_config: Any, *, cuda: bool | None = None) ->
     return args
 
 
-__all__ = ["ARCH", "MAX_MODEL_LEN", "MODEL_CLASS", "PLAN", "adapt_config", "engine_args", "page_item", "placeholder_run",
-           "plan_tokens", "plan_vector", "refusal", "register", "request"]
+__all__ = ["ARCH", "MAX_MODEL_LEN", "MODEL_CLASS", "PLAN", "adapt_config", "check_checkpoint_keys", "engine_args",
+           "official_keys", "page_item", "placeholder_run", "plan_tokens", "plan_vector", "refusal", "register", "request"]

@@ -58,7 +58,7 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, m
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.platforms import current_platform
 
-from pipeline.inference.families.minimax_vl_01.vllm import PLAN, plan_tokens
+from pipeline.inference.families.minimax_vl_01.vllm import PLAN, check_checkpoint_keys, plan_tokens
 from pipeline.inference.families.minimax_vl_01.vllm_lightning import lightning_decode, lightning_prefill
 from pipeline.inference.families.vllm_support import (
     CODES,
@@ -405,7 +405,19 @@ class DocpipeMiniMaxVL01(nn.Module, SupportsMultiModal, HasInnerState, IsHybrid)
         return self.language_model.compute_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return AutoWeightsLoader(self).load_weights(weights)
+        """The checkpoint's tensors into vLLM's layers; the checkpoint must hold exactly the official
+        key set (vLLM alone would take a checkpoint missing one shard of a fused q/k/v, or with keys
+        its expert loader does not know, without a word)."""
+        seen: set[str] = set()
+
+        def tap(items: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
+            for name, tensor in items:
+                seen.add(name)
+                yield name, tensor
+
+        loaded = AutoWeightsLoader(self).load_weights(tap(weights))
+        check_checkpoint_keys(seen, self.config)
+        return loaded
 
 
 __all__ = [
