@@ -142,8 +142,10 @@ class LightningAttention(MiniMaxText01LinearAttention):
             return super()._decode_infer(q, k, v, kv_cache, state_indices_tensor, attn_metadata)
         n = attn_metadata.num_decode_tokens
         slots = state_indices_tensor[: attn_metadata.num_decodes]
-        out, state = lightning_decode(q[:n], k[:n], v[:n], kv_cache[slots], self.tp_slope)
-        kv_cache[slots] = state.to(kv_cache.dtype)
+        real = slots >= 0  # padded rows (a GPU's CUDA-graph batch) carry PAD_SLOT_ID = -1: no state, not written
+        out, state = lightning_decode(q[:n], k[:n], v[:n], kv_cache[slots.clamp(min=0)] * real[:, None, None, None],
+                                      self.tp_slope)
+        kv_cache[slots[real]] = state[real].to(kv_cache.dtype)
         return out.to(q.dtype).reshape(n, -1)
 
 
