@@ -15,7 +15,7 @@ Not part of the test suite (the original code cannot be vendored). For each case
 
 Then the cases marked (p) run the ORIGINAL code on this project's own `make_tiny_model`
 folder (the original remote-code files copied in for that run only): larger weights,
-generation stopping by itself, chat()'s answer text compared with ours. The last one uses
+generation stopping by itself, chat()'s answer text compared with ours. The last three use
 the `mono_internvl_vllm` tiny variant (text head_dim 64, which vLLM's CPU attention takes).
 
 The vLLM column: the same checkpoint, image and question through docpipe's vLLM classes
@@ -198,6 +198,8 @@ PROJECT_CASES = (  # (seed, WxH, question, tiny variant)
     (7, "900x1300", "Describe this page.", "mono_internvl"),
     (8, "1600x700", "What does the chart show?", "mono_internvl"),
     (9, "1300x900", "Describe this page.", "mono_internvl_vllm"),
+    (10, "1700x2200", "Transcribe all the text on the page.", "mono_internvl_vllm"),
+    (11, "600x1400", "What does the chart show?", "mono_internvl_vllm"),
 )
 
 REF_PROJECT_SCRIPT = r"""
