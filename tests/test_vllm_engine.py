@@ -115,7 +115,7 @@ def test_vllm_serves_the_seed_ports_with_the_transformers_engines_answers(seed_r
     vllm, hf = seed_runs["vllm"], seed_runs["hf"]
     # the very prompt ids: the engine checks vLLM's against the builder's, and the counts agree
     assert all(vllm[k]["prompt_tokens"] == hf[k]["prompt_tokens"] for k in hf)
-    assert "engine" in seed_runs["out"] and "vllm (asked for (--engine vllm))" in seed_runs["out"]
+    assert "engine" in seed_runs["out"] and "vllm (asked for: --engine vllm)" in seed_runs["out"]
     rates = [float(r) for r in re.findall(r"prefix cache ([0-9.]+)% of prompt tokens", seed_runs["log"])]
     assert rates and rates[-1] > 0  # a page's image prefix computed once for its tasks
 

@@ -146,12 +146,12 @@ def resolve_engine(config: RunConfig, family: Any, model_config: dict[str, Any])
 def choose_engine(config: RunConfig, family: Any, model_config: dict[str, Any]) -> tuple[str, str]:
     """(engine, why) for this run; `why` is the line the run summary shows."""
     if config.engine == "transformers":
-        return "transformers", "asked for (--engine transformers)"
+        return "transformers", "asked for: --engine transformers"
     if config.engine == "vllm":
         reason = why_not_vllm(config, family, model_config)
         if reason is not None:
             raise EngineUnavailable(f"--engine vllm: {reason}")
-        return "vllm", "asked for (--engine vllm)"
+        return "vllm", "asked for: --engine vllm"
     if config.device.strip().lower() == "cpu":
         return "transformers", "auto: --device cpu"
     if not vllm_installed():
@@ -173,7 +173,7 @@ def engine_for(config: RunConfig) -> str:
 def engine_choice(config: RunConfig) -> tuple[str, str]:
     """(engine, why) of this run (`choose_engine` on the model's config.json)."""
     if config.engine == "transformers" or config.model is None:
-        return "transformers", "asked for (--engine transformers)" if config.model else "no model"
+        return "transformers", "asked for: --engine transformers" if config.model else "no model"
     from pipeline.inference.registry import recognise
     from pipeline.inference.checkpoint import read_model_config
 
