@@ -182,7 +182,8 @@ def idefics3_checkpoint(out: Path, size: str, dtype: str = "float32") -> Path:
 # ---- the seed families at medium / real size (the vLLM comparison) ----------------------
 # Overrides of the family's tiny checkpoint (its vLLM-CPU variant where it has one: text
 # head_dim 64), by config.json section: "top" the top level, "text" the language model's
-# section (MiniCPM-V 2.0 keeps it at the top level), "vision" the vision section. "medium":
+# section (MiniCPM-V 2.0 keeps it at the top level), "vision" the vision section; "pre":
+# preprocessor_config.json (MiniMax-VL-01's tile size and grid there). "medium":
 # CPU-sized, the model dominates; "real": the published architecture (Mono-InternVL-2B's
 # vision width is InternLM2-1.8B's 2048: its config.json is not public here; MiniMax-VL-01
 # with 2 decoder layers per visible GPU instead of 80); "dry": the real page geometry with
@@ -218,6 +219,8 @@ SEED_SIZES: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
                    "vision": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2}},
         "real": {"top": {"image_grid_pinpoints": [[336 * c, 336 * r] for c in range(1, 7) for r in range(1, 7)],
                          "image_seq_length": 576},
+                 "pre": {"size": [336, 336],
+                         "image_grid_pinpoints": [[336 * c, 336 * r] for c in range(1, 7) for r in range(1, 7)]},
                  "text": {"hidden_size": 6144, "intermediate_size": 9216, "num_attention_heads": 64,
                           "num_key_value_heads": 8, "head_dim": 128, "rotary_dim": 64, "num_local_experts": 32,
                           "num_experts_per_tok": 2, "vocab_size": 200_064, "max_position_embeddings": 32_768},
@@ -225,7 +228,9 @@ SEED_SIZES: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
                             "num_attention_heads": 16, "image_size": 336, "patch_size": 14, "projection_dim": 768}},
         "dry": {"top": {"image_grid_pinpoints": [[336 * c, 336 * r] for c in range(1, 7) for r in range(1, 7)],
                         "image_seq_length": 576},
-                "text": {"head_dim": 64, "rotary_dim": 32},
+                "pre": {"size": [336, 336],
+                        "image_grid_pinpoints": [[336 * c, 336 * r] for c in range(1, 7) for r in range(1, 7)]},
+                "text": {"head_dim": 64, "rotary_dim": 32, "max_position_embeddings": 32_768},
                 "vision": {"image_size": 336, "patch_size": 14}},
     },
 }
@@ -266,6 +271,9 @@ def seed_checkpoint(family: str, out: Path, size: str, dtype: str = "float32") -
         raw["vision_config"].update(spec["vision"])
     raw["torch_dtype"] = dtype
     (out / "config.json").write_text(json.dumps(raw, indent=1))
+    if "pre" in spec:
+        pre = json.loads((out / "preprocessor_config.json").read_text())
+        (out / "preprocessor_config.json").write_text(json.dumps({**pre, **spec["pre"]}, indent=1))
     module = entry.implementation()
     config = module.load_config(out)
     torch.manual_seed(0)
