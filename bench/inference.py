@@ -215,7 +215,8 @@ SEED_SIZES: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
     "minimax_vl_01": {
         "medium": {"text": {"hidden_size": 512, "intermediate_size": 768, "num_hidden_layers": 8,
                             "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64, "rotary_dim": 32,
-                            "attn_type_list": [0, 0, 0, 1, 0, 0, 0, 1]},
+                            "num_local_experts": 8, "num_experts_per_tok": 2,
+                            "attn_type_list": [0, 0, 0, 0, 0, 0, 0, 1]},  # MiniMax-Text-01's 7:1
                    "vision": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2}},
         "real": {"top": {"image_grid_pinpoints": [[336 * c, 336 * r] for c in range(1, 7) for r in range(1, 7)],
                          "image_seq_length": 576},
@@ -236,10 +237,11 @@ SEED_SIZES: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
 }
 
 
-def seed_checkpoint(family: str, out: Path, size: str, dtype: str = "float32") -> Path:
+def seed_checkpoint(family: str, out: Path, size: str, dtype: str = "float32", *, weights: bool = True) -> Path:
     """A seed checkpoint in its official layout at `size` (SEED_SIZES), random weights: the
     family's tiny checkpoint (tokenizer, chat format) with the size's config, weights made by
-    the family's transformers port and saved under the official names."""
+    the family's transformers port and saved under the official names. `weights=False`: the
+    config and tokenizer only (vLLM then makes random weights itself: `load_format="dummy"`)."""
     import torch
     from safetensors.torch import save_file
 
@@ -274,6 +276,10 @@ def seed_checkpoint(family: str, out: Path, size: str, dtype: str = "float32") -
     if "pre" in spec:
         pre = json.loads((out / "preprocessor_config.json").read_text())
         (out / "preprocessor_config.json").write_text(json.dumps({**pre, **spec["pre"]}, indent=1))
+    for name in ("model.safetensors", "model.safetensors.index.json"):
+        (out / name).unlink(missing_ok=True)
+    if not weights:
+        return out
     module = entry.implementation()
     config = module.load_config(out)
     torch.manual_seed(0)
@@ -281,8 +287,6 @@ def seed_checkpoint(family: str, out: Path, size: str, dtype: str = "float32") -
         model = type(module.meta_model(config))(config)  # the port's class, with real (random) weights
     model = model.to(getattr(torch, dtype))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    for name in ("model.safetensors", "model.safetensors.index.json"):
-        (out / name).unlink(missing_ok=True)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
 
@@ -601,7 +605,8 @@ def run_vllm(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
         settings["gpu_memory_utilization"] = 0.9
     config = _config(args, model_dir, **settings)
     t0 = time.perf_counter()
-    engine = load_vllm_engine(config)
+    dummy = args.real_size and not args.dry_run and args.family in SEED_FAMILIES
+    engine = load_vllm_engine(config, llm_args={"load_format": "dummy"} if dummy else None)
     load_s = time.perf_counter() - t0
     if args.mix == "fixed":
         engine.forced_output = lambda page, key: args.new_tokens
@@ -813,7 +818,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if vllm_real and args.family in SEED_FAMILIES:
             size = "dry" if args.dry_run else "real"
-            model_dir = seed_checkpoint(args.family, Path(tmp) / size, size, "float32" if args.dry_run else "bfloat16")
+            # real size: vLLM makes the random bf16 weights itself (no checkpoint of GBs to write and read)
+            model_dir = seed_checkpoint(args.family, Path(tmp) / size, size, "float32" if args.dry_run else "bfloat16",
+                                        weights=args.dry_run)
         elif vllm_real:
             size = "dry" if args.dry_run else "real"
             model_dir = idefics3_checkpoint(Path(tmp) / size, size, "float32" if args.dry_run else "bfloat16")

@@ -468,8 +468,10 @@ def seed_engine_args(config: RunConfig, family: Any) -> dict[str, Any]:
     return args
 
 
-def load_vllm_engine(config: RunConfig, *, forced_output: ForcedOutput | None = None) -> VllmEngine:
-    """Start vLLM on `config.model` (once per process is the caller's business)."""
+def load_vllm_engine(config: RunConfig, *, forced_output: ForcedOutput | None = None,
+                     llm_args: dict[str, Any] | None = None) -> VllmEngine:
+    """Start vLLM on `config.model` (once per process is the caller's business). `llm_args`:
+    more `vllm.LLM` arguments (benchmarks: `load_format="dummy"` for random weights)."""
     from pipeline.inference.loading import content_revision, load_builder, resolve_device
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
@@ -499,7 +501,7 @@ def load_vllm_engine(config: RunConfig, *, forced_output: ForcedOutput | None = 
         enable_prefix_caching=True,
         limit_mm_per_prompt={"image": 1},
         seed=0,
-        **seed_args,
+        **{**seed_args, **(llm_args or {})},
     )
     try:
         generation = _generation(config, family)

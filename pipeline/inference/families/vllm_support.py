@@ -28,7 +28,6 @@ import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import BatchFeature
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
@@ -44,16 +43,7 @@ from vllm.multimodal.processing import (
 )
 
 from pipeline.inference.adapters import gather_decode
-
-CODES, TABLE, RUN = "pixel_codes", "pixel_table", "placeholder_ids"  # every page item has these
-
-
-def page_tensors(codes: np.ndarray, table: np.ndarray, run: Sequence[int], **extra: Any) -> dict[str, torch.Tensor]:
-    """A page as its vLLM image item: coded pixels, their table, the placeholder run, extras."""
-    item = {CODES: torch.from_numpy(np.ascontiguousarray(codes)), TABLE: torch.from_numpy(np.asarray(table, np.float32)),
-            RUN: torch.as_tensor(list(run), dtype=torch.int64)}
-    item.update({k: torch.as_tensor(np.asarray(v)) for k, v in extra.items()})
-    return item
+from pipeline.inference.families.vllm_items import CODES, RUN, TABLE, page_tensors  # noqa: F401 (re-exported)
 
 
 def decode_pixels(codes: torch.Tensor, table: torch.Tensor, device: Any) -> torch.Tensor:

@@ -33,7 +33,7 @@ def placeholder_run(builder: Any, plan: Any) -> list[int]:
 def page_item(builder: Any, pixels: Any, image_inputs: dict, plan: Any) -> dict:
     """The vLLM image item of one page: its slices' coded pixels (overview first, packed as the
     transformers engine packs them), their sizes, the placeholder run."""
-    from pipeline.inference.families.vllm_support import page_tensors
+    from pipeline.inference.families.vllm_items import page_tensors
 
     return page_tensors(pixels.codes, pixels.table, placeholder_run(builder, plan),
                         tile_sizes=image_inputs["tile_sizes"])

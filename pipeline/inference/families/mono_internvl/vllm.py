@@ -30,7 +30,7 @@ def placeholder_run(builder: Any, plan: Any) -> list[int]:
 
 def page_item(builder: Any, pixels: Any, plan: Any) -> dict:
     """The vLLM image item of one page: its tiles' coded pixels (thumbnail last), the run."""
-    from pipeline.inference.families.vllm_support import page_tensors
+    from pipeline.inference.families.vllm_items import page_tensors
 
     return page_tensors(pixels.codes, pixels.table, placeholder_run(builder, plan))
 
