@@ -440,6 +440,11 @@ class VllmEngine(PageEngine):
         return gen
 
 
+class _NoTemplateWarmup(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Chat template warmup failed")
+
+
 def _item_digest(item: dict[str, Any]) -> str:
     """A content hash of a prepared page's image item (vLLM's multimodal cache and prefix key)."""
     import hashlib
@@ -485,6 +490,13 @@ def load_vllm_engine(config: RunConfig, *, forced_output: ForcedOutput | None = 
     builder = load_builder(config)
     family = recognise(read_model_config(config.model, config.revision))
     seed_args = seed_engine_args(config, family) if family.vllm_module else {}
+    if seed_args and logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        # without a tokenizer (docpipe decodes), vLLM's chat-template warm-up fails and logs a
+        # traceback at WARNING: nothing is wrong, docpipe never uses vLLM's chat templates. (A
+        # filter, not a level: vLLM's logging set-up in LLM() resets its loggers' levels.)
+        renderer_log = logging.getLogger("vllm.renderers.base")
+        if not any(isinstance(f, _NoTemplateWarmup) for f in renderer_log.filters):
+            renderer_log.addFilter(_NoTemplateWarmup())
     plan = resolve_device(config.device)
     if config.dtype != "auto":
         dtype = config.dtype
