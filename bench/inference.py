@@ -46,6 +46,23 @@ The vLLM engine (run under a virtualenv with vllm, e.g. the README's .venv-vllm)
         # 1,088 visual tokens), realistic mix, 256 pages in flight; pages/s, tokens/s and GPU
         # utilisation (nvidia-smi). Add --dry-run to run the same code path on a CPU with the
         # widths and depths shrunk (the setup, the real page geometry, 4 pages).
+
+The seed models through vLLM (docpipe's own vLLM classes, its plugin; greedy decoding in
+every column, since vLLM does not do MiniCPM-V 2.0's default beams):
+
+    python bench/inference.py --family minicpm_v2 --engine both --model-size medium
+    python bench/inference.py --family mono_internvl --engine both --model-size medium
+    python bench/inference.py --family minimax_vl_01 --engine both --model-size medium
+        # CPU, under .venv-vllm: naive loop, transformers engine and vLLM engine on the same rows
+        # of the realistic mix, with the seed at a medium size (SEED_SIZES: text hidden 512,
+        # 8 layers, head_dim 64; the family's own vision side, shrunk) so the model dominates
+    python bench/inference.py --real-size --family minicpm_v2 --engine vllm
+    python bench/inference.py --real-size --family mono_internvl --engine vllm
+    python bench/inference.py --real-size --family minimax_vl_01 --engine vllm
+        # GPU: the seed's architecture at full size with random bf16 weights (MiniMax-VL-01 with
+        # 2 decoder layers per visible GPU, tensor parallel over them), 1700x2200 pages,
+        # realistic mix, 256 pages in flight; pages/s, tokens/s and GPU utilisation. --dry-run:
+        # the same code path on a CPU with the layers shrunk.
 """
 
 from __future__ import annotations
@@ -162,6 +179,123 @@ def idefics3_checkpoint(out: Path, size: str, dtype: str = "float32") -> Path:
     return out
 
 
+# ---- the seed families at medium / real size (the vLLM comparison) ----------------------
+# Overrides of the family's tiny checkpoint (its vLLM-CPU variant where it has one: text
+# head_dim 64), by config.json section: "top" the top level, "text" the language model's
+# section (MiniCPM-V 2.0 keeps it at the top level), "vision" the vision section; "pre":
+# preprocessor_config.json (MiniMax-VL-01's tile size and grid there). "medium":
+# CPU-sized, the model dominates; "real": the published architecture (Mono-InternVL-2B's
+# vision width is InternLM2-1.8B's 2048: its config.json is not public here; MiniMax-VL-01
+# with 2 decoder layers per visible GPU instead of 80); "dry": the real page geometry with
+# narrow, shallow layers (--real-size --dry-run on a CPU).
+SEED_FAMILIES = ("minicpm_v2", "mono_internvl", "minimax_vl_01")
+SEED_SIZES: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
+    "minicpm_v2": {
+        "medium": {"top": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
+                           "num_attention_heads": 8, "num_key_value_heads": 8},
+                   "vision": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 5,
+                              "num_attention_heads": 4, "patch_size": 14, "image_size": 384}},
+        "real": {"top": {"hidden_size": 2304, "intermediate_size": 5760, "num_hidden_layers": 40,
+                         "num_attention_heads": 36, "num_key_value_heads": 36, "vocab_size": 122_753,
+                         "dim_model_base": 256, "vision_config": None}},  # the timm so400m tower
+        "dry": {"top": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "num_key_value_heads": 4}},
+    },
+    "mono_internvl": {
+        "medium": {"text": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
+                            "num_attention_heads": 8, "num_key_value_heads": 4},
+                   "vision": {"hidden_size": 128, "patch_size": 28}},
+        "real": {"text": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
+                          "num_attention_heads": 16, "num_key_value_heads": 8, "vocab_size": 92_553},
+                 "vision": {"hidden_size": 2048, "patch_size": 14}},
+        "dry": {"text": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+                         "num_attention_heads": 2, "num_key_value_heads": 1},
+                "vision": {"hidden_size": 32, "patch_size": 14}},
+    },
+    "minimax_vl_01": {
+        "medium": {"text": {"hidden_size": 512, "intermediate_size": 768, "num_hidden_layers": 8,
+                            "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64, "rotary_dim": 32,
+                            "num_local_experts": 8, "num_experts_per_tok": 2,
+                            "attn_type_list": [0, 0, 0, 0, 0, 0, 0, 1]},  # MiniMax-Text-01's 7:1
+                   "vision": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2}},
+        "real": {"top": {"image_grid_pinpoints": [[336 * c, 336 * r] for c in range(1, 7) for r in range(1, 7)],
+                         "image_seq_length": 576},
+                 "pre": {"size": [336, 336],
+                         "image_grid_pinpoints": [[336 * c, 336 * r] for c in range(1, 7) for r in range(1, 7)]},
+                 "text": {"hidden_size": 6144, "intermediate_size": 9216, "num_attention_heads": 64,
+                          "num_key_value_heads": 8, "head_dim": 128, "rotary_dim": 64, "num_local_experts": 32,
+                          "num_experts_per_tok": 2, "vocab_size": 200_064, "max_position_embeddings": 32_768},
+                 "vision": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                            "num_attention_heads": 16, "image_size": 336, "patch_size": 14, "projection_dim": 768}},
+        "dry": {"top": {"image_grid_pinpoints": [[336 * c, 336 * r] for c in range(1, 7) for r in range(1, 7)],
+                        "image_seq_length": 576},
+                "pre": {"size": [336, 336],
+                        "image_grid_pinpoints": [[336 * c, 336 * r] for c in range(1, 7) for r in range(1, 7)]},
+                "text": {"head_dim": 64, "rotary_dim": 32, "max_position_embeddings": 32_768},
+                "vision": {"image_size": 336, "patch_size": 14}},
+    },
+}
+
+
+def seed_checkpoint(family: str, out: Path, size: str, dtype: str = "float32", *, weights: bool = True) -> Path:
+    """A seed checkpoint in its official layout at `size` (SEED_SIZES), random weights: the
+    family's tiny checkpoint (tokenizer, chat format) with the size's config, weights made by
+    the family's transformers port and saved under the official names. `weights=False`: the
+    config and tokenizer only (vLLM then makes random weights itself: `load_format="dummy"`)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.inference.registry import family_by_name
+    from pipeline.testing import make_tiny_model
+
+    entry = family_by_name(family)
+    variant = f"{family}_vllm" if f"{family}_vllm" in entry.tiny_names else family
+    make_tiny_model(variant, out)
+    raw = json.loads((out / "config.json").read_text())
+    spec = {k: dict(v) for k, v in SEED_SIZES[family][size].items()}
+    text_key = "llm_config" if "llm_config" in raw else "text_config" if "text_config" in raw else None
+    if family == "minimax_vl_01" and size == "real":  # 2 decoder layers per visible GPU, tensor parallel over them
+        gpus = max(1, torch.cuda.device_count())
+        spec["text"]["num_hidden_layers"] = 2 * gpus
+        spec["text"]["attn_type_list"] = [0, 1] * gpus
+    if family == "minimax_vl_01" and "attn_type_list" in spec.get("text", {}):
+        layers = len(spec["text"]["attn_type_list"])
+        spec["text"]["num_hidden_layers"] = layers
+        alpha = (2 * layers) ** 0.25
+        for name in ("layernorm_full_attention_alpha", "layernorm_linear_attention_alpha", "layernorm_mlp_alpha"):
+            spec["text"][name] = alpha
+    raw.update(spec.get("top", {}))
+    if raw.get("vision_config") is None:
+        raw.pop("vision_config", None)
+    if text_key and "text" in spec:
+        raw[text_key].update(spec["text"])
+    if "vision" in spec and isinstance(raw.get("vision_config"), dict):
+        raw["vision_config"].update(spec["vision"])
+    raw["torch_dtype"] = dtype
+    (out / "config.json").write_text(json.dumps(raw, indent=1))
+    if "pre" in spec:
+        pre = json.loads((out / "preprocessor_config.json").read_text())
+        (out / "preprocessor_config.json").write_text(json.dumps({**pre, **spec["pre"]}, indent=1))
+    for name in ("model.safetensors", "model.safetensors.index.json"):
+        (out / name).unlink(missing_ok=True)
+    if not weights:
+        return out
+    module = entry.implementation()
+    config = module.load_config(out)
+    torch.manual_seed(0)
+    with torch.device("cuda" if size == "real" and torch.cuda.is_available() else "cpu"):
+        model = type(module.meta_model(config))(config)  # the port's class, with real (random) weights
+    model = model.to(getattr(torch, dtype))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def _seed_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Greedy decoding for a seed family in every column (vLLM does not do MiniCPM-V's beams)."""
+    return {"num_beams": 1, "repetition_penalty": 1.0} if args.family in SEED_FAMILIES else {}
+
+
 class GpuUtilisation:
     """Mean GPU utilisation (nvidia-smi, every 0.5 s) while it runs; None without nvidia-smi."""
 
@@ -201,7 +335,7 @@ def _config(args: argparse.Namespace, model_dir: Path, **more: Any) -> Any:
     """The run settings every path shares (model, output lengths, batching, device)."""
     from pipeline.config import RunConfig
 
-    settings: dict[str, Any] = {"source": "unused", "output": "unused", **more}
+    settings: dict[str, Any] = {"source": "unused", "output": "unused", **_seed_settings(args), **more}
     if args.mix == "fixed":
         settings.setdefault("max_new_tokens", args.new_tokens)
         settings.setdefault("ocr", "model")
@@ -471,7 +605,8 @@ def run_vllm(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
         settings["gpu_memory_utilization"] = 0.9
     config = _config(args, model_dir, **settings)
     t0 = time.perf_counter()
-    engine = load_vllm_engine(config)
+    dummy = args.real_size and not args.dry_run and args.family in SEED_FAMILIES
+    engine = load_vllm_engine(config, llm_args={"load_format": "dummy"} if dummy else None)
     load_s = time.perf_counter() - t0
     if args.mix == "fixed":
         engine.forced_output = lambda page, key: args.new_tokens
@@ -625,6 +760,12 @@ def _print(result: dict[str, Any]) -> None:
     )
 
 
+def _size_line(family: str) -> str:
+    spec = SEED_SIZES[family]["medium"]
+    text = spec.get("text") or spec.get("top") or {}
+    return f"text hidden {text['hidden_size']}, {text.get('num_hidden_layers', len(text.get('attn_type_list', [])))} layers"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="internvl", help="tiny model family (CPU path)")
@@ -663,8 +804,8 @@ def main(argv: list[str] | None = None) -> None:
     args.pipeline_pages = args.pipeline_pages or (64 if args.real_size else 24)
     if args.real_size and not vllm_real:
         args.family = "internvl"
-    if args.engine != "transformers" or args.model_size != "tiny":
-        args.family = "idefics3"  # the family vLLM-CPU serves here (see docs/inference.md)
+    if (args.engine != "transformers" or args.model_size != "tiny") and args.family not in SEED_FAMILIES:
+        args.family = "idefics3"  # the family vLLM-CPU serves here (see docs/inference.md); or a seed
     if args.dry_run:
         args.device, args.dtype = "cpu", "float32"
 
@@ -675,9 +816,16 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.testing import make_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        if vllm_real:
+        if vllm_real and args.family in SEED_FAMILIES:
+            size = "dry" if args.dry_run else "real"
+            # real size: vLLM makes the random bf16 weights itself (no checkpoint of GBs to write and read)
+            model_dir = seed_checkpoint(args.family, Path(tmp) / size, size, "float32" if args.dry_run else "bfloat16",
+                                        weights=args.dry_run)
+        elif vllm_real:
             size = "dry" if args.dry_run else "real"
             model_dir = idefics3_checkpoint(Path(tmp) / size, size, "float32" if args.dry_run else "bfloat16")
+        elif args.model_size == "medium" and args.family in SEED_FAMILIES:
+            model_dir = seed_checkpoint(args.family, Path(tmp) / "medium", "medium")
         elif args.model_size == "medium":
             model_dir = idefics3_checkpoint(Path(tmp) / "medium", "medium")
         else:
@@ -704,8 +852,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  ({path}: {json.dumps(results[path])})", file=sys.stderr, flush=True)
 
     size = "InternVL3-1B architecture (random weights)" if args.real_size else f"tiny {args.family}"
-    if vllm_real:
+    if vllm_real and args.family in SEED_FAMILIES:
+        size = f"{args.family} architecture (random weights)" + (", shrunk for --dry-run" if args.dry_run else "")
+    elif vllm_real:
         size = "SmolVLM-500M architecture (Idefics3, random weights)" + (", shrunk for --dry-run" if args.dry_run else "")
+    elif args.model_size == "medium" and args.family in SEED_FAMILIES:
+        size = f"{args.family} at medium size ({_size_line(args.family)}; random weights)"
     elif args.model_size == "medium":
         size = "Idefics3, 28M parameters (text hidden 512, 8 layers, head_dim 64; random weights)"
     if args.engine == "vllm":

@@ -346,7 +346,22 @@ def _cmd_devices(args: argparse.Namespace) -> int:
         print(f"  {name:<{width}}  GPU {gpu}")
     for gpu in range(args.gpus):
         print(f"GPU {gpu}: {_bytes(used.get(gpu, 0)):>12} of weights (limit {_bytes(limit)})")
+    for line in _vllm_sizing_lines(model, family, args):
+        print(line)
     return EXIT_OK
+
+
+def _vllm_sizing_lines(model: Any, family: Any, args: argparse.Namespace) -> list[str]:
+    """The vLLM engine's layout of the same model on the same GPUs (pipeline.inference.vllm_sizing)."""
+    from pipeline.inference.vllm_sizing import size_for_vllm
+
+    first, _ = family.device_groups()
+    replicated = [p for p in first if "embed" not in p.rsplit(".", 1)[-1]]  # the vision side, not the embeddings
+    utilization = RunConfig.model_fields["gpu_memory_utilization"].default
+    weight_bytes = {"int8": 1.0, "float32": 4.0}.get(args.dtype, 2.0)
+    sizing = size_for_vllm(model, model.config.get_text_config(), gpus=args.gpus, gpu_memory=args.gpu_memory,
+                           utilization=utilization, weight_bytes=weight_bytes, replicated=replicated)
+    return sizing.lines(args.gpus, args.gpu_memory, utilization)
 
 
 def _bytes(value: float) -> str:

@@ -382,6 +382,7 @@ def _replayable(pending: list[PlanRecord], refs: list[DocumentRef], done: frozen
 # ---------------------------------------------------------------------------------------
 
 _ENGINES: dict[tuple[Any, ...], Any] = {}
+_ENGINE_CHOICES: dict[tuple[Any, ...], str] = {}  # engine key -> "vllm (auto: ...)", for the run summary
 
 
 def _engine_key(config: RunConfig) -> tuple[Any, ...]:
@@ -400,14 +401,21 @@ def get_engine(config: RunConfig) -> Any | None:
     engine = _ENGINES.get(key)
     if engine is None:
         from pipeline.inference import load_engine
-        from pipeline.inference.vllm_engine import engine_for, load_vllm_engine
+        from pipeline.inference.vllm_engine import engine_choice, load_vllm_engine
 
         _ENGINES.clear()  # one model in memory at a time
-        name = engine_for(config)
-        log.info("loading model %s (%s engine)", config.model, name)
+        _ENGINE_CHOICES.clear()
+        name, why = engine_choice(config)
+        log.info("loading model %s (%s engine: %s)", config.model, name, why)
         engine = load_vllm_engine(config) if name == "vllm" else load_engine(config)
         _ENGINES[key] = engine
+        _ENGINE_CHOICES[key] = f"{name} ({why})"
     return engine
+
+
+def engine_choice_of(config: RunConfig) -> str | None:
+    """The loaded engine's name and why it was chosen ("vllm (auto: ...)"), None before loading."""
+    return _ENGINE_CHOICES.get(_engine_key(config)) if config.model is not None else None
 
 
 def engine_loaded(config: RunConfig) -> bool:
@@ -451,6 +459,7 @@ class RunSummary(Counts):
     shards: int = 0
     shards_skipped: int = 0
     files_skipped: dict[str, int] = field(default_factory=dict)  # files under the source with no row, by reason
+    engine: str | None = None  # "vllm (auto: ...)": the engine that ran and why
 
     @property
     def pages_per_s(self) -> float:
@@ -476,6 +485,7 @@ class RunSummary(Counts):
             {"metric": "seconds", "value": round(self.seconds, 2)},
             {"metric": "pages/s", "value": round(self.pages_per_s, 2)},
             {"metric": "model", "value": self.model or "none (model columns left null)"},
+            *([{"metric": "engine", "value": self.engine}] if self.engine else []),
             {"metric": "output", "value": self.output},
         ]
         return rows
@@ -556,6 +566,7 @@ def run(config: RunConfig, *, progress: ProgressFn | None = None, on_plan: Calla
             already_done=plan.already_done,
             files_skipped=plan.skipped,
         )
+        summary.engine = engine_choice_of(config) if engine is not None else None
         check_commits(handle, results)
     except BaseException as exc:
         from pipeline.redaction import one_line

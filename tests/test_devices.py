@@ -211,3 +211,24 @@ def test_minimax_vl_01_in_int8_fits_eight_80gb_gpus_as_the_card_runs_it(minimax_
     assert 456e9 / 2**30 < sum(per_gpu) < 470e9 / 2**30
     assert per_gpu[0] > per_gpu[1] and per_gpu[7] > per_gpu[1]  # bf16 embeddings / lm_head on the ends
     assert "language_model.model.layers.79     GPU 7" in out and "vision_tower" in out
+
+
+def test_vllm_sizing_of_minimax_vl_01_is_one_instance_over_8_gpus_with_expert_parallel(minimax_folder, capsys) -> None:
+    # the real deployment: 8 x 141 GB, bf16; vLLM splits every layer over the 8 GPUs (whole experts
+    # per GPU for the MoE), keeps the 0.3B vision side whole on each and caches keys and values of
+    # the 10 softmax-attention layers only (the 70 lightning layers keep a per-sequence state)
+    code, out, err = _devices(capsys, str(minimax_folder), "--gpus", "8", "--gpu-memory", "141GB", "--headroom", "0.1")
+    assert code == 0, err
+    assert "vLLM: --engine vllm --tensor-parallel-size 8 (expert parallel" in out
+    weights = float(re.search(r"one instance over all GPUs; ([0-9.]+) GiB of weights per GPU", out).group(1))
+    assert 456e9 * 2 / 8 / 2**30 < weights < 456e9 * 2 / 8 / 2**30 + 1  # an eighth of the bf16 weights + the vision side
+    assert "KV cache: 5.0 KiB per token per GPU (10 attention layers; the 70 linear-attention layers" in out
+    room = float(re.search(r"at --gpu-memory-utilization 0.9: ([0-9.]+) GiB per GPU", out).group(1))
+    assert abs(room - (141e9 * 0.9 / 2**30 - weights)) < 0.02
+
+
+def test_vllm_sizing_of_a_small_model_is_one_instance_per_gpu(tiny_dirs, capsys) -> None:
+    code, out, err = _devices(capsys, str(tiny_dirs["mono_internvl"]), "--gpus", "2", "--gpu-memory", "80GiB")
+    assert code == 0, err
+    assert "vLLM: --engine vllm --tensor-parallel-size 1\n" in out
+    assert "2 instances of 1 GPU(s): run one docpipe worker per instance" in out

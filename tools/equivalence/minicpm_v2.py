@@ -19,6 +19,11 @@ repetition_penalty 1.2, through this project's Engine on two rows at once (ids a
 decoded text equal to the original's generate() + _decode_text). The reference prompt is the
 official chat() one (REF_PROMPT=official: one <AI>).
 
+The vLLM column: the same checkpoint, image and question through docpipe's vLLM classes
+(`--engine vllm`'s set-up, tools/equivalence/vllm_column.py), fp32 greedy: vLLM's prompt ids
+equal the original's and its greedy ids equal the original's fp32 greedy ids. Run the tool
+from the vLLM virtualenv (.venv-vllm) for it; elsewhere it says n/a.
+
 One table row per case; exit status 1 when any case differs.
 """
 
@@ -232,6 +237,11 @@ def compare(folder: Path, reference: Path) -> dict[str, object]:
     ref_beam = extra_ref["beam_ids"][0, 1:].tolist()
     stop = next((k for k, t in enumerate(ref_beam) if t == builder.tokenizer.eos_token_id), None)
     ref_beam = ref_beam if stop is None else ref_beam[:stop]
+    from tools.equivalence.vllm_column import vllm_greedy
+
+    served = vllm_greedy("minicpm_v2", folder, ref["image_uint8"].numpy(), ref["question"], tokens=new_tokens)
+    vllm = served if isinstance(served, str) else (
+        served["prompt_ids"] == ref_ids.tolist() and served["ids"] == ref_greedy)
     beams = {
         "setting": engine.generation.tag,
         "ids_equal": beam[0].tokens == ref_beam and beam[1].tokens == ref_beam,
@@ -249,11 +259,13 @@ def compare(folder: Path, reference: Path) -> dict[str, object]:
         "ref_greedy": ref_greedy,
         "bf16": bf16,
         "beams": beams,
+        "vllm": vllm,
+        "vllm_ids": None if isinstance(served, str) else served["ids"],
         # bf16: greedy ids equal and logits no further from the original's bf16 than its own bf16 error
         "ok": bool(ids_equal and slices_equal and logits_diff <= TOLERANCE and greedy == ref_greedy
                    and np.isfinite(logits_diff) and bf16["greedy_equal"]
                    and bf16["logits_vs_ref_bf16"] <= max(bf16["ref_vs_fp32"], TOLERANCE)
-                   and beams["ids_equal"] and beams["text_equal"]),
+                   and beams["ids_equal"] and beams["text_equal"] and vllm is not False),
     }
 
 
@@ -284,7 +296,7 @@ def main() -> int:
 
     header = (f"{'case':>10} {'seed':>4} {'slices':>7} {'tokens':>6} {'ids':>5} {'pixels':>9} {'logits':>9} "
               f"{'greedy':>6} | bf16: {'vs_ref':>8} {'ours-fp32':>9} {'ref-fp32':>9} {'greedy':>6} | "
-              f"{'decoding':>12} {'ids':>5} {'text':>5}")
+              f"{'decoding':>12} {'ids':>5} {'text':>5} | vLLM greedy")
     print(header)
     failures = 0
     for n, size in enumerate(args.cases.split(",")):
@@ -300,6 +312,8 @@ def main() -> int:
               f"{row['pixels_max_diff']:>9.2e} {row['logits_max_diff']:>9.2e} {str(row['greedy_equal']):>6} | "
               f"      {b['logits_vs_ref_bf16']:>8.2e} {b['ours_vs_fp32']:>9.2e} {b['ref_vs_fp32']:>9.2e} "
               f"{str(b['greedy_equal']):>6} | {m['setting']:>12} {str(m['ids_equal']):>5} {str(m['text_equal']):>5}"
+              f" | {row['vllm']}"
+              + ("" if row["vllm"] is not False else f"  vllm {row['vllm_ids']} ref {row['ref_greedy']}")
               + ("" if row["greedy_equal"] else f"  ours {row['greedy']} ref {row['ref_greedy']}")
               + ("" if m["ids_equal"] and m["text_equal"] else f"  beams ours {m['ours']} {m['ours_text']!r} "
                  f"ref {m['ref']} {m['ref_text']!r}"), flush=True)

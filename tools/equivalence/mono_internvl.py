@@ -13,9 +13,16 @@ Not part of the test suite (the original code cannot be vendored). For each case
    pixels and chat format), and compares prompt ids (equal), pixel values, fp32 logits
    (max |diff| <= 1e-4) and greedy ids (equal), plus the tokenizer cases.
 
-Then two cases marked (p) run the ORIGINAL code on this project's own `make_tiny_model`
+Then the cases marked (p) run the ORIGINAL code on this project's own `make_tiny_model`
 folder (the original remote-code files copied in for that run only): larger weights,
-generation stopping by itself, chat()'s answer text compared with ours.
+generation stopping by itself, chat()'s answer text compared with ours. The last three use
+the `mono_internvl_vllm` tiny variant (text head_dim 64, which vLLM's CPU attention takes).
+
+The vLLM column: the same checkpoint, image and question through docpipe's vLLM classes
+(`--engine vllm`'s set-up, tools/equivalence/vllm_column.py), fp32 greedy, against the
+original's greedy ids (and vLLM's prompt ids against the original's). Run the tool from the
+vLLM virtualenv (.venv-vllm) for it; the harness's own checkpoints have head_dim 16, which
+vLLM-CPU refuses, so there it says n/a (on a GPU it runs).
 
 One table row per case. Exit status 1 when a case fails.
 
@@ -148,6 +155,7 @@ def check_case(work: Path, case_dir: Path, seed: int, size: str, question: str) 
         theirs = theirs[1:]
     row["greedy_ids_equal"] = ours == theirs
     row["greedy_ids"] = ours
+    row["vllm"] = _vllm_column(folder, ref["image_uint8"].numpy(), question, ref_ids, theirs)
 
     id_lists = [ours, ours + [builder.tokenizer.eos_token_id, 2, 1], ref_ids[-20:], list(range(0, 40))]
     tok_ref = reference_tokenizer(work, folder, id_lists)
@@ -158,17 +166,40 @@ def check_case(work: Path, case_dir: Path, seed: int, size: str, question: str) 
     row["tokenizer_ok"] = all(ids_ok) and all(dec_ok) and tok_ref["im_end"] == tok.eos_token_id
     row["tokenizer_detail"] = {"encode": ids_ok, "decode": dec_ok}
     row["ok"] = (row["prompt_ids_equal"] and row["greedy_ids_equal"] and row["logits_max_diff"] <= TOLERANCE
-                 and row["tokenizer_ok"])
+                 and row["tokenizer_ok"] and row["vllm"] is not False)
     return row
+
+
+def _vllm_column(folder: Path, image: object, question: str, prompt_ids: list[int], greedy: list[int],
+                 stop: int | None = None, tokens: int | None = None) -> bool | str:
+    """True when docpipe's vLLM classes run the original's prompt ids and give its greedy ids:
+    exactly len(greedy) of them (stop refused before), or with `stop`, up to `tokens` ids that
+    end at the first stop, as a natural stop."""
+    from tools.equivalence.vllm_column import vllm_greedy
+
+    if stop is None:
+        served = vllm_greedy("mono_internvl", folder, image, question, tokens=len(greedy))
+    else:
+        served = vllm_greedy("mono_internvl", folder, image, question, tokens=tokens or len(greedy), min_tokens=0)
+    if isinstance(served, str):
+        return served
+
+    def cut(ids: list[int]) -> list[int]:
+        return ids[: ids.index(stop)] if stop is not None and stop in ids else ids
+
+    return served["prompt_ids"] == prompt_ids and cut(served["ids"]) == cut(greedy)
 
 
 # The harness's checkpoints have 0.02-scale weights (logits below 1). These cases run the
 # ORIGINAL code on this project's make_tiny_model folder instead (0.3-scale weights, 28 px
 # patches, the project's tokenizer.model), with the original remote-code files copied in:
 # generation is left to stop at <|im_end|> by itself, and chat()'s answer text is compared.
-PROJECT_CASES = (  # (seed, WxH, question)
-    (7, "900x1300", "Describe this page."),
-    (8, "1600x700", "What does the chart show?"),
+PROJECT_CASES = (  # (seed, WxH, question, tiny variant)
+    (7, "900x1300", "Describe this page.", "mono_internvl"),
+    (8, "1600x700", "What does the chart show?", "mono_internvl"),
+    (9, "1300x900", "Describe this page.", "mono_internvl_vllm"),
+    (10, "1700x2200", "Transcribe all the text on the page.", "mono_internvl_vllm"),
+    (11, "600x1400", "What does the chart show?", "mono_internvl_vllm"),
 )
 
 REF_PROJECT_SCRIPT = r"""
@@ -226,7 +257,8 @@ torch.save({"image_uint8": torch.from_numpy(__import__("numpy").asarray(image)),
 """
 
 
-def check_project_case(work: Path, case_dir: Path, seed: int, size: str, question: str) -> dict:
+def check_project_case(work: Path, case_dir: Path, seed: int, size: str, question: str,
+                       variant: str = "mono_internvl") -> dict:
     """The original code on this project's tiny folder (larger weights, natural stop)."""
     import torch
     from PIL import Image
@@ -234,7 +266,7 @@ def check_project_case(work: Path, case_dir: Path, seed: int, size: str, questio
 
     from pipeline.inference.families import mono_internvl as family
 
-    folder = family.make_tiny_model(case_dir / "checkpoint", seed=seed)
+    folder = family.make_tiny_model(case_dir / "checkpoint", seed=seed, variant=variant)
     remote = next((work / "cases").glob("*/checkpoint"), None) or next((work / "fixture").glob("*/checkpoint"))
     for source in remote.glob("*.py"):  # the original code, as the harness assembled it
         shutil.copy(source, folder / source.name)
@@ -258,7 +290,8 @@ def check_project_case(work: Path, case_dir: Path, seed: int, size: str, questio
     prompt_ids = builder.encode_text(builder.chat_text(question, plan))
     ref_ids = ref["input_ids"][0].tolist()
     pixels = torch.from_numpy(builder.pixels(image, plan)[0].decode())
-    row = {"case": f"{size} seed {seed} (p)", "tiles": plan.tiles, "prompt_tokens": len(prompt_ids),
+    row = {"case": f"{size} seed {seed} (p{'v' if variant != 'mono_internvl' else ''})", "tiles": plan.tiles,
+           "prompt_tokens": len(prompt_ids),
            "prompt_ids_equal": prompt_ids.tolist() == ref_ids,
            "pixels_max_diff": float((pixels - ref["pixel_values"]).abs().max())
            if pixels.shape == ref["pixel_values"].shape else float("inf")}
@@ -279,8 +312,10 @@ def check_project_case(work: Path, case_dir: Path, seed: int, size: str, questio
     stop = builder.tokenizer.eos_token_id
     text = builder.tokenizer.decode(ours[: ours.index(stop)] if stop in ours else ours, skip_special_tokens=True)
     row["tokenizer_ok"] = text.strip() == ref["response"]  # chat()'s answer text
+    # vLLM: up to 12 ids, stopping by itself at <|im_end|> as chat() does
+    row["vllm"] = _vllm_column(folder, ref["image_uint8"].numpy(), question, ref_ids, theirs, stop=stop, tokens=12)
     row["ok"] = (row["prompt_ids_equal"] and row["greedy_ids_equal"] and row["logits_max_diff"] <= TOLERANCE
-                 and row["tokenizer_ok"])
+                 and row["tokenizer_ok"] and row["vllm"] is not False)
     return row
 
 
@@ -353,7 +388,7 @@ def main() -> int:
 
     rows = []
     print(f"{'case':<20} {'tiles':>5} {'prompt':>6} {'ids=':>5} {'pixels':>8} {'max|dlogit|':>12} {'greedy=':>7} "
-          f"{'tok=':>5}  ok")
+          f"{'tok=':>5}  ok    vLLM greedy")
     for k, (seed, size, question) in enumerate(CASES[: args.cases]):
         case_dir = work / "cases" / f"{k}_{size}"
         if case_dir.exists():
@@ -363,17 +398,17 @@ def main() -> int:
         rows.append(row)
         print(f"{row['case']:<20} {row['tiles']:>5} {row['prompt_tokens']:>6} {str(row['prompt_ids_equal']):>5} "
               f"{row['pixels_max_diff']:>8.1e} {row['logits_max_diff']:>12.3e} {str(row['greedy_ids_equal']):>7} "
-              f"{str(row['tokenizer_ok']):>5}  {'PASS' if row['ok'] else 'FAIL'}", flush=True)
-    for k, (seed, size, question) in enumerate(PROJECT_CASES[: args.project_cases]):
+              f"{str(row['tokenizer_ok']):>5}  {'PASS' if row['ok'] else 'FAIL'}  {row['vllm']}", flush=True)
+    for k, (seed, size, question, variant) in enumerate(PROJECT_CASES[: args.project_cases]):
         case_dir = work / "cases" / f"p{k}_{size}"
         if case_dir.exists():
             shutil.rmtree(case_dir)
         case_dir.mkdir(parents=True)
-        row = check_project_case(work, case_dir, seed, size, question)
+        row = check_project_case(work, case_dir, seed, size, question, variant)
         rows.append(row)
         print(f"{row['case']:<20} {row['tiles']:>5} {row['prompt_tokens']:>6} {str(row['prompt_ids_equal']):>5} "
               f"{row['pixels_max_diff']:>8.1e} {row['logits_max_diff']:>12.3e} {str(row['greedy_ids_equal']):>7} "
-              f"{str(row['tokenizer_ok']):>5}  {'PASS' if row['ok'] else 'FAIL'}", flush=True)
+              f"{str(row['tokenizer_ok']):>5}  {'PASS' if row['ok'] else 'FAIL'}  {row['vllm']}", flush=True)
     (work / "cases" / "summary.json").write_text(json.dumps(rows, indent=1))
     return 0 if all(r["ok"] for r in rows) else 1
 

@@ -15,11 +15,10 @@ from torch.nn import functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
-from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from pipeline.inference.families import load_strict
+from pipeline.inference.families.compat import causal_mask, lm_output
 from pipeline.inference.families.minicpm_v2.configuration import MiniCPMV2Config, VisionSpec, load_config, vision_spec
 
 
@@ -299,6 +298,39 @@ class MiniCPMCausalLM(nn.Module):
 # ---------------------------------------------------------------------------------------
 
 
+def encode_slices(vpm: VisionTower, resampler: Resampler, slices: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(N, query_num, hidden) image embeddings of N normalised (3, H, W) slices, in order.
+
+    Slices of the same size go through the tower together (the slices of a page share one
+    size, the overview has its own). Shared by the transformers port and the vLLM class
+    (`vllm_model.py`), so both see the very same features.
+    """
+    out: list[torch.Tensor | None] = [None] * len(slices)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, s in enumerate(slices):
+        groups.setdefault(tuple(s.shape[-2:]), []).append(i)
+    dtype = vpm.pos_embed.dtype
+    for (h, w), members in groups.items():
+        batch = torch.stack([slices[i] for i in members]).to(vpm.pos_embed.device, dtype)
+        rows, cols = math.ceil(h / vpm.spec.patch), math.ceil(w / vpm.spec.patch)
+        embedded = resampler(vpm(batch), rows, cols)
+        for j, i in enumerate(members):
+            out[i] = embedded[j]
+    return torch.stack(out)  # type: ignore[arg-type]
+
+
+def unpack_slices(pixel_values: torch.Tensor, tile_sizes: torch.Tensor | Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """A page's slices, (3, H, W) each, from their values packed channel-first as (3, sum H*W)."""
+    flat = pixel_values.reshape(3, -1)
+    slices, offset = [], 0
+    for h, w in (tuple(int(v) for v in hw) for hw in tile_sizes):
+        slices.append(flat[:, offset : offset + h * w].reshape(3, h, w))
+        offset += h * w
+    if offset != flat.shape[1]:
+        raise ValueError(f"pixel values hold {flat.shape[1]} pixels, the slice sizes {offset}")
+    return slices
+
+
 def image_positions(input_ids: torch.Tensor, start_id: int, end_id: int) -> torch.Tensor:
     """Boolean mask of the positions strictly between an `<image>` and the next `</image>`."""
     opened = torch.cumsum((input_ids == start_id).long(), dim=-1)
@@ -370,34 +402,12 @@ class MiniCPMV2ForConditionalGeneration(MiniCPMV2PreTrainedModel, GenerationMixi
 
     # ---- images --------------------------------------------------------------------------
     def encode_images(self, slices: Sequence[torch.Tensor]) -> torch.Tensor:
-        """(N, query_num, hidden) image embeddings of N normalised (3, H, W) slices, in order.
-
-        Slices of the same size go through the tower together (the slices of a page share
-        one size, the overview has its own).
-        """
-        out: list[torch.Tensor | None] = [None] * len(slices)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, s in enumerate(slices):
-            groups.setdefault(tuple(s.shape[-2:]), []).append(i)
-        dtype = self.vpm.pos_embed.dtype
-        for (h, w), members in groups.items():
-            batch = torch.stack([slices[i] for i in members]).to(self.vpm.pos_embed.device, dtype)
-            rows, cols = math.ceil(h / self.vpm.spec.patch), math.ceil(w / self.vpm.spec.patch)
-            embedded = self.resampler(self.vpm(batch), rows, cols)
-            for j, i in enumerate(members):
-                out[i] = embedded[j]
-        return torch.stack(out)  # type: ignore[arg-type]
+        """(N, query_num, hidden) image embeddings of N normalised (3, H, W) slices, in order."""
+        return encode_slices(self.vpm, self.resampler, slices)
 
     def encode_packed(self, pixel_values: torch.Tensor, tile_sizes: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
         """Image embeddings (N*query_num, hidden) of a page's slices packed channel-first as (3, sum H*W)."""
-        flat = pixel_values.reshape(3, -1)
-        slices, offset = [], 0
-        for h, w in (tuple(int(v) for v in hw) for hw in tile_sizes):
-            slices.append(flat[:, offset : offset + h * w].reshape(3, h, w))
-            offset += h * w
-        if offset != flat.shape[1]:
-            raise ValueError(f"pixel values hold {flat.shape[1]} pixels, the slice sizes {offset}")
-        embedded = self.encode_images(slices)
+        embedded = self.encode_images(unpack_slices(pixel_values, tile_sizes))
         return embedded.reshape(-1, embedded.shape[-1])
 
     # ---- forward -------------------------------------------------------------------------
@@ -415,7 +425,7 @@ class MiniCPMV2ForConditionalGeneration(MiniCPMV2PreTrainedModel, GenerationMixi
         cache: Cache | None = None,
         logits_to_keep: int = 0,
         **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
+    ) -> Any:
         """Logits for `input_ids` (or `inputs_embeds`).
 
         `image_features` (every placeholder of the batch, row-major) or `pixel_values` +
@@ -439,10 +449,7 @@ class MiniCPMV2ForConditionalGeneration(MiniCPMV2PreTrainedModel, GenerationMixi
         if position_ids is None:
             seen = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + seen).unsqueeze(0)
-        mask = create_causal_mask(
-            config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
-            position_ids=position_ids,
-        )
+        mask = causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
         rope = self.rotary(inputs_embeds, position_ids)
         hidden = inputs_embeds
         for layer in self.llm.model.layers:
@@ -451,7 +458,7 @@ class MiniCPMV2ForConditionalGeneration(MiniCPMV2PreTrainedModel, GenerationMixi
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.llm.lm_head(hidden / (self.config.hidden_size / self.config.dim_model_base)).float()
-        return CausalLMOutputWithPast(logits=logits, cache=cache if use_cache else None)
+        return lm_output(logits, cache if use_cache else None)
 
     def _place_images(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                       embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:

@@ -14,13 +14,12 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, GenerationMixin, Min
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.llava_next.modeling_llava_next import unpad_image
 from transformers.models.minimax import modeling_minimax as native
-from transformers.utils.deprecation import deprecate_kwarg
 
 from pipeline.inference.families import load_strict
+from pipeline.inference.families.compat import cache_kwargs, lm_output, output_cache
 from pipeline.inference.families.minimax_vl_01.configuration import (
     FIRST_DEVICE,
     LAST_DEVICE,
@@ -248,10 +247,10 @@ class MiniMaxVL01DecoderLayer(native.MiniMaxDecoderLayer):
         self.mlp_alpha_factor, self.mlp_beta_factor = config.mlp_alpha_factor, config.mlp_beta_factor
         self.block_sparse_moe = MiniMaxVL01SparseMoe(config)
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(self, hidden_states: torch.Tensor, position_embeddings: Any = None, attention_mask: Any = None,
                 position_ids: torch.Tensor | None = None, cache: Cache | None = None, use_cache: bool | None = False,
-                **kwargs: Any) -> torch.Tensor:
+                past_key_values: Cache | None = None, **kwargs: Any) -> torch.Tensor:
+        cache = cache if cache is not None else past_key_values  # 5.19's MiniMaxModel passes past_key_values
         hidden_states = self.input_layernorm(hidden_states)
         residual = hidden_states
         attn, _ = self.self_attn(hidden_states=hidden_states, position_embeddings=position_embeddings,
@@ -412,7 +411,6 @@ class MiniMaxVL01ForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return packed
 
     # ---- forward ----------------------------------------------------------------------------
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -425,11 +423,14 @@ class MiniMaxVL01ForConditionalGeneration(PreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         pixel_values: torch.Tensor | Sequence[torch.Tensor] | None = None,
         image_plans: Sequence[MiniMaxTilePlan] | None = None,
+        past_key_values: Cache | None = None,
         **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
+    ) -> Any:
         """Logits; at the prefill the `<image>` positions of `input_ids` take `image_features`
         (every placeholder of the batch, in order), or the features of `pixel_values` (one
-        tensor per page, thumbnail first) cut as `image_plans` say; later steps ignore them."""
+        tensor per page, thumbnail first) cut as `image_plans` say; later steps ignore them.
+        (`past_key_values`: the cache's name in transformers 5.19, families.compat.)"""
+        cache = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         use_cache = self.config.text_config.use_cache if use_cache is None else use_cache
@@ -455,7 +456,7 @@ class MiniMaxVL01ForConditionalGeneration(PreTrainedModel, GenerationMixin):
             cache = MiniMaxVL01Cache(kinds.index("full_attention") if "full_attention" in kinds else 0)
         out = self.language_model.model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-            cache=cache, use_cache=use_cache,
+            use_cache=use_cache, **cache_kwargs(cache),
         )
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int):
@@ -463,7 +464,7 @@ class MiniMaxVL01ForConditionalGeneration(PreTrainedModel, GenerationMixin):
         else:
             hidden = hidden[:, logits_to_keep, :]
         logits = self.language_model.lm_head(hidden).float()
-        return CausalLMOutputWithPast(logits=logits, cache=out.cache if use_cache else None)
+        return lm_output(logits, output_cache(out) if use_cache else None)
 
     def prepare_inputs_for_generation(self, *args: Any, is_first_iteration: bool | None = False, **kwargs: Any) -> dict:
         inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)

