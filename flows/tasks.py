@@ -31,10 +31,10 @@ from flows.parameters import ConfigurationError, public_url
 from pipeline import runner
 from pipeline.config import RunConfig
 from pipeline.dataset import Lease
+from pipeline.ledger import POLICY
 from pipeline.planning import Shard
 from pipeline.progress import ProgressMeter, format_bytes, model_size_bytes
 from pipeline.report.markdown import md_code, md_text
-from pipeline.shard.ledger import POLICY
 from pipeline.sources import is_transient as sources_is_transient
 
 SHARD_RETRIES = POLICY.shard_task_retries  # the ledger's RetryPolicy holds every budget

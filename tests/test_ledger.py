@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.ledger import POLICY, DocFacts, RetryPolicy, decide, retry_in_run
 from pipeline.records import DocStatus, Stage, StageError
-from pipeline.shard.ledger import POLICY, DocFacts, RetryPolicy, decide, retry_in_run
 
 BAD = StageError(Stage.RASTERIZE, "encrypted_pdf", "needs a password", retryable=False)
 NET = StageError(Stage.SOURCES, "unreadable", "ConnectionResetError", retryable=True)
@@ -75,7 +75,7 @@ TABLE = [
 def test_a_timeout_is_not_transient() -> None:
     """A CPU-bomb page times out on every try: the pool does not run it again in a fresh worker
     (a crash it does), and the row says how to ask for another try."""
-    from pipeline.shard.ledger import retry_in_fresh_worker
+    from pipeline.ledger import retry_in_fresh_worker
 
     assert not retry_in_fresh_worker(TIMEOUT, 1)
     assert retry_in_fresh_worker(CRASH, 1) and not retry_in_fresh_worker(CRASH, POLICY.worker_attempts)
@@ -125,7 +125,7 @@ def status_writers(root: Path) -> list[str]:
     found = []
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root).as_posix()
-        if rel == "shard/ledger.py":
+        if rel == "ledger.py":
             continue
         tree = ast.parse(path.read_text(), filename=str(path))
         compared = {id(node) for cmp in ast.walk(tree) if isinstance(cmp, ast.Compare)
@@ -156,9 +156,9 @@ def test_only_the_ledger_sets_a_documents_status(tmp_path: Path) -> None:
     # the scan is not blind: the ledger itself is a writer, and so is each planted violation
     copy = tmp_path / "pipeline"
     shutil.copytree(pipeline, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    (copy / "shard" / "ledger.py").rename(copy / "shard" / "not_the_ledger.py")
-    assert any(w.startswith("shard/not_the_ledger.py:") and "Verdict(...)" in w for w in status_writers(copy))
-    (copy / "shard" / "not_the_ledger.py").unlink()
+    (copy / "ledger.py").rename(copy / "not_the_ledger.py")
+    assert any(w.startswith("not_the_ledger.py:") and "Verdict(...)" in w for w in status_writers(copy))
+    (copy / "not_the_ledger.py").unlink()
     planted = {
         "outcome.status = DocStatus.PARTIAL": [".status = ...", "DocStatus.PARTIAL"],
         "state.outcome.status = 'error'": [".status = ..."],

@@ -307,7 +307,7 @@ def test_a_second_row_an_older_version_left_is_dropped(tmp_path: Path):
     from pipeline.dataset import Dataset
     from pipeline.records import DocumentRef, StageError, Stage
     from pipeline.prepare import DocumentOutcome
-    from pipeline.shard.ledger import DocFacts, decide
+    from pipeline.ledger import DocFacts, decide
     from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA
 
     src = tmp_path / "in"

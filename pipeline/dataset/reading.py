@@ -13,8 +13,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline.dataset.store import DOCUMENTS, PAGES, RUNS, _Store, _warn_once, conform, shard_file_name
+from pipeline.ledger import POLICY, TIMEOUT_ERROR
 from pipeline.records import KnownFile
-from pipeline.shard.ledger import POLICY, TIMEOUT_ERROR
 from pipeline.sources import full_uri
 from schemas import RUNS_SCHEMA, SCHEMAS, TABLE_KEY
 

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.ledger import POLICY, TIMEOUT_ERROR, retry_in_fresh_worker
 from pipeline.prepare.document import (
     DocumentDone,
     DocumentOutcome,
@@ -30,7 +31,6 @@ from pipeline.prepare.document import (
 )
 from pipeline.prepare.worker import _send, _worker_main
 from pipeline.records import DocumentRef, Stage, StageError
-from pipeline.shard.ledger import POLICY, TIMEOUT_ERROR, retry_in_fresh_worker
 
 MAX_ATTEMPTS = POLICY.worker_attempts  # a document whose worker dies runs once more (ledger.RetryPolicy)
 MAX_DEATHS_IN_A_ROW = 5  # more worker deaths than this with no document finished between: stop
