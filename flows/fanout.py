@@ -6,7 +6,8 @@ queue takes shards as it frees up (start one worker per GPU with `CUDA_VISIBLE_D
 and `--limit 1`, or one per machine). The parent watches the children, updates a progress
 artifact, re-submits a child run that failed or crashed (a killed worker) up to
 `max_resubmits` times, and publishes the run's table artifact from the children's result
-artifacts. Shards are idempotent, so a re-submitted shard never duplicates rows.
+artifacts. Shards are idempotent, so a re-submitted shard never duplicates rows. The run's
+lifecycle is `pipeline.runner.Run` (`tasks.run_flow`); `FanOut` is its shard execution.
 
 Each child flow run is a fresh process on its worker (process work pool), so the model is
 loaded once per shard there: use a larger `shard_size` for fan-out runs with a model.
@@ -37,11 +38,11 @@ from prefect.deployments import run_deployment
 from prefect.runtime import flow_run as current_flow_run
 
 from flows import tasks
-from flows.ingest import log_config, resolve_run_id
 from flows.parameters import build_config, with_config_parameters
-from pipeline import runner
+from pipeline import outcomes, runner
 from pipeline.config import RunConfig
 from pipeline.dataset import Dataset, Lease, LeaseLost
+from pipeline.ledger import POLICY
 from pipeline.planning import Shard
 from pipeline.redaction import one_line
 from pipeline.report.markdown import md_code, md_text
@@ -101,7 +102,7 @@ def process_shard_flow(
     """
     try:
         return _process_shard(shard, config, run_id, lease_generation)
-    except tasks.expected_failures() as exc:  # one line in the run's state, no traceback
+    except outcomes.flow_failures() as exc:  # one line in the run's state, no traceback
         return tasks.failed_run(exc)
 
 
@@ -229,13 +230,27 @@ def fan_out(
 _EXTRA = [
     inspect.Parameter("shard_deployment", inspect.Parameter.KEYWORD_ONLY, default=DEFAULT_SHARD_DEPLOYMENT,
                       annotation=str),
-    inspect.Parameter("max_resubmits", inspect.Parameter.KEYWORD_ONLY, default=1, annotation=int),
+    inspect.Parameter("max_resubmits", inspect.Parameter.KEYWORD_ONLY, default=POLICY.child_run_resubmits,
+                      annotation=int),
 ]
 _EXTRA_HELP = {
     "shard_deployment": "Deployment of the docpipe-process-shard flow that workers take shards from "
     "('flow-name/deployment-name').",
     "max_resubmits": "How many times a shard whose child run failed or crashed is submitted again.",
 }
+
+
+@dataclass
+class FanOut(tasks.PrefectExecution):
+    """Every shard as a child flow run of `deployment`, resubmitted up to `max_resubmits` times."""
+
+    deployment: str = DEFAULT_SHARD_DEPLOYMENT
+    max_resubmits: int = POLICY.child_run_resubmits
+
+    def process(self, run: runner.Run, plan: runner.WorkPlan) -> runner.Shards:
+        results, failed = fan_out(run.config, run.run_id, plan.shards, deployment=self.deployment,
+                                  max_resubmits=self.max_resubmits, generation=run.handle.lease.generation)
+        return runner.Shards(results, failed)
 
 
 @flow(name=PARENT_FLOW_NAME, validate_parameters=False, persist_result=False)
@@ -245,31 +260,6 @@ _EXTRA_HELP = {
     extra_help=_EXTRA_HELP,
 )
 def fanout(**params: Any) -> Any:
-    try:
-        return _fanout(params)
-    except tasks.expected_failures() as exc:  # one line in the run's state, no traceback
-        return tasks.failed_run(exc)
-
-
-def _fanout(params: dict[str, Any]) -> dict[str, Any]:
-    deployment = str(params.pop("shard_deployment", DEFAULT_SHARD_DEPLOYMENT))
-    max_resubmits = int(params.pop("max_resubmits", 1))
-    config = build_config(params)
-    run_id = resolve_run_id(config)
-    log_config(config, run_id)
-    try:
-        handle = tasks.begin(config, run_id)
-    except BaseException as exc:
-        tasks.report_failure(run_id, tasks.describe_failure(exc))
-        raise
-    try:
-        plan = tasks.discover_task(config, handle)
-        results, failed = fan_out(
-            config, run_id, plan.shards, deployment=deployment, max_resubmits=max_resubmits,
-            generation=handle.lease.generation,
-        )
-    except BaseException as exc:
-        runner.end_run(handle, runner.ended_status(exc), None, runner.describe_end(exc))
-        tasks.report_failure(run_id, tasks.describe_failure(exc))
-        raise
-    return tasks.finish_run(results, failed, plan=plan, config=config, handle=handle)
+    execution = FanOut(str(params.pop("shard_deployment", DEFAULT_SHARD_DEPLOYMENT)),
+                       int(params.pop("max_resubmits", POLICY.child_run_resubmits)))
+    return tasks.run_flow(params, execution)

@@ -20,13 +20,10 @@ from typing import Annotated, Any, TypeVar
 from pydantic import ValidationError
 
 from pipeline.config import RunConfig, describe_validation_error
+from pipeline.outcomes import ConfigurationError  # noqa: F401 - re-exported: what build_config raises
 from pipeline.sources import public_url  # noqa: F401 - re-exported for the flows
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class ConfigurationError(ValueError):
-    """The run's settings are invalid: the flow stops before doing any work."""
 
 
 def _annotation(info: Any) -> Any:

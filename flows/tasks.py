@@ -1,8 +1,11 @@
-"""Prefect tasks over `pipeline.runner`: discovery, one task per shard, run artifacts.
+"""Prefect tasks over `pipeline.runner`: discovery, one task per shard, run artifacts, and
+`run_flow`, a flow's whole body: the run's lifecycle is `pipeline.runner.Run`, with the Prefect
+side of it (`PrefectExecution`: discovery as a task, the summary, report and failure artifacts).
 
 A task is a whole shard (never a page: Prefect costs ~200 ms per task run). Shard tasks
 retry with exponential back-off only for transient storage errors (`is_transient`); bad
-input never raises (it becomes rows) and a broken configuration fails at once.
+input never raises (it becomes rows) and a broken configuration fails at once. A flow run that
+meets a failure of `pipeline.outcomes`' table ends Failed with its one line (`failed_run`).
 
 Task results stay in memory (`persist_result=False`, no cache): nothing of a run,
 storage options included, is written to Prefect's result storage.
@@ -11,8 +14,9 @@ storage options included, is written to Prefect's result storage.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -25,16 +29,17 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
+from prefect.runtime import flow_run as current_flow_run
 from prefect.tasks import Task, exponential_backoff
 
-from flows.parameters import ConfigurationError, public_url
-from pipeline import runner
+from flows.parameters import ConfigurationError, build_config, public_url
+from pipeline import outcomes, runner
 from pipeline.config import RunConfig
 from pipeline.dataset import Lease
+from pipeline.ledger import POLICY
 from pipeline.planning import Shard
 from pipeline.progress import ProgressMeter, format_bytes, model_size_bytes
 from pipeline.report.markdown import md_code, md_text
-from pipeline.shard.ledger import POLICY
 from pipeline.sources import is_transient as sources_is_transient
 
 SHARD_RETRIES = POLICY.shard_task_retries  # the ledger's RetryPolicy holds every budget
@@ -78,20 +83,8 @@ def retry_if_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any
 # ---------------------------------------------------------------------------------------
 
 
-def begin(config: RunConfig, run_id: str) -> runner.RunHandle:
-    """Check the setup and take the output for this run, or fail in one line (ConfigurationError)."""
-    from pipeline.dataset import OutputBusy
-    from pipeline.preflight import SetupError, check_setup
-
-    try:
-        check_setup(config)
-        return runner.begin_run(config, run_id)
-    except (SetupError, runner.SettingsChanged, OutputBusy) as exc:
-        raise ConfigurationError(str(exc)) from None
-
-
-@task(name="discover", cache_policy=NO_CACHE, persist_result=False, retries=2, retry_delay_seconds=2.0,
-      retry_condition_fn=retry_if_transient)
+@task(name="discover", cache_policy=NO_CACHE, persist_result=False, retries=POLICY.discover_task_retries,
+      retry_delay_seconds=POLICY.discover_backoff_s, retry_condition_fn=retry_if_transient)
 def discover_task(config: RunConfig, handle: runner.RunHandle) -> runner.WorkPlan:
     """List and hash the source, read what the output already has, plan the rest into shards."""
     plan = runner.discover_work(config, handle)
@@ -308,51 +301,6 @@ def live(run_id: str) -> Progress | None:
     return _LIVE.get(run_id)
 
 
-def finish_run(
-    results: Sequence[runner.ShardResult],
-    failed: Sequence[tuple[str, str]],
-    *,
-    plan: runner.WorkPlan,
-    config: RunConfig,
-    handle: runner.RunHandle,
-) -> dict[str, Any]:
-    """End of a run (ingest or fan-out): summary artifact, log line, the runs table row and
-    the lease given up; failure if any shard failed (a rerun resumes), else the summary as
-    the flow's result (output URL public)."""
-    run_id, started = handle.run_id, handle.t0
-    summary = runner.summarize(
-        results,
-        run_id=run_id,
-        config=config,
-        seconds=time.perf_counter() - started,
-        total_documents=plan.total_documents,
-        already_done=plan.already_done,
-        files_skipped=plan.skipped,
-    )
-    publish_summary(summary, failed_shards=[sid for sid, _ in failed])
-    get_run_logger().info(
-        "run %s: %d documents, %d pages (%d failed) in %.1f s, %.2f pages/s over %d shards",
-        run_id, summary.documents, summary.pages, summary.pages_failed, summary.seconds, summary.pages_per_s,
-        len(plan.shards),
-    )
-    message = failure_message(failed, len(plan.shards)) if failed else None
-    if message is None:
-        try:  # what the shards committed is whole in the output (footers only)
-            runner.check_commits(handle, results)
-        except runner.OutputIncomplete as exc:
-            message = str(exc)
-    if message is not None:
-        runner.end_run(handle, "failed", summary, message)
-        publish_report(config, run_id)
-        report_failure(run_id, message)
-        raise RunFailed(message)
-    runner.end_run(handle, "completed", summary)
-    publish_report(config, run_id)
-    data = summary.to_dict()
-    data["output"] = public_url(summary.output)
-    return data
-
-
 FAILURE_KEY = "docpipe-run-failure"
 
 
@@ -370,50 +318,74 @@ def report_failure(run_id: str, reason: str) -> None:
         get_run_logger().warning("could not write the failure artifact (%s)", exc)
 
 
-def describe_failure(exc: BaseException) -> str:
-    """One line about an exception that ended a run (no traceback; a user's mistake reads as one;
-    no credential of a URL, whoever's message it quotes)."""
-    from pipeline.redaction import one_line
-
-    if isinstance(exc, (ConfigurationError, RunFailed)):
-        return one_line(str(exc))
-    return one_line(f"{type(exc).__name__}: {exc}")
-
-
-class RunFailed(RuntimeError):
-    """A run ended for a reason already said in one line (e.g. shards failed: a rerun resumes)."""
-
-
-def expected_failures() -> tuple[type[BaseException], ...]:
-    """What ends a flow run in one line, as `docpipe run` ends in one line with its exit code
-    (pipeline/cli.py `_cmd_run`): the settings, the setup, a busy or changed output, a lost
-    lease, a broken device, failing prep workers, failed shards. Anything else is a bug of
-    ours and keeps its traceback."""
-    from pipeline.dataset import LeaseLost, OutputBusy, OutputUnsafe
-    from pipeline.preflight import SetupError
-    from pipeline.prepare import PrepWorkersFailing
-
-    return (ConfigurationError, RunFailed, SetupError, runner.SettingsChanged, OutputBusy, OutputUnsafe, LeaseLost,
-            runner.DeviceFailure, PrepWorkersFailing, runner.OutputIncomplete)
-
-
 def failed_run(exc: BaseException) -> State:
     """The end of a flow run that met an expected failure: Failed, with the one line as its
     message. Returned rather than raised, so Prefect logs no traceback of our code (it is
     logged at DEBUG: PREFECT_LOGGING_LEVEL=DEBUG shows it, as `docpipe -v` does)."""
     from prefect.states import Failed
 
-    message = describe_failure(exc)
+    message = outcomes.flow_message(exc)
     get_run_logger().debug("the run failed: %s", message, exc_info=exc)
     return Failed(message=message)
 
 
-def failure_message(failed: Iterable[tuple[str, str]], total: int) -> str:
-    """Why the run failed, naming the shards; a rerun resumes (finished shards are skipped)."""
-    failed = list(failed)
-    listed = "; ".join(f"{sid}: {msg}" for sid, msg in failed[:5])
-    more = f" (and {len(failed) - 5} more)" if len(failed) > 5 else ""
-    return (
-        f"{len(failed)} of {total} shards failed: {listed}{more}. "
-        "Finished shards are kept; run again with the same source and output to resume."
-    )
+# ---------------------------------------------------------------------------------------
+# A flow's run: pipeline.runner.Run, with the Prefect side of it
+# ---------------------------------------------------------------------------------------
+
+
+class PrefectExecution(runner.ShardExecution):
+    """What both flows add to a run's lifecycle: discovery as a task (retried on transient storage
+    errors), the summary table artifact and a log line, the HTML report, and the reason of a
+    failure where people look. The shards' execution is the subclass's (`flows.ingest.InTasks`,
+    `flows.fanout.FanOut`)."""
+
+    def discover(self, run: runner.Run) -> runner.WorkPlan:
+        return discover_task(run.config, run.handle)
+
+    def summarized(self, run: runner.Run, summary: runner.RunSummary, plan: runner.WorkPlan,
+                   failed: Sequence[tuple[str, str]]) -> None:
+        publish_summary(summary, failed_shards=[sid for sid, _ in failed])
+        get_run_logger().info(
+            "run %s: %d documents, %d pages (%d failed) in %.1f s, %.2f pages/s over %d shards",
+            run.run_id, summary.documents, summary.pages, summary.pages_failed, summary.seconds, summary.pages_per_s,
+            len(plan.shards),
+        )
+
+    def ended(self, run: runner.Run, summary: runner.RunSummary) -> None:
+        publish_report(run.config, run.run_id)
+
+    def failed(self, run: runner.Run, exc: BaseException) -> None:
+        report_failure(run.run_id, outcomes.flow_message(exc))
+
+
+def resolve_run_id(config: RunConfig) -> str:
+    """The configured run id, else this flow run's id, else a fresh one."""
+    if config.run_id:
+        return config.run_id
+    flow_run_id = current_flow_run.get_id()
+    return str(flow_run_id) if flow_run_id else runner.new_run_id()
+
+
+def log_config(config: RunConfig, run_id: str) -> None:
+    """Log the settings without secrets (storage options reduced to their keys)."""
+    public = config.public_dict()
+    public["source"], public["output"] = public_url(config.source), public_url(config.output)
+    get_run_logger().info("docpipe run %s settings: %s", run_id, json.dumps(public, default=str, sort_keys=True))
+
+
+def run_flow(params: Mapping[str, Any], execution: PrefectExecution) -> Any:
+    """A flow's whole body: its parameters as a RunConfig, the run (`pipeline.runner.Run`, setup
+    checks included) with `execution`, its summary as the flow's result (output URL public). A
+    failure of `pipeline.outcomes`' table ends the flow run Failed in one line, without a traceback;
+    anything else is a bug of ours and keeps its traceback."""
+    try:
+        config = build_config(params)
+        run_id = resolve_run_id(config)
+        log_config(config, run_id)
+        summary = runner.Run(config, preflight=True, run_id=run_id).execute(execution)
+    except outcomes.flow_failures() as exc:
+        return failed_run(exc)
+    data = summary.to_dict()
+    data["output"] = public_url(summary.output)
+    return data

@@ -15,13 +15,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pipeline.config import RunConfig, describe_validation_error
-
-EXIT_OK = 0
-EXIT_NOTHING_PROCESSED = 1  # also: the run failed (device failure, storage failure); a rerun resumes
-EXIT_BAD_CONFIG = 2
-EXIT_OUTPUT_BUSY = 3  # another live run owns the output
-EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT); SIGTERM ends with 143 and SIGHUP with 129 (128 + the signal's number)
+from pipeline.config import RunConfig
+from pipeline.outcomes import (  # noqa: F401 - the exit codes are part of the command's interface
+    EXIT_BAD_CONFIG,
+    EXIT_INTERRUPTED,
+    EXIT_NOTHING_PROCESSED,
+    EXIT_OK,
+    EXIT_OUTPUT_BUSY,
+    command_end,
+    stopped_words,
+)
 
 _POSITIONAL = ("source",)
 
@@ -220,47 +223,32 @@ def _terminate(signum: int, _frame: Any) -> None:
     raise Terminated(signum)
 
 
-def _interrupted_code(exc: KeyboardInterrupt) -> int:
-    return 128 + exc.signum if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+def _ended(exc: BaseException, *, again: str = "try again") -> int:
+    """The one line and exit code `pipeline.outcomes` gives for `exc` (the failure table the
+    flows use too); a failure not in the table is a bug of ours and is raised."""
+    end = command_end(exc, again=again)
+    if end is None:
+        raise exc
+    if end.debug_traceback:  # e.g. storage failing while writing: one line, the rest in the log
+        logging.getLogger("docpipe").debug("run failed", exc_info=exc)
+    return _fail(end.line, end.code)
 
 
-def _interrupted_words(exc: KeyboardInterrupt) -> str:
-    return str(exc) if isinstance(exc, Terminated) else "interrupted"
+def _ended_code(exc: BaseException) -> int:
+    end = command_end(exc)
+    return end.code if end is not None else EXIT_NOTHING_PROCESSED
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.dataset import LeaseLost, OutputBusy, OutputUnsafe
-    from pipeline.preflight import SetupError, check_setup
     from pipeline.progress import run_with_progress
-    from pipeline.runner import DeviceFailure, OutputIncomplete, SettingsChanged
+    from pipeline.runner import Run
 
     try:
-        config = config_from_args(args)
-    except ValidationError as exc:  # the values are left out: they may hold credentials
-        return _fail(f"invalid configuration: {describe_validation_error(exc)}", EXIT_BAD_CONFIG)
-    resume = "finished shards are kept; run the same command again to resume"
-    try:
-        check_setup(config)
-        summary = run_with_progress(config)
-    except KeyboardInterrupt as exc:
-        return _fail(f"{_interrupted_words(exc)}; {resume}", _interrupted_code(exc))
-    except (SetupError, SettingsChanged, OutputUnsafe) as exc:
-        return _fail(str(exc), EXIT_BAD_CONFIG)
-    except OutputBusy as exc:
-        return _fail(f"{exc}; try again when it has finished, or pass --wait-for-output-s", EXIT_OUTPUT_BUSY)
-    except (DeviceFailure, LeaseLost) as exc:
-        return _fail(f"{exc}; {resume}", EXIT_NOTHING_PROCESSED)
-    except OutputIncomplete as exc:
-        return _fail(str(exc), EXIT_NOTHING_PROCESSED)
-    except Exception as exc:
-        from pipeline.prepare import PrepWorkersFailing
-
-        if isinstance(exc, PrepWorkersFailing):  # the environment cannot run workers: a setup problem
-            return _fail(str(exc), EXIT_BAD_CONFIG)
-        if isinstance(exc, OSError):  # storage failing while writing: one line, the rest in the log
-            logging.getLogger("docpipe").debug("run failed", exc_info=True)
-            return _fail(f"storage error: {type(exc).__name__}: {exc}; {resume}", EXIT_NOTHING_PROCESSED)
-        raise
+        run = Run(config_from_args(args), preflight=True)  # the values of a bad setting are left out
+        run.check_setup()  # before the progress display: a broken setup is one line and nothing else
+        summary = run_with_progress(run)
+    except BaseException as exc:  # noqa: BLE001 - the failure table decides; a bug is raised again
+        return _ended(exc)
     if summary.total_documents == 0:
         return _fail("no documents found under the source (check the path and --extensions)", EXIT_NOTHING_PROCESSED)
     attempted = summary.documents
@@ -491,10 +479,8 @@ def _cmd_compact(args: argparse.Namespace) -> int:
     try:
         dataset = Dataset(args.output, args.storage_options)
         result = dataset.compact(target_rows=args.target_rows, wait_s=args.wait_for_output_s)
-    except OutputBusy as exc:
-        return _fail(f"{exc}; compact when it has finished, or pass --wait-for-output-s", EXIT_OUTPUT_BUSY)
-    except OutputUnsafe as exc:
-        return _fail(str(exc), EXIT_BAD_CONFIG)
+    except (OutputBusy, OutputUnsafe) as exc:
+        return _ended(exc, again="compact")
     print(result.describe())
     return EXIT_OK
 
@@ -515,10 +501,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         else:
             holder = dataset.holder()
             problems = dataset.verify_settled() if holder is not None else dataset.verify()
-    except OutputBusy as exc:
-        return _fail(f"{exc}; verify --repair when it has finished, or pass --wait-for-output-s", EXIT_OUTPUT_BUSY)
-    except OutputUnsafe as exc:
-        return _fail(str(exc), EXIT_BAD_CONFIG)
+    except (OutputBusy, OutputUnsafe) as exc:
+        return _ended(exc, again="verify --repair")
     if holder is not None:
         print(f"note: {holder.describe()} holds the output; what it is committing now is not checked, only "
               "settled damage is reported")
@@ -564,8 +548,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = _catch_stop_signals()
     try:
         return handlers[args.command](args)
-    except KeyboardInterrupt as exc:
-        return _fail(_interrupted_words(exc), _interrupted_code(exc))
+    except KeyboardInterrupt as exc:  # the exit code of the failure table, the words without run's hint
+        return _fail(stopped_words(exc), _ended_code(exc))
     except Exception as exc:  # never a traceback for the user: one line, the traceback with -v
         logging.getLogger("docpipe").debug("%s failed", args.command, exc_info=True)
         if args.verbose:

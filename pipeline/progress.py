@@ -26,8 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.config import RunConfig
-from pipeline.runner import RunSummary, WorkPlan, run
+from pipeline.runner import InProcess, Run, RunSummary, WorkPlan
 
 log = logging.getLogger("docpipe.progress")
 
@@ -316,13 +315,14 @@ def summary_table(summary: RunSummary) -> Table:
     return table
 
 
-def run_with_progress(config: RunConfig, console: Console | None = None) -> RunSummary:
-    """Run locally with live progress on stderr and the summary on stdout.
+def run_with_progress(run: Run, console: Console | None = None) -> RunSummary:
+    """Execute `run` in this process with live progress on stderr and the summary on stdout.
 
     The bar's line moves with every page row and every `generate` call (see ProgressMeter);
     with `-v` (the `docpipe.progress` logger at INFO) the same line is also logged every
     LOG_EVERY_S seconds and at each shard's end, which is what a log file of a long run keeps.
     """
+    config = run.config
     err = Console(stderr=True)
     out = console or Console(file=sys.stdout)
     meter = ProgressMeter()
@@ -383,7 +383,7 @@ def run_with_progress(config: RunConfig, console: Console | None = None) -> RunS
             log.info("%s", meter.snapshot(now).describe())
 
     with progress, _Ticker(1.0, log_line):
-        summary = run(config, progress=on_event, on_plan=on_plan)
+        summary = run.execute(InProcess(progress=on_event, on_plan=on_plan))
     out.print(summary_table(summary))
     out.print(report_hint(config.output, summary.run_id), markup=False, highlight=False, soft_wrap=True)
     return summary

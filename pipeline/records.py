@@ -27,6 +27,15 @@ class DocStatus(str, Enum):
     DUPLICATE = "duplicate"  # same bytes as another input; pages written once, under the first
 
 
+class RunStatus(str, Enum):
+    """A run's row in the runs table (the string is what the Parquet column holds)."""
+
+    RUNNING = "running"  # the run holds the output (or died holding it: `verify --repair` says so)
+    COMPLETED = "completed"
+    FAILED = "failed"  # one line in the row's message says why; a rerun resumes
+    INTERRUPTED = "interrupted"  # Ctrl-C, SIGTERM, SIGHUP, a cancelled flow run, or the output taken over
+
+
 class PageStatus(str, Enum):
     OK = "ok"
     ERROR = "error"

@@ -1,9 +1,13 @@
-"""Process shards end to end: prepare pages (CPU), answer them (model), write Parquet.
+"""A whole run, begin to end, and the process-wide engine cache.
 
-The same functions serve `docpipe run` (all shards in this process) and the Prefect
-flows (one task or child flow run per shard). The model is loaded once per process
-(`get_engine`) and reused across shards. One shard's machinery (pages to the model, the
-ledger's verdicts, the commit) is `pipeline.shard.run`; its names are re-exported here.
+`Run` is the one lifecycle of a run, whoever starts it: begin (the setup checks, the output's
+lease, the runs row), discover (`pipeline.discovery`), process (the shards, by a `ShardExecution`
+strategy: `InProcess` here for `docpipe run` and `run()`, Prefect tasks or fan-out child runs in
+flows/), summarize (`RunSummary`) and end (the runs row's status and message, the lease given
+up). How each failure ends a run is `pipeline.outcomes`' table. The model is loaded once per
+process (`get_engine`) and reused across shards. One shard's machinery (pages to the model, the
+ledger's verdicts, the commit) is `pipeline.shard.run`; its names are re-exported here, as are
+discovery's and the run-level failures'.
 """
 
 from __future__ import annotations
@@ -14,15 +18,17 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from pipeline.config import RunConfig
-from pipeline.dataset import DOCUMENTS, Dataset, Lease, PlanRecord
-from pipeline.planning import Shard, ShardPlan, plan_shards
-from pipeline.records import DocumentRef
+from pipeline.dataset import Dataset, Lease
+from pipeline.discovery import WorkPlan, discover_work
+from pipeline.outcomes import OutputIncomplete, RunFailed, SettingsChanged, run_message, run_status
+from pipeline.planning import Shard
+from pipeline.records import RunStatus
 from pipeline.shard import run as shard_run
 from pipeline.shard.run import Counts, DeviceFailure, ProgressFn, ShardResult
 
@@ -31,18 +37,27 @@ log = logging.getLogger("docpipe")
 __all__ = [
     "Counts",
     "DeviceFailure",
-    "ProgressFn",
-    "Shard",
-    "ShardResult",
-    "WorkPlan",
-    "RunSummary",
+    "InProcess",
     "OutputIncomplete",
+    "ProgressFn",
+    "Run",
+    "RunFailed",
+    "RunHandle",
+    "RunSummary",
+    "SettingsChanged",
+    "Shard",
+    "ShardExecution",
+    "ShardResult",
+    "Shards",
+    "WorkPlan",
+    "begin_run",
     "discover_work",
-    "process_shard",
+    "end_run",
     "get_engine",
+    "new_run_id",
+    "process_shard",
     "run",
     "summarize",
-    "new_run_id",
 ]
 
 
@@ -53,14 +68,6 @@ def new_run_id() -> str:
 # ---------------------------------------------------------------------------------------
 # Owning the output for a run
 # ---------------------------------------------------------------------------------------
-
-
-class SettingsChanged(ValueError):
-    """The output holds rows written with other output settings and the run did not ask to reprocess."""
-
-
-class OutputIncomplete(RuntimeError):
-    """Shards this run committed are not whole in the output (checked at its end): it did not succeed."""
 
 
 @dataclass
@@ -97,35 +104,16 @@ def begin_run(config: RunConfig, run_id: str | None = None) -> RunHandle:
         dataset.repair(lease)  # what the run resumes from: checked, damaged files quarantined, one warning
         check_settings(dataset, config, run_id)
         handle.model_revision = model_revision(config)
-        dataset.write_run(run_row(handle, "running"))
+        dataset.write_run(run_row(handle, RunStatus.RUNNING))
         recorded = True
         dataset.clean(current_fingerprint=config.fingerprint(), generation=lease.generation)
     except BaseException as exc:
         if recorded:  # the row says how it ended, and the lease is given up
-            end_run(handle, ended_status(exc), None, describe_end(exc))
+            end_run(handle, run_status(exc), None, run_message(exc))
         else:
             lease.release()
         raise
     return handle
-
-
-def ended_status(exc: BaseException) -> str:
-    """The runs row's status for a run that ended with `exc`: `interrupted` for Ctrl-C, SIGTERM,
-    SIGHUP (`pipeline.cli` raises a KeyboardInterrupt for them) and Prefect's termination
-    signal (a cancelled flow run); `failed` for anything else."""
-    if isinstance(exc, KeyboardInterrupt):
-        return "interrupted"
-    return "interrupted" if any(c.__name__ == "TerminationSignal" for c in type(exc).__mro__) else "failed"
-
-
-def describe_end(exc: BaseException) -> str:
-    """The runs row's message for a run that ended with `exc`."""
-    if isinstance(exc, KeyboardInterrupt):
-        return str(exc) or "interrupted by the user"
-    if ended_status(exc) == "interrupted":
-        signum = getattr(exc, "signal", None)
-        return f"terminated by signal {signum}" if signum else "terminated"
-    return f"{type(exc).__name__}: {exc}"
 
 
 def check_commits(handle: RunHandle, results: Iterable[ShardResult]) -> None:
@@ -139,7 +127,8 @@ def check_commits(handle: RunHandle, results: Iterable[ShardResult]) -> None:
                                f"output: {missing[0]}{more}; run the same command again to redo them")
 
 
-def end_run(handle: RunHandle, status: str, summary: "RunSummary | None" = None, message: str | None = None) -> None:
+def end_run(handle: RunHandle, status: RunStatus | str, summary: "RunSummary | None" = None,
+            message: str | None = None) -> None:
     """Record how the run ended and give the output up."""
     try:
         handle.dataset.write_run(run_row(handle, status, summary, message))
@@ -216,15 +205,17 @@ def _generation(config: RunConfig) -> dict[str, Any] | None:
     return None if settings is None else settings.as_dict()
 
 
-def run_row(handle: RunHandle, status: str, summary: "RunSummary | None" = None, message: str | None = None) -> dict[str, Any]:
-    """The run's row of the runs table."""
+def run_row(handle: RunHandle, status: RunStatus | str, summary: "RunSummary | None" = None,
+            message: str | None = None) -> dict[str, Any]:
+    """The run's row of the runs table (its status written as the enum's string)."""
     from pipeline.sources import public_url
 
     config = handle.config
     public = config.public_dict()
     public["source"], public["output"] = public_url(config.source), public_url(config.output)
     public["generation"] = _generation(config)  # the effective decoding: the family's default + overrides
-    ended = None if status == "running" else datetime.now(timezone.utc)
+    status = RunStatus(status)
+    ended = None if status is RunStatus.RUNNING else datetime.now(timezone.utc)
     counts = None
     if summary is not None:
         counts = json.dumps(
@@ -234,7 +225,7 @@ def run_row(handle: RunHandle, status: str, summary: "RunSummary | None" = None,
         )
     return {
         "run_id": handle.run_id,
-        "status": status,
+        "status": status.value,
         "started_at": handle.started_at,
         "ended_at": ended,
         "source": public_url(config.source),
@@ -255,126 +246,6 @@ def run_row(handle: RunHandle, status: str, summary: "RunSummary | None" = None,
         "message": message,
         "lease_generation": handle.lease.generation,
     }
-
-
-# ---------------------------------------------------------------------------------------
-# Planning
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class WorkPlan:
-    refs: tuple[DocumentRef, ...]
-    shards: tuple[Shard, ...]
-    total_documents: int
-    already_done: int
-    discover_s: float
-    replayed: int = 0  # shards of an earlier, unfinished run replayed under their own ids
-    skipped: dict[str, int] = field(default_factory=dict)  # files under the source with no row, by reason
-
-    @property
-    def to_do(self) -> int:
-        return sum(len(s.refs) for s in self.shards)
-
-
-def discover_work(config: RunConfig, handle: RunHandle) -> WorkPlan:
-    """List and hash the source, read what the output holds, cut the rest into shards, and
-    write every shard's plan before any of its files (call while owning the output)."""
-    from pipeline import sources
-
-    t0 = time.perf_counter()
-    dataset = handle.dataset
-    fingerprint = config.fingerprint()
-    state = dataset.read_state(fingerprint=fingerprint, reprocess=config.reprocess,
-                               retry_timeouts=config.retry_timeouts)
-    committed = set(dataset.part_files(DOCUMENTS))
-    pending = [p for p in dataset.plans().values() if p.fingerprint == fingerprint and p.shard_id not in committed]
-    listing = sources.survey(
-        config.source,
-        extensions=config.extensions,
-        storage_options=config.storage_options,
-        limit=config.limit,
-        known=state.known,  # unchanged files already recorded are not read again
-    )
-    refs = listing.refs
-    from pipeline.dataset import fault_point
-
-    fault_point("after_discover")
-    # A file whose bytes differ from the version the output holds replaces it (latest wins); so
-    # does a file that can no longer be read (a dangling link, gone after listing: no id), and
-    # a readable file replaces its own `unreadable` row (id ""). One row per file.
-    refs = [dataclasses.replace(r, replaces=state.versions[r.uri])
-            if state.versions.get(r.uri) not in (None, r.doc_id) else r for r in refs]
-    _one_row_per_file(dataset, refs, state)
-    replay = _replayable(pending, refs, state.doc_keys, dataset)
-    in_plans = {(r.uri, r.doc_id) for shard in replay for r in shard.refs}
-    plan: ShardPlan = plan_shards(
-        refs,
-        done_keys=state.doc_keys | in_plans,
-        processed_elsewhere=state.processed,
-        shard_size=config.shard_size,
-        fingerprint=fingerprint,
-        retry=state.retry,
-    )
-    for shard in plan.shards:
-        handle.lease.ensure()
-        dataset.write_plan(
-            PlanRecord(
-                shard_id=shard.shard_id,
-                run_id=handle.run_id,
-                fingerprint=fingerprint,
-                shard=shard.to_dict(),
-                created_at=time.time(),
-                attempts=dict(shard.attempts),
-            )
-        )
-    if replay:
-        log.info("replaying %d unfinished shards of an earlier run", len(replay))
-    listed = {(r.uri, r.doc_id) for r in refs}
-    return WorkPlan(
-        refs=tuple(refs),
-        shards=tuple(replay) + plan.shards,
-        total_documents=len(refs),
-        already_done=plan.already_done - len(in_plans & listed),
-        discover_s=time.perf_counter() - t0,
-        replayed=len(replay),
-        skipped=listing.skipped,
-    )
-
-
-def _one_row_per_file(dataset: Dataset, refs: list[DocumentRef], state: Any) -> None:
-    """A file listed now whose current version (its id, "" when it cannot be read) is done
-    keeps that row alone: rows of its other versions still in the output are dropped (a
-    transient `unreadable` row after the file read fine again; a second row an older
-    docpipe left beside a file that turned into a dangling link). Deleted files are not
-    listed and keep their rows."""
-    stale = {(r.uri, other) for r in refs if (r.uri, r.doc_id) in state.doc_keys
-             for other in state.ids.get(r.uri, ()) if other != r.doc_id}
-    if stale:
-        removed = dataset.drop_versions(stale)
-        log.info("dropped %d rows of files' other versions (each file keeps its current row)", removed)
-
-
-def _replayable(pending: list[PlanRecord], refs: list[DocumentRef], done: frozenset[tuple[str, str]],
-                dataset: Dataset) -> list[Shard]:
-    """Unfinished plans that may be replayed as they are: each of their documents still listed
-    with the same bytes, not done, and in no other plan kept. Any other plan (a late plan of
-    a run that lost the output, a file changed or gone since) is dropped and its documents
-    planned afresh, so a document is never in two shards."""
-    listed = {(r.uri, r.doc_id) for r in refs}
-    claimed: set[tuple[str, str]] = set()
-    out = []
-    for plan in sorted(pending, key=lambda p: (p.created_at, p.shard_id)):
-        shard = Shard.from_dict(plan.shard)
-        keys = [(r.uri, r.doc_id) for r in shard.refs]
-        if all(k in listed and k not in done and k not in claimed for k in keys):
-            claimed.update(keys)
-            out.append(shard)
-            continue
-        dataset.delete_plan(plan.shard_id)
-        log.info("dropped the plan of shard %s: some of its documents are done, changed or in another plan; "
-                 "the rest are planned again", plan.shard_id)
-    return sorted(out, key=lambda s: s.shard_id)
 
 
 # ---------------------------------------------------------------------------------------
@@ -525,53 +396,172 @@ def summarize(
     return summary
 
 
-def run(config: RunConfig, *, progress: ProgressFn | None = None, on_plan: Callable[[WorkPlan], None] | None = None) -> RunSummary:
-    """Own the output, discover, plan and process every shard in this process; return the summary.
+# ---------------------------------------------------------------------------------------
+# The run's lifecycle, once: begin, discover, process (a strategy), summarize, end
+# ---------------------------------------------------------------------------------------
 
-    The run is recorded in the output's runs table (running, then completed, failed or
-    interrupted); whatever happens, the output's lease is given up at the end.
-    """
-    from pipeline.prepare import _MAIN_GUARD_HINT, PrepWorkersFailing, in_worker_bootstrap
 
-    if in_worker_bootstrap():  # a script without a main guard, re-imported in a prep worker
-        raise PrepWorkersFailing("docpipe.run was called while a prep worker was starting; " + _MAIN_GUARD_HINT)
-    handle = begin_run(config)
-    summary: RunSummary | None = None
-    try:
-        plan = discover_work(config, handle)
-        if on_plan:
-            on_plan(plan)
+@dataclass(slots=True)
+class Shards:
+    """What processing a plan's shards gave: their results, and the shards that failed (id, why)
+    where the strategy goes on past a failed shard (the flows); in process, a failure ends the run."""
+
+    results: list[ShardResult] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+class ShardExecution:
+    """How a run's shards are executed, and what the run says on the way: the strategy `Run.execute`
+    is given. `InProcess` runs them one after another in this process; flows/ runs them as Prefect
+    tasks (`flows.ingest.InTasks`) or child flow runs (`flows.fanout.FanOut`) and publishes
+    artifacts from the hooks. The hooks do nothing here."""
+
+    def discover(self, run: Run) -> WorkPlan:
+        """The run's plan (called while the run owns the output)."""
+        return discover_work(run.config, run.handle)
+
+    def process(self, run: Run, plan: WorkPlan) -> Shards:
+        raise NotImplementedError
+
+    def summarized(self, run: Run, summary: RunSummary, plan: WorkPlan, failed: Sequence[tuple[str, str]]) -> None:
+        """The run got its summary (before its end is decided and recorded)."""
+
+    def ended(self, run: Run, summary: RunSummary) -> None:
+        """The runs row says how a run that got its summary ended (completed or failed)."""
+
+    def failed(self, run: Run, exc: BaseException) -> None:
+        """The run ended with `exc` (at its begin, or later: its row then says so)."""
+
+
+@dataclass
+class InProcess(ShardExecution):
+    """Every shard in this process, in plan order, with one engine loaded before the first; a
+    shard that raises ends the run. `progress` gets the runner's events, `on_plan` the plan."""
+
+    progress: ProgressFn | None = None
+    on_plan: Callable[[WorkPlan], None] | None = None
+
+    def process(self, run: Run, plan: WorkPlan) -> Shards:
+        if self.on_plan:
+            self.on_plan(plan)
+        config, handle = run.config, run.handle
         engine = None
         if plan.shards and config.model is not None:
-            if progress:
-                progress("model_loading", 0)
+            if self.progress:
+                self.progress("model_loading", 0)
             t_load = time.perf_counter()
             engine = get_engine(config)
-            if progress:
-                progress("model_loaded", int(1000 * (time.perf_counter() - t_load)))
-        results = []
-        for shard in plan.shards:
-            results.append(
-                process_shard(
-                    shard, config, run_id=handle.run_id, engine=engine, progress=progress,
-                    dataset=handle.dataset, lease=handle.lease,
-                )
-            )
-        summary = summarize(
-            results,
-            run_id=handle.run_id,
-            config=config,
-            seconds=time.perf_counter() - handle.t0,
-            total_documents=plan.total_documents,
-            already_done=plan.already_done,
-            files_skipped=plan.skipped,
-        )
-        summary.engine = engine_choice_of(config) if engine is not None else None
-        check_commits(handle, results)
-    except BaseException as exc:
-        from pipeline.redaction import one_line
+            if self.progress:
+                self.progress("model_loaded", int(1000 * (time.perf_counter() - t_load)))
+        return Shards([process_shard(shard, config, run_id=run.run_id, engine=engine, progress=self.progress,
+                                     dataset=handle.dataset, lease=handle.lease) for shard in plan.shards])
 
-        end_run(handle, ended_status(exc), summary, one_line(describe_end(exc)))
-        raise
-    end_run(handle, "completed", summary)
-    return summary
+
+def failure_message(failed: Iterable[tuple[str, str]], total: int) -> str:
+    """Why the run failed, naming the shards; a rerun resumes (finished shards are skipped)."""
+    failed = list(failed)
+    listed = "; ".join(f"{sid}: {msg}" for sid, msg in failed[:5])
+    more = f" (and {len(failed) - 5} more)" if len(failed) > 5 else ""
+    return (
+        f"{len(failed)} of {total} shards failed: {listed}{more}. "
+        "Finished shards are kept; run again with the same source and output to resume."
+    )
+
+
+class Run:
+    """One run, begin to end: the lifecycle `docpipe run`, `run()` and both flows go through.
+
+    - begin: the setup checks (`pipeline.preflight.check_setup`, once, unless the run was built
+      with `preflight=False`: a caller must say so, it cannot forget them), then the output's
+      lease, the settings checked against what it holds, the runs row `running` (`begin_run`);
+    - discover: the plan (`pipeline.discovery`), by the strategy;
+    - process: the shards, by the strategy (`ShardExecution`);
+    - summarize: `RunSummary`; shards that failed (`RunFailed`) or are not whole in the output
+      (`OutputIncomplete`, `check_commits`) make the run a failure;
+    - end: the runs row `completed`, or the status and one line `pipeline.outcomes` gives for
+      the failure (`failed`, `interrupted`), and the lease given up, whatever happened.
+    """
+
+    def __init__(self, config: RunConfig, *, preflight: bool, run_id: str | None = None) -> None:
+        self.config = config
+        self.preflight = preflight
+        self.run_id = run_id or config.run_id or new_run_id()
+        self._handle: RunHandle | None = None
+        self._checked = False
+
+    @property
+    def handle(self) -> RunHandle:
+        """The run's hold on the output (from its begin)."""
+        if self._handle is None:
+            raise RuntimeError(f"run {self.run_id} has not begun")
+        return self._handle
+
+    def check_setup(self) -> None:
+        """The setup checks, once (a caller may run them early, e.g. before a progress display)."""
+        if self.preflight and not self._checked:
+            from pipeline.preflight import check_setup
+
+            check_setup(self.config)
+            self._checked = True
+
+    def begin(self) -> RunHandle:
+        from pipeline.prepare import _MAIN_GUARD_HINT, PrepWorkersFailing, in_worker_bootstrap
+
+        if in_worker_bootstrap():  # a script without a main guard, re-imported in a prep worker
+            raise PrepWorkersFailing("docpipe.run was called while a prep worker was starting; " + _MAIN_GUARD_HINT)
+        self.check_setup()
+        self._handle = begin_run(self.config, self.run_id)
+        return self._handle
+
+    def summarize(self, results: Iterable[ShardResult], plan: WorkPlan) -> RunSummary:
+        summary = summarize(results, run_id=self.run_id, config=self.config,
+                            seconds=time.perf_counter() - self.handle.t0, total_documents=plan.total_documents,
+                            already_done=plan.already_done, files_skipped=plan.skipped)
+        if plan.shards and self.config.model is not None:  # a model was loaded: say which engine ran it and why
+            summary.engine = engine_choice_of(self.config)
+        return summary
+
+    def end(self, summary: RunSummary | None, exc: BaseException | None = None) -> None:
+        """Record how the run ended (`completed` without `exc`) and give the output up."""
+        if exc is None:
+            end_run(self.handle, RunStatus.COMPLETED, summary)
+        else:
+            end_run(self.handle, run_status(exc), summary, run_message(exc))
+
+    def execute(self, execution: ShardExecution) -> RunSummary:
+        """Begin, discover, process, summarize, end; the summary, or the failure raised once the
+        runs row says how the run ended."""
+        try:
+            self.begin()
+        except BaseException as exc:
+            execution.failed(self, exc)
+            raise
+        summary: RunSummary | None = None
+        try:
+            plan = execution.discover(self)
+            shards = execution.process(self, plan)
+            summary = self.summarize(shards.results, plan)
+            execution.summarized(self, summary, plan, shards.failed)
+            if shards.failed:
+                raise RunFailed(failure_message(shards.failed, len(plan.shards)))
+            check_commits(self.handle, shards.results)  # what the shards committed is whole (footers only)
+        except BaseException as exc:
+            self.end(summary, exc)
+            if summary is not None:
+                execution.ended(self, summary)
+            execution.failed(self, exc)
+            raise
+        self.end(summary)
+        execution.ended(self, summary)
+        return summary
+
+
+def run(config: RunConfig, *, progress: ProgressFn | None = None, on_plan: Callable[[WorkPlan], None] | None = None,
+        preflight: bool = False) -> RunSummary:
+    """A whole run in this process (`Run` with `InProcess`); return the summary.
+
+    The run is recorded in the output's runs table (running, then completed, failed or
+    interrupted); whatever happens, the output's lease is given up at the end. The setup checks
+    run with `preflight=True` (`docpipe run` runs them); the library call leaves them to its caller.
+    """
+    return Run(config, preflight=preflight).execute(InProcess(progress=progress, on_plan=on_plan))

@@ -13,9 +13,9 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.dataset import conform
+from pipeline.ledger import Verdict
 from pipeline.prepare.document import DocumentOutcome
 from pipeline.records import PageAnswers, PageImage, StageError, TilePlan
-from pipeline.shard.ledger import Verdict
 from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA, TASK_USAGE_COLUMNS
 
 # ---------------------------------------------------------------------------------------

@@ -644,7 +644,7 @@ def test_the_same_documents_committed_twice_keep_the_newer_generation(tmp_path: 
 def test_replayed_plans_are_checked_against_what_is_done(tmp_path: Path) -> None:
     from pipeline.planning import Shard
     from pipeline.records import DocumentRef
-    from pipeline.runner import _replayable
+    from pipeline.discovery import _replayable
 
     data = Dataset(str(tmp_path / "out"))
     refs = [DocumentRef(f"/in/{n}", (n * 64)[:64], 1, "application/pdf") for n in "abcd"]

@@ -365,10 +365,10 @@ def test_an_expected_failure_ends_the_flow_run_in_one_line_and_a_bug_keeps_its_t
     assert f"failed: {message}" in logs  # the one line, where `--watch` and the UI show it
     assert "Traceback" not in logs and "Encountered exception" not in logs, logs
 
-    def bug(config, run_id):  # not a user's mistake: our own error keeps its traceback
+    def bug(run):  # not a user's mistake: our own error keeps its traceback
         raise ZeroDivisionError("a bug of ours")
 
-    monkeypatch.setattr(tasks, "begin", bug)
+    monkeypatch.setattr(runner.Run, "begin", bug)
     state = ingest(source=str(tmp_path / "nowhere"), output=str(tmp_path / "out"), return_state=True)
     assert state.is_failed() and "ZeroDivisionError" in (state.message or "")
     assert "Traceback" in _flow_run_logs(state.state_details.flow_run_id)

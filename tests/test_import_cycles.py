@@ -95,3 +95,64 @@ def test_the_checker_finds_a_cycle(tmp_path, monkeypatch) -> None:
     (package / "c.py").write_text("import pipeline.a\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     assert import_cycles() == [["pipeline.a", "pipeline.b"]]
+
+
+# ---- floors: packages import downward only ----------------------------------------------
+
+# Package-level cycles that are known and meant: each family's registry entry names its tiny
+# builder (pipeline.testing), and the tiny builders build models through the registry.
+KNOWN_PACKAGE_CYCLES = [["pipeline.inference", "pipeline.testing"]]
+
+
+def _unit(module: str) -> str:
+    """The floor a module lives on: a top-level module, or a subpackage as a whole."""
+    return ".".join(module.split(".")[:2])
+
+
+def package_cycles() -> list[list[str]]:
+    """Groups of top-level modules and subpackages of pipeline/ that import each other (an
+    import "upward": e.g. pipeline.sink -> pipeline.shard while pipeline.shard -> pipeline.sink)."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        for target in _edges(name, path, modules):
+            if _unit(name) != _unit(target):
+                graph.setdefault(_unit(name), set()).add(_unit(target))
+
+    def reach(start: str) -> set[str]:
+        seen: set[str] = set()
+        todo = [start]
+        while todo:
+            for nxt in graph.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    units = sorted(set(graph) | {t for targets in graph.values() for t in targets})
+    reachable = {u: reach(u) for u in units}
+    groups = {tuple(sorted(u2 for u2 in units if u2 == u or (u2 in reachable[u] and u in reachable[u2])))
+              for u in units}
+    return sorted(list(g) for g in groups if len(g) > 1)
+
+
+def test_no_package_imports_upward() -> None:
+    """pipeline/ is a house of floors (records, config and the ledger near the ground; dataset,
+    prepare, sink, shard above; outcomes, runner, progress, cli on top): a top-level module or
+    subpackage never imports one that imports it back. The ledger lives beside records.py, so
+    sink, prepare and dataset need nothing from shard/."""
+    assert package_cycles() == KNOWN_PACKAGE_CYCLES
+
+
+def test_the_floor_checker_finds_an_upward_import(tmp_path, monkeypatch) -> None:
+    package = tmp_path / "pipeline"
+    for sub in ("low", "high"):
+        (package / sub).mkdir(parents=True)
+        (package / sub / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "high" / "run.py").write_text("from pipeline.low.sink import write\n")
+    (package / "high" / "ledger.py").write_text("VERDICT = 1\n")
+    (package / "low" / "sink.py").write_text("from pipeline.high.ledger import VERDICT\n")  # no module cycle
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert import_cycles() == []
+    assert package_cycles() == [["pipeline.high", "pipeline.low"]]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import ast
+import inspect
 import shutil
 from pathlib import Path
 
 import pytest
 
+from pipeline.ledger import POLICY, DocFacts, RetryPolicy, decide, retry_in_run
 from pipeline.records import DocStatus, Stage, StageError
-from pipeline.shard.ledger import POLICY, DocFacts, RetryPolicy, decide, retry_in_run
 
 BAD = StageError(Stage.RASTERIZE, "encrypted_pdf", "needs a password", retryable=False)
 NET = StageError(Stage.SOURCES, "unreadable", "ConnectionResetError", retryable=True)
@@ -75,7 +76,7 @@ TABLE = [
 def test_a_timeout_is_not_transient() -> None:
     """A CPU-bomb page times out on every try: the pool does not run it again in a fresh worker
     (a crash it does), and the row says how to ask for another try."""
-    from pipeline.shard.ledger import retry_in_fresh_worker
+    from pipeline.ledger import retry_in_fresh_worker
 
     assert not retry_in_fresh_worker(TIMEOUT, 1)
     assert retry_in_fresh_worker(CRASH, 1) and not retry_in_fresh_worker(CRASH, POLICY.worker_attempts)
@@ -109,10 +110,69 @@ def test_one_policy_holds_every_budget() -> None:
     assert shard_run.DEVICE_FAILURE_WINDOWS == POLICY.device_failure_windows
     for module in (runner, shard_run):
         assert not hasattr(module, "IN_RUN_ROUNDS") and not hasattr(module, "MAX_ATTEMPTS")
+    assert prepare.MAX_DEATHS_IN_A_ROW == POLICY.worker_deaths_in_a_row
+    assert prepare.MAX_STARTUP_DEATHS == POLICY.worker_startup_deaths
+    assert tasks.discover_task.retries == POLICY.discover_task_retries
+    from flows.fanout import FanOut, fanout
+
+    assert inspect.signature(fanout.fn).parameters["max_resubmits"].default == POLICY.child_run_resubmits
+    assert FanOut().max_resubmits == POLICY.child_run_resubmits
     # a policy with more runs keeps trying where the default gives up
     facts = DocFacts(3, error=NET)
     assert decide(facts).final and not decide(facts, RetryPolicy(runs=5)).final
     assert RetryPolicy(backoff_s=(1.0, 3.0)).backoff(5) == 3.0
+
+
+def budget_literals(root: Path) -> list[str]:
+    """Retry budgets written as numbers outside the ledger: a keyword argument or a parameter
+    default named like a budget (`retries`, `max_resubmits`, `max_attempts`, `max_deaths*`, ...)
+    given an int literal, or a module constant so named assigned one."""
+    budget = ("retries", "resubmits", "attempts", "deaths")
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel == "pipeline/ledger.py":
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            pairs: list[tuple[str, ast.AST]] = []
+            if isinstance(node, ast.keyword) and node.arg:
+                pairs.append((node.arg, node.value))
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "Parameter" and len(node.args) > 0:
+                name = node.args[0].value if isinstance(node.args[0], ast.Constant) else ""
+                pairs += [(str(name), k.value) for k in node.keywords if k.arg == "default"]
+            elif isinstance(node, ast.Assign):
+                pairs += [(t.id, node.value) for t in node.targets if isinstance(t, ast.Name)]
+            elif isinstance(node, ast.arguments):
+                positional = node.posonlyargs + node.args
+                pairs += [(a.arg, d) for a, d in zip(positional[len(positional) - len(node.defaults):], node.defaults)]
+                pairs += [(a.arg, d) for a, d in zip(node.kwonlyargs, node.kw_defaults) if d is not None]
+            for name, value in pairs:
+                if (set(name.lower().split("_")) & set(budget) and isinstance(value, ast.Constant)
+                        and type(value.value) is int):
+                    found.append(f"{rel}:{value.lineno}: {name}={value.value}")
+    return found
+
+
+def test_every_retry_budget_is_the_ledgers(tmp_path: Path) -> None:
+    """No retry budget is a number outside RetryPolicy (pipeline/ and flows/), and the cross-run
+    rule `Dataset.read_state` applies is the ledger's (a policy with more runs retries more)."""
+    root = Path(__file__).resolve().parents[1]
+    copy = tmp_path / "src"
+    for package in ("pipeline", "flows"):
+        shutil.copytree(root / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
+    assert budget_literals(copy) == []
+    # the scan is not blind
+    (copy / "flows" / "extra.py").write_text("@task(retries=2)\ndef f(max_resubmits: int = 1): pass\n"
+                                             "MAX_DEATHS_IN_A_ROW = 5\n")
+    assert sorted(w.split(": ")[1] for w in budget_literals(copy)) == ["MAX_DEATHS_IN_A_ROW=5", "max_resubmits=1",
+                                                                       "retries=2"]
+    from pipeline.ledger import retry_in_later_run
+
+    assert retry_in_later_run(True, 2, "unreadable") and not retry_in_later_run(True, POLICY.runs, "unreadable")
+    assert retry_in_later_run(True, 3, "unreadable", policy=RetryPolicy(runs=5))
+    assert retry_in_later_run(False, 1, "document_timeout", retry_timeouts=True)
+    assert not retry_in_later_run(False, 1, "document_timeout")
 
 
 # ---- the ledger is the only writer of a document's status ------------------------------
@@ -125,7 +185,7 @@ def status_writers(root: Path) -> list[str]:
     found = []
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root).as_posix()
-        if rel == "shard/ledger.py":
+        if rel == "ledger.py":
             continue
         tree = ast.parse(path.read_text(), filename=str(path))
         compared = {id(node) for cmp in ast.walk(tree) if isinstance(cmp, ast.Compare)
@@ -156,9 +216,9 @@ def test_only_the_ledger_sets_a_documents_status(tmp_path: Path) -> None:
     # the scan is not blind: the ledger itself is a writer, and so is each planted violation
     copy = tmp_path / "pipeline"
     shutil.copytree(pipeline, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    (copy / "shard" / "ledger.py").rename(copy / "shard" / "not_the_ledger.py")
-    assert any(w.startswith("shard/not_the_ledger.py:") and "Verdict(...)" in w for w in status_writers(copy))
-    (copy / "shard" / "not_the_ledger.py").unlink()
+    (copy / "ledger.py").rename(copy / "not_the_ledger.py")
+    assert any(w.startswith("not_the_ledger.py:") and "Verdict(...)" in w for w in status_writers(copy))
+    (copy / "not_the_ledger.py").unlink()
     planted = {
         "outcome.status = DocStatus.PARTIAL": [".status = ...", "DocStatus.PARTIAL"],
         "state.outcome.status = 'error'": [".status = ..."],

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from pipeline import runner, sources
+from pipeline.ledger import RetryPolicy
 from pipeline.shard import run as shard_run
 from pipeline.config import RunConfig
 from pipeline.records import PageAnswers, Stage, StageError
-from pipeline.shard.ledger import RetryPolicy
 from tests.prefect_support import make_corpus, page_key_counts, read_rows
 
 

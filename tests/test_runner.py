@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -307,7 +309,7 @@ def test_a_second_row_an_older_version_left_is_dropped(tmp_path: Path):
     from pipeline.dataset import Dataset
     from pipeline.records import DocumentRef, StageError, Stage
     from pipeline.prepare import DocumentOutcome
-    from pipeline.shard.ledger import DocFacts, decide
+    from pipeline.ledger import DocFacts, decide
     from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA
 
     src = tmp_path / "in"
@@ -328,3 +330,123 @@ def test_a_second_row_an_older_version_left_is_dropped(tmp_path: Path):
     runner.run(cfg)
     [kept] = _rows_by_uri(out)[uri]
     assert kept["status"] == "ok" and kept["doc_id"] == hashlib.sha256((src / "a.pdf").read_bytes()).hexdigest()
+
+
+# ---- the run's lifecycle, once ----------------------------------------------------------
+
+
+class Recorder(runner.ShardExecution):
+    """A strategy that runs the shards in process and notes the lifecycle's calls."""
+
+    def __init__(self, fail_shard: str | None = None) -> None:
+        self.calls: list[str] = []
+        self.fail_shard = fail_shard
+
+    def discover(self, run):
+        self.calls.append("discover")
+        return super().discover(run)
+
+    def process(self, run, plan):
+        self.calls.append("process")
+        shards = runner.Shards()
+        for shard in plan.shards:
+            if shard.shard_id == self.fail_shard:
+                shards.failed.append((shard.shard_id, "it broke"))
+            else:
+                shards.results.append(runner.process_shard(shard, run.config, run_id=run.run_id,
+                                                           dataset=run.handle.dataset, lease=run.handle.lease))
+        return shards
+
+    def summarized(self, run, summary, plan, failed):
+        self.calls.append(f"summarized({len(failed)} failed)")
+
+    def ended(self, run, summary):
+        self.calls.append("ended")
+
+    def failed(self, run, exc):
+        self.calls.append(f"failed({type(exc).__name__})")
+
+
+def test_one_lifecycle_whatever_executes_the_shards(inputs: Path, tmp_path: Path, monkeypatch):
+    checked = []
+    monkeypatch.setattr("pipeline.preflight.check_setup", lambda config: checked.append(config.output))
+    with pytest.raises(TypeError):
+        runner.Run(RunConfig(source=str(inputs), output=str(tmp_path / "x")))  # preflight is never left unsaid
+    out = tmp_path / "out"
+    config = RunConfig(source=str(inputs), output=str(out), progress=False, shard_size=2)
+    strategy = Recorder()
+    run = runner.Run(config, preflight=True, run_id="run-a")
+    run.check_setup()  # a caller may run the checks early (the command does, before its progress display)
+    summary = run.execute(strategy)
+    assert checked == [str(out)]  # once
+    assert strategy.calls == ["discover", "process", "summarized(0 failed)", "ended"]
+    assert summary.documents == 6 and summary.shards == 3
+    (row,) = read(out, "runs")
+    assert (row["run_id"], row["status"], row["message"]) == ("run-a", "completed", None)
+
+    # a strategy that goes on past a failed shard: the run fails naming it, the row says why
+    (src := tmp_path / "more").mkdir()
+    make_pdf(src / "a.pdf", 1)
+    make_pdf(src / "b.pdf", 1, text="B")
+    config2 = config.model_copy(update={"source": str(src), "shard_size": 1})
+    scratch = runner.Run(config2.model_copy(update={"output": str(tmp_path / "scratch")}), preflight=False)
+    scratch.begin()  # shard ids do not depend on the output: plan them elsewhere
+    doomed = runner.discover_work(scratch.config, scratch.handle).shards[0].shard_id
+    scratch.end(None)
+    config2 = config2.model_copy(update={"output": str(tmp_path / "o2")})
+    strategy = Recorder(fail_shard=doomed)
+    with pytest.raises(runner.RunFailed, match="1 of 2 shards failed"):
+        runner.Run(config2, preflight=False, run_id="run-b").execute(strategy)
+    assert strategy.calls == ["discover", "process", "summarized(1 failed)", "ended", "failed(RunFailed)"]
+    rows = {r["run_id"]: r for r in read(tmp_path / "o2", "runs")}
+    assert rows["run-b"]["status"] == "failed" and rows["run-b"]["message"].startswith("1 of 2 shards failed: ")
+
+    # a run that cannot begin says so to the strategy and writes nothing
+    strategy = Recorder()
+    monkeypatch.setattr("pipeline.preflight.check_setup", lambda config: (_ for _ in ()).throw(ValueError("no")))
+    with pytest.raises(ValueError):
+        runner.Run(config.model_copy(update={"output": str(tmp_path / "o3")}), preflight=True).execute(strategy)
+    assert strategy.calls == ["failed(ValueError)"] and not (tmp_path / "o3").exists()
+
+
+def run_status_literals(root: Path) -> list[str]:
+    """Places under `root` that write or compare a run status as a bare string rather than
+    `RunStatus`: a RunStatus value as a literal compared, given to `status=`, to a dict's
+    "status" key, or to end_run/run_row."""
+    from pipeline.records import RunStatus
+
+    values = {s.value for s in RunStatus}
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        literals: list[ast.AST] = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Compare):
+                literals += [node.left, *node.comparators]
+                literals += [e for c in node.comparators if isinstance(c, (ast.Tuple, ast.List, ast.Set))
+                             for e in c.elts]
+            elif isinstance(node, ast.keyword) and node.arg == "status":
+                literals.append(node.value)
+            elif isinstance(node, ast.Dict):
+                literals += [v for k, v in zip(node.keys, node.values)
+                             if isinstance(k, ast.Constant) and k.value == "status"]
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) in (
+                    "end_run", "run_row"):
+                literals += node.args[1:2]
+        for node in literals:
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in values:
+                found.append(f"{path.relative_to(root).as_posix()}:{node.lineno}: {node.value!r}")
+    return found
+
+
+def test_a_run_status_is_written_and_compared_as_run_status(tmp_path: Path):
+    root = Path(__file__).resolve().parents[1]
+    for package in ("pipeline", "flows"):
+        shutil.copytree(root / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    allowed = {"flows/fanout.py"}  # its "failed" is a child run's triage verdict, not a run status
+    assert [w for w in run_status_literals(tmp_path) if w.split(":")[0] not in allowed] == []
+    (tmp_path / "pipeline" / "new.py").write_text(
+        "def f(rows, handle):\n    end_run(handle, 'completed')\n    return [r for r in rows if r['status'] == "
+        "'running'] + [{'status': 'interrupted'}]\n")
+    assert sorted(w.split(": ")[1] for w in run_status_literals(tmp_path / "pipeline")
+                  if w.startswith("new.py")) == ["'completed'", "'interrupted'", "'running'"]

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from pipeline.ledger import Verdict
 from pipeline.prepare import DocumentOutcome
 from pipeline.records import (
     ChartAnswer,
@@ -24,7 +25,6 @@ from pipeline.records import (
     TileBox,
     TilePlan,
 )
-from pipeline.shard.ledger import Verdict
 from pipeline.sink import document_row, page_row, rows_to_table
 from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA
 

@@ -44,7 +44,7 @@ from pipeline.dataset.store import (
     shard_file_name,
     shard_id_of,
 )
-from pipeline.shard.ledger import TIMEOUT_ERROR
+from pipeline.ledger import TIMEOUT_ERROR
 from pipeline.sources import full_uri
 from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA
 

@@ -38,6 +38,7 @@ from pipeline.dataset.store import (
     conform,
     shard_file_name,
 )
+from pipeline.records import RunStatus
 from schemas import DOCUMENTS_SCHEMA, PAGES_SCHEMA, RUNS_SCHEMA
 
 if TYPE_CHECKING:
@@ -180,7 +181,7 @@ class _CompactOps(_Store):
             if run_id in hidden or not self._current_schema(path, RUNS_SCHEMA):
                 continue
             statuses = self._read_part(path, RUNS_SCHEMA).column("status").to_pylist()
-            if statuses and "running" not in statuses:
+            if statuses and RunStatus.RUNNING not in statuses:
                 out.append(run_id)
         return out
 

@@ -13,8 +13,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline.dataset.store import DOCUMENTS, PAGES, RUNS, _Store, _warn_once, conform, shard_file_name
+from pipeline.ledger import POLICY, RetryPolicy, retry_in_later_run
 from pipeline.records import KnownFile
-from pipeline.shard.ledger import POLICY, TIMEOUT_ERROR
 from pipeline.sources import full_uri
 from schemas import RUNS_SCHEMA, SCHEMAS, TABLE_KEY
 
@@ -56,7 +56,7 @@ class _ReadOps(_Store):
         return ds.dataset(paths, schema=SCHEMAS[table], format="parquet", filesystem=self.arrow_fs())
 
     def read_state(
-        self, *, fingerprint: str | None = None, reprocess: bool = False, max_attempts: int | None = None,
+        self, *, fingerprint: str | None = None, reprocess: bool = False, policy: RetryPolicy = POLICY,
         retry_timeouts: bool = False,
     ) -> DoneState:
         """Committed shards and which documents are done (see the module docstring, step 5).
@@ -64,7 +64,6 @@ class _ReadOps(_Store):
         parts = self.part_files(DOCUMENTS)
         if not parts:
             return DoneState()
-        max_attempts = POLICY.runs if max_attempts is None else max_attempts  # the ledger's budget of runs
         names = ["source_uri", "doc_id", "status", "size_bytes", "source_version", "media_type",
                  "error_retryable", "attempt", "config_fingerprint", "error_type"]
         table = self.open_table(DOCUMENTS).to_table(columns=names)
@@ -82,7 +81,7 @@ class _ReadOps(_Store):
             if reprocess and fingerprint is not None and fp != fingerprint:
                 continue  # written with other settings: this run does it again
             attempts = int(attempt or 1)
-            if (retryable and attempts < max_attempts) or (retry_timeouts and etype == TIMEOUT_ERROR):
+            if retry_in_later_run(bool(retryable), attempts, etype, retry_timeouts=retry_timeouts, policy=policy):
                 if key not in done:
                     retry[key] = max(retry.get(key, 0), attempts)
                 versions.setdefault(uri, doc_id)  # a changed file's new version replaces this row too

@@ -26,7 +26,8 @@ from pipeline.dataset.store import (
     shard_file_name,
     shard_id_of,
 )
-from pipeline.shard.ledger import TIMEOUT_ERROR
+from pipeline.ledger import TIMEOUT_ERROR
+from pipeline.records import RunStatus
 from pipeline.sources import full_uri
 from schemas import RUNS_SCHEMA
 
@@ -234,7 +235,7 @@ class _VerifyOps(_Store):
                                             "versions after their newer version committed", repaired=repair))
         if repair and lease is not None:
             for row in self._running_rows(lease.run_id):
-                row = {**row, "status": "interrupted", "message": row.get("message") or
+                row = {**row, "status": RunStatus.INTERRUPTED.value, "message": row.get("message") or
                        f"interrupted: the output was taken over by run {lease.run_id}"}
                 if row.get("ended_at") is None:
                     row["ended_at"] = _utcnow()
@@ -252,7 +253,7 @@ class _VerifyOps(_Store):
                 rows = self._read_part(path, RUNS_SCHEMA).to_pylist()
             except Exception:  # noqa: BLE001 - unreadable: reported by verify
                 continue
-            out += [r for r in rows if r["status"] == "running" and r["run_id"] != current_run
+            out += [r for r in rows if r["status"] == RunStatus.RUNNING and r["run_id"] != current_run
                     and len(rows) == 1]
         return out
 

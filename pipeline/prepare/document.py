@@ -3,7 +3,7 @@
 `iter_document` is a generator over one document that yields `PageWork` items and ends with
 one `DocumentDone`, whose `DocumentOutcome` reports facts only (pages prepared and failed, the
 document's error, whether its bytes changed on disk): no stage labels a document, the shard's
-ledger (pipeline/shard/ledger.py) decides its status; it runs inline (zero prep workers) or inside a prep worker
+ledger (pipeline/ledger.py) decides its status; it runs inline (zero prep workers) or inside a prep worker
 (pipeline/prepare/worker.py). `DocumentRetry` is what the pool (pipeline/prepare/pool.py)
 yields before it runs a document again.
 """
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import RunConfig
+from pipeline.ledger import DocFacts, status_of
 from pipeline.records import (
     DocStatus,
     DocTimings,
@@ -28,7 +29,6 @@ from pipeline.records import (
     StageError,
     TilePlan,
 )
-from pipeline.shard.ledger import DocFacts, status_of
 
 log = logging.getLogger("docpipe")
 
@@ -36,7 +36,7 @@ log = logging.getLogger("docpipe")
 @dataclass(slots=True)
 class DocumentOutcome:
     """What preparation reports about one input file: facts, never a status. The shard's
-    ledger decides the documents row from these and the model's facts (`pipeline.shard.ledger`).
+    ledger decides the documents row from these and the model's facts (`pipeline.ledger`).
     """
 
     ref: DocumentRef  # the file as read (its new id when it changed on disk since it was listed)

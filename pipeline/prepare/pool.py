@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.ledger import POLICY, TIMEOUT_ERROR, retry_in_fresh_worker
 from pipeline.prepare.document import (
     DocumentDone,
     DocumentOutcome,
@@ -30,11 +31,11 @@ from pipeline.prepare.document import (
 )
 from pipeline.prepare.worker import _send, _worker_main
 from pipeline.records import DocumentRef, Stage, StageError
-from pipeline.shard.ledger import POLICY, TIMEOUT_ERROR, retry_in_fresh_worker
 
-MAX_ATTEMPTS = POLICY.worker_attempts  # a document whose worker dies runs once more (ledger.RetryPolicy)
-MAX_DEATHS_IN_A_ROW = 5  # more worker deaths than this with no document finished between: stop
-MAX_STARTUP_DEATHS = 3  # workers that exit by themselves before they are ready, in a row: stop
+# The pool's budgets, from the ledger's RetryPolicy (their one home):
+MAX_ATTEMPTS = POLICY.worker_attempts  # a document whose worker dies runs once more
+MAX_DEATHS_IN_A_ROW = POLICY.worker_deaths_in_a_row  # more worker deaths than this, no document finished between: stop
+MAX_STARTUP_DEATHS = POLICY.worker_startup_deaths  # workers that exit by themselves before they are ready, in a row
 STARTUP_TIMEOUT_S = 300.0  # a worker not ready after this long is killed (counts as a start-up death)
 _POLL_S = 0.25
 _MAIN_GUARD_HINT = (

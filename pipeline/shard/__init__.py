@@ -1,1 +1,1 @@
-"""A shard's bookkeeping: the ledger that decides each document's fate (see ledger.py)."""
+"""One shard end to end (run.py); the ledger that decides each document's fate is pipeline/ledger.py."""

@@ -1,5 +1,5 @@
 """One shard end to end: its documents' pages prepared (CPU), answered (model) in groups,
-decided by the ledger (`pipeline.shard.ledger`) and committed as the shard's two Parquet files.
+decided by the ledger (`pipeline.ledger`) and committed as the shard's two Parquet files.
 
 `pipeline.runner` owns the run around it (the output's lease, discovery, the engine cache) and
 re-exports what callers import from it (`process_shard`, `ShardResult`, `DeviceFailure`,
@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.dataset import Dataset, Lease
+from pipeline.ledger import POLICY, DocFacts, Verdict, decide, retry_in_run
 from pipeline.planning import Shard
 from pipeline.prepare import (
     DocumentDone,
@@ -28,7 +29,6 @@ from pipeline.prepare import (
     iter_shard_documents,
 )
 from pipeline.records import DocStatus, DocumentRef, PageAnswers, Stage, StageError
-from pipeline.shard.ledger import POLICY, DocFacts, Verdict, decide, retry_in_run
 
 log = logging.getLogger("docpipe")
 
@@ -95,14 +95,14 @@ class _DocState:
     model_s: float = 0.0
 
 
-# Every retry budget is in pipeline.shard.ledger.RetryPolicy (POLICY); this is the model's.
+# Every retry budget is in pipeline.ledger.RetryPolicy (POLICY); this is the model's.
 DEVICE_FAILURE_WINDOWS = POLICY.device_failure_windows  # consecutive batches failing on every page stop the shard
 
 
 class _ShardRun:
     """State of one shard in progress: rows collected, documents waiting for their pages.
 
-    It collects facts; the ledger (`pipeline.shard.ledger.decide`) decides each document's
+    It collects facts; the ledger (`pipeline.ledger.decide`) decides each document's
     row once its pages are answered (`_verdict`).
     """
 
@@ -236,7 +236,7 @@ class _ShardRun:
     # ---- helpers -------------------------------------------------------------------
     def _verdict(self, ref: DocumentRef, state: _DocState, *, original_failed: StageError | None = None
                  ) -> tuple[DocumentOutcome, Verdict, list[dict[str, Any]]]:
-        """The ledger's verdict on the document (`pipeline.shard.ledger.decide`), with what
+        """The ledger's verdict on the document (`pipeline.ledger.decide`), with what
         preparation reported of it and the page rows that stand."""
         facts = dataclasses.replace(self._facts(ref.uri, state), original_failed=original_failed)
         verdict = decide(facts, POLICY)

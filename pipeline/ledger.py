@@ -27,8 +27,19 @@ The meanings of "attempt", once each:
   the last one what it got stands and is final.
 - `RetryPolicy.shard_task_retries`: a Prefect shard task that raised a transient storage
   error is retried this often (exponential back-off from `shard_backoff_s`).
+- `RetryPolicy.discover_task_retries`: the same for the Prefect discovery task (a fixed
+  `discover_backoff_s` between tries).
+- `RetryPolicy.child_run_resubmits`: a fan-out child run (one shard) that failed or crashed
+  (a killed worker) is submitted again this often (the `docpipe-fanout` flow's
+  `max_resubmits` parameter defaults to it).
 - `RetryPolicy.device_failure_windows`: consecutive model batches failing on every page
   that stop a shard (a broken device is not retried page by page).
+- `RetryPolicy.worker_deaths_in_a_row` / `worker_startup_deaths`: prep workers the pool
+  replaces before it gives up on the run (`PrepWorkersFailing`): deaths with no document
+  finished between, and workers that exit before they are ready, in a row.
+
+`retry_in_later_run` is the cross-run rule as `Dataset.read_state` applies it to the rows an
+output holds (which documents a new run does again).
 """
 
 from __future__ import annotations
@@ -50,7 +61,12 @@ class RetryPolicy:
     timeout_attempts: int = 1
     shard_task_retries: int = 3
     shard_backoff_s: float = 2.0
+    discover_task_retries: int = 2
+    discover_backoff_s: float = 2.0
+    child_run_resubmits: int = 1
     device_failure_windows: int = 2
+    worker_deaths_in_a_row: int = 5
+    worker_startup_deaths: int = 3
 
     def backoff(self, round_: int) -> float:
         """Seconds to wait before in-run round `round_ + 1` (round_ counts from 0)."""
@@ -110,6 +126,14 @@ def retry_in_fresh_worker(error: StageError, attempt: int, policy: RetryPolicy =
     if error.type == TIMEOUT_ERROR:
         return attempt < policy.timeout_attempts
     return attempt < (policy.worker_attempts if worker_attempts is None else worker_attempts)
+
+
+def retry_in_later_run(retryable: bool, attempt: int, error_type: str | None, *, retry_timeouts: bool = False,
+                       policy: RetryPolicy = POLICY) -> bool:
+    """Whether a new run tries a document again, from its row in the output: the row is
+    retryable (`error_retryable`) and was written before the last allowed run (`attempt <
+    policy.runs`), or it is a timeout and the run asks for `--retry-timeouts`."""
+    return (retryable and attempt < policy.runs) or (retry_timeouts and error_type == TIMEOUT_ERROR)
 
 
 def _retryable_errors(facts: DocFacts) -> list[StageError]:
@@ -189,4 +213,4 @@ def decide(facts: DocFacts, policy: RetryPolicy = POLICY) -> Verdict:
 
 
 __all__ = ["POLICY", "POOL_RETRIED", "TIMEOUT_ERROR", "DocFacts", "RetryPolicy", "Verdict", "decide",
-           "retry_in_fresh_worker", "retry_in_run", "status_of"]
+           "retry_in_fresh_worker", "retry_in_later_run", "retry_in_run", "status_of"]
