@@ -19,6 +19,8 @@ from pipeline.inference import PROMPT_VERSION, Engine, load_engine, prompts
 from pipeline.inference.adapters import CHART, DESCRIPTION, OCR, PreparedPage, chart_key
 from pipeline.records import PageAnswers, Stage
 from pipeline.testing import make_tiny_model, render_sample_page, sample_image_page
+from pipeline.testing.forcing import force
+from pipeline.testing.static_engine import StaticEngine
 
 MAIN = ("internvl", "qwen2_vl", "idefics3")
 NEW_TOKENS = 6
@@ -110,7 +112,7 @@ def test_batched_shared_encoding_equals_one_at_a_time_and_naive(family, engines)
     batched = engine.answer(prepared)
     assert engine.stats.encode_calls == calls_before + 1  # one vision pass for 3 pages x 3 tasks
     single = [engine.answer([p])[0] for p in prepared]
-    naive = engine.answer_naive(prepared)  # raw pixels into generate, per page and task
+    naive = StaticEngine.like(engine).answer_naive(prepared)  # raw pixels into generate, per page and task
 
     assert [_content(a) for a in batched] == [_content(a) for a in single] == [_content(a) for a in naive]
     assert all(a.error is None and a.generated_tokens > 0 for a in batched)
@@ -124,7 +126,7 @@ def test_chart_questions_asked_only_of_chart_pages(family, engines, monkeypatch)
 
     monkeypatch.setattr(prompts, "parse_yes_no", lambda text: True)
     with_chart = engine.answer(prepared)
-    naive = engine.answer_naive(prepared)
+    naive = StaticEngine.like(engine).answer_naive(prepared)
     for answer, reference in zip(with_chart, naive, strict=True):
         assert answer.has_chart is True
         assert [a.question for a in answer.chart_answers] == questions
@@ -196,48 +198,36 @@ def test_batches_follow_the_visual_token_budget(tiny_dirs) -> None:
     assert len(batches) > 1 and engine.stats.encode_calls == len(batches)
 
 
-def test_token_limit_and_repetition_flags(tiny_dirs, monkeypatch) -> None:
+def test_token_limit_and_repetition_flags(tiny_dirs) -> None:
     """The real repetition detector on scripted generations (the tiny model's own output is
     noise): a loop that runs into the limit is flagged; a long output without a loop, or a
     loop that stopped on its own, is not."""
     limit = 24  # long enough for the detector's minimum span (16 tokens)
     engine = load_engine(_config(tiny_dirs["idefics3"], max_new_tokens=limit, tasks=["description", "ocr"]))
-    eos = min(engine.eos_token_ids)
     words = [t for t in range(10, 200) if t not in engine.eos_token_ids]
     a, b = words[:2]
     loop = [a, b] * (limit // 2)  # repeats to the limit
     long = words[2 : 2 + limit]  # merely long: hits the limit, no loop
-    stopped_loop = [a, b] * 9 + [eos] + [0] * (limit - 19)  # loops, then stops on its own
-    script: list[list[list[int]]] = []  # rows of each generate call, in call order
-    real_generate = engine.model.generate
-
-    def scripted(**kwargs):
-        out = real_generate(**kwargs)
-        width = kwargs["input_ids"].shape[1]
-        rows = script.pop(0)
-        assert len(rows) == out.shape[0]
-        return torch.cat([out[:, :width], torch.tensor(rows, dtype=out.dtype)], dim=1)
-
-    monkeypatch.setattr(engine.model, "generate", scripted)
+    stopped_loop = [a, b] * 9  # loops, then stops on its own (the end token follows)
+    script: dict[str, list[int]] = {}
+    force(engine, lambda page, key: script[key])  # each row produces exactly its script
     page = _prepare(engine, [sample_image_page(300, 300)])
 
-    # one generate call per kind of row: the description's, then the OCR's
-    script += [[loop], [loop]]
+    script.update(description=loop, ocr=loop)
     [looping] = engine.answer(page)
     assert (looping.truncated, looping.repetitive) == (True, True)
     assert looping.generated_tokens == 2 * limit
 
-    script += [[long], [stopped_loop]]
+    script.update(description=long, ocr=stopped_loop)
     [fine] = engine.answer(page)
     assert (fine.truncated, fine.repetitive) == (True, False)
     assert fine.generated_tokens == limit + 19
     # the per-task flags say which task ran into the limit
     assert (fine.usage_of("description").hit_token_limit, fine.usage_of("ocr").hit_token_limit) == (True, False)
 
-    script += [[stopped_loop], [stopped_loop]]
+    script.update(description=stopped_loop, ocr=stopped_loop)
     [stopped] = engine.answer(page)
     assert (stopped.truncated, stopped.repetitive) == (False, False)
-    assert not script
 
 
 def test_fixed_output_lengths_with_min_new_tokens(tiny_dirs) -> None:
