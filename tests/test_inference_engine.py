@@ -118,6 +118,92 @@ def test_batched_shared_encoding_equals_one_at_a_time_and_naive(family, engines)
     assert all(a.error is None and a.generated_tokens > 0 for a in batched)
 
 
+ALL = (*MAIN, "qwen2_5_vl", "smolvlm", "minicpm_v2", "mono_internvl", "minimax_vl_01")
+
+
+@pytest.fixture(scope="module")
+def any_dir(tiny_dirs, tmp_path_factory) -> object:
+    """The tiny checkpoint of any family, built on first use."""
+    made: dict[str, Path] = dict(tiny_dirs)
+    root = tmp_path_factory.mktemp("tiny-more")
+
+    def folder(family: str) -> Path:
+        if family not in made:
+            made[family] = make_tiny_model(family, root / family)
+        return made[family]
+
+    return folder
+
+
+def _lengths(tokenizer):
+    """Forced lengths of 1-12 tokens (the chart check says yes on two pages, no on the other):
+    rows end at different steps."""
+    import hashlib
+
+    yes, no = (tokenizer.encode(word, add_special_tokens=False) for word in ("yes", "no"))
+
+    def forced(page, key):
+        if key == CHART:
+            return yes if page.doc_id in ("pdf", "small") else no
+        return 1 + hashlib.sha256(f"{page.doc_id}/{key}".encode()).digest()[0] % 12
+
+    return forced
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_continuous_batches_answer_like_the_static_batches(family, any_dir) -> None:
+    """Rows of every kind, ending at different steps, at most 2 decoding at once (so rows
+    leave and others join all along), chart questions joining after their chart check: the
+    same answers as the engine before (static generate() batches), no finished row computed,
+    and each page's shared prefix prefilled once."""
+    engine = load_engine(_config(any_dir(family), max_new_tokens=12, max_batch_pages=2))
+    force(engine, _lengths(engine.builder.tokenizer))
+    prepared = _prepare(engine, _pages())
+    static = force(StaticEngine.like(engine), _lengths(engine.builder.tokenizer))
+    answers = engine.answer(prepared)
+    assert [_content(a) for a in answers] == [_content(a) for a in static.answer(prepared)]
+    assert [a.has_chart for a in answers] == [True, False, True]
+    stats = engine.stats
+    assert stats.finished_slots == 0 and stats.decode_slots == stats.generated_tokens
+    # every prompt token is computed once or comes from its page's prefix cache, no padding
+    assert stats.cached_prompt_tokens > 0 and stats.pad_slots == 0
+    assert stats.prefill_slots + stats.cached_prompt_tokens == stats.prompt_tokens
+
+
+@pytest.mark.parametrize("family", ["internvl", "qwen2_vl", "minicpm_v2"])
+def test_beams_answer_like_the_static_batches(family, any_dir) -> None:
+    """Beam search (3 beams; MiniCPM-V 2.0's default with repetition penalty 1.2), rows ending
+    on their own: the same answers as transformers' generate() in static batches."""
+    engine = load_engine(_config(any_dir(family), max_new_tokens=24, max_batch_pages=3, num_beams=3))
+    assert engine.generation.num_beams == 3
+    with torch.no_grad():  # end tokens likelier, so that beams end at different steps on their own
+        head = engine.model.get_output_embeddings().weight
+        head[sorted(engine.eos_token_ids)] *= 3.0
+    prepared = _prepare(engine, _pages())
+    answers = engine.answer(prepared)
+    assert [_content(a) for a in answers] == [_content(a) for a in StaticEngine.like(engine).answer(prepared)]
+    assert sum(a.generated_tokens for a in answers) < 3 * 24 * len(prepared)  # some rows ended on their own
+
+
+@pytest.mark.parametrize("family", ["internvl", "qwen2_vl", "mono_internvl", "minimax_vl_01"])
+def test_each_page_image_goes_through_the_model_once(family, any_dir, monkeypatch) -> None:
+    engine = load_engine(_config(any_dir(family)))
+    prepared = _prepare(engine, _pages())
+    image = engine.builder.image_token_id
+    fed: list[int] = []
+    real = engine.call
+
+    def call(input_ids, *args, **kwargs):
+        fed.append(int((input_ids == image).sum()))
+        return real(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "call", call)
+    answers = engine.answer(prepared)
+    assert all(a.error is None for a in answers)
+    assert sorted(n for n in fed if n) == sorted(p.visual_tokens for p in prepared)  # one prefill per page
+    assert engine.stats.rows == 3 * len(prepared)
+
+
 @pytest.mark.parametrize("family", MAIN)
 def test_chart_questions_asked_only_of_chart_pages(family, engines, monkeypatch) -> None:
     engine = engines[family]

@@ -290,6 +290,14 @@ class MiniMaxVL01Cache(native.MiniMaxCache):
     def get_query_offset(self, layer_idx: int = 0) -> Any:
         return super().get_query_offset(self._index(layer_idx))
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search's reorder, the lightning states included (the native cache reorders only
+        the softmax layers, so each beam would go on with another beam's linear-attention state)."""
+        super().reorder_cache(beam_idx)
+        for i, state in enumerate(self.linear_cache):
+            if isinstance(state, torch.Tensor):
+                self.linear_cache[i] = state.index_select(0, beam_idx.to(state.device))
+
 
 class MiniMaxVL01TextModel(native.MiniMaxModel):
     """transformers' MiniMaxModel (same forward, same MiniMaxCache) built from the layers above."""
