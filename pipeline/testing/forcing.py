@@ -24,6 +24,15 @@ def _forced_token(target: int | Sequence[int], step: int, eos: int) -> int | Non
     return int(target[step]) if step < len(target) else eos
 
 
+def _force_row(scores: Any, row: int, target: int | Sequence[int], step: int, eos_ids: Sequence[int]) -> None:
+    token = _forced_token(target, step, eos_ids[0])
+    if token is None:
+        scores[row, list(eos_ids)] = float("-inf")
+    else:
+        scores[row, :] = float("-inf")
+        scores[row, token] = 0.0
+
+
 class ForcedScores:
     """Score hook of the continuous engine (pipeline.inference.decoding.ScoreHook): rows tagged
     (page, key), with their own step counts."""
@@ -31,17 +40,10 @@ class ForcedScores:
     def __init__(self, forced_output: ForcedOutput, eos_ids: Sequence[int]) -> None:
         self.forced_output = forced_output
         self.eos_ids = sorted(eos_ids)
-        self._targets: dict[int, Any] = {}
 
     def __call__(self, tags: Sequence[Any], steps: Any, scores: Any) -> Any:
         for row, ((page, key), step) in enumerate(zip(tags, steps.tolist(), strict=True)):
-            target = self.forced_output(page, key)
-            token = _forced_token(target, int(step), self.eos_ids[0])
-            if token is None:
-                scores[row, self.eos_ids] = float("-inf")
-                continue
-            scores[row, :] = float("-inf")
-            scores[row, token] = 0.0
+            _force_row(scores, row, self.forced_output(page, key), int(step), self.eos_ids)
         return scores
 
 
@@ -58,12 +60,7 @@ class ForcedLogits:
         step = input_ids.shape[1] - self.width  # tokens generated so far
         beams = max(1, scores.shape[0] // len(self.targets))
         for row in range(scores.shape[0]):
-            token = _forced_token(self.targets[row // beams], step, self.eos_ids[0])
-            if token is None:
-                scores[row, self.eos_ids] = float("-inf")
-                continue
-            scores[row, :] = float("-inf")
-            scores[row, token] = 0.0
+            _force_row(scores, row, self.targets[row // beams], step, self.eos_ids)
         return scores
 
 
