@@ -452,7 +452,6 @@ def run_pipeline(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
             shard_size=args.pipeline_pages,
             progress=False,
         )
-        (shard,) = runner.discover_work(config).shards
         # Start the prep workers on a warm-up shard of other documents first, as the first
         # shard of a long run does (a worker takes seconds to import torch/transformers).
         warm_src = work / "warm"
@@ -460,16 +459,23 @@ def run_pipeline(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
         for i in range(args.prep_workers):
             (warm_src / f"warm{i}.pdf").write_bytes(sample_pdf(title=f"Warm-up {i}"))
         warm = config.model_copy(update={"source": str(warm_src), "output": str(work / "warm-out")})
-        for warm_shard in runner.discover_work(warm).shards:
-            runner.process_shard(warm_shard, warm, run_id="warm-up", engine=engine)
+        warm_run = runner.begin_run(warm, run_id="warm-up")
+        for warm_shard in runner.discover_work(warm, warm_run).shards:
+            runner.process_shard(warm_shard, warm, run_id="warm-up", engine=engine, dataset=warm_run.dataset,
+                                 lease=warm_run.lease)
+        runner.end_run(warm_run, "completed")
+        handle = runner.begin_run(config, run_id="bench")
+        (shard,) = runner.discover_work(config, handle).shards
         cuda = torch.cuda.is_available() and next(engine.model.parameters()).is_cuda
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         before = engine.stats.model_s, engine.stats.generated_tokens, engine.stats.generate_calls, engine.stats.encode_s
         t0 = time.perf_counter()
-        result = runner.process_shard(shard, config, run_id="bench", engine=engine)
+        result = runner.process_shard(shard, config, run_id="bench", engine=engine, dataset=handle.dataset,
+                                      lease=handle.lease)
         wall = time.perf_counter() - t0
+        runner.end_run(handle, "completed")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {
