@@ -95,6 +95,19 @@ class Batch:
             self.last = self.last.index_select(0, index)
         self.trim()
 
+    def reorder_beams(self, source: torch.Tensor, generated: torch.Tensor) -> None:
+        """Beam search's reorder, in place: beam j of group g (row g * beams + j) continues beam
+        source[g, j]. Only the rows that continue another beam change, and only their columns
+        of generated tokens (`generated` (groups,): tokens chosen so far, the newest not yet in
+        the cache): before those, a group's beams hold the same prompt."""
+        groups, beams = source.shape
+        changed = source != torch.arange(beams, device=source.device)[None, :]
+        if not bool(changed.any()):
+            return
+        g, j = changed.nonzero(as_tuple=True)
+        columns = int((generated.to(g.device)[g] - 1).max())
+        kvcache.copy_rows(self.cache, g * beams + j, g * beams + source[g, j], columns)
+
     def trim(self) -> None:
         """Drop the leading columns that are padding in every row."""
         if self.rows == 0:

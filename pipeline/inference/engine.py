@@ -324,6 +324,8 @@ class _Run:
         """Choose every row's next token; finished requests leave (their answers handed over), the
         others reorder (beams) and carry on."""
         source, done = selection.step(logits)
+        if source is not None:  # beams: each row now holds the beam it continues
+            batch.reorder_beams(source, selection.count)
         finished = done.nonzero().squeeze(1).tolist()
         for g in finished:
             request = selection.requests[g]
@@ -337,8 +339,8 @@ class _Run:
             if batch is self.batch:
                 self.batch, self.selection = None, None
             return
-        if finished or (source is not None and not _identity(source)):
-            batch.select(rows_of(kept, selection.k, source.index_select(0, kept) if source is not None else None))
+        if finished:
+            batch.select(rows_of(kept, selection.k))
         batch.last = selection.last_tokens().to(batch.mask.device)
 
     # ---- starting rows ---------------------------------------------------------------------------
@@ -459,12 +461,6 @@ class _Run:
         self.stats.forward_calls += 1
         self.stats.prefill_slots += len(rows) * length
         return batch, logits, [self._request(row) for row in rows]
-
-
-def _identity(source: Any) -> bool:
-    import torch
-
-    return bool((source == torch.arange(source.shape[1], device=source.device)[None, :]).all())
 
 
 def load_engine(config: RunConfig, *, min_new_tokens: int | None = None, score_hook: ScoreHook | None = None) -> Engine:

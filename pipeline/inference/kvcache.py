@@ -154,6 +154,22 @@ def select(cache: Any, index: torch.Tensor) -> None:
     _map_states(cache, lambda s: s.index_select(0, index.to(s.device)))
 
 
+def copy_rows(cache: Any, rows: torch.Tensor, sources: torch.Tensor, columns: int) -> None:
+    """Row rows[i] takes row sources[i]'s last `columns` columns (and its linear states), in place:
+    beam search's reorder, where the beams of a request share every column before their own
+    generated tokens, so only those need copying (transformers copies the whole cache)."""
+    for _, layer in _kv_layers(cache):
+        index, source = rows.to(layer.keys.device), sources.to(layer.keys.device)
+        if isinstance(layer, GrowingLayer):
+            start = max(0, layer._length - columns)
+            layer._k[index, :, start : layer._length] = layer._k[source, :, start : layer._length]
+            layer._v[index, :, start : layer._length] = layer._v[source, :, start : layer._length]
+        else:
+            layer.keys = layer.keys.index_copy(0, index, layer.keys.index_select(0, source))
+            layer.values = layer.values.index_copy(0, index, layer.values.index_select(0, source))
+    _map_states(cache, lambda s: s.index_copy(0, rows.to(s.device), s.index_select(0, sources.to(s.device))))
+
+
 def expand(cache: Any, rows: int) -> Any:
     """A new cache of `rows` copies of a one-row cache of plain layers (views until written)."""
     new = copy_of(cache)
@@ -219,5 +235,5 @@ def concat(caches: Sequence[Any]) -> Any:
     return head
 
 
-__all__ = ["GrowingLayer", "UnsupportedCacheError", "check", "concat", "copy_of", "expand", "growing", "length",
-           "select", "trim_left"]
+__all__ = ["GrowingLayer", "UnsupportedCacheError", "check", "concat", "copy_of", "copy_rows", "expand", "growing",
+           "length", "select", "trim_left"]
