@@ -61,6 +61,17 @@ def test_a_growing_layer_writes_in_place_and_grows_when_full() -> None:
     assert keys[0, 0, 3:, 0].tolist() == [1.0, 2.0, 3.0, 4.0] and not keys[0, :, :3].any()
 
 
+def test_beams_take_only_the_generated_columns_of_the_beam_they_continue() -> None:
+    cache = _cache(3, 6, seed=5)
+    kvcache.growing(cache)
+    before = cache.layers[0].keys.clone()
+    before[:, :, :4] = before[0, :, :4]  # a request's beams share their prompt columns
+    cache.layers[0]._k[:, :, :6] = before
+    kvcache.copy_rows(cache, torch.tensor([0, 2]), torch.tensor([2, 1]), columns=2)  # beam 0 <- 2, beam 2 <- 1
+    after = cache.layers[0].keys
+    assert torch.equal(after[0], before[2]) and torch.equal(after[2], before[1]) and torch.equal(after[1], before[1])
+
+
 def test_a_prefix_expanded_into_rows_stays_unwritten() -> None:
     prefix = _cache(1, 4, seed=3)
     before = prefix.layers[0].keys.clone()
