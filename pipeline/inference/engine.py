@@ -130,7 +130,7 @@ class Engine(PageEngine):
 
             def finished(request: Request, tokens: list[int]) -> None:
                 i, key = request.slot
-                gen = self._finish(tokens, request.limit)
+                gen = self._finish(tokens, request.limit)  # counts its tokens; the run counted them live
                 gen.prompt_tokens = len(pages[i].prompts[key])
                 result.outputs[(i, key)] = gen
                 if key == CHART and self._chart_keys(pages[i]):
@@ -180,7 +180,7 @@ class Engine(PageEngine):
 
         def finished(request: Request, tokens: list[int]) -> None:
             s, key = request.slot
-            gen = self._finish(tokens, limit)
+            gen = self._finish(tokens, limit)  # counts its tokens; the run counted them live
             gen.prompt_tokens = len(sources[s].prompts[key])
             out[int(key.split(":")[1])] = gen
 
@@ -317,8 +317,13 @@ class _Run:
                 continue
             logits = self.batch.step(self.engine.call)
             self.stats.forward_calls += 1
-            self.stats.decode_slots += len(self.selection)  # type: ignore[arg-type]
+            self._chosen(len(self.selection))  # type: ignore[arg-type]
             self._settle(self.batch, self.selection, logits)  # type: ignore[arg-type]
+
+    def _chosen(self, requests: int) -> None:
+        """A token chosen for each of `requests`: counted at once, so progress moves while rows decode."""
+        self.stats.decode_slots += requests
+        self.stats.generated_tokens += requests
 
     def _settle(self, batch: Batch, selection: Selection, logits: Any) -> None:
         """Choose every row's next token; finished requests leave (their answers handed over), the
@@ -331,6 +336,8 @@ class _Run:
             request = selection.requests[g]
             self.used -= self.sources[request.slot[0]].visual_tokens
             assert self.on_finish is not None
+            # the answer's tokens replace the steps counted live (beams may end on a shorter hypothesis)
+            self.stats.generated_tokens -= int(selection.count[g])
             self.on_finish(request, selection.result(g))
         kept = (~done).nonzero().squeeze(1)
         if finished:
@@ -379,7 +386,7 @@ class _Run:
             batch.select(index.to(batch.mask.device))
             logits = logits.index_select(0, index)
         selection = Selection(self.decoding, requests, logits.device)
-        self.stats.decode_slots += len(requests)
+        self._chosen(len(requests))
         self._settle(batch, selection, logits)
         if len(selection) == 0:
             return
