@@ -1,25 +1,50 @@
-"""Inference throughput: the model cards' naive loop vs the engine. Prints figures; asserts nothing.
+"""Inference throughput: the model cards' naive loop, the transformers engine before (static
+batches) and the engine (continuous batching), on the same rows. Prints figures; asserts nothing.
 
 Two token mixes. `--mix realistic` (the default) emulates what real pages ask of the
-model, by forcing each row's output length on the random model (`Engine.forced_output`):
+model, by forcing each row's output length on the random model (pipeline.testing.forcing):
 per 4 pages, 2 text pages (OCR 300-700 tokens), 1 chart page (OCR 80-200 tokens, the
 chart check says yes, 4 chart answers of 15-120 tokens) and 1 scan (OCR 300-700 tokens,
 no text layer); descriptions 40-90 tokens; chart checks "yes"/"no" (1-4 tokens). Limits
-are the run defaults (OCR 2048, description 256, chart check 4, chart answer 512). It
-prints side by side, for the naive loop, the engine with every kind of row in the same
-calls (the schedule before schema 1.4, `Engine.schedule = "mixed"`), the engine, and the
-engine with `--ocr auto` (the first three with `--ocr model`, so the same rows): pages/s,
-generated tokens/s, prefill token slots per page (padding included), and the share of
-computed token slots that were padding or rows that had already finished. Then what
-`--ocr auto` saves on sample_docs/ (OCR lengths there: the text layer's characters / 4
-where the page has one, 400 tokens where it has none).
+are the run defaults (OCR 2048, description 256, chart check 4, chart answer 512). With
+beams (MiniCPM-V 2.0's default 3, or `--num-beams`) every beam of a row is forced alike, so
+every path answers the same rows with the same tokens (the bench prints whether they did).
+Side by side, with `--ocr model` (so the same rows), the paths:
+
+    naive    the model cards' loop: one page and one task at a time, raw pixel values into
+             `generate()` (the image encoded again for every task);
+    static   the engine before continuous batching (pipeline.testing.static_engine): one
+             vision pass per page, one `generate()` call per kind of row, packed by the
+             visual-token budget, every row prefilled in full and decoded until its call's
+             longest row stops;
+    engine   the engine (pipeline.inference.engine): each page's image and shared prompt
+             prefilled once, rows decoded together, a finished row leaving at once and a
+             waiting one taking its place;
+    auto     the engine with `--ocr auto` (the text layer stands in for OCR where it can);
+    mixed    (only with --paths) the static batches with every kind in the same calls, the
+             schedule before schema 1.4;
+    vllm     the vLLM engine (pipeline.inference.vllm_engine; under a virtualenv with vllm,
+             e.g. the README's .venv-vllm), every request of the pages in flight at once.
+
+Which paths run: `--engine transformers` (the default) runs naive, static, engine, auto and
+samples (`--mix fixed`: naive, static, engine, pipeline); `--engine both` runs naive, static,
+engine and vllm; `--engine vllm` the vllm path alone. `--paths` replaces the default list
+with its own, in its order (`--engine both` is needed for vllm among them), e.g.
+`--engine both --paths naive,static,engine,vllm` or `--engine both --paths engine,vllm`.
+Decoding: the family's own (MiniCPM-V 2.0: 3 beams and repetition penalty 1.2; the others
+greedy) or `--num-beams`; vLLM decodes greedily only, so whenever the vllm path runs every
+path is greedy (and `--num-beams` above 1 is refused).
+
+pages/s, generated tokens/s, prefill token slots per page, the share of prompt tokens served
+from a page's prefix cache, and the share of computed slots that were padding or rows that had
+already finished. Then what `--ocr auto` saves on sample_docs/ (OCR lengths there: the text
+layer's characters / 4 where the page has one, 400 tokens where it has none).
 
 `--mix fixed` is the older comparison: every row exactly `--new-tokens` long:
 
 (a) naive: one page and one task at a time, raw pixel values into `generate` (the image
     is encoded again for every task), as the model cards' quick-starts do;
-(b) engine: pages batched by visual-token budget, left padding, one image encoding per
-    page shared by all its tasks (prepared pages in, answers out: model time only);
+(b) static / engine: as above (prepared pages in, answers out: model time only);
 (c) pipeline: the same engine behind the whole runner, one-page PDFs read, rasterized and
     prepared in `--prep-workers` processes while the model works, Parquet written; its
     wall time includes all of that (the workers are started on a warm-up shard first, as in
@@ -31,15 +56,19 @@ Each path runs in a fresh subprocess so peak memory is its own.
     python bench/inference.py                      # CPU: tiny InternVL, realistic mix, 16 pages
     python bench/inference.py --mix fixed          # CPU: 6 pages, 16 tokens per task, + pipeline
     python bench/inference.py --family qwen2_vl    # other tiny families
+    python bench/inference.py --model-size medium  # CPU: a 28M-parameter Idefics3 (the model dominates)
+    python bench/inference.py --model-size medium --family minicpm_v2 [--num-beams 1]
+        # a seed model at a medium size (SEED_SIZES; also mono_internvl, minimax_vl_01);
+        # MiniCPM-V 2.0 decodes with its default 3 beams and repetition penalty 1.2
     python bench/inference.py --real-size          # GPU: InternVL3-1B at full size, random
                                                    # bf16 weights, 13 tiles/page, 256 tokens/task
 
 The vLLM engine (run under a virtualenv with vllm, e.g. the README's .venv-vllm):
 
     python bench/inference.py --engine both --model-size medium
-        # CPU: naive loop, transformers engine and vLLM engine on the same rows (realistic
-        # mix), with a 28M-parameter Idefics3 (text hidden 512, 8 layers, head_dim 64) so
-        # the model, not Python, dominates; prints pages/s, tokens/s, prefix-cache hits, waste
+        # CPU: naive loop, static batches, transformers engine and vLLM engine on the same rows
+        # (realistic mix), with a 28M-parameter Idefics3 (text hidden 512, 8 layers, head_dim 64)
+        # so the model, not Python, dominates; prints pages/s, tokens/s, prefix-cache hits, waste
     python bench/inference.py --real-size --engine vllm
         # GPU: SmolVLM-500M's architecture (SigLIP 93M + SmolLM2-360M, Idefics3 class) at full
         # size with random bf16 weights, 1700x2200 pages (4x4 tiles of 512 px + a global view,
@@ -53,9 +82,10 @@ every column, since vLLM does not do MiniCPM-V 2.0's default beams):
     python bench/inference.py --family minicpm_v2 --engine both --model-size medium
     python bench/inference.py --family mono_internvl --engine both --model-size medium
     python bench/inference.py --family minimax_vl_01 --engine both --model-size medium
-        # CPU, under .venv-vllm: naive loop, transformers engine and vLLM engine on the same rows
-        # of the realistic mix, with the seed at a medium size (SEED_SIZES: text hidden 512,
-        # 8 layers, head_dim 64; the family's own vision side, shrunk) so the model dominates
+        # CPU, under .venv-vllm: naive loop, static batches, transformers engine and vLLM engine
+        # on the same rows of the realistic mix, with the seed at its medium size (SEED_SIZES:
+        # text hidden 512, 8 layers, head_dim 64; the family's own vision side, shrunk; the same
+        # checkpoint as the transformers-only invocations above) so the model dominates
     python bench/inference.py --real-size --family minicpm_v2 --engine vllm
     python bench/inference.py --real-size --family mono_internvl --engine vllm
     python bench/inference.py --real-size --family minimax_vl_01 --engine vllm
@@ -179,20 +209,23 @@ def idefics3_checkpoint(out: Path, size: str, dtype: str = "float32") -> Path:
     return out
 
 
-# ---- the seed families at medium / real size (the vLLM comparison) ----------------------
+# ---- the seed families at medium / real size ----------------------------------------------
 # Overrides of the family's tiny checkpoint (its vLLM-CPU variant where it has one: text
 # head_dim 64), by config.json section: "top" the top level, "text" the language model's
 # section (MiniCPM-V 2.0 keeps it at the top level), "vision" the vision section; "pre":
-# preprocessor_config.json (MiniMax-VL-01's tile size and grid there). "medium":
-# CPU-sized, the model dominates; "real": the published architecture (Mono-InternVL-2B's
-# vision width is InternLM2-1.8B's 2048: its config.json is not public here; MiniMax-VL-01
-# with 2 decoder layers per visible GPU instead of 80); "dry": the real page geometry with
-# narrow, shallow layers (--real-size --dry-run on a CPU).
+# preprocessor_config.json (MiniMax-VL-01's tile size and grid there). "medium": CPU-sized,
+# the model dominates; one checkpoint for every path (naive, static, engine, vLLM), text
+# head_dim 64, weights drawn with std 0.02 (the tiny models' 0.3 makes a model of this depth
+# chaotic: a 1e-6 change of its input moves its log-probabilities by units); "real": the
+# published architecture (Mono-InternVL-2B's vision width is InternLM2-1.8B's 2048: its
+# config.json is not public here; MiniMax-VL-01 with 2 decoder layers per visible GPU instead
+# of 80); "dry": the real page geometry with narrow, shallow layers (--real-size --dry-run).
 SEED_FAMILIES = ("minicpm_v2", "mono_internvl", "minimax_vl_01")
 SEED_SIZES: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
     "minicpm_v2": {
         "medium": {"top": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
-                           "num_attention_heads": 8, "num_key_value_heads": 8},
+                           "num_attention_heads": 8, "num_key_value_heads": 8, "dim_model_base": 256,
+                           "initializer_range": 0.02},
                    "vision": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 5,
                               "num_attention_heads": 4, "patch_size": 14, "image_size": 384}},
         "real": {"top": {"hidden_size": 2304, "intermediate_size": 5760, "num_hidden_layers": 40,
@@ -203,8 +236,8 @@ SEED_SIZES: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
     },
     "mono_internvl": {
         "medium": {"text": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
-                            "num_attention_heads": 8, "num_key_value_heads": 4},
-                   "vision": {"hidden_size": 128, "patch_size": 28}},
+                            "num_attention_heads": 8, "num_key_value_heads": 4, "initializer_range": 0.02},
+                   "vision": {"hidden_size": 128, "patch_size": 28, "initializer_range": 0.02}},
         "real": {"text": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
                           "num_attention_heads": 16, "num_key_value_heads": 8, "vocab_size": 92_553},
                  "vision": {"hidden_size": 2048, "patch_size": 14}},
@@ -215,7 +248,7 @@ SEED_SIZES: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
     "minimax_vl_01": {
         "medium": {"text": {"hidden_size": 512, "intermediate_size": 768, "num_hidden_layers": 8,
                             "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64, "rotary_dim": 32,
-                            "num_local_experts": 8, "num_experts_per_tok": 2,
+                            "num_local_experts": 8, "num_experts_per_tok": 2, "initializer_range": 0.02,
                             "attn_type_list": [0, 0, 0, 0, 0, 0, 0, 1]},  # MiniMax-Text-01's 7:1
                    "vision": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2}},
         "real": {"top": {"image_grid_pinpoints": [[336 * c, 336 * r] for c in range(1, 7) for r in range(1, 7)],
@@ -285,15 +318,40 @@ def seed_checkpoint(family: str, out: Path, size: str, dtype: str = "float32", *
     torch.manual_seed(0)
     with torch.device("cuda" if size == "real" and torch.cuda.is_available() else "cpu"):
         model = type(module.meta_model(config))(config)  # the port's class, with real (random) weights
-    model = model.to(getattr(torch, dtype))
+    model = model.to(getattr(torch, dtype)).eval()
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
 
 
-def _seed_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """Greedy decoding for a seed family in every column (vLLM does not do MiniCPM-V's beams)."""
-    return {"num_beams": 1, "repetition_penalty": 1.0} if args.family in SEED_FAMILIES else {}
+# ---- which paths run, and how they decode ---------------------------------------------------
+
+PATHS = ("naive", "static", "mixed", "engine", "auto", "samples", "pipeline", "vllm")
+
+
+def _paths(args: argparse.Namespace) -> tuple[str, ...]:
+    """The paths of this invocation: `--paths`, else the defaults of `--engine` and the mix."""
+    if args.paths:
+        return tuple(p.strip() for p in args.paths.split(",") if p.strip())
+    if args.engine == "vllm":
+        return ("vllm",)
+    if args.engine == "both":
+        return ("naive", "static", "engine", "vllm")
+    if args.mix == "fixed":
+        return ("naive", "static", "engine", "pipeline")
+    if args.real_size:
+        return ("naive", "static", "engine", "auto")  # sample_docs/ are too few pages for a GPU figure
+    return ("naive", "static", "engine", "auto", "samples")
+
+
+def _decoding(args: argparse.Namespace) -> dict[str, Any]:
+    """The decoding settings of every path, so that all answer alike. vLLM decodes greedily
+    only: with the vllm path in the run, a seed family's own decoding (MiniCPM-V 2.0: 3 beams,
+    repetition penalty 1.2) gives way to greedy in every column. Without it, the family's own
+    decoding, or `--num-beams`."""
+    if "vllm" in _paths(args):
+        return {"num_beams": 1, "repetition_penalty": 1.0} if args.family in SEED_FAMILIES else {}
+    return {} if args.num_beams is None else {"num_beams": args.num_beams}
 
 
 class GpuUtilisation:
@@ -335,7 +393,7 @@ def _config(args: argparse.Namespace, model_dir: Path, **more: Any) -> Any:
     """The run settings every path shares (model, output lengths, batching, device)."""
     from pipeline.config import RunConfig
 
-    settings: dict[str, Any] = {"source": "unused", "output": "unused", **_seed_settings(args), **more}
+    settings: dict[str, Any] = {"source": "unused", "output": "unused", **_decoding(args), **more}
     if args.mix == "fixed":
         settings.setdefault("max_new_tokens", args.new_tokens)
         settings.setdefault("ocr", "model")
@@ -427,46 +485,61 @@ def _yes_no(builder: Any) -> tuple[list[int], list[int]]:
     return tokenizer.encode("yes", add_special_tokens=False), tokenizer.encode("no", add_special_tokens=False)
 
 
-def _engine(args: argparse.Namespace, model_dir: Path, **settings: Any) -> Any:
-    """The engine under test: a tiny checkpoint from disk, or (real size) random weights made on the GPU."""
+# ---- the engines: the continuous engine, and before it the static batches and the naive loop ----------
+
+STATIC_PATHS = ("naive", "static", "mixed")  # pipeline.testing.static_engine: the engine before, its naive loop
+
+
+def _engine(args: argparse.Namespace, model_dir: Path, *, path: str = "engine", **settings: Any) -> Any:
+    """The engine of `path`: the continuous engine (pipeline.inference.engine), or for the naive
+    loop and the static batches the engine as it was before (pipeline.testing.static_engine), on
+    a model loaded for it alone (the continuous engine switches the model's decode attention)."""
     import torch
 
-    from pipeline.inference import Engine, load_builder, load_engine
+    from pipeline.inference import Engine, load_builder
+    from pipeline.inference.loading import dtype_name, load_model
+    from pipeline.testing.forcing import force
+    from pipeline.testing.static_engine import StaticEngine
 
     config = _config(args, model_dir, **settings)
-    if not args.real_size:
-        if args.mix == "fixed":
-            return load_engine(config, min_new_tokens=args.new_tokens)
-        engine = load_engine(config)
-        engine.forced_output = mix_lengths(*_yes_no(engine.builder))
-        return engine
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    real = internvl3_1b_config(
-        tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), tokenizer.pad_token_id, tokenizer.eos_token_id
-    )
-    device = {"auto": "cuda", "cuda": "cuda", "cpu": "cpu"}.get(args.device, f"cuda:{args.device}")
-    dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForImageTextToText.from_config(real, dtype=dtype, attn_implementation="sdpa")
-    model.eval()
-    builder = load_builder(config, model_config=real)
+    kind = StaticEngine if path in STATIC_PATHS else Engine
+    extra: dict[str, Any] = {"schedule": "mixed"} if path == "mixed" else {}
     fixed = args.mix == "fixed"
-    return Engine(
+    if not args.real_size:
+        loaded = load_model(config)
+        model, builder, model_id, dtype = loaded.model, loaded.builder, loaded.model_id, dtype_name(loaded.dtype)
+        generation = builder.generation_defaults.override(config.num_beams, config.repetition_penalty)
+    else:
+        from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        real = internvl3_1b_config(
+            tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), tokenizer.pad_token_id, tokenizer.eos_token_id
+        )
+        device = {"auto": "cuda", "cuda": "cuda", "cpu": "cpu"}.get(args.device, f"cuda:{args.device}")
+        torch_dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForImageTextToText.from_config(real, dtype=torch_dtype, attn_implementation="sdpa")
+        model.eval()
+        builder = load_builder(config, model_config=real)
+        model_id, dtype = "InternVL3-1B-hf (architecture, random weights)", str(torch_dtype).removeprefix("torch.")
+        generation = builder.generation_defaults.override(config.num_beams, config.repetition_penalty)
+    engine = kind(
         model,
         builder,
-        model_id="InternVL3-1B-hf (architecture, random weights)",
+        model_id=model_id,
         revision=None,
-        dtype=str(dtype).removeprefix("torch."),
-        max_new_tokens=args.new_tokens if fixed else config.task_budgets(),
+        dtype=dtype,
+        max_new_tokens=config.task_budgets(),
         batch_visual_tokens=args.budget,
         max_batch_pages=args.max_batch_pages,
         min_new_tokens=args.new_tokens if fixed else None,
         ocr=config.ocr,
-        forced_output=None if fixed else mix_lengths(*_yes_no(builder)),
+        generation=generation,
+        **extra,
     )
+    return engine if fixed else force(engine, mix_lengths(*_yes_no(builder)))
 
 
 def _pages(count: int, width: int, height: int) -> list[Any]:
@@ -502,7 +575,6 @@ def run_pipeline(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
             shard_size=args.pipeline_pages,
             progress=False,
         )
-        (shard,) = runner.discover_work(config).shards
         # Start the prep workers on a warm-up shard of other documents first, as the first
         # shard of a long run does (a worker takes seconds to import torch/transformers).
         warm_src = work / "warm"
@@ -510,16 +582,23 @@ def run_pipeline(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
         for i in range(args.prep_workers):
             (warm_src / f"warm{i}.pdf").write_bytes(sample_pdf(title=f"Warm-up {i}"))
         warm = config.model_copy(update={"source": str(warm_src), "output": str(work / "warm-out")})
-        for warm_shard in runner.discover_work(warm).shards:
-            runner.process_shard(warm_shard, warm, run_id="warm-up", engine=engine)
+        warm_run = runner.begin_run(warm, run_id="warm-up")
+        for warm_shard in runner.discover_work(warm, warm_run).shards:
+            runner.process_shard(warm_shard, warm, run_id="warm-up", engine=engine, dataset=warm_run.dataset,
+                                 lease=warm_run.lease)
+        runner.end_run(warm_run, "completed")
+        handle = runner.begin_run(config, run_id="bench")
+        (shard,) = runner.discover_work(config, handle).shards
         cuda = torch.cuda.is_available() and next(engine.model.parameters()).is_cuda
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         before = engine.stats.model_s, engine.stats.generated_tokens, engine.stats.generate_calls, engine.stats.encode_s
         t0 = time.perf_counter()
-        result = runner.process_shard(shard, config, run_id="bench", engine=engine)
+        result = runner.process_shard(shard, config, run_id="bench", engine=engine, dataset=handle.dataset,
+                                      lease=handle.lease)
         wall = time.perf_counter() - t0
+        runner.end_run(handle, "completed")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {
@@ -552,9 +631,7 @@ def run_path(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     if args.only == "vllm":
         return run_vllm(args, model_dir)
     torch.set_num_threads(args.threads)
-    engine = _engine(args, model_dir, ocr="auto" if args.only == "auto" else "model")
-    if args.only == "mixed":
-        engine.schedule = "mixed"
+    engine = _engine(args, model_dir, path=args.only, ocr="auto" if args.only == "auto" else "model")
     builder = engine.builder
     if args.mix == "fixed":
         pages = _pages(args.pages, args.width, args.height)
@@ -599,6 +676,7 @@ def run_path(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
 def run_vllm(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     """The vLLM engine on the same rows: every request of the pages in flight at once."""
     from pipeline.inference.vllm_engine import load_vllm_engine
+    from pipeline.testing.forcing import force
 
     settings: dict[str, Any] = {"ocr": "model", "vllm_max_pages": max(args.pages, 1)}
     if args.real_size and not args.dry_run:
@@ -608,10 +686,7 @@ def run_vllm(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     dummy = args.real_size and not args.dry_run and args.family in SEED_FAMILIES
     engine = load_vllm_engine(config, llm_args={"load_format": "dummy"} if dummy else None)
     load_s = time.perf_counter() - t0
-    if args.mix == "fixed":
-        engine.forced_output = lambda page, key: args.new_tokens
-    else:
-        engine.forced_output = mix_lengths(*_yes_no(engine.builder))
+    force(engine, (lambda page, key: args.new_tokens) if args.mix == "fixed" else mix_lengths(*_yes_no(engine.builder)))
     builder = engine.builder
     dpi = 72.0 * args.width / 612.0
     pages = _pages(args.pages + 1, args.width, args.height) if args.mix == "fixed" else _mix_pages(args.pages + 1, dpi)
@@ -653,8 +728,8 @@ def run_vllm(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     }
 
 
-_COUNTERS = ("model_s", "encode_s", "generated_tokens", "generate_calls", "rows", "prefill_slots", "pad_slots",
-             "decode_slots", "finished_slots", "ocr_rows_skipped", "prompt_tokens", "cached_prompt_tokens")
+_COUNTERS = ("model_s", "encode_s", "generated_tokens", "generate_calls", "forward_calls", "rows", "prefill_slots",
+             "pad_slots", "decode_slots", "finished_slots", "ocr_rows_skipped", "prompt_tokens", "cached_prompt_tokens")
 
 
 def _stats_delta(before: Any, after: Any) -> dict[str, Any]:
@@ -689,14 +764,16 @@ def run_samples(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
 
 def _print_mix(results: dict[str, dict[str, Any]]) -> None:
     """The realistic mix, side by side."""
-    paths = [p for p in ("naive", "mixed", "engine", "auto", "vllm") if p in results]
-    names = {"naive": "naive loop", "mixed": "engine, kinds mixed", "engine": "engine", "auto": "engine, --ocr auto",
-             "vllm": "vLLM engine"}
+    paths = [p for p in ("naive", "mixed", "static", "engine", "auto", "vllm") if p in results]
+    names = {"naive": "naive loop", "mixed": "static, kinds mixed", "static": "static batches (before)",
+             "engine": "engine", "auto": "engine, --ocr auto", "vllm": "vLLM engine"}
     rows = [
         ("pages/s", lambda r: f"{r['pages'] / r['answer_s']:.2f}"),
         ("generated tokens/s", lambda r: f"{r['generated_tokens'] / r['answer_s']:.1f}"),
+        ("rows", lambda r: f"{r['rows']}"),
         ("generated tokens", lambda r: f"{r['generated_tokens']}"),
-        ("generate calls", lambda r: f"{r['generate_calls']}"),
+        ("generate() calls", lambda r: f"{r['generate_calls']}"),
+        ("forward passes", lambda r: f"{r.get('forward_calls', 0)}"),
         ("prompt tokens / page", lambda r: f"{r.get('prompt_tokens', 0) / r['pages']:.0f}"),
         ("prefix-cache hits", lambda r: f"{r.get('cached_prompt_tokens', 0) / max(1, r.get('prompt_tokens', 0)):.1%}"),
         ("prefill token slots / page", lambda r: f"{r['prefill_slots'] / r['pages']:.0f}"),
@@ -708,15 +785,28 @@ def _print_mix(results: dict[str, dict[str, Any]]) -> None:
         ("truncated pages", lambda r: f"{r['truncated_pages']}"),
     ]
     width = max(len(label) for label, _ in rows)
-    print("  " + " " * width + "".join(f"{names[p]:>22}" for p in paths))
+    print("  " + " " * width + "".join(f"{names[p]:>25}" for p in paths))
     for label, cell in rows:
-        print("  " + f"{label:<{width}}" + "".join(f"{cell(results[p]):>22}" for p in paths))
+        print("  " + f"{label:<{width}}" + "".join(f"{cell(results[p]):>25}" for p in paths))
     if "vllm" in results:
         print("  (vLLM: no padding and no finished rows by construction, continuous batching; its prefill slots are"
               " the prompt tokens, of which the prefix-cache hits were not computed again)")
+    same = [p for p in ("naive", "mixed", "static", "engine", "vllm") if p in results]
+    answered = {(results[p]["rows"], results[p]["generated_tokens"]) for p in same}
+    if len(same) > 1 and len(answered) == 1:
+        rows, tokens = answered.pop()
+        print(f"  same rows, same tokens in {', '.join(same)}: {rows} rows, {tokens} generated tokens")
+    elif len(same) > 1:
+        print("  NOT the same rows and tokens: " + ", ".join(
+            f"{p} {results[p]['rows']} rows / {results[p]['generated_tokens']} tokens" for p in same))
     if "naive" not in results or "engine" not in results:
         return
     naive, engine = results["naive"], results["engine"]
+    if "static" in results:
+        static = results["static"]
+        print(f"  engine / engine before (static batches): "
+              f"{(engine['pages'] / engine['answer_s']) / (static['pages'] / static['answer_s']):.2f}x pages/s; "
+              f"engine before / naive: {(static['pages'] / static['answer_s']) / (naive['pages'] / naive['answer_s']):.2f}x")
     if "vllm" in results:
         vllm = results["vllm"]
         print(f"  vLLM engine / engine: {(vllm['pages'] / vllm['answer_s']) / (engine['pages'] / engine['answer_s']):.2f}x "
@@ -724,7 +814,7 @@ def _print_mix(results: dict[str, dict[str, Any]]) -> None:
               f" (same rows; vLLM load {vllm['load_s']:.0f} s, not timed)")
     if "mixed" in results:
         mixed = results["mixed"]
-        print(f"  engine / engine with kinds mixed (the pre-1.4 schedule, one limit): "
+        print(f"  engine / static batches with kinds mixed (the pre-1.4 schedule, one limit): "
               f"{(engine['pages'] / engine['answer_s']) / (mixed['pages'] / mixed['answer_s']):.2f}x pages/s")
     ratio = (engine["pages"] / engine["answer_s"]) / (naive["pages"] / naive["answer_s"])
     print(f"  engine / naive: {ratio:.2f}x pages/s, "
@@ -784,14 +874,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prep-workers", type=int, default=2, help="CPU worker processes of the pipeline path")
     parser.add_argument("--pipeline-pages", type=int, default=None, help="pages (1-page PDFs) for the pipeline path (24 tiny, 64 real size)")
     parser.add_argument("--engine", choices=["transformers", "vllm", "both"], default="transformers",
-                        help="transformers: naive loop vs our engine; vllm: the vLLM engine alone; both: naive, engine "
-                        "and vLLM engine on the same rows (needs vllm; Idefics3)")
+                        help="transformers: the naive loop, the static batches and our engine; vllm: the vLLM engine "
+                        "alone; both: naive, static, engine and vLLM engine on the same rows, greedy (needs vllm; "
+                        "Idefics3 or a seed --family)")
     parser.add_argument("--model-size", choices=["tiny", "medium"], default="tiny",
-                        help="CPU model: tiny, or medium (a 28M-parameter Idefics3, head_dim 64: the model dominates)")
+                        help="CPU model: tiny, or medium (a 28M-parameter Idefics3, head_dim 64, or with --family "
+                        "minicpm_v2 | mono_internvl | minimax_vl_01 that seed model at SEED_SIZES: the model dominates)")
+    parser.add_argument("--num-beams", type=int, default=None,
+                        help="decoding override for every path (default: the family's own, MiniCPM-V 2.0: 3 beams; "
+                        "greedy whenever the vllm path runs)")
+    parser.add_argument("--paths", default=None,
+                        help="comma-separated paths to run instead of --engine's default (naive, static, mixed, engine, "
+                        "auto, samples, pipeline; vllm with --engine both)")
     parser.add_argument("--dry-run", action="store_true",
                         help="with --real-size --engine vllm: the same code path on a CPU, layers shrunk, 4 pages")
-    parser.add_argument("--only", choices=["naive", "mixed", "engine", "auto", "samples", "pipeline", "vllm"],
-                        help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=PATHS, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     vllm_real = args.real_size and args.engine == "vllm"
@@ -799,6 +896,15 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--real-size compares one engine at a time: --engine transformers (InternVL3-1B) or --engine vllm")
     if args.dry_run and not vllm_real:
         parser.error("--dry-run goes with --real-size --engine vllm")
+    paths = _paths(args)
+    if not paths or any(p not in PATHS for p in paths):
+        parser.error(f"--paths: a comma-separated list of {', '.join(PATHS)}")
+    if "vllm" in paths and args.engine == "transformers":
+        parser.error("the vllm path runs with --engine both (with other paths) or --engine vllm (alone)")
+    if args.engine == "vllm" and paths != ("vllm",):
+        parser.error("--engine vllm runs the vLLM engine alone; --engine both --paths ... combines it with others")
+    if "vllm" in paths and args.num_beams not in (None, 1):
+        parser.error("vLLM decodes greedily: with the vllm path every column is greedy (--num-beams 1)")
     args.pages = args.pages or (4 if args.dry_run else 256 if vllm_real else 16 if args.mix == "realistic" else 8 if args.real_size else 6)
     args.new_tokens = args.new_tokens or (256 if args.real_size else 16)
     args.pipeline_pages = args.pipeline_pages or (64 if args.real_size else 24)
@@ -831,13 +937,6 @@ def main(argv: list[str] | None = None) -> None:
         else:
             model_dir = make_tiny_model(args.family, Path(tmp) / args.family)
         results = {}
-        paths = ("naive", "mixed", "engine", "auto", "samples") if args.mix == "realistic" else ("naive", "engine", "pipeline")
-        if args.real_size and args.mix == "realistic":
-            paths = ("naive", "mixed", "engine", "auto")  # sample_docs/ are too few pages for a GPU figure
-        if args.engine == "both":
-            paths = ("naive", "engine", "vllm")
-        elif args.engine == "vllm":
-            paths = ("vllm",)
         for path in paths:
             child = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])]
             child += ["--only", path, "--model-dir", str(model_dir)]
@@ -878,7 +977,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"    errors: {v['errors'][:3]}")
         return
     if args.mix == "realistic":
-        a = results["naive"]
+        a = results.get("naive") or next(iter(results.values()))
         print(
             f"{size} on {a['device']} ({a['dtype']}), realistic mix: {a['pages']} pages (text, chart, text, scan, ...) "
             f"of {args.width}x{args.height} px, {a['tiles_per_page']:.0f} tiles / {a['visual_tokens_per_page']:.0f} "
@@ -890,26 +989,34 @@ def main(argv: list[str] | None = None) -> None:
             if errors:
                 print(f"    {result['path']} errors: {errors[:3]}")
         return
-    a, b, c = results["naive"], results["engine"], results["pipeline"]
+    timed = [results[p] for p in paths if p != "samples"]  # in the run's order
+    a = timed[0]
     print(
         f"{size} on {a['device']} ({a['dtype']}): {a['pages']} pages of {args.width}x{args.height} px, "
         f"{a['tiles_per_page']:.0f} tiles / {a['visual_tokens_per_page']:.0f} visual tokens per page, "
         f"{args.new_tokens} new tokens per task"
     )
-    for result in (a, b, c):
+    for result in timed:
         _print(result)
         if result["errors"]:
             print(f"    errors: {result['errors'][:3]}")
-    if a["generated_tokens"] != b["generated_tokens"]:
-        print(f"  note: generated tokens differ ({a['generated_tokens']} vs {b['generated_tokens']})")
-    naive_ps = a["pages"] / a["answer_s"]
-    print(f"  engine / naive: {(b['pages'] / b['answer_s']) / naive_ps:.2f}x pages/s (prepared pages, model only)")
-    print(
-        f"  pipeline / naive: {(c['pages'] / c['answer_s']) / naive_ps:.2f}x pages/s "
-        f"(pipeline: {c['pages']} one-page PDFs end to end, {args.prep_workers} prep workers, model busy "
-        f"{c['model_s'] / c['answer_s']:.0%} of wall)"
-    )
-
+    naive = results.get("naive")
+    if naive is None:
+        return
+    naive_ps = naive["pages"] / naive["answer_s"]
+    for name in ("static", "engine", "vllm"):
+        if name in results:
+            b = results[name]
+            if naive["generated_tokens"] != b["generated_tokens"]:
+                print(f"  note: generated tokens differ ({naive['generated_tokens']} naive vs {b['generated_tokens']} {name})")
+            print(f"  {name} / naive: {(b['pages'] / b['answer_s']) / naive_ps:.2f}x pages/s (prepared pages, model only)")
+    if "pipeline" in results:
+        c = results["pipeline"]
+        print(
+            f"  pipeline / naive: {(c['pages'] / c['answer_s']) / naive_ps:.2f}x pages/s "
+            f"(pipeline: {c['pages']} one-page PDFs end to end, {args.prep_workers} prep workers, model busy "
+            f"{c['model_s'] / c['answer_s']:.0%} of wall)"
+        )
 
 if __name__ == "__main__":
     main()

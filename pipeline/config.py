@@ -230,7 +230,7 @@ class RunConfig(BaseModel):
     max_batch_pages: int = Field(default=16, ge=1, description="Upper bound on pages per batch.")
     engine: Literal["auto", "transformers", "vllm"] = Field(
         default="auto",
-        description="Inference engine: transformers (static batches, every family, CPU or GPU), vllm (offline "
+        description="Inference engine: transformers (continuous batching, every family, CPU or GPU), vllm (offline "
         "vLLM: continuous batching and prefix caching; families vLLM serves; needs vllm installed), or auto "
         "(vllm when it is installed, a CUDA GPU is visible and vLLM serves the model's family, else transformers).",
     )

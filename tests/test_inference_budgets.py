@@ -1,5 +1,6 @@
-"""Per-task token limits, one kind of row per generate call, OCR routed by page kind,
-forced output lengths (benchmarks), and the OOM back-off releasing the failed batch.
+"""Per-task token limits, finished rows leaving the batch at once, OCR routed by page kind,
+forced output lengths (benchmarks), the order rows start in, and the OOM back-off releasing
+the failed batch.
 
 A tiny InternVL checkpoint; torch single-threaded (2 shared cores).
 """
@@ -16,9 +17,11 @@ import torch
 from pipeline.config import RunConfig
 from pipeline.inference import Engine, load_engine
 from pipeline.inference.adapters import CHART, OCR, PreparedPage
-from pipeline.inference.engine import row_kind, schedule_rows
+from pipeline.inference.engine import row_kind, schedule
 from pipeline.sink import _answer_columns
 from pipeline.testing import make_tiny_model, render_sample_page, sample_image_page
+from pipeline.testing.forcing import force
+from pipeline.testing.static_engine import StaticEngine, schedule_rows
 
 BUDGETS = {"description": 5, "ocr": 9, "chart_check": 2, "chart_answer": 3}
 
@@ -55,18 +58,16 @@ def _pages() -> list:
     ]
 
 
-def _recording(engine: Engine, monkeypatch) -> list[tuple[int, int, int]]:
-    """Record (rows, max_new_tokens, decode steps) of every generate call."""
-    calls: list[tuple[int, int, int]] = []
-    real = engine.model.generate
+def _recording(engine: Engine, monkeypatch) -> list[tuple[int, int]]:
+    """Record (rows, tokens per row) of every forward pass of the model."""
+    calls: list[tuple[int, int]] = []
+    real = engine.call
 
-    def generate(**kwargs):
-        out = real(**kwargs)
-        width = kwargs["input_ids"].shape[1]
-        calls.append((out.shape[0], kwargs["generation_config"].max_new_tokens, out.shape[1] - width))
-        return out
+    def call(input_ids, *args, **kwargs):
+        calls.append(tuple(input_ids.shape))
+        return real(input_ids, *args, **kwargs)
 
-    monkeypatch.setattr(engine.model, "generate", generate)
+    monkeypatch.setattr(engine, "call", call)
     return calls
 
 
@@ -85,7 +86,7 @@ def test_config_budgets_and_the_override() -> None:
 def test_each_task_stops_at_its_own_limit(tiny) -> None:
     """Every row is forced to run long: each stops at its own kind's limit, and the table
     columns say so per task."""
-    engine = load_engine(_config(tiny["internvl"], ocr="model"), forced_output=lambda page, key: 1000)
+    engine = force(load_engine(_config(tiny["internvl"], ocr="model")), lambda page, key: 1000)
     [answer] = engine.answer(_prepare(engine, [_pages()[1]]))
     usage = {kind: answer.usage_of(kind) for kind in ("description", "ocr", "chart_check", "chart_answers")}
     assert usage["description"].generated_tokens == 5 and usage["ocr"].generated_tokens == 9
@@ -96,31 +97,30 @@ def test_each_task_stops_at_its_own_limit(tiny) -> None:
     assert columns["ocr_source"] == "model"
 
 
-def test_the_chart_check_never_waits_on_an_ocr_row(tiny, monkeypatch) -> None:
-    """OCR rows run 8 tokens, chart checks 1: every call holds one kind of row, so the chart
-    check's calls decode one step, not eight."""
+def test_a_finished_row_leaves_the_batch_at_once(tiny, monkeypatch) -> None:
+    """OCR rows run 8 tokens, descriptions 4, chart checks 1: after its last token a row is
+    never computed again, so the decode steps hold 3 + 3 rows for 3 steps, then the 3 OCR
+    rows alone for 4 more (a static batch would carry all 9 rows for 7 steps)."""
     lengths = {"description": 4, "ocr": 8, "chart_check": 1, "chart_answer": 3}
-    engine = load_engine(
-        _config(tiny["internvl"], ocr="model"), forced_output=lambda page, key: lengths[row_kind(key)]
-    )
+    engine = force(load_engine(_config(tiny["internvl"], ocr="model")), lambda page, key: lengths[row_kind(key)])
     calls = _recording(engine, monkeypatch)
     answers = engine.answer(_prepare(engine, _pages()))
     assert all(a.error is None and not a.truncated for a in answers)
-    by_limit = {limit: steps for rows, limit, steps in calls}
-    assert len(calls) == 3 and all(rows == 3 for rows, _, _ in calls)
-    assert by_limit == {BUDGETS["chart_check"]: 1, BUDGETS["description"]: 4, BUDGETS["ocr"]: 8}
-    # no padding of finished rows: every decoded slot was a live row
+    steps = [rows for rows, width in calls if width == 1]
+    assert steps == [6, 6, 6, 3, 3, 3, 3]  # each row's first token comes from its prefill
     assert engine.stats.finished_slots == 0
+    assert engine.stats.decode_slots == engine.stats.generated_tokens == 3 * (4 + 8 + 1)
 
 
 def test_forced_tokens_say_yes_and_the_chart_questions_follow(tiny) -> None:
     """A benchmark can force the chart check's answer; batched and naive paths agree."""
     engine = load_engine(_config(tiny["internvl"], ocr="model"))
     yes = engine.builder.tokenizer.encode("yes", add_special_tokens=False)
-    engine.forced_output = lambda page, key: yes if key == CHART else 3
+    forced = lambda page, key: yes if key == CHART else 3  # noqa: E731
+    force(engine, forced)
     prepared = _prepare(engine, _pages()[1:])
     batched = engine.answer(prepared)
-    naive = engine.answer_naive(prepared)
+    naive = force(StaticEngine.like(engine), forced).answer_naive(prepared)
     for answer, reference in zip(batched, naive, strict=True):
         assert answer.has_chart is True and len(answer.chart_answers) == len(engine.builder.chart_questions)
         assert answer.usage_of("chart_answers").generated_tokens == 3 * len(engine.builder.chart_questions)
@@ -128,24 +128,36 @@ def test_forced_tokens_say_yes_and_the_chart_questions_follow(tiny) -> None:
         assert answer.usage == reference.usage
 
 
-def test_ocr_auto_uses_the_text_layer_of_born_digital_pages(tiny, monkeypatch) -> None:
+def test_ocr_auto_uses_the_text_layer_of_born_digital_pages(tiny) -> None:
     engine = load_engine(_config(tiny["internvl"]))  # ocr=auto, the default
     assert engine.ocr == "auto"
     prepared = _prepare(engine, _pages())
-    calls = _recording(engine, monkeypatch)
+    rows = engine.stats.rows
     answers = engine.answer(prepared)
     pdf, wide, small = answers
     assert pdf.ocr_source == "text_layer" and pdf.ocr_text == prepared[0].text and pdf.ocr_text
     assert pdf.usage_of("ocr") is None  # no model row
     assert wide.ocr_source == small.ocr_source == "model" and wide.usage_of("ocr") is not None
-    ocr_calls = [rows for rows, limit, _ in calls if limit == BUDGETS["ocr"]]
-    assert ocr_calls == [2]  # the two image pages only
-    assert [a.ocr_text for a in engine.answer_naive(prepared)] == [a.ocr_text for a in answers]
+    assert engine.stats.rows - rows == 3 + 3 + 2  # descriptions, chart checks, the two image pages' OCR
+    assert [a.ocr_text for a in StaticEngine.like(engine).answer_naive(prepared)] == [a.ocr_text for a in answers]
 
     text_only = load_engine(_config(tiny["internvl"], ocr="text_layer"))
     pdf, wide, _ = text_only.answer(_prepare(text_only, _pages()))
     assert (pdf.ocr_source, wide.ocr_source, wide.ocr_text) == ("text_layer", None, None)
     assert wide.usage_of("ocr") is None
+
+
+def test_rows_start_chart_checks_first_then_the_longest_ocr() -> None:
+    class Page:  # the two fields schedule reads
+        def __init__(self, text, visual_tokens):
+            self.text, self.visual_tokens = text, visual_tokens
+
+    pages = [Page("x" * 10, 64), Page(None, 64), Page("x" * 900, 64)]
+    keys = [("description", OCR, CHART)] * 3
+    assert schedule(pages, keys) == [  # type: ignore[arg-type]
+        (0, CHART), (1, CHART), (2, CHART), (2, OCR), (1, OCR), (0, OCR),
+        (0, "description"), (1, "description"), (2, "description"),
+    ]
 
 
 def test_schedule_rows_orders_ocr_by_expected_length() -> None:
@@ -162,12 +174,12 @@ def test_schedule_rows_orders_ocr_by_expected_length() -> None:
 
 
 def test_out_of_memory_halves_run_after_the_failed_batch_is_released(tiny, monkeypatch) -> None:
-    """The failed batch's input ids and image features are dead (weak references cleared)
+    """The failed batch's image features and input ids are dead (weak references cleared)
     when its halves start: nothing of the failed attempt rides along with the retry."""
     engine = load_engine(_config(tiny["internvl"], ocr="model"))
     prepared = _prepare(engine, _pages())
     reference = engine.answer(prepared)
-    real_inputs, real_encode, real_generate = engine.builder.rows_to_inputs, engine.builder.encode, engine.model.generate
+    real_encode, real_call = engine.builder.encode, engine.call
     failed: list[weakref.ref] = []
     alive_at_retry: list[bool] = []
     state = {"failed": False}
@@ -180,21 +192,15 @@ def test_out_of_memory_halves_run_after_the_failed_batch_is_released(tiny, monke
             alive_at_retry.append(any(ref() is not None for ref in failed))
         return feats
 
-    def rows_to_inputs(model, rows):
-        inputs = real_inputs(model, rows)
+    def call(input_ids, *args, **kwargs):
         if not state["failed"]:
-            failed.append(weakref.ref(inputs["input_ids"]))
-        return inputs
-
-    def generate(**kwargs):
-        if not state["failed"]:
+            failed.append(weakref.ref(input_ids))
             state["failed"] = True
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real_generate(**kwargs)
+        return real_call(input_ids, *args, **kwargs)
 
     monkeypatch.setattr(engine.builder, "encode", encode)
-    monkeypatch.setattr(engine.builder, "rows_to_inputs", rows_to_inputs)
-    monkeypatch.setattr(engine.model, "generate", generate)
+    monkeypatch.setattr(engine, "call", call)
     answers = engine.answer(prepared)
     assert len(failed) == 4 and alive_at_retry == [False, False]  # 3 pages' features + 1 input batch
     assert engine.stats.oom_splits == 1

@@ -19,6 +19,8 @@ from pipeline.inference import PROMPT_VERSION, Engine, load_engine, prompts
 from pipeline.inference.adapters import CHART, DESCRIPTION, OCR, PreparedPage, chart_key
 from pipeline.records import PageAnswers, Stage
 from pipeline.testing import make_tiny_model, render_sample_page, sample_image_page
+from pipeline.testing.forcing import force
+from pipeline.testing.static_engine import StaticEngine
 
 MAIN = ("internvl", "qwen2_vl", "idefics3")
 NEW_TOKENS = 6
@@ -110,10 +112,96 @@ def test_batched_shared_encoding_equals_one_at_a_time_and_naive(family, engines)
     batched = engine.answer(prepared)
     assert engine.stats.encode_calls == calls_before + 1  # one vision pass for 3 pages x 3 tasks
     single = [engine.answer([p])[0] for p in prepared]
-    naive = engine.answer_naive(prepared)  # raw pixels into generate, per page and task
+    naive = StaticEngine.like(engine).answer_naive(prepared)  # raw pixels into generate, per page and task
 
     assert [_content(a) for a in batched] == [_content(a) for a in single] == [_content(a) for a in naive]
     assert all(a.error is None and a.generated_tokens > 0 for a in batched)
+
+
+ALL = (*MAIN, "qwen2_5_vl", "smolvlm", "minicpm_v2", "mono_internvl", "minimax_vl_01")
+
+
+@pytest.fixture(scope="module")
+def any_dir(tiny_dirs, tmp_path_factory) -> object:
+    """The tiny checkpoint of any family, built on first use."""
+    made: dict[str, Path] = dict(tiny_dirs)
+    root = tmp_path_factory.mktemp("tiny-more")
+
+    def folder(family: str) -> Path:
+        if family not in made:
+            made[family] = make_tiny_model(family, root / family)
+        return made[family]
+
+    return folder
+
+
+def _lengths(tokenizer):
+    """Forced lengths of 1-12 tokens (the chart check says yes on two pages, no on the other):
+    rows end at different steps."""
+    import hashlib
+
+    yes, no = (tokenizer.encode(word, add_special_tokens=False) for word in ("yes", "no"))
+
+    def forced(page, key):
+        if key == CHART:
+            return yes if page.doc_id in ("pdf", "small") else no
+        return 1 + hashlib.sha256(f"{page.doc_id}/{key}".encode()).digest()[0] % 12
+
+    return forced
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_continuous_batches_answer_like_the_static_batches(family, any_dir) -> None:
+    """Rows of every kind, ending at different steps, at most 2 decoding at once (so rows
+    leave and others join all along), chart questions joining after their chart check: the
+    same answers as the engine before (static generate() batches), no finished row computed,
+    and each page's shared prefix prefilled once."""
+    engine = load_engine(_config(any_dir(family), max_new_tokens=12, max_batch_pages=2))
+    force(engine, _lengths(engine.builder.tokenizer))
+    prepared = _prepare(engine, _pages())
+    static = force(StaticEngine.like(engine), _lengths(engine.builder.tokenizer))
+    answers = engine.answer(prepared)
+    assert [_content(a) for a in answers] == [_content(a) for a in static.answer(prepared)]
+    assert [a.has_chart for a in answers] == [True, False, True]
+    stats = engine.stats
+    assert stats.finished_slots == 0 and stats.decode_slots == stats.generated_tokens
+    # every prompt token is computed once or comes from its page's prefix cache, no padding
+    assert stats.cached_prompt_tokens > 0 and stats.pad_slots == 0
+    assert stats.prefill_slots + stats.cached_prompt_tokens == stats.prompt_tokens
+
+
+@pytest.mark.parametrize("family", ["internvl", "qwen2_vl", "minicpm_v2"])
+def test_beams_answer_like_the_static_batches(family, any_dir) -> None:
+    """Beam search (3 beams; MiniCPM-V 2.0's default with repetition penalty 1.2), rows ending
+    on their own: the same answers as transformers' generate() in static batches."""
+    engine = load_engine(_config(any_dir(family), max_new_tokens=24, max_batch_pages=3, num_beams=3))
+    assert engine.generation.num_beams == 3
+    with torch.no_grad():  # end tokens likelier, so that beams end at different steps on their own
+        head = engine.model.get_output_embeddings().weight
+        head[sorted(engine.eos_token_ids)] *= 3.0
+    prepared = _prepare(engine, _pages())
+    answers = engine.answer(prepared)
+    assert [_content(a) for a in answers] == [_content(a) for a in StaticEngine.like(engine).answer(prepared)]
+    assert sum(a.generated_tokens for a in answers) < 3 * 24 * len(prepared)  # some rows ended on their own
+
+
+@pytest.mark.parametrize("family", ["internvl", "qwen2_vl", "mono_internvl", "minimax_vl_01"])
+def test_each_page_image_goes_through_the_model_once(family, any_dir, monkeypatch) -> None:
+    engine = load_engine(_config(any_dir(family)))
+    prepared = _prepare(engine, _pages())
+    image = engine.builder.image_token_id
+    fed: list[int] = []
+    real = engine.call
+
+    def call(input_ids, *args, **kwargs):
+        fed.append(int((input_ids == image).sum()))
+        return real(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "call", call)
+    answers = engine.answer(prepared)
+    assert all(a.error is None for a in answers)
+    assert sorted(n for n in fed if n) == sorted(p.visual_tokens for p in prepared)  # one prefill per page
+    assert engine.stats.rows == 3 * len(prepared)
 
 
 @pytest.mark.parametrize("family", MAIN)
@@ -124,7 +212,7 @@ def test_chart_questions_asked_only_of_chart_pages(family, engines, monkeypatch)
 
     monkeypatch.setattr(prompts, "parse_yes_no", lambda text: True)
     with_chart = engine.answer(prepared)
-    naive = engine.answer_naive(prepared)
+    naive = StaticEngine.like(engine).answer_naive(prepared)
     for answer, reference in zip(with_chart, naive, strict=True):
         assert answer.has_chart is True
         assert [a.question for a in answer.chart_answers] == questions
@@ -196,48 +284,36 @@ def test_batches_follow_the_visual_token_budget(tiny_dirs) -> None:
     assert len(batches) > 1 and engine.stats.encode_calls == len(batches)
 
 
-def test_token_limit_and_repetition_flags(tiny_dirs, monkeypatch) -> None:
+def test_token_limit_and_repetition_flags(tiny_dirs) -> None:
     """The real repetition detector on scripted generations (the tiny model's own output is
     noise): a loop that runs into the limit is flagged; a long output without a loop, or a
     loop that stopped on its own, is not."""
     limit = 24  # long enough for the detector's minimum span (16 tokens)
     engine = load_engine(_config(tiny_dirs["idefics3"], max_new_tokens=limit, tasks=["description", "ocr"]))
-    eos = min(engine.eos_token_ids)
     words = [t for t in range(10, 200) if t not in engine.eos_token_ids]
     a, b = words[:2]
     loop = [a, b] * (limit // 2)  # repeats to the limit
     long = words[2 : 2 + limit]  # merely long: hits the limit, no loop
-    stopped_loop = [a, b] * 9 + [eos] + [0] * (limit - 19)  # loops, then stops on its own
-    script: list[list[list[int]]] = []  # rows of each generate call, in call order
-    real_generate = engine.model.generate
-
-    def scripted(**kwargs):
-        out = real_generate(**kwargs)
-        width = kwargs["input_ids"].shape[1]
-        rows = script.pop(0)
-        assert len(rows) == out.shape[0]
-        return torch.cat([out[:, :width], torch.tensor(rows, dtype=out.dtype)], dim=1)
-
-    monkeypatch.setattr(engine.model, "generate", scripted)
+    stopped_loop = [a, b] * 9  # loops, then stops on its own (the end token follows)
+    script: dict[str, list[int]] = {}
+    force(engine, lambda page, key: script[key])  # each row produces exactly its script
     page = _prepare(engine, [sample_image_page(300, 300)])
 
-    # one generate call per kind of row: the description's, then the OCR's
-    script += [[loop], [loop]]
+    script.update(description=loop, ocr=loop)
     [looping] = engine.answer(page)
     assert (looping.truncated, looping.repetitive) == (True, True)
     assert looping.generated_tokens == 2 * limit
 
-    script += [[long], [stopped_loop]]
+    script.update(description=long, ocr=stopped_loop)
     [fine] = engine.answer(page)
     assert (fine.truncated, fine.repetitive) == (True, False)
     assert fine.generated_tokens == limit + 19
     # the per-task flags say which task ran into the limit
     assert (fine.usage_of("description").hit_token_limit, fine.usage_of("ocr").hit_token_limit) == (True, False)
 
-    script += [[stopped_loop], [stopped_loop]]
+    script.update(description=stopped_loop, ocr=stopped_loop)
     [stopped] = engine.answer(page)
     assert (stopped.truncated, stopped.repetitive) == (False, False)
-    assert not script
 
 
 def test_fixed_output_lengths_with_min_new_tokens(tiny_dirs) -> None:

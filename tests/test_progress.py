@@ -111,8 +111,10 @@ def test_a_real_run_moves_within_seconds_of_the_model_loading(tmp_path: Path, ti
                        prep_workers=0, max_new_tokens=12, ocr="model")
     meter = ProgressMeter()
     samples: list[tuple[float, int, int, int]] = []
+    at_model_calls: list[tuple[int, int]] = []  # (tokens, pages done) the meter shows at each model call
     loaded_at: list[float] = []
     stop = threading.Event()
+    wrapped: list[object] = []
 
     def on_event(event: str, count: int) -> None:
         meter.on_event(event, count)
@@ -121,6 +123,15 @@ def test_a_real_run_moves_within_seconds_of_the_model_loading(tmp_path: Path, ti
             engine = runner.get_engine(config)
             assert engine is not None
             meter.attach(engine.stats)
+            call = engine.call
+
+            def watched(*args, **kwargs):
+                snap = meter.snapshot()
+                at_model_calls.append((snap.generated_tokens, snap.pages_done))
+                return call(*args, **kwargs)
+
+            engine.call = watched
+            wrapped.append((engine, call))
 
     def sample() -> None:
         while not stop.wait(0.05):
@@ -134,12 +145,14 @@ def test_a_real_run_moves_within_seconds_of_the_model_loading(tmp_path: Path, ti
     finally:
         stop.set()
         sampler.join()
+        for engine, call in wrapped:  # the engine stays cached in this process
+            engine.call = call
     assert loaded_at, "no model_loaded event"
     t_loaded = loaded_at[0]
     moving = [s for s in samples if s[0] >= t_loaded and (s[1] > 0 or s[2] > 0)]
     assert moving and moving[0][0] - t_loaded < 5.0
     # the engine's counters moved while the first batch was still in the model
-    assert any(s[2] > 0 and s[3] == 0 for s in samples)
+    assert any(tokens > 0 and done == 0 for tokens, done in at_model_calls)
     final = meter.snapshot()
     assert final.pages_done == summary.pages == 5 and final.documents_done == summary.documents == 2
     assert final.generated_tokens > 0 and final.eta_s == 0.0 and final.percent == 100.0

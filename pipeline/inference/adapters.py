@@ -380,6 +380,27 @@ class InputBuilder:
         """Inputs for plain `generate` with raw pixel values, as the model cards do (bench, tests)."""
         raise NotImplementedError
 
+    # ---- positions and the image span (the engine's prefix sharing) -----------------------
+    def image_end(self, ids: np.ndarray) -> int:
+        """Index just after the prompt's last image placeholder (0: none). A prefix shared by a
+        page's tasks is only prefilled apart when it holds the whole image."""
+        where = np.flatnonzero(np.asarray(ids) == self.image_token_id)
+        return int(where[-1]) + 1 if len(where) else 0
+
+    def prefill_positions(self, model: Any, input_ids: "torch.Tensor", inputs: Mapping[str, Any]
+                          ) -> tuple["torch.Tensor", int]:
+        """Position ids to prefill `input_ids` (one unpadded prompt, or the start of one, whose
+        image inputs are `inputs`) from an empty cache; and the rope offset of what follows it:
+        the token at text index n after it sits at position n + offset (`position_ids`)."""
+        import torch
+
+        return torch.arange(input_ids.shape[1], device=input_ids.device)[None], 0
+
+    def position_ids(self, text_positions: "torch.Tensor", offsets: "torch.Tensor") -> "torch.Tensor":
+        """Position ids of tokens at `text_positions` (rows, length: index among the row's real
+        tokens) of rows whose prefill left rope offsets `offsets` (rows,); plain 1-D positions here."""
+        return text_positions
+
 
 InputBuilder.target_size = _memoized(InputBuilder.target_size, "_target_memo")  # type: ignore[method-assign]
 

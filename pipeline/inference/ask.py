@@ -9,8 +9,8 @@ is the family's own chat format (`builder.chat_text`: the model card's template,
 the seed models the prompt their `chat()` builds), the image is planned and preprocessed
 as the family's processor does it, and decoding is greedy (one beam, no sampling) up to
 `max_new_tokens`, stopping at the family's end-of-turn tokens. The generation goes
-through the same path as `docpipe run` (image encoded once, features handed to
-`generate`), so what `ask` answers is what a run would answer for that prompt.
+through the same engine as `docpipe run` (image encoded once, the prompt prefilled and
+decoded by `Engine.generate`), so what `ask` answers is what a run would answer for that prompt.
 """
 
 from __future__ import annotations
@@ -70,15 +70,6 @@ def prepare_question(builder: "InputBuilder", image: "Image.Image", question: st
                         image_tokens=plan.visual_tokens)
 
 
-def generation_config(engine: "Engine", max_new_tokens: int) -> Any:
-    """The engine's decoding (the family's default: greedy, or MiniCPM-V 2.0's beams) up to
-    `max_new_tokens`, stopping at end of turn."""
-    config = engine.generation_config()
-    config.max_new_tokens = int(max_new_tokens)
-    config.min_new_tokens = None
-    return config
-
-
 def ask(model: "str | Path | Engine", image: "Image.Image", question: str, *, max_new_tokens: int = 256,
         device: str = "auto", dtype: str = "auto") -> Answer:
     """Answer `question` about `image` with `model` (a checkpoint folder, a hub id, or an
@@ -96,22 +87,12 @@ def ask(model: "str | Path | Engine", image: "Image.Image", question: str, *, ma
     prompt = prepared.prompts[ASK_KEY]
     with torch.inference_mode():
         features = builder.encode_page(engine.model, prepared)
-        inputs = builder.rows_to_inputs(engine.model, [(prompt, features)])
-        width = inputs["input_ids"].shape[1]
-        extra: dict[str, Any] = {}
-        processors = engine.generation.logits_processors(width, builder.penalty_start_ids())
-        if processors:
-            from transformers import LogitsProcessorList
+    saved, engine.min_new_tokens = engine.min_new_tokens, None  # a question stops where the model ends it
+    try:
+        [gen] = engine.generate([prompt], [features], limit=int(max_new_tokens))
+    finally:
+        engine.min_new_tokens = saved
+    return Answer(text=gen.text, token_ids=tuple(int(t) for t in gen.tokens), prompt_ids=tuple(int(t) for t in prompt),
+                  hit_token_limit=gen.hit_limit)
 
-            extra["logits_processor"] = LogitsProcessorList(processors)
-        sequences = engine.model.generate(**inputs, generation_config=generation_config(engine, max_new_tokens),
-                                          **extra)
-    row = sequences[0, width:].tolist()
-    stop = next((k for k, t in enumerate(row) if t in engine.eos_token_ids), None)
-    tokens = row if stop is None else row[:stop]
-    text = builder.decode_answer(tokens)
-    return Answer(text=text, token_ids=tuple(int(t) for t in tokens), prompt_ids=tuple(int(t) for t in prompt),
-                  hit_token_limit=stop is None and len(row) >= max_new_tokens)
-
-
-__all__ = ["ASK_KEY", "Answer", "ask", "generation_config", "load_ask_engine", "prepare_question"]
+__all__ = ["ASK_KEY", "Answer", "ask", "load_ask_engine", "prepare_question"]

@@ -1,44 +1,52 @@
-"""Generation: batches by visual-token budget, one image encoding per page for all its
-tasks, greedy decoding with left padding, a token limit per kind of task, OCR routed by
-page kind, out-of-memory back-off, and flags for answers that ran into their token limit
-(and for those that did so by repeating themselves).
+"""The transformers engine: continuous batching of (page, task) rows, one prefill of each
+page's image for all of its tasks, out-of-memory back-off, and flags for answers that ran
+into their token limit (and for those that did so by repeating themselves).
 
     engine = load_engine(config)
     answers = engine.answer(prepared_pages)   # same order, never raises for a page
 
-How one batch runs: the vision encoder runs once per page (over all of its tiles);
-then every task prompt of every page (description, OCR, chart yes/no) is a row of a
-batched `generate` that gets the page's image features as `mm_encoder_outputs`
-(transformers skips the vision encoder for them). Pages the model says hold a chart get
-a second round of rows, one per chart question, reusing the same features.
+How one group of pages runs (the runner groups them by `batch_rule`):
 
-Rows of different kinds never share a `generate` call: a static batch runs until its
-longest row stops, so the 1-4-token chart check would otherwise wait on a 1,000-token
-OCR row. Each kind runs in its own calls with its own limit (`RunConfig.task_budgets`),
-OCR rows ordered by their expected length. A page whose text layer can stand in for OCR
-(`pipeline.textlayer.route_ocr`) gets no OCR row at all.
+1. The vision encoder runs once per page (over all of its tiles).
+2. Every task of a page (description, OCR, chart check, chart questions) is a row whose
+   prompt starts with the same tokens: the chat turn up to and including the image and the
+   text before the question. That shared prefix is prefilled once per page, into its own
+   KV cache; each row starts from a copy of it and prefills only its own suffix (rows whose
+   suffixes have the same length share one call). A page whose prompts share no prefix that
+   holds the whole image, or that asks a single task, prefills each row in full.
+3. Rows decode together, one token per row per step, in one KV cache (rows left-padded to
+   one width). A row that ends (or a beam group whose best hypothesis can no longer change)
+   leaves the cache at once, and waiting rows join in its place: no step is spent on a
+   finished row and the batch stays full while rows wait. A page's chart questions join as
+   soon as its chart check says yes.
+4. At most `max_batch_pages` rows decode at once, and at most `batch_visual_tokens` visual
+   tokens' worth of rows (each row counts its page's visual tokens, as a row of the static
+   batches did); a page's prefix cache lives until its last row has started.
+
+Decoding is the family's (`pipeline.inference.generation`): greedy, or MiniCPM-V 2.0's
+3 beams with repetition penalty 1.2, with each kind of row's own token limit
+(`RunConfig.task_budgets`), stopping at the family's end-of-turn tokens. Token choice
+reproduces transformers' `generate()` (pipeline.inference.decoding). A page whose text
+layer can stand in for OCR (`pipeline.textlayer.route_ocr`) gets no OCR row at all.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from pipeline.config import RunConfig
-from pipeline.inference import prompts
-from pipeline.inference.adapters import (
-    CHART,
-    InputBuilder,
-    PageFeatures,
-    PreparedPage,
-    input_device,
-)
-from pipeline.inference.batching import BatchRule, pack_by_budget
+from pipeline.inference import kvcache, prompts
+from pipeline.inference.adapters import CHART, OCR, InputBuilder, PageFeatures, PreparedPage, input_device
+from pipeline.inference.attention import use_packed_decode_attention
+from pipeline.inference.batching import BatchRule
+from pipeline.inference.decoding import Batch, Decoding, ModelCall, Request, ScoreHook, Selection, rows_of
 from pipeline.inference.generation import GenerationSettings
 from pipeline.inference.page_engine import (  # re-exported: the names callers have imported from here
     END_OF_TURN,
@@ -59,7 +67,7 @@ log = logging.getLogger(__name__)
 
 
 class Engine(PageEngine):
-    """The transformers engine: one loaded model, static batches of (page, task) rows."""
+    """The transformers engine: one loaded model, continuously batched (page, task) rows."""
 
     name = "transformers"
 
@@ -77,8 +85,9 @@ class Engine(PageEngine):
         min_new_tokens: int | None = None,
         device_map: dict[str, int] | None = None,
         ocr: str = "model",
-        forced_output: ForcedOutput | None = None,
         generation: GenerationSettings | None = None,
+        score_hook: ScoreHook | None = None,
+        packed_attention: bool = True,
     ) -> None:
         self.model = model
         self.builder = builder
@@ -93,55 +102,18 @@ class Engine(PageEngine):
         self.max_batch_pages = max_batch_pages
         self.batch_rule = BatchRule(batch_visual_tokens, max_batch_pages)  # how pages are grouped
         self.min_new_tokens = min_new_tokens  # benchmarks fix output lengths with this
-        self.forced_output = forced_output  # benchmarks emulate realistic lengths with this
+        # Benchmarks and tests steer outputs through this hook on every step's scores (pipeline.testing.forcing).
+        self.score_hook = score_hook
         self.ocr = ocr  # auto | model | text_layer (pipeline.textlayer.route_ocr)
-        # by_kind: one kind of row per generate call. mixed: every kind in the same calls
-        # with the largest limit, as before schema 1.4; only for benchmarks to compare.
-        self.schedule = "by_kind"
         route_ocr(ocr, None, None)  # an unknown mode fails here, not on the first page
         self.device_map = device_map
         self.eos_token_ids = self._eos_ids()
         self.stats = EngineStats()
+        if packed_attention:  # decode steps read the KV cache without copying it (pipeline.inference.attention)
+            use_packed_decode_attention(model)
+        self.call = ModelCall(model, builder)
 
-    # ---- public ----------------------------------------------------------------------
-    def answer_naive(self, pages: Sequence[PreparedPage]) -> list[PageAnswers]:
-        """The reference path: one page and one task at a time, raw pixel values passed to
-        `generate` (the image is encoded again for every task), as the model cards'
-        quick-starts do. Same answers as `answer`; for benchmarks and tests. Raises on errors."""
-        import torch
-
-        answers = []
-        for page in pages:
-            # Pixels prepared once per page, as the quick-starts' load_image does (coded
-            # pixels are decoded here, not once per task, so the baseline is not slowed).
-            page = dataclasses.replace(page, pixels=page.pixel_values)
-            t0 = time.perf_counter()
-            result = BatchResult()
-            with torch.inference_mode():
-                for key in self._first_keys(page):
-                    result.outputs[(0, key)] = self._generate_naive(page, key)
-                chart = result.outputs.get((0, CHART))
-                if chart is not None and prompts.parse_yes_no(chart.text):
-                    for key in self._chart_keys(page):
-                        result.outputs[(0, key)] = self._generate_naive(page, key)
-            seconds = time.perf_counter() - t0
-            self.stats.model_s += seconds
-            answers.extend(self._assemble([page], result, seconds))
-        return answers
-
-    def _generate_naive(self, page: PreparedPage, key: str) -> Gen:
-        inputs = self.builder.naive_inputs(page, key, input_device(self.model))
-        width = inputs["input_ids"].shape[1]
-        kind = row_kind(key)
-        extra = self._forcing(width, [(page, key)], kind)
-        sequences = self.model.generate(**inputs, generation_config=self.generation_config(kind), **extra)
-        self.stats.generate_calls += 1
-        self.stats.rows += 1
-        gen = self._finish(sequences[0, width:].tolist(), self.budgets[kind])
-        gen.prompt_tokens = width
-        self._count_slots([width], width, sequences.shape[1] - width, [gen])
-        return gen
-
+    # ---- pages -----------------------------------------------------------------------------
     def _answer_batch(self, pages: Sequence[PreparedPage]) -> list[PageAnswers]:
         import torch
 
@@ -152,104 +124,84 @@ class Engine(PageEngine):
             features = self.builder.encode(self.model, pages)
             self.stats.encode_s += time.perf_counter() - t_enc
             self.stats.encode_calls += 1
-            first = [(i, key) for i, page in enumerate(pages) for key in self._first_keys(page)]
-            self._generate_rows(first, pages, features, result)
-            second = [
-                (i, key)
-                for i, page in enumerate(pages)
-                if (i, CHART) in result.outputs and prompts.parse_yes_no(result.outputs[(i, CHART)].text)
-                for key in self._chart_keys(page)
-            ]
-            self._generate_rows(second, pages, features, result)
+            sources = [_Source(page.prompts, feats, page.visual_tokens, page) for page, feats in zip(pages, features)]
+            del features  # each page's features go with its prefix prefill
+            run = _Run(self, sources)
+
+            def finished(request: Request, tokens: list[int]) -> None:
+                i, key = request.slot
+                gen = self._finish(tokens, request.limit)  # counts its tokens; the run counted them live
+                gen.prompt_tokens = len(pages[i].prompts[key])
+                result.outputs[(i, key)] = gen
+                if key == CHART and self._chart_keys(pages[i]):
+                    if prompts.parse_yes_no(gen.text):
+                        for chart in reversed(self._chart_keys(pages[i])):
+                            run.add(i, chart, self._limit(chart), front=True)
+                    run.release(i)
+
+            run.on_finish = finished
+            for i, key in schedule(pages, [self._first_keys(page) for page in pages]):
+                run.add(i, key, self._limit(key))
+                if key == CHART and self._chart_keys(pages[i]):
+                    run.hold(i)  # its chart questions may follow: keep the page's prefix
+            run.go()
         seconds = time.perf_counter() - t0
         self.stats.model_s += seconds
         return self._assemble(pages, result, seconds)
 
-    # ---- generation ----------------------------------------------------------------------
-    def _generate_rows(
-        self,
-        rows: list[tuple[int, str]],
-        pages: Sequence[PreparedPage],
-        features: Sequence[PageFeatures],
-        result: BatchResult,
-    ) -> None:
-        """Generate every (page, task) row: one kind of row per `generate` call (each with its
-        own limit), packed by the visual-token budget, the longest expected rows together."""
-        if self.schedule == "mixed":  # the pre-1.4 schedule, for benchmarks: every kind in one call
-            costs = [pages[i].visual_tokens for i, _ in rows]
-            packs = pack_by_budget(costs, self.batch_visual_tokens, self.max_batch_pages)
-            calls = [("mixed", [rows[j] for j in packed]) for packed in packs]
-        else:
-            calls = schedule_rows(rows, pages, self.batch_visual_tokens, self.max_batch_pages)
-        for kind, group in calls:
-            prompt_ids = [pages[i].prompts[key] for i, key in group]
-            forced = [(pages[i], key) for i, key in group]
-            generated = self.generate(prompt_ids, [features[i] for i, _ in group], kind=kind, forced=forced)
-            for (i, key), ids, gen in zip(group, prompt_ids, generated, strict=True):
-                gen.prompt_tokens = len(ids)
-                result.outputs[(i, key)] = gen
+    def _limit(self, key: str) -> int:
+        return self.budgets[row_kind(key)]
 
+    # ---- rows --------------------------------------------------------------------------------
     def generate(
         self,
         prompt_ids: Sequence[np.ndarray],
         features: Sequence[PageFeatures],
         *,
         kind: str = "ocr",
-        forced: Sequence[tuple[PreparedPage, str]] | None = None,
+        limit: int | None = None,
     ) -> list[Gen]:
-        """One batched greedy `generate` over prompts whose images are already encoded,
-        with the limit of `kind` rows ("mixed": the largest limit, as before 1.4)."""
-        inputs = self.builder.rows_to_inputs(self.model, list(zip(prompt_ids, features, strict=True)))
-        width = inputs["input_ids"].shape[1]
-        extra = self._forcing(width, forced, kind)
-        sequences = self.model.generate(**inputs, generation_config=self.generation_config(kind), **extra)
-        del inputs  # nothing of the call outlives it but its output ids
-        self.stats.generate_calls += 1
-        self.stats.rows += len(prompt_ids)
-        steps = sequences.shape[1] - width
-        new = sequences[:, width:].tolist()
-        gens = [self._finish(row, self._limit(kind)) for row in new]
-        self._count_slots([len(ids) for ids in prompt_ids], width, steps, gens)
-        return gens
+        """Answers of free rows (prompts whose images are already encoded), decoded like page rows
+        with the limit of `kind` rows (or `limit`). Rows given the same features object share
+        its prefill. Raises on failure."""
+        import torch
 
-    def _count_slots(self, lengths: Sequence[int], width: int, steps: int, gens: Sequence[Gen]) -> None:
-        rows = len(lengths)
-        self.stats.prefill_slots += rows * width
-        self.stats.pad_slots += sum(width - n for n in lengths)
-        self.stats.decode_slots += rows * steps
-        self.stats.finished_slots += sum(max(0, steps - g.generated_tokens) for g in gens)
+        limit = int(limit if limit is not None else self.budgets[kind])
+        by_features: dict[int, int] = {}
+        sources: list[_Source] = []
+        slots: list[tuple[int, str]] = []
+        for j, (ids, feats) in enumerate(zip(prompt_ids, features, strict=True)):
+            s = by_features.setdefault(id(feats), len(sources))
+            if s == len(sources):
+                sources.append(_Source({}, feats, 0, None))
+            sources[s].prompts[f"row:{j}"] = np.asarray(ids)  # type: ignore[index]
+            slots.append((s, f"row:{j}"))
+        out: list[Gen | None] = [None] * len(slots)
 
-    def _forcing(self, width: int, rows: Sequence[tuple[PreparedPage, str]] | None, kind: str) -> dict[str, Any]:
-        """`generate` keyword arguments: the decoding's logits processors (the family's repetition
-        penalty), and ones that force each row's output (benchmarks only)."""
-        processors = self.generation.logits_processors(width, self.builder.penalty_start_ids())
-        if self.forced_output is not None and rows:
-            targets = [self.forced_output(page, key) for page, key in rows]
-            processors.append(_ForcedOutput(width, targets, sorted(self.eos_token_ids)))
-        if not processors:
-            return {}
-        from transformers import LogitsProcessorList
+        def finished(request: Request, tokens: list[int]) -> None:
+            s, key = request.slot
+            gen = self._finish(tokens, limit)  # counts its tokens; the run counted them live
+            gen.prompt_tokens = len(sources[s].prompts[key])
+            out[int(key.split(":")[1])] = gen
 
-        return {"logits_processor": LogitsProcessorList(processors)}
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            run = _Run(self, sources, finished)
+            for s, key in slots:
+                run.add(s, key, limit)
+            run.go()
+        self.stats.model_s += time.perf_counter() - t0
+        assert all(g is not None for g in out)
+        return out  # type: ignore[return-value]
 
-    def _limit(self, kind: str) -> int:
-        return max(self.budgets.values()) if kind == "mixed" else self.budgets[kind]
-
-    def generation_config(self, kind: str = "ocr") -> Any:
-        """The engine's decoding (greedy or the family's beams) up to the limit of `kind` rows,
-        stopping at any end-of-turn token."""
-        from transformers import GenerationConfig
-
-        limit = self._limit(kind)
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": limit,
-            **self.generation.config_kwargs(),
-            "eos_token_id": sorted(self.eos_token_ids),
-            "pad_token_id": self.builder.pad_token_id,
-        }
-        if self.min_new_tokens:
-            kwargs["min_new_tokens"] = min(self.min_new_tokens, limit)
-        return GenerationConfig(**kwargs)
+    def decoding(self) -> Decoding:
+        return Decoding(
+            num_beams=self.generation.num_beams,
+            repetition_penalty=self.generation.repetition_penalty,
+            eos_ids=tuple(sorted(self.eos_token_ids)),
+            start_ids=tuple(self.builder.penalty_start_ids()),
+            hook=self.score_hook,
+        )
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -266,25 +218,20 @@ class Engine(PageEngine):
         return ids
 
 
+def schedule(pages: Sequence[PreparedPage], keys: Sequence[Sequence[str]]) -> list[tuple[int, str]]:
+    """The order rows start in: every chart check first (its verdict decides the chart
+    questions, which then start next), then OCR rows longest expected output first, then
+    the rest; pages in order within a kind. Long rows starting early keep the batch full
+    to the end instead of leaving one long row decoding alone."""
+    rows = [(i, key) for i, page_keys in enumerate(keys) for key in page_keys]
+    first = {"chart_check": 0, "ocr": 1}
 
-def schedule_rows(
-    rows: Sequence[tuple[int, str]], pages: Sequence[PreparedPage], budget: int, max_rows: int
-) -> list[tuple[str, list[tuple[int, str]]]]:
-    """The `generate` calls for `rows` (page index, task key): (row kind, rows) pairs.
+    def order(row: tuple[int, str]) -> tuple[int, int]:
+        i, key = row
+        kind = row_kind(key)
+        return first.get(kind, 2), -_expected_ocr_length(pages[i]) if kind == "ocr" else 0
 
-    One kind per call, kinds in ROW_KINDS order. OCR rows are ordered longest expected
-    output first (the text layer's length when there is one, else the page's visual
-    tokens), so rows of similar length share a call and fewer finished rows ride along
-    with a long one. Each kind is packed by the visual-token budget and `max_rows`.
-    """
-    calls: list[tuple[str, list[tuple[int, str]]]] = []
-    for kind in ROW_KINDS:
-        group = [row for row in rows if row_kind(row[1]) == kind]
-        if kind == "ocr":
-            group.sort(key=lambda row: -_expected_ocr_length(pages[row[0]]))  # stable for ties
-        costs = [pages[i].visual_tokens for i, _ in group]
-        calls.extend((kind, [group[j] for j in packed]) for packed in pack_by_budget(costs, budget, max_rows))
-    return calls
+    return sorted(rows, key=order)  # stable: pages in order within a kind
 
 
 def _expected_ocr_length(page: PreparedPage) -> int:
@@ -296,34 +243,234 @@ def _expected_ocr_length(page: PreparedPage) -> int:
     return page.visual_tokens
 
 
-class _ForcedOutput:
-    """A logits processor that makes row r produce `targets[r]`: a length (EOS barred before
-    it, forced at it) or exact ids then EOS. Emulates realistic output lengths on a tiny
-    random model in benchmarks; never used for real answers."""
+# ---------------------------------------------------------------------------------------
+# one run of rows through the decoder
+# ---------------------------------------------------------------------------------------
 
-    def __init__(self, width: int, targets: Sequence[int | Sequence[int]], eos_ids: Sequence[int]) -> None:
-        self.width = width
-        self.targets = list(targets)
-        self.eos_ids = list(eos_ids)
 
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
-        step = input_ids.shape[1] - self.width  # tokens generated so far
-        for row, target in enumerate(self.targets):
-            if isinstance(target, int):
-                if step + 1 < target:
-                    scores[row, self.eos_ids] = float("-inf")
-                    continue
-                token = self.eos_ids[0]
+@dataclass
+class _Source:
+    """What rows are made of: prompts (by key) that show one image, its features, its cost."""
+
+    prompts: Mapping[str, np.ndarray]
+    features: PageFeatures | None
+    visual_tokens: int
+    page: PreparedPage | None
+    shared: int = -1  # tokens of the prefix all its prompts share (computed on first use; 0: none)
+    prefix: Batch | None = None  # the prefilled prefix (one row), while rows may still start from it
+    uses: int = 0  # rows started from the prefix
+    waiting: int = 0  # rows queued, not started
+    holds: int = 0  # reasons to keep the prefix beyond the queued rows (a chart check in flight)
+
+
+@dataclass
+class _Run:
+    """Rows of some sources through the model: queued, admitted as room frees, decoded
+    together, each handed to `on_finish` (which may queue more) when it ends."""
+
+    engine: Engine
+    sources: list[_Source]
+    on_finish: Callable[[Request, list[int]], None] | None = None
+    queue: deque[tuple[int, str, int]] = field(default_factory=deque)
+    batch: Batch | None = None
+    selection: Selection | None = None
+    used: int = 0  # visual tokens of the rows decoding
+
+    def __post_init__(self) -> None:
+        self.decoding = self.engine.decoding()
+        self.device = input_device(self.engine.model)
+        self.stats = self.engine.stats
+
+    # ---- the queue ------------------------------------------------------------------------
+    def add(self, source: int, key: str, limit: int, *, front: bool = False) -> None:
+        (self.queue.appendleft if front else self.queue.append)((source, key, limit))
+        self.sources[source].waiting += 1
+
+    def hold(self, source: int) -> None:
+        self.sources[source].holds += 1
+
+    def release(self, source: int) -> None:
+        self.sources[source].holds -= 1
+        self._maybe_free(source)
+
+    def _maybe_free(self, source: int) -> None:
+        s = self.sources[source]
+        if s.waiting == 0 and s.holds == 0:
+            s.prefix = None
+            s.features = None
+
+    # ---- the loop -------------------------------------------------------------------------
+    def go(self) -> None:
+        rule = BatchRule(self.engine.batch_visual_tokens, self.engine.max_batch_pages)
+        while self.queue or self.batch is not None:
+            picked: list[tuple[int, str, int]] = []
+            count, used = len(self.selection or ()), self.used
+            while self.queue:
+                cost = self.sources[self.queue[0][0]].visual_tokens
+                if not rule.fits(count + len(picked), used, cost):
+                    break
+                picked.append(self.queue.popleft())
+                used += cost
+            if picked:
+                self._start(picked)
+            if self.batch is None:
+                continue
+            logits = self.batch.step(self.engine.call)
+            self.stats.forward_calls += 1
+            self._chosen(len(self.selection))  # type: ignore[arg-type]
+            self._settle(self.batch, self.selection, logits)  # type: ignore[arg-type]
+
+    def _chosen(self, requests: int) -> None:
+        """A token chosen for each of `requests`: counted at once, so progress moves while rows decode."""
+        self.stats.decode_slots += requests
+        self.stats.generated_tokens += requests
+
+    def _settle(self, batch: Batch, selection: Selection, logits: Any) -> None:
+        """Choose every row's next token; finished requests leave (their answers handed over), the
+        others reorder (beams) and carry on."""
+        source, done = selection.step(logits)
+        if source is not None:  # beams: each row now holds the beam it continues
+            batch.reorder_beams(source, selection.count)
+        finished = done.nonzero().squeeze(1).tolist()
+        for g in finished:
+            request = selection.requests[g]
+            self.used -= self.sources[request.slot[0]].visual_tokens
+            assert self.on_finish is not None
+            # the answer's tokens replace the steps counted live (beams may end on a shorter hypothesis)
+            self.stats.generated_tokens -= int(selection.count[g])
+            self.on_finish(request, selection.result(g))
+        kept = (~done).nonzero().squeeze(1)
+        if finished:
+            selection.keep(kept)
+        if len(kept) == 0:
+            if batch is self.batch:
+                self.batch, self.selection = None, None
+            return
+        if finished:
+            batch.select(rows_of(kept, selection.k))
+        batch.last = selection.last_tokens().to(batch.mask.device)
+
+    # ---- starting rows ---------------------------------------------------------------------------
+    def _start(self, picked: Sequence[tuple[int, str, int]]) -> None:
+        """Prefill the picked rows (their page prefixes first, if not yet), choose their first
+        tokens, and add the unfinished ones to the decoding batch."""
+        import torch
+
+        parts: list[tuple[Batch, torch.Tensor, list[Request]]] = []
+        by_suffix: dict[int, list[tuple[int, str, int]]] = {}
+        for row in picked:
+            source = self.sources[row[0]]
+            source.waiting -= 1
+            if self._shared(source) > 0:
+                if source.prefix is None:
+                    self._prefill_prefix(source)
+                elif source.uses > 0:
+                    self.stats.cached_prompt_tokens += source.shared
+                source.uses += 1
+                by_suffix.setdefault(len(source.prompts[row[1]]) - source.shared, []).append(row)
             else:
-                token = int(target[step]) if step < len(target) else self.eos_ids[0]
-            scores[row, :] = float("-inf")
-            scores[row, token] = 0.0
-        return scores
+                parts.append(self._prefill_whole(row))
+        for rows in by_suffix.values():
+            parts.append(self._prefill_suffixes(rows))
+        for row in picked:
+            self._maybe_free(row[0])
+        batch = Batch.concat([p[0] for p in parts])
+        logits = torch.cat([p[1] for p in parts])
+        requests = [r for p in parts for r in p[2]]
+        self.stats.rows += len(requests)
+        for r in requests:
+            self.used += self.sources[r.slot[0]].visual_tokens
+        k = self.decoding.num_beams
+        if k > 1:  # each row becomes `k` beams, as transformers expands inputs for beam search
+            index = torch.arange(len(requests), device=logits.device).repeat_interleave(k)
+            batch.select(index.to(batch.mask.device))
+            logits = logits.index_select(0, index)
+        selection = Selection(self.decoding, requests, logits.device)
+        self._chosen(len(requests))
+        self._settle(batch, selection, logits)
+        if len(selection) == 0:
+            return
+        if self.batch is None:
+            self.batch, self.selection = batch, selection
+        else:
+            self.batch = Batch.concat([self.batch, batch])
+            self.selection.extend(selection)  # type: ignore[union-attr]
+
+    def _request(self, row: tuple[int, str, int]) -> Request:
+        source, key, limit = row
+        minimum = min(self.engine.min_new_tokens, limit) if self.engine.min_new_tokens else 0
+        return Request(slot=(source, key), tag=(self.sources[source].page, key), limit=limit, min_new=minimum)
+
+    def _shared(self, source: _Source) -> int:
+        """Tokens of the prefix all of the source's prompts share, if it holds every image
+        token and leaves each prompt at least one token of its own; else 0 (no sharing)."""
+        if source.shared < 0:
+            rows = list(source.prompts.values())
+            shared = 0
+            if len(rows) > 1:
+                shortest = min(len(r) for r in rows)
+                first = rows[0][:shortest]
+                same = np.ones(shortest, dtype=bool)
+                for r in rows[1:]:
+                    same &= r[:shortest] == first
+                shared = int(np.argmin(same)) if not same.all() else shortest
+                shared = min(shared, shortest - 1)
+                if shared < max(self.engine.builder.image_end(r) for r in rows):
+                    shared = 0
+            source.shared = shared
+        return source.shared
+
+    def _prefill_image(self, ids: np.ndarray, features: PageFeatures | None) -> tuple[Batch, Any]:
+        """Prefill one unpadded sequence that holds the image, from an empty cache."""
+        import torch
+
+        builder = self.engine.builder
+        input_ids = torch.from_numpy(np.ascontiguousarray(ids))[None].to(self.device)
+        extra = builder.feature_inputs(self.engine.model, [features], input_ids) if features is not None else {}
+        positions, delta = builder.prefill_positions(self.engine.model, input_ids, extra)
+        mask = torch.ones_like(input_ids)
+        deltas = torch.tensor([delta], dtype=torch.long, device=self.device)
+        logits, cache = self.engine.call(input_ids, mask, None, deltas, None, positions=positions, **extra)  # type: ignore[arg-type]
+        kvcache.check(cache)
+        self.stats.forward_calls += 1
+        self.stats.prefill_slots += len(ids)
+        count = torch.tensor([len(ids)], dtype=torch.long, device=self.device)
+        return Batch(cache=cache, mask=mask, positions=count, deltas=deltas), logits
+
+    def _prefill_prefix(self, source: _Source) -> None:
+        ids = next(iter(source.prompts.values()))[: source.shared]
+        source.prefix, _ = self._prefill_image(ids, source.features)
+        source.features = None  # in the prefix now
+
+    def _prefill_whole(self, row: tuple[int, str, int]) -> tuple[Batch, Any, list[Request]]:
+        source = self.sources[row[0]]
+        batch, logits = self._prefill_image(source.prompts[row[1]], source.features)
+        return batch, logits, [self._request(row)]
+
+    def _prefill_suffixes(self, rows: Sequence[tuple[int, str, int]]) -> tuple[Batch, Any, list[Request]]:
+        """Rows whose suffixes (after their pages' prefixes) have one length, in one call."""
+        import torch
+
+        prefixes = []
+        for source_index, _, _ in rows:
+            prefix = self.sources[source_index].prefix
+            assert prefix is not None
+            prefixes.append(Batch(cache=kvcache.expand(prefix.cache, 1), mask=prefix.mask, positions=prefix.positions,
+                                  deltas=prefix.deltas))
+        batch = Batch.concat(prefixes)
+        suffixes = np.stack([self.sources[s].prompts[key][self.sources[s].shared :] for s, key, _ in rows])
+        input_ids = torch.from_numpy(suffixes).to(self.device)
+        length = input_ids.shape[1]
+        mask = torch.cat((batch.mask, batch.mask.new_ones((len(rows), length))), dim=1)
+        text = batch.positions[:, None] + torch.arange(length, device=self.device)[None, :]
+        logits, batch.cache = self.engine.call(input_ids, mask, text, batch.deltas, batch.cache)
+        batch.mask, batch.positions = mask, batch.positions + length
+        self.stats.forward_calls += 1
+        self.stats.prefill_slots += len(rows) * length
+        return batch, logits, [self._request(row) for row in rows]
 
 
-def load_engine(
-    config: RunConfig, *, min_new_tokens: int | None = None, forced_output: ForcedOutput | None = None
-) -> Engine:
+def load_engine(config: RunConfig, *, min_new_tokens: int | None = None, score_hook: ScoreHook | None = None) -> Engine:
     """Load `config.model` (once per process is the caller's business) and wrap it."""
     from pipeline.inference.loading import dtype_name, load_model
 
@@ -340,7 +487,7 @@ def load_engine(
         min_new_tokens=min_new_tokens,
         device_map=loaded.device_map,
         ocr=config.ocr,
-        forced_output=forced_output,
+        score_hook=score_hook,
         generation=loaded.builder.generation_defaults.override(config.num_beams, config.repetition_penalty),
     )
 
@@ -349,9 +496,10 @@ __all__ = [
     "ROW_KINDS",
     "Engine",
     "EngineStats",
+    "ForcedOutput",
     "budgets_for",
     "load_engine",
     "row_kind",
-    "schedule_rows",
+    "schedule",
     "usage_by_group",
 ]

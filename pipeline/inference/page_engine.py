@@ -73,21 +73,23 @@ class EngineStats:
     model_s: float = 0.0  # wall seconds inside encode + generate
     encode_s: float = 0.0  # of which the vision encoder
     encode_calls: int = 0  # batches whose pages were encoded (one vision pass per page)
-    generate_calls: int = 0
+    generate_calls: int = 0  # `generate()` calls (static batches; the continuous engine makes none)
+    forward_calls: int = 0  # model forward passes of the continuous engine (prefills and decode steps)
     rows: int = 0  # prompts generated for (a page x a task)
     prompt_tokens: int = 0
     generated_tokens: int = 0
     oom_splits: int = 0
     page_errors: int = 0
-    # Token slots the model computed, for the padding-waste figure: every row of a call
-    # is prefilled to the call's widest prompt and decoded until its longest row stops.
-    prefill_slots: int = 0  # rows x prompt width, summed over calls
+    # Token slots the model computed, for the waste figures. Static batches prefill every row
+    # to the call's widest prompt and decode until its longest row stops; the continuous
+    # engine prefills no padding and drops a row as soon as it ends (no finished slots).
+    prefill_slots: int = 0  # prompt positions run through the model (padding included)
     pad_slots: int = 0  # of which left padding
-    decode_slots: int = 0  # rows x decode steps, summed over calls
+    decode_slots: int = 0  # rows x tokens chosen, summed over steps (a beam group is one row)
     finished_slots: int = 0  # of which steps of rows that had already stopped
     ocr_rows_skipped: int = 0  # pages whose OCR text came from their text layer
-    # Prompt tokens whose KV came from a prefix cache instead of being prefilled again
-    # (vLLM engine: a page's image tokens shared by its tasks; the transformers engine has none).
+    # Prompt tokens whose KV came from a prefix cache instead of being prefilled again: a
+    # page's image (and the text around it) shared by its tasks (both engines).
     cached_prompt_tokens: int = 0
 
     @property

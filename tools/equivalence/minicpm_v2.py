@@ -12,7 +12,8 @@ and greedy ids; then this script loads the same folder with the project
     python tools/equivalence/minicpm_v2.py --write-fixture tests/fixtures/minicpm_v2_prompt_ids.json
 
 Each case is compared three ways: fp32 (prompt ids and pixels equal, logits within 1e-4,
-8 greedy ids equal); bf16 (the original run as its model card does, `.to(torch.bfloat16)`:
+8 greedy ids equal, through `generate()` and through the Engine: two rows that share the
+image's prefill); bf16 (the original run as its model card does, `.to(torch.bfloat16)`:
 greedy ids equal and our logits no further from the original's bf16 than its own bf16 error
 from fp32); and the family's default decoding, chat(sampling=False)'s 3 beams with
 repetition_penalty 1.2, through this project's Engine on two rows at once (ids and the
@@ -226,6 +227,7 @@ def compare(folder: Path, reference: Path) -> dict[str, object]:
 
     # the family's default decoding (chat(sampling=False): 3 beams, repetition_penalty 1.2) through the engine
     from pipeline.inference.engine import Engine
+    from pipeline.inference.generation import GREEDY
 
     engine = Engine(model, builder, model_id=str(folder), revision=None, dtype="float32",
                     max_new_tokens=BEAM_TOKENS, batch_visual_tokens=1 << 30, max_batch_pages=4)
@@ -234,6 +236,12 @@ def compare(folder: Path, reference: Path) -> dict[str, object]:
         from pipeline.inference.adapters import PageFeatures
 
         beam = engine.generate([ids, ids], [PageFeatures(feats), PageFeatures(feats)], kind="ocr")
+        # greedy through the engine too: two rows sharing the image's prefill (the second row only reads its copy)
+        greedy_engine = Engine(model, builder, model_id=str(folder), revision=None, dtype="float32",
+                               max_new_tokens=new_tokens, batch_visual_tokens=1 << 30, max_batch_pages=4,
+                               min_new_tokens=new_tokens, generation=GREEDY)
+        shared = PageFeatures(feats)
+        engine_greedy = greedy_engine.generate([ids, ids], [shared, shared])
     ref_beam = extra_ref["beam_ids"][0, 1:].tolist()
     stop = next((k for k, t in enumerate(ref_beam) if t == builder.tokenizer.eos_token_id), None)
     ref_beam = ref_beam if stop is None else ref_beam[:stop]
@@ -255,6 +263,7 @@ def compare(folder: Path, reference: Path) -> dict[str, object]:
         "pixels_max_diff": pixel_diff if slices_equal else float("nan"),
         "logits_max_diff": logits_diff,
         "greedy_equal": greedy == ref_greedy,
+        "engine_greedy_equal": all(g.tokens == ref_greedy for g in engine_greedy),
         "greedy": greedy,
         "ref_greedy": ref_greedy,
         "bf16": bf16,
@@ -263,6 +272,7 @@ def compare(folder: Path, reference: Path) -> dict[str, object]:
         "vllm_ids": None if isinstance(served, str) else served["ids"],
         # bf16: greedy ids equal and logits no further from the original's bf16 than its own bf16 error
         "ok": bool(ids_equal and slices_equal and logits_diff <= TOLERANCE and greedy == ref_greedy
+                   and all(g.tokens == ref_greedy for g in engine_greedy)
                    and np.isfinite(logits_diff) and bf16["greedy_equal"]
                    and bf16["logits_vs_ref_bf16"] <= max(bf16["ref_vs_fp32"], TOLERANCE)
                    and beams["ids_equal"] and beams["text_equal"] and vllm is not False),
@@ -295,7 +305,7 @@ def main() -> int:
         return 0
 
     header = (f"{'case':>10} {'seed':>4} {'slices':>7} {'tokens':>6} {'ids':>5} {'pixels':>9} {'logits':>9} "
-              f"{'greedy':>6} | bf16: {'vs_ref':>8} {'ours-fp32':>9} {'ref-fp32':>9} {'greedy':>6} | "
+              f"{'greedy':>6} {'engine':>6} | bf16: {'vs_ref':>8} {'ours-fp32':>9} {'ref-fp32':>9} {'greedy':>6} | "
               f"{'decoding':>12} {'ids':>5} {'text':>5} | vLLM greedy")
     print(header)
     failures = 0
@@ -309,7 +319,8 @@ def main() -> int:
         b, m = row["bf16"], row["beams"]
         failures += not row["ok"]
         print(f"{size:>10} {seed:>4} {row['slices']:>7} {row['tokens']:>6} {str(row['ids_equal']):>5} "
-              f"{row['pixels_max_diff']:>9.2e} {row['logits_max_diff']:>9.2e} {str(row['greedy_equal']):>6} | "
+              f"{row['pixels_max_diff']:>9.2e} {row['logits_max_diff']:>9.2e} {str(row['greedy_equal']):>6} "
+              f"{str(row['engine_greedy_equal']):>6} | "
               f"      {b['logits_vs_ref_bf16']:>8.2e} {b['ours_vs_fp32']:>9.2e} {b['ref_vs_fp32']:>9.2e} "
               f"{str(b['greedy_equal']):>6} | {m['setting']:>12} {str(m['ids_equal']):>5} {str(m['text_equal']):>5}"
               f" | {row['vllm']}"

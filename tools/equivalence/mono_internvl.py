@@ -11,7 +11,8 @@ Not part of the test suite (the original code cannot be vendored). For each case
 3. loads the same folder with this project (trust_remote_code off, nothing of the
    folder executed), builds the prompt with the family's builder (its own tiling,
    pixels and chat format), and compares prompt ids (equal), pixel values, fp32 logits
-   (max |diff| <= 1e-4) and greedy ids (equal), plus the tokenizer cases.
+   (max |diff| <= 1e-4) and greedy ids (equal; through `generate()` and through the Engine,
+   two rows sharing the image's prefill), plus the tokenizer cases.
 
 Then the cases marked (p) run the ORIGINAL code on this project's own `make_tiny_model`
 folder (the original remote-code files copied in for that run only): larger weights,
@@ -115,6 +116,27 @@ def reference_tokenizer(work: Path, folder: Path, id_lists: list[list[int]]) -> 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def engine_greedy(model, builder, prompt_ids: list[int], pixel_values, new_tokens: int,
+                  min_new_tokens: int | None = None) -> list[list[int]]:
+    """Greedy ids through this project's Engine: the prompt twice, sharing the image's prefill
+    (the second row starts from a copy of the first one's prefix cache)."""
+    import numpy as np
+    import torch
+
+    from pipeline.inference.adapters import PageFeatures
+    from pipeline.inference.engine import Engine
+    from pipeline.inference.generation import GREEDY
+
+    minimum = new_tokens if min_new_tokens is None else min_new_tokens
+    engine = Engine(model, builder, model_id="ref", revision=None, dtype="float32", max_new_tokens=new_tokens,
+                    batch_visual_tokens=1 << 30, max_batch_pages=4, min_new_tokens=minimum or None, generation=GREEDY)
+    with torch.inference_mode():
+        features = model.get_image_features(pixel_values)
+        shared = PageFeatures(features.reshape(-1, features.shape[-1]))
+        ids = np.asarray(prompt_ids, dtype=np.int64)
+        return [gen.tokens for gen in engine.generate([ids, ids], [shared, shared])]
+
+
 def check_case(work: Path, case_dir: Path, seed: int, size: str, question: str) -> dict:
     import torch
     from PIL import Image
@@ -155,6 +177,7 @@ def check_case(work: Path, case_dir: Path, seed: int, size: str, question: str) 
         theirs = theirs[1:]
     row["greedy_ids_equal"] = ours == theirs
     row["greedy_ids"] = ours
+    row["engine_ids_equal"] = all(tokens == theirs for tokens in engine_greedy(model, builder, ref_ids, pixel_values, 8))
     row["vllm"] = _vllm_column(folder, ref["image_uint8"].numpy(), question, ref_ids, theirs)
 
     id_lists = [ours, ours + [builder.tokenizer.eos_token_id, 2, 1], ref_ids[-20:], list(range(0, 40))]
@@ -166,7 +189,7 @@ def check_case(work: Path, case_dir: Path, seed: int, size: str, question: str) 
     row["tokenizer_ok"] = all(ids_ok) and all(dec_ok) and tok_ref["im_end"] == tok.eos_token_id
     row["tokenizer_detail"] = {"encode": ids_ok, "decode": dec_ok}
     row["ok"] = (row["prompt_ids_equal"] and row["greedy_ids_equal"] and row["logits_max_diff"] <= TOLERANCE
-                 and row["tokenizer_ok"] and row["vllm"] is not False)
+                 and row["tokenizer_ok"] and row["engine_ids_equal"] and row["vllm"] is not False)
     return row
 
 
@@ -310,12 +333,14 @@ def check_project_case(work: Path, case_dir: Path, seed: int, size: str, questio
     row["greedy_ids_equal"] = ours == theirs
     row["greedy_ids"] = ours
     stop = builder.tokenizer.eos_token_id
+    cut = ours[: ours.index(stop)] if stop in ours else ours
+    row["engine_ids_equal"] = all(tokens == cut for tokens in engine_greedy(model, builder, ref_ids, pixels, 12, 0))
     text = builder.tokenizer.decode(ours[: ours.index(stop)] if stop in ours else ours, skip_special_tokens=True)
     row["tokenizer_ok"] = text.strip() == ref["response"]  # chat()'s answer text
     # vLLM: up to 12 ids, stopping by itself at <|im_end|> as chat() does
     row["vllm"] = _vllm_column(folder, ref["image_uint8"].numpy(), question, ref_ids, theirs, stop=stop, tokens=12)
     row["ok"] = (row["prompt_ids_equal"] and row["greedy_ids_equal"] and row["logits_max_diff"] <= TOLERANCE
-                 and row["tokenizer_ok"] and row["vllm"] is not False)
+                 and row["tokenizer_ok"] and row["engine_ids_equal"] and row["vllm"] is not False)
     return row
 
 
@@ -388,7 +413,7 @@ def main() -> int:
 
     rows = []
     print(f"{'case':<20} {'tiles':>5} {'prompt':>6} {'ids=':>5} {'pixels':>8} {'max|dlogit|':>12} {'greedy=':>7} "
-          f"{'tok=':>5}  ok    vLLM greedy")
+          f"{'engine=':>7} {'tok=':>5}  ok    vLLM greedy")
     for k, (seed, size, question) in enumerate(CASES[: args.cases]):
         case_dir = work / "cases" / f"{k}_{size}"
         if case_dir.exists():
@@ -398,7 +423,8 @@ def main() -> int:
         rows.append(row)
         print(f"{row['case']:<20} {row['tiles']:>5} {row['prompt_tokens']:>6} {str(row['prompt_ids_equal']):>5} "
               f"{row['pixels_max_diff']:>8.1e} {row['logits_max_diff']:>12.3e} {str(row['greedy_ids_equal']):>7} "
-              f"{str(row['tokenizer_ok']):>5}  {'PASS' if row['ok'] else 'FAIL'}  {row['vllm']}", flush=True)
+              f"{str(row['engine_ids_equal']):>7} {str(row['tokenizer_ok']):>5}  {'PASS' if row['ok'] else 'FAIL'}  "
+              f"{row['vllm']}", flush=True)
     for k, (seed, size, question, variant) in enumerate(PROJECT_CASES[: args.project_cases]):
         case_dir = work / "cases" / f"p{k}_{size}"
         if case_dir.exists():
@@ -408,7 +434,8 @@ def main() -> int:
         rows.append(row)
         print(f"{row['case']:<20} {row['tiles']:>5} {row['prompt_tokens']:>6} {str(row['prompt_ids_equal']):>5} "
               f"{row['pixels_max_diff']:>8.1e} {row['logits_max_diff']:>12.3e} {str(row['greedy_ids_equal']):>7} "
-              f"{str(row['tokenizer_ok']):>5}  {'PASS' if row['ok'] else 'FAIL'}  {row['vllm']}", flush=True)
+              f"{str(row['engine_ids_equal']):>7} {str(row['tokenizer_ok']):>5}  {'PASS' if row['ok'] else 'FAIL'}  "
+              f"{row['vllm']}", flush=True)
     (work / "cases" / "summary.json").write_text(json.dumps(rows, indent=1))
     return 0 if all(r["ok"] for r in rows) else 1
 

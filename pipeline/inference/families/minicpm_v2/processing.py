@@ -301,6 +301,11 @@ class MiniCPMV2Builder(InputBuilder):
         `<box>`, `<quad>`, `<point>` grounding tags are part of the answer)."""
         return self.tokenizer.decode([int(t) for t in tokens if int(t) != 0]).strip()
 
+    def image_end(self, ids: np.ndarray) -> int:
+        """Just after the last `</image>`: the placeholders are `<unk>` ids, which a text layer may hold too."""
+        where = np.flatnonzero(np.asarray(ids) == self.im_end_id)
+        return int(where[-1]) + 1 if len(where) else 0
+
     def placeholder_count(self, ids: np.ndarray) -> int:
         opened = np.cumsum(ids == self.im_start_id)
         closed = np.cumsum(ids == self.im_end_id)

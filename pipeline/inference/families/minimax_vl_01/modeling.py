@@ -147,6 +147,8 @@ class MiniMaxVL01LightningAttention(native.MiniMaxLightningAttention):
         state = cache.get_linear_cache(self.layer_idx) if cache is not None else None
         if state is None or (isinstance(state, list) and not state):
             out, state = self._prefill(q, k, v, slope)
+        elif seq_len > 1:  # a prompt continued after a cached one (a task after its page's shared prefix)
+            out, state = self._prefill(q, k, v, slope, state)
         else:
             out, state = self._decode(q, k, v, slope, state)
         out = out.transpose(1, 2).reshape(batch, seq_len, self.num_attention_heads * self.head_dim)
@@ -157,8 +159,10 @@ class MiniMaxVL01LightningAttention(native.MiniMaxLightningAttention):
             cache.set_linear_cache(self.layer_idx, state)
         return out, state
 
-    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor,
+                 state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blockwise over `n` tokens from the recurrent `state` (zeros: the start of the sequence);
+        a state carried in is decayed into each block exactly as one from an earlier block."""
         block = self.block_size
         batch, heads, n, dim = q.shape
         steps = torch.arange(block, device=q.device, dtype=torch.float32) + 1
@@ -166,7 +170,8 @@ class MiniMaxVL01LightningAttention(native.MiniMaxLightningAttention):
         k_decay = torch.exp(-slope * (block - steps.reshape(-1, 1)))
         offset = steps[:, None] - steps[None, :]
         diag_decay = torch.exp(torch.where(offset >= 0, -slope * offset[None, None], float("-inf")))
-        state = torch.zeros(batch, heads, dim, v.shape[-1], dtype=torch.float32, device=q.device)
+        if state is None:
+            state = torch.zeros(batch, heads, dim, v.shape[-1], dtype=torch.float32, device=q.device)
         out = torch.empty(batch, heads, n, v.shape[-1], dtype=q.dtype, device=q.device)
         for start in range(0, n, block):
             end = min(start + block, n)
@@ -283,6 +288,14 @@ class MiniMaxVL01Cache(native.MiniMaxCache):
 
     def get_query_offset(self, layer_idx: int = 0) -> Any:
         return super().get_query_offset(self._index(layer_idx))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search's reorder, the lightning states included (the native cache reorders only
+        the softmax layers, so each beam would go on with another beam's linear-attention state)."""
+        super().reorder_cache(beam_idx)
+        for i, state in enumerate(self.linear_cache):
+            if isinstance(state, torch.Tensor):
+                self.linear_cache[i] = state.index_select(0, beam_idx.to(state.device))
 
 
 class MiniMaxVL01TextModel(native.MiniMaxModel):

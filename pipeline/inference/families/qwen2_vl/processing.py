@@ -89,6 +89,27 @@ class Qwen2VLBuilder(InputBuilder):
             "mm_token_type_ids": (input_ids == self.image_token_id).to(torch.int32),
         }
 
+    def prefill_positions(self, model: Any, input_ids: "torch.Tensor", inputs: Mapping[str, Any]
+                          ) -> tuple["torch.Tensor", int]:
+        """M-RoPE: the (temporal, height, width) positions of the image's tokens and 1-D ones for
+        text, from transformers' own `get_rope_index`, behind the text positions the model reads
+        for its mask (4, 1, length); text after the prefill sits at its index plus the offset."""
+        import torch
+
+        if "image_grid_thw" not in inputs:
+            return super().prefill_positions(model, input_ids, inputs)
+        rope, offset = model.model.get_rope_index(
+            input_ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"])
+        text = torch.arange(input_ids.shape[1], device=input_ids.device)[None, None]
+        return torch.cat((text, rope.to(input_ids.device))), int(offset.reshape(-1)[0])
+
+    def position_ids(self, text_positions: "torch.Tensor", offsets: "torch.Tensor") -> "torch.Tensor":
+        """Text after the image: all three M-RoPE axes at index + offset, behind the plain text positions."""
+        import torch
+
+        shifted = text_positions + offsets[:, None].to(text_positions.device)
+        return torch.stack((text_positions, shifted, shifted, shifted))
+
     def naive_inputs(self, prepared: PreparedPage, key: str, device: Any) -> dict[str, Any]:
         import torch
 
