@@ -130,6 +130,7 @@ NEVER_END_A_RUN = {
     "ReportError": "`docpipe report`'s, not a run's",
     "_PageTooLarge": "caught in pipeline/rasterize/pdf.py: the page is rendered smaller or becomes an error row",
     "_TooLarge": "caught in pipeline/report/thumbnails.py: the thumbnail is left out",
+    "UnsupportedCacheError": "raised inside a model call: the page engine makes it the batch's pages' error rows",
 }
 
 
