@@ -12,7 +12,6 @@ from transformers import PretrainedConfig
 
 from pipeline.inference.generation import GenerationSettings
 
-
 NAME = "minicpm_v2"
 MODEL_TYPES: tuple[str, ...] = ("minicpmv",)
 ARCHITECTURES: tuple[str, ...] = ("MiniCPMV",)

@@ -21,7 +21,6 @@ from pipeline.inference.families import load_strict
 from pipeline.inference.families.compat import causal_mask, lm_output
 from pipeline.inference.families.minicpm_v2.configuration import MiniCPMV2Config, VisionSpec, load_config, vision_spec
 
-
 # ---------------------------------------------------------------------------------------
 # vision tower (timm's VisionTransformer naming)
 # ---------------------------------------------------------------------------------------

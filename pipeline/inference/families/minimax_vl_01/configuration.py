@@ -11,7 +11,6 @@ from transformers import CLIPVisionConfig, MiniMaxConfig, PretrainedConfig
 
 from pipeline.inference.adapters import UnsupportedModelError
 
-
 NAME = "minimax_vl_01"
 MODEL_TYPES: tuple[str, ...] = ("minimax_vl_01",)
 ARCHITECTURES: tuple[str, ...] = ("MiniMaxVL01ForConditionalGeneration",)

@@ -28,7 +28,6 @@ from pipeline.inference.families.minimax_vl_01.configuration import (
 )
 from pipeline.tiling import MiniMaxTilePlan
 
-
 # ---------------------------------------------------------------------------------------
 # the language model: native MiniMax pieces under the official names
 # ---------------------------------------------------------------------------------------

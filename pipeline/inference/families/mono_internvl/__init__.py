@@ -38,13 +38,13 @@ from pipeline.inference.families.mono_internvl.configuration import (  # noqa: F
     IMAGENET_MEAN,
     IMAGENET_STD,
     IMG_CONTEXT,
-    InternLM2VEConfig,
     LAST_DEVICE,
     MODEL_TYPES,
-    MonoInternVLConfig,
-    MonoInternVisionConfig,
     NAME,
     TILING_POLICY,
+    InternLM2VEConfig,
+    MonoInternVisionConfig,
+    MonoInternVLConfig,
     recognise,
 )
 from pipeline.inference.families.mono_internvl.modeling import (  # noqa: F401

@@ -7,7 +7,6 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-
 NAME = "mono_internvl"
 MODEL_TYPES: tuple[str, ...] = ("internvl_chat",)
 ARCHITECTURES: tuple[str, ...] = ("InternVLChatModel",)

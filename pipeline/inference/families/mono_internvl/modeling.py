@@ -18,11 +18,10 @@ from pipeline.inference.families import load_strict
 from pipeline.inference.families.compat import causal_mask, lm_output
 from pipeline.inference.families.mono_internvl.configuration import (
     InternLM2VEConfig,
-    MonoInternVLConfig,
     MonoInternVisionConfig,
+    MonoInternVLConfig,
 )
 from pipeline.inference.families.mono_internvl.processing import load_config
-
 
 # ---------------------------------------------------------------------------------------
 # vision side: patch embedding, pixel shuffle, projector
