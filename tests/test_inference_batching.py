@@ -128,6 +128,13 @@ class _GroupRecorder:
 
     class builder:  # noqa: N801 - stands in for an InputBuilder
         family = "internvl"
+        stretches_to_canvas = True  # the internvl policy's geometry, as a run without a model has
+
+        @staticmethod
+        def target_size(width_pt: float, height_pt: float):
+            from pipeline import tiling
+
+            return tiling.TilingOptions().target_size(width_pt, height_pt)
 
         @staticmethod
         def plan(width: int, height: int):

@@ -450,9 +450,8 @@ def load_model(config: RunConfig) -> LoadedModel:
     family = _recognise_model(config)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    common = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
     code = family.code()
-    model_config = code.load_config(config.model, **common)
+    model_config = code.load_config(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code)
 
     device_map: dict[str, int] | None = None
     if device.kind == "cuda" and len(device.gpus) > 1:
@@ -471,7 +470,8 @@ def load_model(config: RunConfig) -> LoadedModel:
     model = None
     for attn in dict.fromkeys((preferred, "sdpa", "eager")):
         try:
-            model = code.load_model(config.model, **common, dtype=dtype, device_map=load_map, attn_implementation=attn)
+            model = code.load_model(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code,
+                                    dtype=dtype, device_map=load_map, attn_implementation=attn)
             break
         except (ValueError, ImportError) as exc:
             if not re.search(r"attention|attn", str(exc), re.IGNORECASE):
