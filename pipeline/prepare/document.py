@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pipeline.config import RunConfig
 from pipeline.ledger import DocFacts, status_of
@@ -32,7 +32,7 @@ from pipeline.records import (
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.inference.adapters import PageBuilder, PreparedPage
-    from pipeline.rasterize import RasterOptions
+    from pipeline.rasterize import OpenedDocument, RasterOptions
 
 log = logging.getLogger("docpipe")
 
@@ -107,6 +107,10 @@ class DocumentRetry:
     reason: StageError
 
 
+# What preparation yields, in order per document: its pages, a retry notice, its one end
+PrepEvent = PageWork | DocumentDone | DocumentRetry
+
+
 @dataclass(frozen=True, slots=True)
 class PrepSettings:
     """Everything a worker process needs; picklable."""
@@ -130,11 +134,12 @@ def iter_document(ref: DocumentRef, settings: PrepSettings, attempt: int = 1) ->
     timings = DocTimings()
     started = time.perf_counter()
     outcome = DocumentOutcome(ref=ref, timings=timings)
-    opened: Any = None
+    opened: OpenedDocument | StageError | None = None
 
     def done(error: StageError | None = None) -> DocumentDone:
         outcome.error = error
-        outcome.open_note = getattr(opened, "open_note", None)  # e.g. MuPDF repaired the file
+        # e.g. MuPDF repaired the file
+        outcome.open_note = opened.open_note if isinstance(opened, rasterize.OpenedDocument) else None
         timings.total_s = time.perf_counter() - started
         return DocumentDone(outcome)
 

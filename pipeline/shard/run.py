@@ -25,6 +25,7 @@ from pipeline.prepare import (
     DocumentOutcome,
     DocumentRetry,
     PageWork,
+    PrepEvent,
     PrepSettings,
     iter_shard_documents,
 )
@@ -123,7 +124,7 @@ class _ShardRun:
         self.failed_batches = 0
 
     # ---- events --------------------------------------------------------------------
-    def on_event(self, event: PageWork | DocumentDone | DocumentRetry) -> None:
+    def on_event(self, event: PrepEvent) -> None:
         if isinstance(event, DocumentDone):
             state = self.states[event.outcome.ref.uri]
             state.outcome = event.outcome
