@@ -17,6 +17,7 @@ import logging
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -290,13 +291,13 @@ class _Ticker:
     """Calls `tick` every `every_s` seconds on a daemon thread until stopped (the `-v` log
     lines of a batch that keeps the model busy for minutes)."""
 
-    def __init__(self, every_s: float, tick: Any) -> None:
+    def __init__(self, every_s: float, tick: Callable[[], None]) -> None:
         import threading
 
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, args=(every_s, tick), name="docpipe-progress", daemon=True)
 
-    def _loop(self, every_s: float, tick: Any) -> None:
+    def _loop(self, every_s: float, tick: Callable[[], None]) -> None:
         while not self._stop.wait(every_s):
             tick()
 

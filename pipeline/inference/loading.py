@@ -411,7 +411,7 @@ def content_revision(model_ref: str, requested: str | None = None) -> str | None
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module
+    model: PreTrainedModel
     builder: InputBuilder
     family: str
     model_id: str

@@ -507,7 +507,7 @@ def meta_model(config: MiniCPMV2Config) -> MiniCPMV2ForConditionalGeneration:
         return MiniCPMV2ForConditionalGeneration(config)
 
 
-def load_model(folder: str | Path, *, dtype: Any = torch.float32, device_map: Any = None,
+def load_model(folder: str | Path, *, dtype: torch.dtype = torch.float32, device_map: dict[str, int] | None = None,
                attn_implementation: str = "sdpa") -> MiniCPMV2ForConditionalGeneration:
     """The checkpoint in `folder` (safetensors only; none of its code runs), in eval mode;
     refused when its weights are not exactly the official layout's."""

@@ -476,8 +476,8 @@ def meta_model(config: MonoInternVLConfig) -> MonoInternVLForConditionalGenerati
 def load_model(
     folder: str | Path,
     *,
-    dtype: Any,
-    device_map: Any = None,
+    dtype: torch.dtype,
+    device_map: dict[str, int] | None = None,
     attn_implementation: str = "sdpa",
 ) -> MonoInternVLForConditionalGeneration:
     """Weights from the folder's safetensors (no remote code), in eval mode.
