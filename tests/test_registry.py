@@ -38,3 +38,16 @@ def test_a_port_reads_its_identity_from_its_entry(name: str) -> None:
         entry.name, entry.model_types, entry.architectures)
     assert (configuration.FIRST_DEVICE, configuration.LAST_DEVICE) == entry.device_groups()
     assert not hasattr(configuration, "TILING_POLICY")  # the entry's tiling_policy is the one read
+
+
+def test_every_builder_names_the_family_of_its_entry() -> None:
+    """A builder's `family` (stamped on every PreparedPage, checked by the engines) is its entry's name."""
+    import importlib
+
+    for family in registry.FAMILIES:
+        if family.module is None:
+            builder = family.builder_class()
+        else:
+            package = importlib.import_module(family.module)
+            builder = next(v for k, v in vars(package).items() if k.endswith("Builder") and isinstance(v, type))
+        assert builder.family == family.name, (builder, family.name)
