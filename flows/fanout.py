@@ -52,12 +52,13 @@ CHILD_FLOW_NAME = "docpipe-process-shard"
 DEFAULT_SHARD_DEPLOYMENT = f"{CHILD_FLOW_NAME}/process-shard"
 POLL_INTERVAL_S = 2.0
 
-Verdict = Literal["wait", "done", "resubmit", "failed"]
+# what the parent does next with a child run (`triage`)
+ChildRunAction = Literal["wait", "done", "resubmit", "failed"]
 
 _RETRYABLE_STATES = frozenset({StateType.FAILED, StateType.CRASHED})
 
 
-def triage(state_type: StateType | None, attempts: int, max_resubmits: int) -> Verdict:
+def triage(state_type: StateType | None, attempts: int, max_resubmits: int) -> ChildRunAction:
     """What to do with a child run in this state after `attempts` submissions of its shard.
 
     Completed -> done. Failed or Crashed (e.g. its worker was killed) -> resubmit while

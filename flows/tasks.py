@@ -17,7 +17,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from prefect import get_run_logger, task
@@ -41,6 +41,9 @@ from pipeline.planning import Shard
 from pipeline.progress import ProgressMeter, format_bytes, model_size_bytes
 from pipeline.report.markdown import md_code, md_text
 from pipeline.sources import is_transient as sources_is_transient
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.inference.page_engine import PageEngine
 
 SHARD_RETRIES = POLICY.shard_task_retries  # the ledger's RetryPolicy holds every budget
 SHARD_BACKOFF_S = POLICY.shard_backoff_s  # first retry after ~2 s, then ~4 s, ~8 s (with jitter)
@@ -115,7 +118,7 @@ def process_shard_task(shard: Shard, config: RunConfig, run_id: str, lease: Leas
     meter = run_progress.meter if run_progress is not None else shard_log.meter  # type: ignore[union-attr]
     on_event = run_progress.on_event if run_progress is not None else shard_log.on_event  # type: ignore[union-attr]
     engine = load_model(config, on_event)
-    if engine is not None and getattr(engine, "stats", None) is not None and not meter.attached:
+    if engine is not None and not meter.attached:
         meter.attach(engine.stats)  # tokens/s and busy share move between batches
     result = runner.process_shard(
         shard, config, run_id=run_id, engine=engine, progress=on_event,
@@ -131,7 +134,7 @@ def process_shard_task(shard: Shard, config: RunConfig, run_id: str, lease: Leas
     return result
 
 
-def load_model(config: RunConfig, on_event: runner.ProgressFn) -> Any | None:
+def load_model(config: RunConfig, on_event: runner.ProgressFn) -> PageEngine | None:
     """The run's engine (loaded once per process), with a "loading model" log line and its time."""
     if config.model is None:
         return None

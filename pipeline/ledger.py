@@ -32,7 +32,7 @@ The meanings of "attempt", once each:
 - `RetryPolicy.child_run_resubmits`: a fan-out child run (one shard) that failed or crashed
   (a killed worker) is submitted again this often (the `docpipe-fanout` flow's
   `max_resubmits` parameter defaults to it).
-- `RetryPolicy.device_failure_windows`: consecutive model batches failing on every page
+- `RetryPolicy.device_failure_batches`: consecutive model batches failing on every page
   that stop a shard (a broken device is not retried page by page).
 - `RetryPolicy.worker_deaths_in_a_row` / `worker_startup_deaths`: prep workers the pool
   replaces before it gives up on the run (`PrepWorkersFailing`): deaths with no document
@@ -64,7 +64,7 @@ class RetryPolicy:
     discover_task_retries: int = 2
     discover_backoff_s: float = 2.0
     child_run_resubmits: int = 1
-    device_failure_windows: int = 2
+    device_failure_batches: int = 2
     worker_deaths_in_a_row: int = 5
     worker_startup_deaths: int = 3
 

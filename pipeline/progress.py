@@ -17,9 +17,10 @@ import logging
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -27,6 +28,9 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.runner import InProcess, Run, RunSummary, WorkPlan
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.inference.page_engine import EngineStats
 
 log = logging.getLogger("docpipe.progress")
 
@@ -127,7 +131,7 @@ class ProgressMeter:
         self.model_loading = False
         self.in_model_since: float | None = None  # a batch is in the model since then
         self.model_load_s: float | None = None
-        self._stats: Any = None
+        self._stats: EngineStats | None = None
         self._stats_base: tuple[int, float] = (0, 0.0)
         self._tokens_at_attach = 0
         self._model_ms_at_attach = 0
@@ -146,7 +150,7 @@ class ProgressMeter:
     def attached(self) -> bool:
         return self._stats is not None
 
-    def attach(self, stats: Any) -> None:
+    def attach(self, stats: EngineStats) -> None:
         """Follow an engine's cumulative counters (`.generated_tokens`, `.model_s`) from now on."""
         self._stats = stats
         self._stats_base = (int(stats.generated_tokens), float(stats.model_s))
@@ -287,13 +291,13 @@ class _Ticker:
     """Calls `tick` every `every_s` seconds on a daemon thread until stopped (the `-v` log
     lines of a batch that keeps the model busy for minutes)."""
 
-    def __init__(self, every_s: float, tick: Any) -> None:
+    def __init__(self, every_s: float, tick: Callable[[], None]) -> None:
         import threading
 
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, args=(every_s, tick), name="docpipe-progress", daemon=True)
 
-    def _loop(self, every_s: float, tick: Any) -> None:
+    def _loop(self, every_s: float, tick: Callable[[], None]) -> None:
         while not self._stop.wait(every_s):
             tick()
 
@@ -364,7 +368,7 @@ def run_with_progress(run: Run, console: Console | None = None) -> RunSummary:
             from pipeline import runner
 
             engine = runner.get_engine(config)  # the one just loaded (cached per process)
-            if engine is not None and hasattr(engine, "stats"):
+            if engine is not None:
                 meter.attach(engine.stats)
             progress.update(task_id, description="documents")
             say(f"model loaded in {count / 1000:.1f} s")

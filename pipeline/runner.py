@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import RunConfig
 from pipeline.dataset import Dataset, Lease
@@ -31,6 +31,9 @@ from pipeline.planning import Shard
 from pipeline.records import RunStatus
 from pipeline.shard import run as shard_run
 from pipeline.shard.run import Counts, DeviceFailure, ProgressFn, ShardResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.inference.page_engine import PageAnswerer, PageEngine
 
 log = logging.getLogger("docpipe")
 
@@ -252,7 +255,7 @@ def run_row(handle: RunHandle, status: RunStatus | str, summary: "RunSummary | N
 # Engine cache: one model per process
 # ---------------------------------------------------------------------------------------
 
-_ENGINES: dict[tuple[Any, ...], Any] = {}
+_ENGINES: dict[tuple[Any, ...], PageEngine] = {}
 _ENGINE_CHOICES: dict[tuple[Any, ...], str] = {}  # engine key -> "vllm (auto: ...)", for the run summary
 
 
@@ -264,7 +267,7 @@ def _engine_key(config: RunConfig) -> tuple[Any, ...]:
     return (config.model_dump_json(exclude=set(FIELD_STAGE) - ENGINE_FIELDS),)
 
 
-def get_engine(config: RunConfig) -> Any | None:
+def get_engine(config: RunConfig) -> PageEngine | None:
     """The inference engine for this configuration, loaded once per process (None without a model)."""
     if config.model is None:
         return None
@@ -304,7 +307,7 @@ def process_shard(
     config: RunConfig,
     *,
     run_id: str,
-    engine: Any | None = None,
+    engine: PageAnswerer | None = None,
     progress: ProgressFn | None = None,
     dataset: Dataset | None = None,
     lease: Lease | None = None,

@@ -26,7 +26,7 @@ import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from PIL import Image
 
@@ -54,6 +54,27 @@ MINICPM_MAX_SLICES = 9  # MiniCPM-V 2.0's slice_config.max_slice_nums: 9 x 448^2
 # ---------------------------------------------------------------------------------------
 # Options
 # ---------------------------------------------------------------------------------------
+
+
+class PageGeometry(Protocol):
+    """Who decides a page's geometry: with a model, its input builder
+    (pipeline.inference.adapters.InputBuilder, the only owner of its family's geometry);
+    without one, the run's tiling policy (`TilingOptions`). The rasterizer and preparation
+    ask it, and nothing else, for a page's render size and plan (pipeline.rasterize.RasterOptions)."""
+
+    @property
+    def stretches_to_canvas(self) -> bool:
+        """Whether every page is stretched to its plan's canvas, so that rendering straight at
+        that canvas is what the model would see anyway."""
+        ...
+
+    def target_size(self, width_pt: float, height_pt: float) -> tuple[int, int]:
+        """Pixel size to render a width_pt x height_pt page at (before the DPI bounds)."""
+        ...
+
+    def plan(self, width: int, height: int) -> TilePlan:
+        """The tiling of a width x height image."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -87,6 +108,15 @@ class TilingOptions:
             max_tiles=cfg.max_tiles if cfg.max_tiles is not None else 12,
             tokens_per_tile=cfg.tokens_per_tile,
         )
+
+    # as a PageGeometry (the pages of a run without a model): the policy's canvas is rendered straight
+    stretches_to_canvas: ClassVar[bool] = True
+
+    def target_size(self, width_pt: float, height_pt: float) -> tuple[int, int]:
+        return target_render_size(width_pt, height_pt, self)
+
+    def plan(self, width: int, height: int) -> TilePlan:
+        return plan_tiles(width, height, self)
 
     @property
     def resolved_tokens_per_tile(self) -> int:

@@ -53,6 +53,11 @@ class FaultyBuilder:
     crash_mode: str = "exit"  # exit | sigkill | segv | name (the word after the first "-" in the file name)
     crash_attempts: int | None = None  # crash on the first N attempts only (None: always)
 
+    stretches_to_canvas = True  # the default tiling policy's page geometry (pipeline.tiling.PageGeometry)
+
+    def target_size(self, width_pt: float, height_pt: float):
+        return tiling.TilingOptions().target_size(width_pt, height_pt)
+
     def plan(self, width: int, height: int):
         return tiling.plan_tiles(width, height, tiling.TilingOptions())
 

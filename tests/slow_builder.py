@@ -16,6 +16,11 @@ class HangingBuilder:
     hang_on_uri_containing: str
     seconds: float = 3600.0
 
+    stretches_to_canvas = True  # the default tiling policy's page geometry (pipeline.tiling.PageGeometry)
+
+    def target_size(self, width_pt: float, height_pt: float):
+        return tiling.TilingOptions().target_size(width_pt, height_pt)
+
     def plan(self, width: int, height: int):
         return tiling.plan_tiles(width, height, tiling.TilingOptions())
 

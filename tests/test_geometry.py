@@ -144,3 +144,29 @@ def test_no_page_is_planned_twice(family: str, pdf: Path, models, monkeypatch) -
     assert calls and len(calls) == len(set(calls)), calls  # each size planned once, whoever asked
     rendered = {(w.page.render.width, w.page.render.height) for w in pages}
     assert rendered <= set(calls)  # the recorded plans are among them
+
+
+def test_one_geometry_gives_the_render_size_the_canvas_and_preparation_s_plan() -> None:
+    """RasterOptions.page_geometry is the one switch between the model's geometry and the
+    tiling policy's: the render size, the canvas and the plan preparation cuts by all come from it."""
+    from pipeline.tiling import TilingOptions, plan_tiles, target_render_size
+
+    policy = TilingOptions(policy="minicpm", max_tiles=6)
+    no_model = rasterize.RasterOptions(tiling=policy)
+    assert no_model.page_geometry is policy
+    assert no_model.target_size(612, 792) == target_render_size(612, 792, policy)
+    assert no_model.plan(1000, 1300) == plan_tiles(1000, 1300, policy) == no_model.canvas_plan(1000, 1300)
+
+    class KeepsAspect:  # a model whose preprocessing resizes pages itself (no straight canvas render)
+        stretches_to_canvas = False
+
+        def target_size(self, width_pt: float, height_pt: float) -> tuple[int, int]:
+            return (10, 20)
+
+        def plan(self, width: int, height: int):
+            return plan_tiles(width, height, TilingOptions(policy="minimax"))
+
+    model = rasterize.RasterOptions(tiling=policy, geometry=KeepsAspect())
+    assert model.target_size(612, 792) == (10, 20)
+    assert model.plan(1000, 1300) == plan_tiles(1000, 1300, TilingOptions(policy="minimax"))
+    assert model.canvas_plan(1000, 1300) is None

@@ -7,6 +7,7 @@ import random
 import pytest
 
 from pipeline.inference.batching import BatchRule, halves, is_repetitive, pack, pack_by_budget, repeating_tail
+from pipeline.inference.page_engine import EngineStats
 
 
 def test_pack_by_budget_examples() -> None:
@@ -125,9 +126,17 @@ class _GroupRecorder:
     """An engine that records the groups the runner hands it and answers every page."""
 
     model_id, revision, dtype, prompt_version = "recorder", None, "float32", "p"
+    stats = EngineStats()
 
     class builder:  # noqa: N801 - stands in for an InputBuilder
         family = "internvl"
+        stretches_to_canvas = True  # the internvl policy's geometry, as a run without a model has
+
+        @staticmethod
+        def target_size(width_pt: float, height_pt: float):
+            from pipeline import tiling
+
+            return tiling.TilingOptions().target_size(width_pt, height_pt)
 
         @staticmethod
         def plan(width: int, height: int):

@@ -107,7 +107,7 @@ def test_one_policy_holds_every_budget() -> None:
 
     assert prepare.MAX_ATTEMPTS == POLICY.worker_attempts
     assert tasks.SHARD_RETRIES == POLICY.shard_task_retries
-    assert shard_run.DEVICE_FAILURE_WINDOWS == POLICY.device_failure_windows
+    assert shard_run.DEVICE_FAILURE_BATCHES == POLICY.device_failure_batches
     for module in (runner, shard_run):
         assert not hasattr(module, "IN_RUN_ROUNDS") and not hasattr(module, "MAX_ATTEMPTS")
     assert prepare.MAX_DEATHS_IN_A_ROW == POLICY.worker_deaths_in_a_row

@@ -17,7 +17,6 @@ from PIL import Image
 
 import docs_factory as f
 from pipeline import rasterize
-from pipeline.rasterize import options as raster_options
 from pipeline.rasterize import pdf as raster_pdf
 from pipeline.config import RunConfig
 from pipeline.rasterize import (
@@ -621,10 +620,10 @@ def test_canvas_is_not_used_when_min_dpi_asks_for_more() -> None:
 
 
 def test_requested_dpi_is_clamped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(raster_options, "target_render_size", lambda w, h, o: (10, 10))
+    monkeypatch.setattr("pipeline.tiling.target_render_size", lambda w, h, o: (10, 10))
     low = choose_dpi(612, 792, RasterOptions(min_dpi=90, max_dpi=200))
     assert (low.requested, low.dpi, low.over_budget) == (90, 90, False)
-    monkeypatch.setattr(raster_options, "target_render_size", lambda w, h, o: (100_000, 100_000))
+    monkeypatch.setattr("pipeline.tiling.target_render_size", lambda w, h, o: (100_000, 100_000))
     high = choose_dpi(612, 792, RasterOptions(min_dpi=90, max_dpi=200, max_page_pixels=10**9))
     assert (high.requested, high.dpi) == (200, 200)
     assert (high.width, high.height) == pixel_size(612, 792, 200) == (1700, 2200)

@@ -10,6 +10,8 @@ from pipeline import runner, sources
 from pipeline.ledger import RetryPolicy
 from pipeline.shard import run as shard_run
 from pipeline.config import RunConfig
+from pipeline.inference.batching import BatchRule
+from pipeline.inference.page_engine import EngineStats
 from pipeline.records import PageAnswers, Stage, StageError
 from tests.prefect_support import make_corpus, page_key_counts, read_rows
 
@@ -102,9 +104,18 @@ class _BrokenDevice:
     """An engine whose device fails every batch, as a poisoned CUDA context does."""
 
     model_id, revision, dtype, prompt_version = "broken", None, "float32", "p"
+    batch_rule = BatchRule(10**9, 1)  # one page a batch, as the run's max_batch_pages=1 says
+    stats = EngineStats()
 
     class builder:  # noqa: N801 - stands in for an InputBuilder
         family = "internvl"
+        stretches_to_canvas = True  # the internvl policy's geometry, as a run without a model has
+
+        @staticmethod
+        def target_size(width_pt: float, height_pt: float):
+            from pipeline import tiling
+
+            return tiling.TilingOptions().target_size(width_pt, height_pt)
 
         @staticmethod
         def plan(width: int, height: int):

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pipeline.dataset.store import META, _Store, _warn_once, fault_point
 from pipeline.sources import full_uri
 
+
 class _PlanModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
     shard_id: str

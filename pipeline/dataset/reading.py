@@ -18,6 +18,7 @@ from pipeline.records import KnownFile
 from pipeline.sources import full_uri
 from schemas import RUNS_SCHEMA, SCHEMAS, TABLE_KEY
 
+
 @dataclass(frozen=True, slots=True)
 class DoneState:
     """What an output dataset already holds (for planning a run)."""

@@ -22,7 +22,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -131,6 +131,17 @@ class PageFeatures:
 
     features: "torch.Tensor"  # family layout; see each builder's encode()
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class PageBuilder(tiling.PageGeometry, Protocol):
+    """The builder seam: what preparation (pipeline.prepare) and the shard ask of a model's
+    input builder: its family, its page geometry and `build`. `InputBuilder` is the one
+    implementation; a test stand-in may be smaller."""
+
+    @property
+    def family(self) -> str: ...
+
+    def build(self, page: PageImage, plan: TilePlan) -> PreparedPage: ...
 
 
 # ---------------------------------------------------------------------------------------
@@ -434,6 +445,7 @@ __all__ = [
     "DESCRIPTION",
     "InputBuilder",
     "OCR",
+    "PageBuilder",
     "PageFeatures",
     "PreparedPage",
     "UnsupportedModelError",

@@ -1,12 +1,12 @@
-"""Pure batching helpers: the one rule that groups pages (`BatchRule`), packing by it,
+"""Pure batching helpers: the one rule that batches pages (`BatchRule`), packing by it,
 splitting on failure, and detecting runaway generations. No torch here; everything is a
 function of plain values.
 
-Pages are grouped in exactly one place by one rule, whatever the engine: the runner feeds
+Pages are batched in exactly one place by one rule, whatever the engine: the shard feeds
 prepared pages, as they come, through the engine's `BatchRule` (`fits` / `full`) and hands
-each closed group to `engine.answer`; `pack_by_budget` is the same rule applied to a list
-at once (for callers that hand an engine many pages, e.g. benchmarks), so a group the
-runner closed is never split again. The transformers engine's rule is its visual-token
+each closed batch to `engine.answer`; `pack_by_budget` is the same rule applied to a list
+at once (for callers that hand an engine many pages, e.g. benchmarks), so a batch the
+shard closed is never split again (only the out-of-memory back-off halves one). The transformers engine's rule is its visual-token
 budget and page bound; the vLLM engine's is a bound on pages in flight (its own scheduler
 does the rest).
 """
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class BatchRule:
-    """Groups of at most `max_pages` pages and `budget` visual tokens; a page costing more
-    than the budget gets a group of its own (it is still processed; the out-of-memory
+    """Batches of at most `max_pages` pages and `budget` visual tokens; a page costing more
+    than the budget gets a batch of its own (it is still processed; the out-of-memory
     back-off deals with it if it does not fit)."""
 
     budget: int
@@ -37,18 +37,18 @@ class BatchRule:
         return cls(budget=sys.maxsize, max_pages=max_pages)
 
     def fits(self, count: int, used: int, cost: int) -> bool:
-        """Whether an item of `cost` joins a group of `count` items costing `used`."""
+        """Whether an item of `cost` joins a batch of `count` items costing `used`."""
         if cost < 0:
             raise ValueError(f"cost is negative: {cost}")
         return count == 0 or (used + cost <= self.budget and count < self.max_pages)
 
     def full(self, count: int, used: int) -> bool:
-        """Whether no further item (of any cost >= 0) can join the group: close it now."""
+        """Whether no further item (of any cost >= 0) can join the batch: close it now."""
         return count >= self.max_pages or used > self.budget
 
 
 def pack(costs: Sequence[int], rule: BatchRule) -> list[list[int]]:
-    """Group item indices, in order, by `rule` (the same groups as feeding them one at a time)."""
+    """Batch item indices, in order, by `rule` (the same batches as feeding them one at a time)."""
     batches: list[list[int]] = []
     current: list[int] = []
     used = 0

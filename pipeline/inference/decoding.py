@@ -23,11 +23,16 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pipeline.inference import kvcache
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedModel
+
+    from pipeline.inference.adapters import InputBuilder
 
 # A hook on each step's scores: (rows' (page, key) tags, tokens generated so far per row, scores) -> scores.
 ScoreHook = Callable[[Sequence[Any], torch.Tensor, torch.Tensor], torch.Tensor]
@@ -51,7 +56,7 @@ class Request:
 class ModelCall:
     """One forward pass of the model over rows with a cache: the last position's logits."""
 
-    def __init__(self, model: Any, builder: Any) -> None:
+    def __init__(self, model: PreTrainedModel, builder: InputBuilder) -> None:
         self.model = model
         self.builder = builder
         params = inspect.signature(model.forward).parameters

@@ -5,7 +5,7 @@ into their token limit (and for those that did so by repeating themselves).
     engine = load_engine(config)
     answers = engine.answer(prepared_pages)   # same order, never raises for a page
 
-How one group of pages runs (the runner groups them by `batch_rule`):
+How one batch of pages runs (the shard batches them by `batch_rule`):
 
 1. The vision encoder runs once per page (over all of its tiles).
 2. Every task of a page (description, OCR, chart check, chart questions) is a row whose
@@ -70,6 +70,7 @@ class Engine(PageEngine):
     """The transformers engine: one loaded model, continuously batched (page, task) rows."""
 
     name = "transformers"
+    builder: InputBuilder
 
     def __init__(
         self,
@@ -100,7 +101,7 @@ class Engine(PageEngine):
         self.budgets = budgets_for(max_new_tokens)  # row kind -> generation limit
         self.batch_visual_tokens = batch_visual_tokens
         self.max_batch_pages = max_batch_pages
-        self.batch_rule = BatchRule(batch_visual_tokens, max_batch_pages)  # how pages are grouped
+        self.batch_rule = BatchRule(batch_visual_tokens, max_batch_pages)  # how pages are batched
         self.min_new_tokens = min_new_tokens  # benchmarks fix output lengths with this
         # Benchmarks and tests steer outputs through this hook on every step's scores (pipeline.testing.forcing).
         self.score_hook = score_hook

@@ -22,13 +22,20 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from pipeline.config import RunConfig
 from pipeline.inference.adapters import InputBuilder
 from pipeline.inference.checkpoint import ModelConfigError, model_folder, read_model_config
 from pipeline.inference.generation import GenerationSettings
 from pipeline.inference.registry import Family, family_by_name, recognise
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel
+
+# A checkpoint's config object, or a model (weightless or not: its own config)
+ConfigOrModel: TypeAlias = "PretrainedConfig | PreTrainedModel"
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +78,7 @@ def resolve_device(device: str, available_gpus: int | None = None) -> DevicePlan
     return DevicePlan("cuda", ids)
 
 
-def resolve_dtype(dtype: str, plan: DevicePlan) -> Any:
+def resolve_dtype(dtype: str, plan: DevicePlan) -> torch.dtype:
     """`auto` -> bfloat16 on GPU (float16 where bf16 is unsupported), float32 on CPU."""
     import torch
 
@@ -82,12 +89,12 @@ def resolve_dtype(dtype: str, plan: DevicePlan) -> Any:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
 
 
-def dtype_name(dtype: Any) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     """torch.bfloat16 -> "bfloat16"."""
     return str(dtype).removeprefix("torch.")
 
 
-def attention_implementation(plan: DevicePlan, dtype: Any) -> str:
+def attention_implementation(plan: DevicePlan, dtype: torch.dtype) -> str:
     """flash_attention_2 on GPU in half precision when the package is installed, else sdpa."""
     import torch
 
@@ -102,7 +109,7 @@ def attention_implementation(plan: DevicePlan, dtype: Any) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def family_for(config_or_model: Any, family: "Family | str | None" = None) -> Family:
+def family_for(config_or_model: Mapping[str, Any] | ConfigOrModel, family: Family | str | None = None) -> Family:
     """The registry family of a config (a config.json dict or a config object) or a model."""
     import torch
 
@@ -115,12 +122,12 @@ def family_for(config_or_model: Any, family: "Family | str | None" = None) -> Fa
 
 
 def model_config_for(family: Family, folder: str | Path, revision: str | None = None,
-                     trust_remote_code: bool = False) -> Any:
+                     trust_remote_code: bool = False) -> PretrainedConfig:
     """The config object of the checkpoint in `folder` (a local folder or a hub id)."""
     return family.code().load_config(str(folder), revision=revision, trust_remote_code=trust_remote_code)
 
 
-def _meta_model(config_or_model: Any, family: "Family | str | None" = None) -> Any:
+def _meta_model(config_or_model: ConfigOrModel, family: Family | str | None = None) -> PreTrainedModel:
     """A weightless (meta) model for a config; a model is returned unchanged."""
     import torch
 
@@ -137,13 +144,13 @@ def _in_group(name: str, prefixes: Sequence[str]) -> bool:
 
 
 def compute_device_map(
-    config_or_model: Any,
+    config_or_model: ConfigOrModel,
     gpu_memory: Mapping[int, int],
     headroom: float,
-    dtype: Any,
+    dtype: torch.dtype,
     *,
-    family: "Family | str | None" = None,
-    special_dtypes: Mapping[str, Any] | None = None,
+    family: Family | str | None = None,
+    special_dtypes: Mapping[str, torch.dtype] | None = None,
 ) -> dict[str, int]:
     """Module name -> GPU id for one model instance sharded over `gpu_memory`'s GPUs.
 
@@ -254,7 +261,7 @@ def _bytes_per_device(sizes: Mapping[str, int], device_map: Mapping[str, int]) -
     return used
 
 
-def split_around(model: Any, device_map: dict[str, int], prefixes: Sequence[str]) -> dict[str, int]:
+def split_around(model: torch.nn.Module, device_map: dict[str, int], prefixes: Sequence[str]) -> dict[str, int]:
     """`device_map` with every key that holds one of `prefixes` inside it (e.g. a whole
     `model.language_model` holding `model.language_model.embed_tokens`) replaced by its
     children and direct parameters, on the same device, until each prefix can be moved alone."""
@@ -299,8 +306,8 @@ def pin_to_first(
 
 
 def device_map_bytes(
-    config_or_model: Any, device_map: Mapping[str, int], dtype: Any, *, family: "Family | str | None" = None,
-    special_dtypes: Mapping[str, Any] | None = None,
+    config_or_model: ConfigOrModel, device_map: Mapping[str, int], dtype: torch.dtype, *,
+    family: Family | str | None = None, special_dtypes: Mapping[str, torch.dtype] | None = None,
 ) -> dict[int, int]:
     """Bytes of weights each device holds under `device_map` (for checks and logs)."""
     from accelerate.utils import compute_module_sizes
@@ -310,7 +317,8 @@ def device_map_bytes(
     return _bytes_per_device(sizes, device_map)
 
 
-def int8_special_dtypes(model: Any, family: Family, keep_dtype: Any = None) -> dict[str, Any]:
+def int8_special_dtypes(model: PreTrainedModel, family: Family, keep_dtype: torch.dtype | None = None
+                        ) -> dict[str, torch.dtype]:
     """For sizing int8 weights (dtype=torch.int8): the parameters that stay in `keep_dtype`
     (bf16). Only `nn.Linear` weights are converted, as weight-only int8 schemes do, and
     not those under the family's `modules_to_not_convert` (MiniMax-VL-01: the model card's
@@ -328,7 +336,7 @@ def int8_special_dtypes(model: Any, family: Family, keep_dtype: Any = None) -> d
     return {name: keep_dtype for name, _ in model.named_parameters() if name not in converted}
 
 
-def top_level_map(model: Any, device_map: Mapping[str, int]) -> dict[str, int]:
+def top_level_map(model: torch.nn.Module, device_map: Mapping[str, int]) -> dict[str, int]:
     """`device_map` for display: a map that places the whole model ({"": gpu}) is spelled
     out as the model's top-level modules (and its direct parameters, e.g. image_newline)."""
     if set(device_map) != {""}:
@@ -403,12 +411,12 @@ def content_revision(model_ref: str, requested: str | None = None) -> str | None
 
 @dataclass
 class LoadedModel:
-    model: Any
+    model: PreTrainedModel
     builder: InputBuilder
     family: str
     model_id: str
     revision: str | None
-    dtype: Any
+    dtype: torch.dtype
     device: DevicePlan
     device_map: dict[str, int] | None
 
@@ -420,6 +428,8 @@ def _tile_override(config: RunConfig, name: str) -> int | None:
 
 def _recognise_model(config: RunConfig) -> Family:
     """The checkpoint's family from its config.json (read once, no weights, no remote code)."""
+    if config.model is None:
+        raise ModelConfigError("no model configured")
     return recognise(read_model_config(config.model, config.revision))
 
 
@@ -431,7 +441,7 @@ def generation_settings(config: RunConfig) -> GenerationSettings | None:
     return defaults.override(config.num_beams, config.repetition_penalty)
 
 
-def load_builder(config: RunConfig, model_config: Any | None = None, *, family: Family | None = None) -> InputBuilder:
+def load_builder(config: RunConfig, model_config: PretrainedConfig | None = None, *, family: Family | None = None) -> InputBuilder:
     """The input builder for `config.model` (tokenizer + image processor; no weights)."""
     if config.model is None:
         raise ModelConfigError("no model configured")
@@ -450,9 +460,8 @@ def load_model(config: RunConfig) -> LoadedModel:
     family = _recognise_model(config)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    common = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
     code = family.code()
-    model_config = code.load_config(config.model, **common)
+    model_config = code.load_config(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code)
 
     device_map: dict[str, int] | None = None
     if device.kind == "cuda" and len(device.gpus) > 1:
@@ -471,7 +480,8 @@ def load_model(config: RunConfig) -> LoadedModel:
     model = None
     for attn in dict.fromkeys((preferred, "sdpa", "eager")):
         try:
-            model = code.load_model(config.model, **common, dtype=dtype, device_map=load_map, attn_implementation=attn)
+            model = code.load_model(config.model, revision=config.revision, trust_remote_code=config.trust_remote_code,
+                                    dtype=dtype, device_map=load_map, attn_implementation=attn)
             break
         except (ValueError, ImportError) as exc:
             if not re.search(r"attention|attn", str(exc), re.IGNORECASE):

@@ -1,4 +1,5 @@
-"""What both engines share: the engine interface (`PageEngine`), the kinds of (page, task)
+"""What both engines share: the engine seam (`PageAnswerer`, what the shard, the runner and the
+flows ask of an engine) and its implementation (`PageEngine`), the kinds of (page, task)
 rows and their token limits, the counters benchmarks and logs read (`EngineStats`), and how
 finished rows become a page's `PageAnswers` (task keys, OCR routing, assembly). The
 transformers engine (pipeline.inference.engine) and the vLLM engine
@@ -12,10 +13,10 @@ import gc
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 from pipeline.inference import prompts
-from pipeline.inference.adapters import CHART, DESCRIPTION, OCR, PreparedPage, chart_key
+from pipeline.inference.adapters import CHART, DESCRIPTION, OCR, PageBuilder, PreparedPage, chart_key
 from pipeline.inference.batching import BatchRule, halves, is_repetitive, pack
 from pipeline.records import TASK_USAGE_KINDS, ChartAnswer, PageAnswers, Stage, StageError, TaskOutput
 from pipeline.textlayer import OcrRoute, route_ocr
@@ -145,18 +146,64 @@ def _release_cuda_memory() -> None:
         torch.cuda.empty_cache()
 
 
+class EngineBuilder(PageBuilder, Protocol):
+    """The input builder as the engines' shared code uses it: the builder seam
+    (`adapters.PageBuilder`), the run's chart questions and how an answer's ids become text."""
+
+    @property
+    def chart_questions(self) -> tuple[str, ...]: ...
+
+    def decode_answer(self, tokens: Sequence[int]) -> str: ...
+
+
+class PageAnswerer(Protocol):
+    """The engine seam: what the shard (pipeline.shard.run), the runner and the flows ask of a
+    loaded engine. Both engines are `PageEngine`s; a test may stand in with less machinery."""
+
+    @property
+    def builder(self) -> PageBuilder:
+        """The input builder preparation builds this engine's pages with."""
+        ...
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def revision(self) -> str | None: ...
+
+    @property
+    def dtype(self) -> str: ...
+
+    @property
+    def prompt_version(self) -> str: ...
+
+    @property
+    def batch_rule(self) -> BatchRule:
+        """How the shard batches pages for `answer` (pipeline.inference.batching)."""
+        ...
+
+    @property
+    def stats(self) -> EngineStats:
+        """Cumulative counters (the progress meter follows them)."""
+        ...
+
+    def answer(self, pages: Sequence[PreparedPage]) -> list[PageAnswers]:
+        """Answers for `pages`, in order, never raising for a page."""
+        ...
+
+
 class PageEngine:
     """The engine interface: one loaded model that answers prepared pages.
 
-    `answer(pages)` takes one group of pages, as grouped by the engine's `batch_rule`
-    (pipeline.inference.batching; the runner groups by it), and returns their answers in
+    `answer(pages)` takes one batch of pages, as made by the engine's `batch_rule`
+    (pipeline.inference.batching; the shard batches by it), and returns their answers in
     order, never raising for a page. Both engines share what a page's answers are made
     of (task keys, OCR routing, assembly into `PageAnswers`); they differ in how the
     (page, task) requests are run.
     """
 
     name: str = ""
-    builder: Any
+    builder: EngineBuilder
     model_id: str
     revision: str | None
     dtype: str
@@ -165,6 +212,7 @@ class PageEngine:
     budgets: dict[str, int]
     stats: EngineStats
     batch_rule: BatchRule
+    eos_token_ids: set[int]
 
     def answer(self, pages: Sequence[PreparedPage]) -> list[PageAnswers]:
         """Answers for `pages`, in order. A page that fails alone gets an error answer."""
@@ -186,8 +234,8 @@ class PageEngine:
         return results  # type: ignore[return-value]
 
     def _answer_valid(self, indices: list[int], pages: Sequence[PreparedPage]) -> list[tuple[int, PageAnswers]]:
-        """Pages of this model's family, grouped by the batch rule (one group when the
-        runner grouped them by it already), each group with its out-of-memory back-off."""
+        """Pages of this model's family, batched by the batch rule (one batch when the
+        shard batched them by it already), each batch with its out-of-memory back-off."""
         out: list[tuple[int, PageAnswers]] = []
         for batch in pack([pages[i].visual_tokens for i in indices], self.batch_rule):
             out.extend(self._with_backoff([indices[j] for j in batch], pages))
@@ -241,7 +289,7 @@ class PageEngine:
             return None, _Failure(oom=_is_oom(exc), name=type(exc).__name__, message=str(exc))
 
     def _answer_batch(self, pages: Sequence[PreparedPage]) -> list[PageAnswers]:
-        """Answers of one group of pages of this model's family (raises on failure)."""
+        """Answers of one batch of pages of this model's family (raises on failure)."""
         raise NotImplementedError
 
     def _finish(self, row: list[int], limit: int) -> Gen:

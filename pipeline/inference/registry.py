@@ -7,7 +7,9 @@ overrides it takes, and its multi-GPU placement (module prefixes kept on the fir
 The seed models (MiniCPM-V 2.0, Mono-InternVL-2B, MiniMax-VL-01) are ported in
 `pipeline.inference.families.<name>`, which holds all of that family's knowledge (config
 and model classes, geometry, chat format, tiny builder, placement); their entry only
-points there. Every family's folder also holds its tiny checkpoint builder (`tiny.py`,
+points there. The entry is where a family's identity is declared (name, model types,
+architectures, tiling policy, multi-GPU placement groups, default decoding); a ported family's
+`configuration.py` reads its own from here. Every family's folder also holds its tiny checkpoint builder (`tiny.py`,
 `Family.make_tiny_model`). A seed family's entry names its vLLM module (`vllm_module`:
 docpipe's own vLLM classes, registered by `pipeline.inference.vllm_plugin`); the native
 families are served by the architectures vLLM itself lists.
@@ -21,9 +23,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.inference.checkpoint import UnsupportedModelError
+from pipeline.inference.generation import GREEDY, GenerationSettings
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.inference.adapters import InputBuilder
+    from pipeline.inference.families import FamilyCode
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,11 +42,14 @@ class Family:
     tiling_policy: str  # the page geometry its preprocessing wants (pipeline.tiling policy or its own)
     module: str | None = None  # pipeline.inference.families.<name> for ported families
     architectures: tuple[str, ...] = ()
-    # native families only (a ported family's module says these itself):
+    # native families only (a ported family's module builds its inputs itself):
     builder: str | None = None  # InputBuilder subclass in pipeline.inference.families.<name>
     tile_overrides: tuple[str, ...] = ()  # RunConfig tile bounds its builder takes (min_tiles, max_tiles)
+    # every family: its multi-GPU placement groups and its decoding
     first_device: tuple[str, ...] = ()  # module prefixes that sit on the first GPU (where inputs go)
     last_device: tuple[str, ...] = ()  # module prefixes that sit on the last GPU
+    # its original's deterministic decoding (a run may override it: RunConfig num_beams, repetition_penalty)
+    generation: GenerationSettings = GREEDY
     # tiny checkpoints its tiny.py writes besides one named after the family (make-tiny-model names)
     tiny_variants: tuple[str, ...] = ()
     # the module of docpipe's vLLM classes for this family (the seed ports:
@@ -61,28 +71,22 @@ class Family:
 
     def device_groups(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(first-GPU prefixes, last-GPU prefixes) of this family's multi-GPU placement."""
-        if self.module is None:
-            return self.first_device, self.last_device
-        module = self.implementation()
-        return tuple(getattr(module, "FIRST_DEVICE", ())), tuple(getattr(module, "LAST_DEVICE", ()))
+        return self.first_device, self.last_device
 
-    def generation_defaults(self) -> Any:
-        """The family's own decoding (pipeline.inference.generation.GenerationSettings): its
-        original's deterministic mode."""
-        if self.module is None:
-            return self.builder_class().generation_defaults
-        from pipeline.inference.generation import GREEDY
+    def generation_defaults(self) -> GenerationSettings:
+        """The family's own decoding: its original's deterministic mode."""
+        return self.generation
 
-        return getattr(self.implementation(), "GENERATION_DEFAULTS", GREEDY)
-
-    def builder_class(self) -> type:
+    def builder_class(self) -> type[InputBuilder]:
         """The InputBuilder subclass of a native family (`builder` names it in
         pipeline.inference.families.<name>, the family's folder)."""
         if self.builder is None:
             raise UnsupportedModelError(f"family {self.name} builds its inputs in {self.module}")
-        return getattr(importlib.import_module(f"pipeline.inference.families.{self.name}"), self.builder)
+        found: type[InputBuilder] = getattr(importlib.import_module(f"pipeline.inference.families.{self.name}"),
+                                            self.builder)
+        return found
 
-    def code(self) -> Any:
+    def code(self) -> FamilyCode:
         """The family's `FamilyCode` (pipeline.inference.families): what loading drives, for any family."""
         from pipeline.inference import families
 
@@ -133,17 +137,29 @@ class Family:
 
 FAMILIES: tuple[Family, ...] = (
     # ported seed models first: their recognisers look at architectures, not only model_type
-    Family("minicpm_v2", ("minicpmv",), "minicpm", "pipeline.inference.families.minicpm_v2", ("MiniCPMV",),
-           vllm_module="pipeline.inference.families.minicpm_v2.vllm"),
+    Family(
+        "minicpm_v2", ("minicpmv",), "minicpm", "pipeline.inference.families.minicpm_v2", ("MiniCPMV",),
+        vllm_module="pipeline.inference.families.minicpm_v2.vllm",
+        # vision tower, resampler and token embeddings meet at the input: together on the first GPU
+        first_device=("vpm", "resampler", "llm.model.embed_tokens"),
+        last_device=("llm.model.norm", "llm.lm_head"),
+        # its chat(sampling=False): 3 beams, repetition_penalty 1.2 (its published scores' setting)
+        generation=GenerationSettings(num_beams=3, repetition_penalty=1.2),
+    ),
     Family(
         "mono_internvl", ("internvl_chat",), "internvl", "pipeline.inference.families.mono_internvl",
         ("InternVLChatModel",), vllm_module="pipeline.inference.families.mono_internvl.vllm",
         tiny_variants=("mono_internvl_vllm",),
+        first_device=("vision_model", "mlp1", "language_model.model.tok_embeddings"),
+        last_device=("language_model.model.norm", "language_model.output"),
     ),
     Family(
         "minimax_vl_01", ("minimax_vl_01",), "minimax", "pipeline.inference.families.minimax_vl_01",
         ("MiniMaxVL01ForConditionalGeneration",), vllm_module="pipeline.inference.families.minimax_vl_01.vllm",
         tiny_variants=("minimax_vl_01_vllm",),
+        first_device=("vision_tower", "multi_modal_projector", "image_newline", "language_model.model.embed_tokens",
+                      "language_model.model.rotary_emb"),
+        last_device=("language_model.model.norm", "language_model.lm_head"),
     ),
     Family(
         "internvl", ("internvl",), "internvl", builder="InternVLBuilder", tile_overrides=("min_tiles", "max_tiles"),

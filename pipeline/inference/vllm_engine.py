@@ -253,6 +253,7 @@ class VllmEngine(PageEngine):
     """One `vllm.LLM` and what is needed to answer pages with it."""
 
     name = "vllm"
+    builder: VllmInputs
 
     def __init__(
         self,

@@ -24,6 +24,7 @@ from pipeline.prepare.document import (
     DocumentOutcome,
     DocumentRetry,
     PageWork,
+    PrepEvent,
     PrepSettings,
     iter_document,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "DocumentOutcome",
     "DocumentRetry",
     "PageWork",
+    "PrepEvent",
     "PrepPool",
     "PrepSettings",
     "PrepWorkersFailing",

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pipeline.config import RunConfig
 from pipeline.ledger import DocFacts, status_of
@@ -29,6 +29,10 @@ from pipeline.records import (
     StageError,
     TilePlan,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.inference.adapters import PageBuilder, PreparedPage
+    from pipeline.rasterize import OpenedDocument, RasterOptions
 
 log = logging.getLogger("docpipe")
 
@@ -74,7 +78,7 @@ class PageWork:
     page_number: int
     page: PageImage | None  # None when the page failed to render
     plan: TilePlan | None
-    prepared: Any = None  # model inputs (pipeline.inference.PreparedPage) when a model is set
+    prepared: PreparedPage | None = None  # model inputs when a model is set
     error: StageError | None = None
     # Which run of the document made this page (1, then 2 if a worker died or timed out on
     # it). After a `DocumentRetry` only pages of its attempt or a later one count.
@@ -103,20 +107,16 @@ class DocumentRetry:
     reason: StageError
 
 
+# What preparation yields, in order per document: its pages, a retry notice, its one end
+PrepEvent = PageWork | DocumentDone | DocumentRetry
+
+
 @dataclass(frozen=True, slots=True)
 class PrepSettings:
     """Everything a worker process needs; picklable."""
 
     config: RunConfig
-    builder: Any = None  # pipeline.inference.InputBuilder or None
-
-
-def _plan(settings: PrepSettings, width: int, height: int) -> TilePlan:
-    from pipeline import tiling
-
-    if settings.builder is not None:
-        return settings.builder.plan(width, height)
-    return tiling.plan_tiles(width, height, tiling.TilingOptions.from_config(settings.config))
+    builder: PageBuilder | None = None  # the model's input builder; None without a model
 
 
 def _strip_image(page: PageImage) -> PageImage:
@@ -134,11 +134,12 @@ def iter_document(ref: DocumentRef, settings: PrepSettings, attempt: int = 1) ->
     timings = DocTimings()
     started = time.perf_counter()
     outcome = DocumentOutcome(ref=ref, timings=timings)
-    opened: Any = None
+    opened: OpenedDocument | StageError | None = None
 
     def done(error: StageError | None = None) -> DocumentDone:
         outcome.error = error
-        outcome.open_note = getattr(opened, "open_note", None)  # e.g. MuPDF repaired the file
+        # e.g. MuPDF repaired the file
+        outcome.open_note = opened.open_note if isinstance(opened, rasterize.OpenedDocument) else None
         timings.total_s = time.perf_counter() - started
         return DocumentDone(outcome)
 
@@ -207,7 +208,7 @@ def iter_document(ref: DocumentRef, settings: PrepSettings, attempt: int = 1) ->
                 outcome.pages_failed += 1
                 yield PageWork(ref.uri, ref.doc_id, item.page_number, None, None, error=item.error, attempt=attempt)
                 continue
-            yield _prepare_page(item, settings, timings, outcome, attempt)
+            yield _prepare_page(item, settings.builder, raster_options, timings, outcome, attempt)
 
     if outcome.pages_ok == 0 and outcome.pages_failed == 0:
         yield done(StageError(Stage.RASTERIZE, "no_pages", "the document has no pages"))
@@ -218,13 +219,12 @@ def iter_document(ref: DocumentRef, settings: PrepSettings, attempt: int = 1) ->
         yield done()
 
 
-def _prepare_page(
-    page: PageImage, settings: PrepSettings, timings: DocTimings, outcome: DocumentOutcome, attempt: int = 1
-) -> PageWork:
+def _prepare_page(page: PageImage, builder: PageBuilder | None, raster_options: RasterOptions, timings: DocTimings,
+                  outcome: DocumentOutcome, attempt: int = 1) -> PageWork:
     t0 = time.perf_counter()
     try:
-        plan = _plan(settings, page.render.width, page.render.height)
-        prepared = settings.builder.build(page, plan) if settings.builder is not None else None
+        plan = raster_options.plan(page.render.width, page.render.height)  # the model's plan, else the policy's
+        prepared = builder.build(page, plan) if builder is not None else None
     except Exception as exc:
         timings.tiling_s += time.perf_counter() - t0
         outcome.pages_failed += 1

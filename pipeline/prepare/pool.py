@@ -18,6 +18,8 @@ import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 from pipeline.ledger import POLICY, TIMEOUT_ERROR, retry_in_fresh_worker
@@ -26,6 +28,7 @@ from pipeline.prepare.document import (
     DocumentOutcome,
     DocumentRetry,
     PageWork,
+    PrepEvent,
     PrepSettings,
     iter_document,
 )
@@ -77,8 +80,8 @@ class _Worker:
     """The parent's view of one worker process."""
 
     slot: int
-    process: Any
-    conn: Any
+    process: BaseProcess
+    conn: Connection
     spawned_at: float  # time.monotonic()
     ready: bool = False  # it said it started
     index: int | None = None  # document it was given (None: idle)
@@ -312,13 +315,13 @@ class PrepPool:
             retryable=True,
         )
 
-    def _on_exit(self, w: _Worker, st: _RunState) -> list[Any]:
+    def _on_exit(self, w: _Worker, st: _RunState) -> list[PrepEvent]:
         """A worker's pipe reached end-of-file: account for its document, replace it."""
         self._reap(w)
         self._count_death(w)  # may raise PrepWorkersFailing
         replacement = self._spawn(w.slot)
         self.workers[w.slot] = replacement
-        events: list[Any] = []
+        events: list[PrepEvent] = []
         if w.index is not None:
             index, attempt = w.index, w.attempt
             if not w.started:  # it never began the document: not the document's fault
@@ -341,7 +344,7 @@ class PrepPool:
         self._grant_waiting()
         return events
 
-    def _handle(self, w: _Worker, message: tuple[Any, ...], st: _RunState) -> list[Any]:
+    def _handle(self, w: _Worker, message: tuple[Any, ...], st: _RunState) -> list[PrepEvent]:
         kind = message[0]
         if kind == "ready":
             w.ready = True
@@ -416,7 +419,7 @@ class PrepPool:
             w.process.kill()
             return None
 
-    def _step(self, st: _RunState) -> list[Any]:
+    def _step(self, st: _RunState) -> list[PrepEvent]:
         """Wait for one worker to have something, handle one message (or its exit)."""
         wait = self._check_timeouts(st)
         handles: dict[Any, tuple[_Worker, bool]] = {}
@@ -439,7 +442,7 @@ class PrepPool:
             return self._on_exit(w, st)
         return self._handle(w, message, st)
 
-    def run(self, refs: Sequence[DocumentRef]) -> Iterator[PageWork | DocumentDone | DocumentRetry]:
+    def run(self, refs: Sequence[DocumentRef]) -> Iterator[PrepEvent]:
         """Events of `refs`: pages, `DocumentRetry` before a document runs again, one `DocumentDone` each."""
         if self._running:
             raise RuntimeError("this PrepPool is already running a shard")
@@ -449,7 +452,7 @@ class PrepPool:
         finally:
             self._running = False
 
-    def _run(self, refs: Sequence[DocumentRef]) -> Iterator[PageWork | DocumentDone | DocumentRetry]:
+    def _run(self, refs: Sequence[DocumentRef]) -> Iterator[PrepEvent]:
         st = _RunState.new(refs)
         self._refs = refs
         try:
@@ -505,7 +508,7 @@ class PrepPool:
 
 def iter_shard_documents(
     refs: Sequence[DocumentRef], settings: PrepSettings
-) -> Iterator[PageWork | DocumentDone | DocumentRetry]:
+) -> Iterator[PrepEvent]:
     """All events of a shard's documents: inline when prep_workers is 0, else in a PrepPool.
 
     Inline, no `DocumentRetry` ever comes (every page has attempt 1).

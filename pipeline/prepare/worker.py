@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+from multiprocessing.connection import Connection
 from typing import Any
 
 from pipeline.prepare.document import DocumentDone, PrepSettings, iter_document
@@ -36,7 +37,7 @@ from pipeline.prepare.document import DocumentDone, PrepSettings, iter_document
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
-def _send(conn: Any, message: tuple[Any, ...]) -> None:
+def _send(conn: Connection, message: tuple[Any, ...]) -> None:
     conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
 
@@ -66,7 +67,7 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(0)
 
 
-def _worker_main(settings: PrepSettings, conn: Any, parent_pid: int, use_pdeathsig: bool) -> None:
+def _worker_main(settings: PrepSettings, conn: Connection, parent_pid: int, use_pdeathsig: bool) -> None:
     _die_with_parent(parent_pid, use_pdeathsig)
     # Ctrl-C reaches the whole process group; the parent handles it and stops its workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -33,7 +33,14 @@ import os
 
 from pipeline.rasterize.document import OpenedDocument, _describe, _error
 from pipeline.rasterize.image import ImageDocument, _looks_like_image, _open_image
-from pipeline.rasterize.kinds import PageFeatures, classify_page, is_uniform, looks_like_scan, render_looks_failed, to_rgb
+from pipeline.rasterize.kinds import (
+    PageFeatures,
+    classify_page,
+    is_uniform,
+    looks_like_scan,
+    render_looks_failed,
+    to_rgb,
+)
 from pipeline.rasterize.options import RENDER_FLOOR_DPI, DpiPlan, RasterOptions, choose_dpi, fit_pixels, pixel_size
 from pipeline.rasterize.pdf import _PDF_HEADER, PdfDocument, _open_pdf, words_to_text
 from pipeline.records import StageError

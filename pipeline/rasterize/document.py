@@ -4,7 +4,7 @@ rasterize stage's error records."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Generator
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
@@ -32,7 +32,7 @@ class OpenedDocument(ABC):
         self._closed = False
 
     @abstractmethod
-    def pages(self, options: RasterOptions) -> Iterator[PageImage | PageFailure]:
+    def pages(self, options: RasterOptions) -> Generator[PageImage | PageFailure, None, None]:
         """Yield every page in order, one at a time; never raises."""
 
     def close(self) -> None:

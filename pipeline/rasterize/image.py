@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -49,7 +49,7 @@ class ImageDocument(OpenedDocument):
             self._image.close()
         super().close()
 
-    def pages(self, options: RasterOptions) -> Iterator[PageImage | PageFailure]:
+    def pages(self, options: RasterOptions) -> Generator[PageImage | PageFailure, None, None]:
         for index in range(self.page_count):
             yield self._frame(index, options)
 

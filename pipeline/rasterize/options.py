@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pipeline.records import TilePlan
-from pipeline.tiling import TilingOptions, plan_tiles, target_render_size
+from pipeline.tiling import PageGeometry, TilingOptions
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.config import RunConfig
@@ -22,7 +22,8 @@ class RasterOptions:
     `geometry`, when a model is set, is its input builder (picklable, no weights): its
     `target_size(width_pt, height_pt)` decides the size a page needs, its `plan` the canvas
     a page is cut from, and `stretches_to_canvas` whether rendering straight at that canvas
-    is what the model would see anyway. Without one, `tiling` decides as before.
+    is what the model would see anyway. Without one, the tiling policy (`tiling`) is the
+    geometry (`page_geometry`: the one place that chooses between the two).
     """
 
     min_dpi: float = 72.0
@@ -30,14 +31,11 @@ class RasterOptions:
     max_page_pixels: int = 12_000_000
     extract_text: bool = True
     tiling: TilingOptions = field(default_factory=TilingOptions)
-    geometry: Any = None
+    geometry: PageGeometry | None = None
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, geometry: Any = None) -> RasterOptions:
-        """The run's settings; `geometry` is the model's builder (one that says no
-        `target_size`, e.g. a test stand-in, leaves the tiling policy in charge)."""
-        if not callable(getattr(geometry, "target_size", None)):
-            geometry = None
+    def from_config(cls, cfg: RunConfig, geometry: PageGeometry | None = None) -> RasterOptions:
+        """The run's settings; `geometry` is the model's builder (None: no model)."""
         return cls(
             min_dpi=cfg.min_dpi,
             max_dpi=cfg.max_dpi,
@@ -47,20 +45,24 @@ class RasterOptions:
             geometry=geometry,
         )
 
+    @property
+    def page_geometry(self) -> PageGeometry:
+        """The model's geometry when a model is set, else the tiling policy's."""
+        return self.geometry if self.geometry is not None else self.tiling
+
     def target_size(self, width_pt: float, height_pt: float) -> tuple[int, int]:
         """Pixel size a width_pt x height_pt page should be rendered at (before DPI bounds)."""
-        if self.geometry is not None:
-            return self.geometry.target_size(width_pt, height_pt)
-        return target_render_size(width_pt, height_pt, self.tiling)
+        return self.page_geometry.target_size(width_pt, height_pt)
+
+    def plan(self, width: int, height: int) -> TilePlan:
+        """The tiling of a width x height render (preparation's plan of a rendered page)."""
+        return self.page_geometry.plan(width, height)
 
     def canvas_plan(self, width: int, height: int) -> TilePlan | None:
         """The plan of a width x height render when the page may be rendered straight at
         its canvas (the model stretches pages to it anyway); None when it may not."""
-        if self.geometry is not None:
-            if not getattr(self.geometry, "stretches_to_canvas", False):
-                return None
-            return self.geometry.plan(width, height)
-        return plan_tiles(width, height, self.tiling)
+        geometry = self.page_geometry
+        return geometry.plan(width, height) if geometry.stretches_to_canvas else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any
 
 import pymupdf
@@ -56,7 +56,7 @@ class PdfDocument(OpenedDocument):
             self._doc.close()
         super().close()
 
-    def pages(self, options: RasterOptions) -> Iterator[PageImage | PageFailure]:
+    def pages(self, options: RasterOptions) -> Generator[PageImage | PageFailure, None, None]:
         for index in range(self.page_count):
             if index and index % STORE_SHRINK_EVERY == 0:
                 # MuPDF caches decoded resources in a global store that otherwise grows with

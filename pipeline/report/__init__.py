@@ -49,8 +49,8 @@ from pipeline.report.markdown import md_block, md_code
 from pipeline.report.plots import make_plots, shard_progress
 from pipeline.report.thumbnails import (
     THUMB_TIMEOUT_S,
-    Thumbnail,
     ThumbLimits,
+    Thumbnail,
     render_thumbnail,
     render_thumbnails,
 )

@@ -1,4 +1,4 @@
-"""One shard end to end: its documents' pages prepared (CPU), answered (model) in groups,
+"""One shard end to end: its documents' pages prepared (CPU), answered (model) in batches,
 decided by the ledger (`pipeline.ledger`) and committed as the shard's two Parquet files.
 
 `pipeline.runner` owns the run around it (the output's lease, discovery, the engine cache) and
@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pipeline.config import RunConfig
 from pipeline.dataset import Dataset, Lease
@@ -25,10 +25,15 @@ from pipeline.prepare import (
     DocumentOutcome,
     DocumentRetry,
     PageWork,
+    PrepEvent,
     PrepSettings,
     iter_shard_documents,
 )
 from pipeline.records import DocStatus, DocumentRef, PageAnswers, Stage, StageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.inference.adapters import PreparedPage
+    from pipeline.inference.page_engine import PageAnswerer
 
 log = logging.getLogger("docpipe")
 
@@ -96,7 +101,7 @@ class _DocState:
 
 
 # Every retry budget is in pipeline.ledger.RetryPolicy (POLICY); this is the model's.
-DEVICE_FAILURE_WINDOWS = POLICY.device_failure_windows  # consecutive batches failing on every page stop the shard
+DEVICE_FAILURE_BATCHES = POLICY.device_failure_batches  # consecutive batches failing on every page stop the shard
 
 
 class _ShardRun:
@@ -107,19 +112,19 @@ class _ShardRun:
     """
 
     def __init__(
-        self, shard: Shard, config: RunConfig, run_id: str, engine: Any | None, progress: ProgressFn | None
+        self, shard: Shard, config: RunConfig, run_id: str, engine: PageAnswerer | None, progress: ProgressFn | None
     ) -> None:
         self.shard, self.config, self.run_id = shard, config, run_id
         self.engine, self.progress = engine, progress
         self.fingerprint = config.fingerprint()
         self.states: dict[str, _DocState] = {ref.uri: _DocState() for ref in shard.refs}
-        self.window: list[PageWork] = []
-        self.window_tokens = 0
+        self.batch: list[PageWork] = []
+        self.batch_tokens = 0
         self.model_seconds = 0.0
-        self.failed_windows = 0
+        self.failed_batches = 0
 
     # ---- events --------------------------------------------------------------------
-    def on_event(self, event: Any) -> None:
+    def on_event(self, event: PrepEvent) -> None:
         if isinstance(event, DocumentDone):
             state = self.states[event.outcome.ref.uri]
             state.outcome = event.outcome
@@ -132,8 +137,8 @@ class _ShardRun:
 
     def restart(self, uri: str, attempt: int) -> None:
         """Forget everything of `uri` before `attempt` (its pages come again)."""
-        self.window = [w for w in self.window if w.ref_uri != uri]
-        self.window_tokens = sum(w.plan.visual_tokens for w in self.window if w.plan)
+        self.batch = [w for w in self.batch if w.ref_uri != uri]
+        self.batch_tokens = sum(w.plan.visual_tokens for w in self.batch if w.plan)
         self.states[uri] = _DocState(attempt=attempt)
 
     def on_page(self, work: PageWork) -> None:
@@ -146,52 +151,48 @@ class _ShardRun:
             self._record_page(work, None)
             return
         state.pending += 1
-        # The one grouping rule (pipeline.inference.batching): the engine's. A page that
-        # does not fit closes the group before it; a group nothing more can join goes at once.
-        rule = self._batch_rule()
+        # The one batching rule (pipeline.inference.batching): the engine's. A page that
+        # does not fit closes the batch before it; a batch nothing more can join goes at once.
+        rule = self.engine.batch_rule
         cost = work.plan.visual_tokens if work.plan else 0
-        if not rule.fits(len(self.window), self.window_tokens, cost):
-            self.answer_window()
-        self.window.append(work)
-        self.window_tokens += cost
-        if rule.full(len(self.window), self.window_tokens):
-            self.answer_window()
+        if not rule.fits(len(self.batch), self.batch_tokens, cost):
+            self.answer_batch()
+        self.batch.append(work)
+        self.batch_tokens += cost
+        if rule.full(len(self.batch), self.batch_tokens):
+            self.answer_batch()
 
-    def _batch_rule(self) -> Any:
-        from pipeline.inference.batching import BatchRule
-
-        rule = getattr(self.engine, "batch_rule", None)
-        return rule if isinstance(rule, BatchRule) else BatchRule(self.config.batch_visual_tokens, self.config.max_batch_pages)
-
-    def answer_window(self) -> None:
-        """Hand the held group of pages to the engine, which answers it as one group."""
-        window, self.window, self.window_tokens = self.window, [], 0
-        if not window:
+    def answer_batch(self) -> None:
+        """Hand the held batch of pages to the engine, which answers it as one batch."""
+        batch, self.batch, self.batch_tokens = self.batch, [], 0
+        if not batch:
             return
+        assert self.engine is not None  # pages are held only for an engine
+        pages = cast("list[PreparedPage]", [w.prepared for w in batch])  # held pages all have inputs
         t0 = time.perf_counter()
         if self.progress:
-            self.progress("model_start", len(window))
+            self.progress("model_start", len(batch))
         try:
-            answers = self.engine.answer([w.prepared for w in window])
+            answers = self.engine.answer(pages)
         except Exception as exc:  # the engine handles page errors itself; last line of defence
             err = StageError(Stage.INFERENCE, "engine_failure", f"{type(exc).__name__}: {exc}", retryable=True)
-            answers = [self._failed_answer(err) for _ in window]
+            answers = [self._failed_answer(err) for _ in batch]
         self.model_seconds += time.perf_counter() - t0
         if self.progress:
             self.progress("model_ms", int(1000 * (time.perf_counter() - t0)))
             self.progress("tokens", sum(a.generated_tokens for a in answers))
         failed = [a.error for a in answers if a.error is not None]
         if len(failed) == len(answers) and all(e.retryable for e in failed):
-            self.failed_windows += 1
-            if self.failed_windows >= DEVICE_FAILURE_WINDOWS:
+            self.failed_batches += 1
+            if self.failed_batches >= DEVICE_FAILURE_BATCHES:
                 raise DeviceFailure(
-                    f"the model failed on every page of {self.failed_windows} consecutive batches "
+                    f"the model failed on every page of {self.failed_batches} consecutive batches "
                     f"({failed[0].type}: {failed[0].message}); stopping (nothing of shard {self.shard.shard_id} "
                     "was committed; a rerun resumes)"
                 )
         else:
-            self.failed_windows = 0
-        for work, ans in zip(window, answers, strict=True):
+            self.failed_batches = 0
+        for work, ans in zip(batch, answers, strict=True):
             work.prepared = None  # free the tensors now
             state = self.states[work.ref_uri]
             state.pending -= 1
@@ -215,7 +216,7 @@ class _ShardRun:
 
     def finish(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], ShardResult]:
         """Final rows of the shard: (pages, documents) and its counts."""
-        self.answer_window()
+        self.answer_batch()
         decided: dict[str, tuple[DocumentOutcome, Verdict]] = {}
         pages: list[dict[str, Any]] = []
         # originals first: a copy whose original failed takes that failure (a fact for the ledger)
@@ -251,13 +252,9 @@ class _ShardRun:
 
     def _failed_answer(self, err: StageError) -> PageAnswers:
         e = self.engine
-        return PageAnswers(
-            model_id=str(getattr(e, "model_id", "?")),
-            model_revision=getattr(e, "revision", None),
-            model_dtype=str(getattr(e, "dtype", "?")),
-            prompt_version=str(getattr(e, "prompt_version", "?")),
-            error=err,
-        )
+        assert e is not None  # only pages handed to an engine get here
+        return PageAnswers(model_id=e.model_id, model_revision=e.revision, model_dtype=e.dtype,
+                           prompt_version=e.prompt_version, error=err)
 
     def _record_page(self, work: PageWork, answers: PageAnswers | None) -> None:
         from pipeline import sink
@@ -325,11 +322,11 @@ def process_shard(
     config: RunConfig,
     *,
     run_id: str,
-    engine: Any | None = None,
+    engine: PageAnswerer | None = None,
     progress: ProgressFn | None = None,
     dataset: Dataset | None = None,
     lease: Lease | None = None,
-    load_engine: Callable[[RunConfig], Any] | None = None,
+    load_engine: Callable[[RunConfig], PageAnswerer | None] | None = None,
 ) -> ShardResult:
     """Process one shard and commit its two Parquet files (idempotent: done shards are skipped).
 
@@ -359,7 +356,7 @@ def process_shard(
     for round_ in range(POLICY.rounds):
         for event in iter_shard_documents(refs, settings):
             state.on_event(event)
-        state.answer_window()
+        state.answer_batch()
         again = set(state.retry_candidates()) if round_ < POLICY.rounds - 1 else set()
         if not again:
             break

@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.inference.adapters import CodedPixels, InputBuilder, PageFeatures, PreparedPage, encoder_outputs, input_device
+from pipeline.inference.adapters import (
+    CodedPixels,
+    InputBuilder,
+    PageFeatures,
+    PreparedPage,
+    encoder_outputs,
+    input_device,
+)
 from pipeline.records import TileBox, TilePlan
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -14,9 +14,9 @@ from pipeline.inference.adapters import (
     InputBuilder,
     PageFeatures,
     PreparedPage,
-    normalise_tiles,
     encoder_outputs,
     input_device,
+    normalise_tiles,
 )
 from pipeline.records import TilePlan
 

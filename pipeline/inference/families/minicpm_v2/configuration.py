@@ -11,18 +11,17 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from pipeline.inference.generation import GenerationSettings
+from pipeline.inference.registry import BY_NAME
 
-
-NAME = "minicpm_v2"
-MODEL_TYPES: tuple[str, ...] = ("minicpmv",)
-ARCHITECTURES: tuple[str, ...] = ("MiniCPMV",)
-TILING_POLICY = "minicpm"
-# vision tower, resampler and token embeddings meet at the input: keep them together on the first GPU
-FIRST_DEVICE: tuple[str, ...] = ("vpm", "resampler", "llm.model.embed_tokens")
-LAST_DEVICE: tuple[str, ...] = ("llm.model.norm", "llm.lm_head")
-
-# Its deterministic chat(sampling=False): 3 beams, repetition_penalty 1.2 (its published scores' setting)
-GENERATION_DEFAULTS = GenerationSettings(num_beams=3, repetition_penalty=1.2)
+# This family's identity is declared once, in its registry entry (pipeline.inference.registry).
+FAMILY = BY_NAME["minicpm_v2"]
+NAME = FAMILY.name
+MODEL_TYPES: tuple[str, ...] = FAMILY.model_types
+ARCHITECTURES: tuple[str, ...] = FAMILY.architectures
+FIRST_DEVICE: tuple[str, ...] = FAMILY.first_device
+LAST_DEVICE: tuple[str, ...] = FAMILY.last_device
+# Its deterministic chat(sampling=False), as the registry entry says
+GENERATION_DEFAULTS: GenerationSettings = FAMILY.generation
 
 SPIECE_UNDERLINE = "\u2581"
 USER_TAG, ASSISTANT_TAG = "<用户>", "<AI>"

@@ -21,7 +21,6 @@ from pipeline.inference.families import load_strict
 from pipeline.inference.families.compat import causal_mask, lm_output
 from pipeline.inference.families.minicpm_v2.configuration import MiniCPMV2Config, VisionSpec, load_config, vision_spec
 
-
 # ---------------------------------------------------------------------------------------
 # vision tower (timm's VisionTransformer naming)
 # ---------------------------------------------------------------------------------------
@@ -508,7 +507,7 @@ def meta_model(config: MiniCPMV2Config) -> MiniCPMV2ForConditionalGeneration:
         return MiniCPMV2ForConditionalGeneration(config)
 
 
-def load_model(folder: str | Path, *, dtype: Any = torch.float32, device_map: Any = None,
+def load_model(folder: str | Path, *, dtype: torch.dtype = torch.float32, device_map: dict[str, int] | None = None,
                attn_implementation: str = "sdpa") -> MiniCPMV2ForConditionalGeneration:
     """The checkpoint in `folder` (safetensors only; none of its code runs), in eval mode;
     refused when its weights are not exactly the official layout's."""

@@ -27,12 +27,12 @@ from pipeline.inference.families.minicpm_v2.configuration import (
     IMAGE_END,
     IMAGE_PLACEHOLDER,
     IMAGE_START,
-    MiniCPMV2Config,
     NAME,
     SLICE_END,
     SLICE_START,
     SPIECE_UNDERLINE,
     USER_TAG,
+    MiniCPMV2Config,
     load_config,
 )
 from pipeline.records import PageImage, TilePlan

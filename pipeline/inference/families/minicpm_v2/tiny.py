@@ -16,14 +16,13 @@ from pipeline.inference.families.minicpm_v2.configuration import (
     IMAGE_PLACEHOLDER,
     IMAGE_START,
     MODEL_TYPES,
-    MiniCPMV2Config,
     SLICE_END,
     SLICE_START,
     USER_TAG,
+    MiniCPMV2Config,
 )
 from pipeline.inference.families.minicpm_v2.modeling import MiniCPMV2ForConditionalGeneration
 from pipeline.inference.families.minicpm_v2.processing import _DEFAULT_ADDED
-
 
 # ---------------------------------------------------------------------------------------
 # tiny checkpoint (tests, smoke runs)

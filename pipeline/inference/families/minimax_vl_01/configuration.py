@@ -10,20 +10,15 @@ from typing import Any
 from transformers import CLIPVisionConfig, MiniMaxConfig, PretrainedConfig
 
 from pipeline.inference.adapters import UnsupportedModelError
+from pipeline.inference.registry import BY_NAME
 
-
-NAME = "minimax_vl_01"
-MODEL_TYPES: tuple[str, ...] = ("minimax_vl_01",)
-ARCHITECTURES: tuple[str, ...] = ("MiniMaxVL01ForConditionalGeneration",)
-TILING_POLICY = "minimax"
-FIRST_DEVICE: tuple[str, ...] = (
-    "vision_tower",
-    "multi_modal_projector",
-    "image_newline",
-    "language_model.model.embed_tokens",
-    "language_model.model.rotary_emb",
-)
-LAST_DEVICE: tuple[str, ...] = ("language_model.model.norm", "language_model.lm_head")
+# This family's identity is declared once, in its registry entry (pipeline.inference.registry).
+FAMILY = BY_NAME["minimax_vl_01"]
+NAME = FAMILY.name
+MODEL_TYPES: tuple[str, ...] = FAMILY.model_types
+ARCHITECTURES: tuple[str, ...] = FAMILY.architectures
+FIRST_DEVICE: tuple[str, ...] = FAMILY.first_device
+LAST_DEVICE: tuple[str, ...] = FAMILY.last_device
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

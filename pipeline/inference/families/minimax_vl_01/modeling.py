@@ -28,7 +28,6 @@ from pipeline.inference.families.minimax_vl_01.configuration import (
 )
 from pipeline.tiling import MiniMaxTilePlan
 
-
 # ---------------------------------------------------------------------------------------
 # the language model: native MiniMax pieces under the official names
 # ---------------------------------------------------------------------------------------
@@ -513,8 +512,8 @@ def placement(meta: nn.Module | MiniMaxVL01Config, n_gpus: int) -> dict[str, int
 def load_model(
     folder: str | Path,
     *,
-    dtype: Any,
-    device_map: Any = None,
+    dtype: torch.dtype,
+    device_map: dict[str, int] | None = None,
     attn_implementation: str = "sdpa",
 ) -> MiniMaxVL01ForConditionalGeneration:
     """Weights from the folder's safetensors (no remote code), in eval mode.

@@ -17,8 +17,8 @@ from pipeline.inference.families.minimax_vl_01.configuration import (
     DEFAULT_SYSTEM,
     EOS,
     IMAGE_TOKEN,
-    MiniMaxVL01Config,
     NAME,
+    MiniMaxVL01Config,
     _read_json,
     parse_pinpoints,
 )

@@ -20,7 +20,6 @@ from pipeline.inference.families.minimax_vl_01.configuration import (
 from pipeline.inference.families.minimax_vl_01.modeling import MiniMaxVL01ForConditionalGeneration
 from pipeline.inference.families.minimax_vl_01.processing import CHAT_TEMPLATE
 
-
 # ---------------------------------------------------------------------------------------
 # tiny checkpoint for tests and smoke runs
 # ---------------------------------------------------------------------------------------

@@ -7,14 +7,16 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from pipeline.inference.registry import BY_NAME
 
-NAME = "mono_internvl"
-MODEL_TYPES: tuple[str, ...] = ("internvl_chat",)
-ARCHITECTURES: tuple[str, ...] = ("InternVLChatModel",)
+# This family's identity is declared once, in its registry entry (pipeline.inference.registry).
+FAMILY = BY_NAME["mono_internvl"]
+NAME = FAMILY.name
+MODEL_TYPES: tuple[str, ...] = FAMILY.model_types
+ARCHITECTURES: tuple[str, ...] = FAMILY.architectures
+FIRST_DEVICE: tuple[str, ...] = FAMILY.first_device
+LAST_DEVICE: tuple[str, ...] = FAMILY.last_device
 LLM_ARCHITECTURE = "InternLM2VEForCausalLM"  # what tells Mono-InternVL from a regular InternVL
-TILING_POLICY = "internvl"
-FIRST_DEVICE: tuple[str, ...] = ("vision_model", "mlp1", "language_model.model.tok_embeddings")
-LAST_DEVICE: tuple[str, ...] = ("language_model.model.norm", "language_model.output")
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

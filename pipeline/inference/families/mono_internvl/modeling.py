@@ -18,11 +18,10 @@ from pipeline.inference.families import load_strict
 from pipeline.inference.families.compat import causal_mask, lm_output
 from pipeline.inference.families.mono_internvl.configuration import (
     InternLM2VEConfig,
-    MonoInternVLConfig,
     MonoInternVisionConfig,
+    MonoInternVLConfig,
 )
 from pipeline.inference.families.mono_internvl.processing import load_config
-
 
 # ---------------------------------------------------------------------------------------
 # vision side: patch embedding, pixel shuffle, projector
@@ -477,8 +476,8 @@ def meta_model(config: MonoInternVLConfig) -> MonoInternVLForConditionalGenerati
 def load_model(
     folder: str | Path,
     *,
-    dtype: Any,
-    device_map: Any = None,
+    dtype: torch.dtype,
+    device_map: dict[str, int] | None = None,
     attn_implementation: str = "sdpa",
 ) -> MonoInternVLForConditionalGeneration:
     """Weights from the folder's safetensors (no remote code), in eval mode.

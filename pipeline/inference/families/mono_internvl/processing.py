@@ -29,12 +29,11 @@ from pipeline.inference.families.mono_internvl.configuration import (
     IMG_CONTEXT,
     IMG_END,
     IMG_START,
-    MonoInternVLConfig,
     NAME,
+    MonoInternVLConfig,
     recognise,
 )
 from pipeline.records import TilePlan
-
 
 # ---------------------------------------------------------------------------------------
 # tokenizer: the sentencepiece model, as the original slow tokenizer uses it

@@ -19,7 +19,6 @@ from pipeline.inference.families.mono_internvl.configuration import (
 from pipeline.inference.families.mono_internvl.modeling import MonoInternVLForConditionalGeneration
 from pipeline.inference.families.mono_internvl.processing import load_config
 
-
 # ---------------------------------------------------------------------------------------
 # tiny checkpoint for tests and smoke runs
 # ---------------------------------------------------------------------------------------
