@@ -51,7 +51,9 @@ def test_docs_use_only_existing_run_flags() -> None:
     known = {opt for action in run_parser._actions for opt in action.option_strings}  # noqa: SLF001
     known.add("--some-option")  # deployment.md's placeholder for "any option"
     assert "--source" not in known  # the flag sample_docs/README.md once used
-    for doc in ("README.md", "sample_docs/README.md", "docs/deployment.md"):
+    docs = ["README.md", "sample_docs/README.md", *(str(p.relative_to(ROOT)) for p in sorted(ROOT.glob("docs/*.md")))]
+    assert "docs/engines.md" in docs and "docs/deployment.md" in docs
+    for doc in docs:
         text = (ROOT / doc).read_text()
         for line in re.findall(r"docpipe run [^\n`]*", text):
             for flag in re.findall(r"(?<!\S)(--[a-z][a-z-]*)", line):
