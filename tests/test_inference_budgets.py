@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.support.forcing import force
+from bench.support.static_engine import StaticEngine, schedule_rows
 from pipeline.config import RunConfig
 from pipeline.inference import Engine, load_engine
 from pipeline.inference.adapters import CHART, OCR, PreparedPage
 from pipeline.inference.engine import row_kind, schedule
 from pipeline.sink import _answer_columns
 from pipeline.testing import make_tiny_model, render_sample_page, sample_image_page
-from pipeline.testing.forcing import force
-from pipeline.testing.static_engine import StaticEngine, schedule_rows
 
 BUDGETS = {"description": 5, "ocr": 9, "chart_check": 2, "chart_answer": 3}
 
