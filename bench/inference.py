@@ -2,7 +2,7 @@
 batches) and the engine (continuous batching), on the same rows. Prints figures; asserts nothing.
 
 Two token mixes. `--mix realistic` (the default) emulates what real pages ask of the
-model, by forcing each row's output length on the random model (pipeline.testing.forcing):
+model, by forcing each row's output length on the random model (bench/support/forcing.py):
 per 4 pages, 2 text pages (OCR 300-700 tokens), 1 chart page (OCR 80-200 tokens, the
 chart check says yes, 4 chart answers of 15-120 tokens) and 1 scan (OCR 300-700 tokens,
 no text layer); descriptions 40-90 tokens; chart checks "yes"/"no" (1-4 tokens). Limits
@@ -13,7 +13,7 @@ Side by side, with `--ocr model` (so the same rows), the paths:
 
     naive    the model cards' loop: one page and one task at a time, raw pixel values into
              `generate()` (the image encoded again for every task);
-    static   the engine before continuous batching (pipeline.testing.static_engine): one
+    static   the engine before continuous batching (bench/support/static_engine.py): one
              vision pass per page, one `generate()` call per kind of row, packed by the
              visual-token budget, every row prefilled in full and decoded until its call's
              longest row stops;
@@ -487,19 +487,19 @@ def _yes_no(builder: Any) -> tuple[list[int], list[int]]:
 
 # ---- the engines: the continuous engine, and before it the static batches and the naive loop ----------
 
-STATIC_PATHS = ("naive", "static", "mixed")  # pipeline.testing.static_engine: the engine before, its naive loop
+STATIC_PATHS = ("naive", "static", "mixed")  # bench.support.static_engine: the engine before, its naive loop
 
 
 def _engine(args: argparse.Namespace, model_dir: Path, *, path: str = "engine", **settings: Any) -> Any:
     """The engine of `path`: the continuous engine (pipeline.inference.engine), or for the naive
-    loop and the static batches the engine as it was before (pipeline.testing.static_engine), on
+    loop and the static batches the engine as it was before (bench.support.static_engine), on
     a model loaded for it alone (the continuous engine switches the model's decode attention)."""
     import torch
 
     from pipeline.inference import Engine, load_builder
     from pipeline.inference.loading import dtype_name, load_model
-    from pipeline.testing.forcing import force
-    from pipeline.testing.static_engine import StaticEngine
+    from bench.support.forcing import force
+    from bench.support.static_engine import StaticEngine
 
     config = _config(args, model_dir, **settings)
     kind = StaticEngine if path in STATIC_PATHS else Engine
@@ -675,8 +675,8 @@ def run_path(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
 
 def run_vllm(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     """The vLLM engine on the same rows: every request of the pages in flight at once."""
+    from bench.support.forcing import force
     from pipeline.inference.vllm_engine import load_vllm_engine
-    from pipeline.testing.forcing import force
 
     settings: dict[str, Any] = {"ocr": "model", "vllm_max_pages": max(args.pages, 1)}
     if args.real_size and not args.dry_run:
@@ -686,7 +686,7 @@ def run_vllm(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     dummy = args.real_size and not args.dry_run and args.family in SEED_FAMILIES
     engine = load_vllm_engine(config, llm_args={"load_format": "dummy"} if dummy else None)
     load_s = time.perf_counter() - t0
-    force(engine, (lambda page, key: args.new_tokens) if args.mix == "fixed" else mix_lengths(*_yes_no(engine.builder)))
+    engine = force(engine, (lambda page, key: args.new_tokens) if args.mix == "fixed" else mix_lengths(*_yes_no(engine.builder)))
     builder = engine.builder
     dpi = 72.0 * args.width / 612.0
     pages = _pages(args.pages + 1, args.width, args.height) if args.mix == "fixed" else _mix_pages(args.pages + 1, dpi)

@@ -356,72 +356,18 @@ def _bytes(value: float) -> str:
     return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.2f} MiB"
 
 
-ASK_MAX_PIXELS = 12_000_000
-
-
-def load_page_image(path: str, page: int = 1, dpi: float = 200.0) -> Any:
-    """Page `page` (from 1) of an image file (a frame of a multi-page TIFF) or a PDF, as RGB.
-
-    Raises ValueError with a one-line reason (not a file docpipe can read, no such page,
-    a password-protected PDF). A PDF page is rendered at `dpi`, scaled down to ASK_MAX_PIXELS.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    if page < 1:
-        raise ValueError(f"--page counts from 1, got {page}")
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(1024)
-    except OSError as exc:
-        raise ValueError(f"{path} cannot be read: {exc.strerror or exc}") from None
-    if b"%PDF-" in head:
-        import pymupdf
-
-        from pipeline.logs import mupdf_to_log, quiet_mupdf
-
-        quiet_mupdf()
-        try:
-            with pymupdf.open(path, filetype="pdf") as doc:
-                if doc.needs_pass:
-                    raise ValueError(f"{path} is password-protected")
-                if page > doc.page_count:
-                    raise ValueError(f"{path} has {doc.page_count} page(s), not {page}")
-                rect = doc[page - 1].rect
-                zoom = dpi / 72.0
-                pixels = rect.width * zoom * rect.height * zoom
-                if pixels > ASK_MAX_PIXELS:
-                    zoom *= (ASK_MAX_PIXELS / pixels) ** 0.5
-                pix = doc[page - 1].get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), alpha=False)
-                return Image.frombytes("RGB", (pix.width, pix.height), pix.samples)
-        except (RuntimeError, pymupdf.FileDataError) as exc:
-            raise ValueError(f"{path} cannot be rendered: {exc}") from None
-        finally:
-            mupdf_to_log(logging.getLogger("docpipe"), path)
-    try:
-        with Image.open(path) as opened:
-            frames = getattr(opened, "n_frames", 1)
-            if page > frames:
-                raise ValueError(f"{path} has {frames} frame(s), not {page}")
-            opened.seek(page - 1)
-            from PIL import ImageOps
-
-            return ImageOps.exif_transpose(opened).convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
-        raise ValueError(f"{path} cannot be read as an image or PDF: {exc}") from None
-
-
 def _cmd_ask(args: argparse.Namespace) -> int:
-    from pipeline.inference.ask import ask
+    from pipeline.inference.ask import ask, read_page
     from pipeline.inference.loading import ModelConfigError
     from pipeline.inference.registry import UnsupportedModelError
     from pipeline.preflight import SetupError
 
     try:
-        image = load_page_image(args.image, args.page, args.dpi)
+        page = read_page(args.image, args.page, args.dpi)
     except ValueError as exc:
         return _fail(str(exc), EXIT_BAD_CONFIG)
     try:
-        answer = ask(args.model, image, args.question, max_new_tokens=args.max_new_tokens, device=args.device,
+        answer = ask(args.model, page, args.question, max_new_tokens=args.max_new_tokens, device=args.device,
                      dtype=args.dtype)
     except (SetupError, UnsupportedModelError, ModelConfigError, ValidationError) as exc:
         return _fail(str(exc), EXIT_BAD_CONFIG)

@@ -75,6 +75,30 @@ def test_ask_answers_in_the_family_chat_format_greedily(family: str, engines) ->
     assert other.prompt_ids != answer.prompt_ids and len(other.token_ids) <= 2
 
 
+def test_a_page_read_as_a_run_reads_it_is_answered_as_the_run_answers_it(tmp_path: Path, engines) -> None:
+    """`ask` takes a run's path: a page the rasterizer read (the model's own render size), prepared by
+    the builder with the question as its one prompt, answered by the engine: asked a task's prompt,
+    it answers what the run answers for that task."""
+    from pipeline.config import RunConfig
+    from pipeline.inference import prompts
+    from pipeline.rasterize import RasterOptions, open_document
+    from tests.docs_factory import born_digital_pdf
+
+    engine = engines["qwen2_vl"]  # its builder's tasks: description only (load_ask_engine)
+    builder = engine.builder
+    pdf = tmp_path / "doc.pdf"
+    pdf.write_bytes(born_digital_pdf(pages=1))
+    options = RasterOptions.from_config(RunConfig(source=str(tmp_path), output=str(tmp_path / "out")), geometry=builder)
+    opened = open_document(str(pdf), uri=str(pdf), doc_id="d", media_type="application/pdf")
+    with opened:
+        [page] = list(opened.pages(options))
+    run = engine.answer([builder.build(page, builder.plan(page.render.width, page.render.height))])[0]
+    answer = ask(engine, page, prompts.description_prompt(), max_new_tokens=NEW_TOKENS)
+    assert run.error is None and answer.token_ids
+    assert answer.text == run.description
+    assert len(answer.token_ids) + (not answer.hit_token_limit) == run.generated_tokens  # its end token counted
+
+
 def test_docpipe_ask_prints_the_same_answer(tmp_path: Path, capsys, engines, tiny_model) -> None:
     folder = tiny_model("qwen2_vl")  # the same folder as engines["qwen2_vl"]
     image_path = tmp_path / "page.png"
@@ -92,22 +116,22 @@ def test_docpipe_ask_prints_the_same_answer(tmp_path: Path, capsys, engines, tin
 def test_a_pdf_page_or_tiff_frame_is_the_image(tmp_path: Path) -> None:
     from PIL import ImageChops
 
-    from pipeline.cli import load_page_image
+    from pipeline.inference.ask import read_page
     from tests.docs_factory import born_digital_pdf, multipage_tiff
 
     pdf = tmp_path / "doc.pdf"
     pdf.write_bytes(born_digital_pdf(pages=2))
-    first, second = load_page_image(str(pdf), 1), load_page_image(str(pdf), 2)
+    first, second = read_page(str(pdf), 1).image, read_page(str(pdf), 2).image
     assert first.mode == "RGB" and first.size == (1700, 2200)  # Letter at 200 DPI
     assert ImageChops.difference(first, second).getbbox() is not None  # another page, not page 1 again
-    assert load_page_image(str(pdf), 1, dpi=72).size == (612, 792)
+    assert read_page(str(pdf), 1, dpi=72).image.size == (612, 792)
     tiff = tmp_path / "scan.tif"
     tiff.write_bytes(multipage_tiff(frames=3))
-    assert load_page_image(str(tiff), 3).size == load_page_image(str(tiff), 1).size
+    assert read_page(str(tiff), 3).image.size == read_page(str(tiff), 1).image.size
     with pytest.raises(ValueError, match="has 2 page"):
-        load_page_image(str(pdf), 3)
+        read_page(str(pdf), 3)
     with pytest.raises(ValueError, match="has 3 frame"):
-        load_page_image(str(tiff), 4)
+        read_page(str(tiff), 4)
 
 
 def test_docpipe_ask_on_a_pdf_page(tmp_path: Path, capsys, tiny_model) -> None:

@@ -230,7 +230,7 @@ def test_engine_answers_like_the_naive_path(model, builder) -> None:
     prepared = [builder.build(p, builder.plan(*p.image.size)) for p in pages]
     engine = Engine(model, builder, model_id="tiny", revision=None, dtype="float32", max_new_tokens=6,
                     batch_visual_tokens=10_000, max_batch_pages=4)
-    from pipeline.testing.static_engine import StaticEngine
+    from bench.support.static_engine import StaticEngine
 
     batched, naive = engine.answer(prepared), StaticEngine.like(engine).answer_naive(prepared)
     assert [a.error for a in batched] == [None, None]

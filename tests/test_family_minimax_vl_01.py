@@ -316,7 +316,7 @@ def test_engine_batched_equals_naive(model: fam.MiniMaxVL01ForConditionalGenerat
                     batch_visual_tokens=10_000, max_batch_pages=4)
     assert builder.tokenizer.convert_tokens_to_ids("<end_of_sentence>") in engine.eos_token_ids
     pages = [builder.build(p, builder.plan(p.image.width, p.image.height)) for p in (_page(90, 70, 3), _page(70, 150, 4))]
-    from pipeline.testing.static_engine import StaticEngine
+    from bench.support.static_engine import StaticEngine
 
     batched, naive = engine.answer(pages), StaticEngine.like(engine).answer_naive(pages)
     assert [a.error for a in batched] == [None, None]

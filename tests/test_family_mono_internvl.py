@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from bench.support.static_engine import StaticEngine
 from pipeline.inference import Engine
-from pipeline.testing.static_engine import StaticEngine
 from pipeline.inference.adapters import CHART, DESCRIPTION, OCR
 from pipeline.inference.families import mono_internvl as mono
 from pipeline.testing import sample_image_page

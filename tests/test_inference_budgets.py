@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.support.forcing import force
+from bench.support.static_engine import StaticEngine, schedule_rows
 from pipeline.config import RunConfig
 from pipeline.inference import Engine, load_engine
 from pipeline.inference.adapters import CHART, OCR, PreparedPage
 from pipeline.inference.engine import row_kind, schedule
 from pipeline.sink import _answer_columns
 from pipeline.testing import make_tiny_model, render_sample_page, sample_image_page
-from pipeline.testing.forcing import force
-from pipeline.testing.static_engine import StaticEngine, schedule_rows
 
 BUDGETS = {"description": 5, "ocr": 9, "chart_check": 2, "chart_answer": 3}
 
@@ -110,6 +110,35 @@ def test_a_finished_row_leaves_the_batch_at_once(tiny, monkeypatch) -> None:
     assert steps == [6, 6, 6, 3, 3, 3, 3]  # each row's first token comes from its prefill
     assert engine.stats.finished_slots == 0
     assert engine.stats.decode_slots == engine.stats.generated_tokens == 3 * (4 + 8 + 1)
+
+
+def test_forcing_the_vllm_engine_is_a_subclass_over_the_same_llm(tiny) -> None:
+    """The vLLM engine has no forcing of its own: `force` gives a bench `ForcedVllmEngine` over the
+    same `vllm.LLM`, whose rows keep every decoded token (no end token was allowed before the forced
+    length) and whose forced ids stand for the output; without forcing, rows end at their end token."""
+    from types import SimpleNamespace
+
+    from bench.support.forcing import ForcedVllmEngine
+    from pipeline.inference import load_builder
+    from pipeline.inference.vllm_engine import VllmEngine
+
+    builder = load_builder(_config(tiny["internvl"]))
+    llm = SimpleNamespace(llm_engine=None)  # no vLLM here: the rows are read, no request is made
+    plain = VllmEngine(llm, builder, model_id="m", revision=None, dtype="float32", max_new_tokens=BUDGETS,
+                       max_pages=4)
+    assert not hasattr(plain, "forced_output")
+    yes = builder.tokenizer.encode("yes", add_special_tokens=False)
+    forced = force(plain, lambda page, key: yes if key == CHART else 5)
+    assert isinstance(forced, ForcedVllmEngine) and forced.llm is llm and forced.budgets == plain.budgets
+    page = builder.build(sample_image_page(200, 260), builder.plan(200, 260))
+    end = min(plain.eos_token_ids)
+    decoded = [7, end, 8, 9, 10]  # the random model said an end token on the way: ignored when forced
+    row = forced._row(page, OCR, decoded)
+    assert row.tokens == decoded and row.generated_tokens == 5 and not row.hit_limit
+    check = forced._row(page, CHART, [11, 12])
+    assert check.tokens == yes and check.text == "yes" and check.generated_tokens == 2
+    cut = plain._row(page, OCR, decoded)
+    assert cut.tokens == [7] and cut.generated_tokens == 2
 
 
 def test_forced_tokens_say_yes_and_the_chart_questions_follow(tiny) -> None:

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.support.forcing import force
+from bench.support.static_engine import StaticEngine
 from pipeline.config import RunConfig
 from pipeline.inference import PROMPT_VERSION, Engine, load_engine, prompts
 from pipeline.inference.adapters import CHART, DESCRIPTION, OCR, PreparedPage, chart_key
 from pipeline.records import PageAnswers, Stage
 from pipeline.testing import make_tiny_model, render_sample_page, sample_image_page
-from pipeline.testing.forcing import force
-from pipeline.testing.static_engine import StaticEngine
 
 MAIN = ("internvl", "qwen2_vl", "idefics3")
 NEW_TOKENS = 6

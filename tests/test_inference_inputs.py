@@ -291,3 +291,22 @@ def test_to_torch_off_the_cpu_moves_only_codes_and_gathers_there(monkeypatch) ->
     assert (out.device.type, tuple(out.shape), out.dtype) == ("meta", coded.shape, torch.float32)
     assert torch.equal(coded.to_torch("cpu"), torch.from_numpy(coded.decode()))
     assert calls == [("meta", "meta", torch.uint8)]  # the CPU takes numpy's lookup instead
+
+
+def test_one_function_makes_every_prepared_page() -> None:
+    """A `PreparedPage` is made in one place, `adapters.build_page` (every builder's `build`, `ask`'s
+    page, the vLLM engine's preparation): no other code in the package constructs one."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "pipeline"
+    makers = []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "PreparedPage":
+                scope = node
+                while scope in parents and not isinstance(scope, ast.FunctionDef):
+                    scope = parents[scope]
+                makers.append(f"{path.relative_to(root.parent)}:{getattr(scope, 'name', '<module>')}")
+    assert makers == ["pipeline/inference/adapters.py:build_page"]

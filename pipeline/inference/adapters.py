@@ -330,26 +330,14 @@ class InputBuilder:
         return np.asarray(ids, dtype=np.int64)
 
     # ---- the CPU side -----------------------------------------------------------------
-    def build(self, page: PageImage, plan: TilePlan) -> PreparedPage:
-        """Tiles, pixel values and tokenised prompts for one page (CPU only; raises on a bad page)."""
-        pixel_values, image_inputs = self.pixels(_rgb(page.image), plan, thumbnail=page.thumbnail)
-        prompt_ids = {key: self.encode_text(self.chat_text(p, plan)) for key, p in self.task_prompts(page.text).items()}
-        image_tokens = {int((ids == self.image_token_id).sum()) for ids in prompt_ids.values()}
-        if image_tokens and image_tokens != {plan.visual_tokens}:
-            raise ValueError(f"prompt holds {sorted(image_tokens)} image tokens, the plan says {plan.visual_tokens}")
-        return PreparedPage(
-            doc_id=page.doc_id,
-            uri=page.uri,
-            page_number=page.page_number,
-            kind=page.kind,
-            text=page.text,
-            plan=plan,
-            family=self.family,
-            pixels=pixel_values,
-            image_inputs=image_inputs,
-            prompts=prompt_ids,
-            image_tokens=plan.visual_tokens,
-        )
+    def build(self, page: PageImage, plan: TilePlan, prompts: Mapping[str, str] | None = None) -> PreparedPage:
+        """Tiles, pixel values and tokenised prompts for one page (CPU only; raises on a bad page):
+        the run's task prompts, or `prompts` (key -> prompt text, e.g. `ask`'s one question)."""
+        return build_page(self, page, plan, prompts)
+
+    def placeholder_count(self, ids: np.ndarray) -> int:
+        """Image placeholder tokens in a prompt's ids (checked against the plan's visual tokens)."""
+        return int((ids == self.image_token_id).sum())
 
     # ---- the model side ---------------------------------------------------------------
     def encode(self, model: Any, pages: Sequence[PreparedPage]) -> list[PageFeatures]:
@@ -416,6 +404,45 @@ class InputBuilder:
 InputBuilder.target_size = _memoized(InputBuilder.target_size, "_target_memo")  # type: ignore[method-assign]
 
 
+def build_page(
+    builder: InputBuilder,
+    page: PageImage,
+    plan: TilePlan,
+    prompts: Mapping[str, str] | None = None,
+    *,
+    pixels: "tuple[np.ndarray | CodedPixels, Mapping[str, np.ndarray]] | None" = None,
+) -> PreparedPage:
+    """The one place a `PreparedPage` is made (runs, `ask`, the vLLM engine's preparation).
+
+    The prompt ids are the family's chat text of each prompt (`prompts`, by key; default: the
+    run's tasks for the page's text layer), tokenised as its processor does, with as many image
+    placeholders as `plan` has visual tokens (checked). The pixel side is the family's own
+    (`builder.pixels`, the page cut as `plan` says) unless `pixels` gives it: (pixel values,
+    extra image arrays), e.g. the vLLM engine's page image for a family vLLM preprocesses itself.
+    """
+    if pixels is None:
+        pixels = builder.pixels(_rgb(page.image), plan, thumbnail=page.thumbnail)
+    pixel_values, image_inputs = pixels
+    texts = builder.task_prompts(page.text) if prompts is None else prompts
+    prompt_ids = {key: builder.encode_text(builder.chat_text(p, plan)) for key, p in texts.items()}
+    image_tokens = {builder.placeholder_count(ids) for ids in prompt_ids.values()}
+    if image_tokens and image_tokens != {plan.visual_tokens}:
+        raise ValueError(f"prompt holds {sorted(image_tokens)} image tokens, the plan says {plan.visual_tokens}")
+    return PreparedPage(
+        doc_id=page.doc_id,
+        uri=page.uri,
+        page_number=page.page_number,
+        kind=page.kind,
+        text=page.text,
+        plan=plan,
+        family=builder.family,
+        pixels=pixel_values,
+        image_inputs=image_inputs,
+        prompts=prompt_ids,
+        image_tokens=plan.visual_tokens,
+    )
+
+
 def input_device(model: Any) -> Any:
     """Where inputs go: the device of the input embeddings (first device of a sharded model)."""
     return model.get_input_embeddings().weight.device
@@ -449,6 +476,7 @@ __all__ = [
     "PageFeatures",
     "PreparedPage",
     "UnsupportedModelError",
+    "build_page",
     "chart_key",
     "encoder_outputs",
     "normalise_tiles",

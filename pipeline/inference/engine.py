@@ -53,7 +53,6 @@ from pipeline.inference.page_engine import (  # re-exported: the names callers h
     ROW_KINDS,
     BatchResult,
     EngineStats,
-    ForcedOutput,
     Gen,
     PageEngine,
     budgets_for,
@@ -103,7 +102,7 @@ class Engine(PageEngine):
         self.max_batch_pages = max_batch_pages
         self.batch_rule = BatchRule(batch_visual_tokens, max_batch_pages)  # how pages are batched
         self.min_new_tokens = min_new_tokens  # benchmarks fix output lengths with this
-        # Benchmarks and tests steer outputs through this hook on every step's scores (pipeline.testing.forcing).
+        # Called on every decoding step's scores (pipeline.inference.decoding.ScoreHook); None: plain decoding.
         self.score_hook = score_hook
         self.ocr = ocr  # auto | model | text_layer (pipeline.textlayer.route_ocr)
         route_ocr(ocr, None, None)  # an unknown mode fails here, not on the first page
@@ -497,7 +496,6 @@ __all__ = [
     "ROW_KINDS",
     "Engine",
     "EngineStats",
-    "ForcedOutput",
     "budgets_for",
     "load_engine",
     "row_kind",

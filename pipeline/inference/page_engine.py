@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,11 +36,6 @@ _USAGE_GROUP = {
     "ocr": "ocr",
     "chart_answer": "chart_answers",
 }
-
-# A forced output for benchmarks and tests: a length (generated tokens, end token
-# included) or the exact token ids to produce (the end token is added after them).
-ForcedOutput = Callable[[PreparedPage, str], "int | Sequence[int]"]
-
 
 def row_kind(key: str) -> str:
     """The kind of a prompt key: description, ocr, chart_check or chart_answer."""

@@ -43,19 +43,18 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from pipeline.config import RunConfig
 from pipeline.inference import prompts
-from pipeline.inference.adapters import CHART, PreparedPage
+from pipeline.inference.adapters import CHART, PreparedPage, _rgb, build_page
 from pipeline.inference.batching import BatchRule
 from pipeline.inference.page_engine import (
     BatchResult,
     EngineStats,
-    ForcedOutput,
     Gen,
     PageEngine,
     budgets_for,
@@ -216,25 +215,11 @@ class VllmInputs:
         self.inner = state["inner"]
         self.seed = bool(state.get("seed", False))
 
-    def build(self, page: PageImage, plan: TilePlan) -> PreparedPage:
-        inner = self.inner
+    def build(self, page: PageImage, plan: TilePlan, prompts: Mapping[str, str] | None = None) -> PreparedPage:
         if self.seed:
-            return inner.build(page, plan)
-        image = page.image if page.image.mode == "RGB" else page.image.convert("RGB")
-        prompt_ids = {key: inner.encode_text(inner.chat_text(p, plan)) for key, p in inner.task_prompts(page.text).items()}
-        return PreparedPage(
-            doc_id=page.doc_id,
-            uri=page.uri,
-            page_number=page.page_number,
-            kind=page.kind,
-            text=page.text,
-            plan=plan,
-            family=inner.family,
-            pixels=np.zeros((0,), dtype=np.float32),
-            image_inputs={_IMAGE: np.asarray(image, dtype=np.uint8)},
-            prompts=prompt_ids,
-            image_tokens=plan.visual_tokens,
-        )
+            return build_page(self.inner, page, plan, prompts)
+        page_image = (np.zeros((0,), dtype=np.float32), {_IMAGE: np.asarray(_rgb(page.image), dtype=np.uint8)})
+        return build_page(self.inner, page, plan, prompts, pixels=page_image)
 
 
 def vllm_prompt(builder: Any, task_prompt: str) -> str:
@@ -267,7 +252,6 @@ class VllmEngine(PageEngine):
         max_pages: int,
         ocr: str = "model",
         prompt_version: str | None = None,
-        forced_output: ForcedOutput | None = None,
     ) -> None:
         from pipeline.textlayer import route_ocr
 
@@ -283,7 +267,6 @@ class VllmEngine(PageEngine):
         self.budgets = budgets_for(max_new_tokens)
         self.ocr = ocr
         route_ocr(ocr, None, None)  # an unknown mode fails here
-        self.forced_output = forced_output
         self.batch_rule = BatchRule.pages_only(max_pages)  # the whole group in flight; vLLM schedules
         self.eos_token_ids = self._eos_ids()
         self.stats = EngineStats()
@@ -312,26 +295,28 @@ class VllmEngine(PageEngine):
         return ids
 
     # ---- requests --------------------------------------------------------------------
-    def _params(self, page: PreparedPage, key: str) -> tuple[Any, list[int] | None]:
-        """Sampling parameters of one request; with a forced output (benchmarks), the
-        length it must have and, for exact ids, the ids that stand for its output."""
+    # One (page, task) request is made by `_params` and its finished output read by `_row`:
+    # the seam a subclass changes to run requests otherwise (e.g. with fixed output lengths).
+    def _params(self, page: PreparedPage, key: str) -> Any:
+        """Sampling parameters of one request: greedy, up to the task's token limit."""
         from vllm import SamplingParams
+
+        return SamplingParams(max_tokens=self.budgets[row_kind(key)], **self._sampling())
+
+    def _sampling(self) -> dict[str, Any]:
+        """What every request's sampling parameters hold, whatever its length."""
         from vllm.sampling_params import RequestOutputKind
 
-        limit = self.budgets[row_kind(key)]
-        common = {
+        return {
             "temperature": 0.0,
             "stop_token_ids": sorted(self.eos_token_ids),
             "detokenize": False,  # decoded by our tokenizer, as the transformers engine does
             "output_kind": RequestOutputKind.FINAL_ONLY,
         }
-        if self.forced_output is None:
-            return SamplingParams(max_tokens=limit, **common), None
-        target = self.forced_output(page, key)
-        ids = None if isinstance(target, int) else [int(t) for t in target]
-        length = min(limit, target if ids is None else len(ids) + 1)  # the end token included
-        # the same decode steps as the forced transformers row: no end token before `length`
-        return SamplingParams(max_tokens=length, min_tokens=length, ignore_eos=True, **common), ids
+
+    def _row(self, page: PreparedPage, key: str, tokens: list[int]) -> Gen:
+        """A finished request's row: cut at its first end token, decoded."""
+        return self._finish(tokens, self.budgets[row_kind(key)])
 
     def _request(
         self, pages: Sequence[PreparedPage], i: int, key: str, pending: dict[str, Any], images: dict[int, Any]
@@ -350,11 +335,10 @@ class VllmEngine(PageEngine):
             images[i] = (Image.fromarray(array), f"{digest}-{array.shape[1]}x{array.shape[0]}")
         image, uuid = images[i]
         text = vllm_prompt(self.builder, self.builder.task_prompts(page.text)[key])
-        params, forced = self._params(page, key)
         request_id = f"r{next(self._ids)}"
         prompt = {"prompt": text, "multi_modal_data": {"image": image}, "multi_modal_uuids": {"image": [uuid]}}
-        self.llm.llm_engine.add_request(request_id, prompt, params)
-        pending[request_id] = (i, key, forced, None)
+        self.llm.llm_engine.add_request(request_id, prompt, self._params(page, key))
+        pending[request_id] = (i, key, None)
 
     def _seed_request(self, page: PreparedPage, i: int, key: str, pending: dict[str, Any], images: dict[int, Any]
                       ) -> None:
@@ -366,11 +350,10 @@ class VllmEngine(PageEngine):
             images[i] = (item, _item_digest(item))
         item, uuid = images[i]
         ids = [int(t) for t in request["prompt_token_ids"]]
-        params, forced = self._params(page, key)
         request_id = f"r{next(self._ids)}"
         prompt = {"prompt_token_ids": ids, "multi_modal_data": {"image": item}, "multi_modal_uuids": {"image": [uuid]}}
-        self.llm.llm_engine.add_request(request_id, prompt, params)
-        pending[request_id] = (i, key, forced, ids)
+        self.llm.llm_engine.add_request(request_id, prompt, self._params(page, key))
+        pending[request_id] = (i, key, ids)
 
     def _answer_batch(self, pages: Sequence[PreparedPage]) -> list[PageAnswers]:
         """Every first-round request of the group at once; chart questions as soon as their
@@ -390,11 +373,11 @@ class VllmEngine(PageEngine):
                 for out in engine.step():
                     if not out.finished or out.request_id not in pending:
                         continue
-                    i, key, forced, sent = pending.pop(out.request_id)
+                    i, key, sent = pending.pop(out.request_id)
                     if sent is not None and list(out.prompt_token_ids or []) != sent:
                         raise RuntimeError(f"vLLM ran other prompt ids than the {pages[i].family} builder's "
                                            f"({len(out.prompt_token_ids or [])} vs {len(sent)} tokens)")
-                    gen = self._gen(out, key, forced)
+                    gen = self._gen(out, pages[i], key)
                     result.outputs[(i, key)] = gen
                     if key == CHART and prompts.parse_yes_no(gen.text):
                         for chart_key in self._chart_keys(pages[i]):
@@ -420,18 +403,9 @@ class VllmEngine(PageEngine):
         )
         return answers
 
-    def _gen(self, out: Any, key: str, forced: list[int] | None) -> Gen:
-        completion = out.outputs[0]
-        tokens = list(completion.token_ids)
-        limit = self.budgets[row_kind(key)]
-        if self.forced_output is None:
-            gen = self._finish(tokens, limit)
-        else:  # benchmarks: every decoded token counts (no end token was allowed before the forced length)
-            stand = forced if forced is not None else tokens  # exact ids forced: they stand for the output
-            text = self.builder.tokenizer.decode(stand, skip_special_tokens=True).strip()
-            gen = Gen(tokens=list(stand), text=text, prompt_tokens=0, generated_tokens=len(tokens),
-                       hit_limit=forced is None and len(tokens) >= limit)
-            self.stats.generated_tokens += len(tokens)
+    def _gen(self, out: Any, page: PreparedPage, key: str) -> Gen:
+        tokens = list(out.outputs[0].token_ids)
+        gen = self._row(page, key, tokens)
         prompt_tokens = len(out.prompt_token_ids or [])
         gen.prompt_tokens = prompt_tokens
         self.stats.rows += 1
@@ -474,8 +448,7 @@ def seed_engine_args(config: RunConfig, family: Any) -> dict[str, Any]:
     return args
 
 
-def load_vllm_engine(config: RunConfig, *, forced_output: ForcedOutput | None = None,
-                     llm_args: dict[str, Any] | None = None) -> VllmEngine:
+def load_vllm_engine(config: RunConfig, *, llm_args: dict[str, Any] | None = None) -> VllmEngine:
     """Start vLLM on `config.model` (once per process is the caller's business). `llm_args`:
     more `vllm.LLM` arguments (benchmarks: `load_format="dummy"` for random weights)."""
     from pipeline.inference.loading import content_revision, load_builder, resolve_device
@@ -532,7 +505,6 @@ def load_vllm_engine(config: RunConfig, *, forced_output: ForcedOutput | None = 
         max_pages=config.vllm_max_pages,
         ocr=config.ocr,
         prompt_version=prompt_version,
-        forced_output=forced_output,
     )
 
 

@@ -35,6 +35,15 @@ class OpenedDocument(ABC):
     def pages(self, options: RasterOptions) -> Generator[PageImage | PageFailure, None, None]:
         """Yield every page in order, one at a time; never raises."""
 
+    @abstractmethod
+    def page(self, number: int, options: RasterOptions) -> PageImage | PageFailure:
+        """Page `number` alone, rasterized as `pages()` rasterizes it (`docpipe ask`); never
+        raises for the page's content (a number outside 1..page_count is a ValueError)."""
+
+    def _check_number(self, number: int) -> None:
+        if not 1 <= number <= self.page_count:
+            raise ValueError(f"no page {number} in a document of {self.page_count} page(s)")
+
     def close(self) -> None:
         self._closed = True
 

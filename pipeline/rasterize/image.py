@@ -53,6 +53,10 @@ class ImageDocument(OpenedDocument):
         for index in range(self.page_count):
             yield self._frame(index, options)
 
+    def page(self, number: int, options: RasterOptions) -> PageImage | PageFailure:
+        self._check_number(number)
+        return self._frame(number - 1, options)
+
     def _frame(self, index: int, options: RasterOptions) -> PageImage | PageFailure:
         number = index + 1
         where = f"frame {number} of {self.page_count}" if self.page_count > 1 else "the image"

@@ -66,6 +66,12 @@ class PdfDocument(OpenedDocument):
             self._note_repair(index + 1)
             yield page
 
+    def page(self, number: int, options: RasterOptions) -> PageImage | PageFailure:
+        self._check_number(number)
+        page = self._page(number - 1, options)
+        self._note_repair(number)
+        return page
+
     def _page(self, index: int, options: RasterOptions) -> PageImage | PageFailure:
         number = index + 1
         if self._closed:

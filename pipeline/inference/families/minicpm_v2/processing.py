@@ -35,7 +35,7 @@ from pipeline.inference.families.minicpm_v2.configuration import (
     MiniCPMV2Config,
     load_config,
 )
-from pipeline.records import PageImage, TilePlan
+from pipeline.records import TilePlan
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -307,23 +307,10 @@ class MiniCPMV2Builder(InputBuilder):
         return int(where[-1]) + 1 if len(where) else 0
 
     def placeholder_count(self, ids: np.ndarray) -> int:
+        """Ids between `<image>` and `</image>` (its placeholders are `<unk>`, which a text layer may hold too)."""
         opened = np.cumsum(ids == self.im_start_id)
         closed = np.cumsum(ids == self.im_end_id)
         return int(((opened > closed) & (ids != self.im_start_id)).sum())
-
-    def build(self, page: PageImage, plan: TilePlan) -> PreparedPage:
-        from pipeline.inference.adapters import _rgb
-
-        pixel_values, image_inputs = self.pixels(_rgb(page.image), plan, thumbnail=page.thumbnail)
-        prompt_ids = {key: self.encode_text(self.chat_text(p, plan)) for key, p in self.task_prompts(page.text).items()}
-        counts = {self.placeholder_count(ids) for ids in prompt_ids.values()}
-        if counts and counts != {plan.visual_tokens}:
-            raise ValueError(f"prompt holds {sorted(counts)} image tokens, the plan says {plan.visual_tokens}")
-        return PreparedPage(
-            doc_id=page.doc_id, uri=page.uri, page_number=page.page_number, kind=page.kind, text=page.text,
-            plan=plan, family=self.family, pixels=pixel_values, image_inputs=image_inputs, prompts=prompt_ids,
-            image_tokens=plan.visual_tokens,
-        )
 
     def encode_page(self, model: Any, page: PreparedPage) -> PageFeatures:
         pixel_values = page.pixel_tensor(input_device(model), model.dtype)

@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from bench.support.forcing import ForcedLogits, ForcedOutput
 from pipeline.inference import prompts
 from pipeline.inference.adapters import CHART, PageFeatures, PreparedPage, input_device
 from pipeline.inference.batching import pack_by_budget
 from pipeline.inference.engine import Engine
-from pipeline.inference.page_engine import ROW_KINDS, BatchResult, ForcedOutput, Gen, row_kind
+from pipeline.inference.page_engine import ROW_KINDS, BatchResult, Gen, row_kind
 from pipeline.records import PageAnswers
-from pipeline.testing.forcing import ForcedLogits
 
 
 class StaticEngine(Engine):
