@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.cli import main
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_docs"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_docs"
 
 
 @pytest.fixture(scope="module")

@@ -233,7 +233,7 @@ def _image(i: int):
 def served(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("served") / "out.json"
     done = subprocess.run([sys.executable, __file__, str(tiny), str(out)], capture_output=True, text=True, timeout=900,
-                          cwd=Path(__file__).resolve().parent.parent)
+                          cwd=Path(__file__).resolve().parents[3])
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(out.read_text())
 
