@@ -110,3 +110,13 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
         yield stack.start_server()
     finally:
         stack.close()
+
+
+@pytest.fixture(scope="session")
+def deployed_server(prefect_server):
+    """The session's Prefect server with the `docpipe` process work pool and prefect.yaml's
+    deployments (`prefect --no-prompt deploy --all`), made once for every module that runs
+    deployments; each module starts its own workers on a `share()` of it."""
+    prefect_server.create_pool("docpipe")
+    prefect_server.deploy_all()
+    return prefect_server
