@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import shutil
 import socket
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +21,23 @@ os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 if os.environ.get("PREFECT_API_URL") == "":  # empty is not "unset" to Prefect
     del os.environ["PREFECT_API_URL"]
+
+
+# Under pytest-xdist (`./dev test` runs 2 workers with --dist loadgroup) each worker has its own
+# session fixtures. The tests that share an expensive session fixture run on one worker (it is
+# built once); every other test runs with the rest of its file (its module fixtures are built once).
+_SHARED_ON_ONE_WORKER = ("prefect_server", "sample_run")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            shared = [name for name in _SHARED_ON_ONE_WORKER if name in item.fixturenames]
+            item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.path.as_posix()))
+
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_docs"
 
 
 def free_port() -> int:
@@ -120,3 +142,36 @@ def deployed_server(prefect_server):
     prefect_server.create_pool("docpipe")
     prefect_server.deploy_all()
     return prefect_server
+
+
+@dataclass(frozen=True)
+class SampleRun:
+    output: Path  # read it, never write into it: other modules read the same output
+    model: str  # the session's tiny InternVL
+    printed: str  # what the first `docpipe run` printed (its summary)
+
+
+@pytest.fixture(scope="session")
+def sample_run(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> SampleRun:
+    """One whole run, read by several modules (the report, the model columns): `docpipe run`
+    (in process) over sample_docs plus an empty file (a document error) with the session's tiny
+    InternVL and 4 new tokens, then the same command again with nothing new (a nightly no-op
+    rerun: the latest run holds no rows)."""
+    from pipeline.cli import main
+    from pipeline.dataset import Dataset
+
+    base = tmp_path_factory.mktemp("sample-run")
+    src = base / "docs"
+    shutil.copytree(SAMPLES, src, ignore=shutil.ignore_patterns("*.md", "*.py"))
+    (src / "empty.pdf").write_bytes(b"")
+    out = base / "out"
+    model = tiny_model("internvl")
+    argv = ["run", str(src), "--output", str(out), "--model", model, "--device", "cpu", "--max-new-tokens", "4",
+            "--no-progress"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(argv) == 0
+    assert main(argv) == 0
+    first, rerun = Dataset(str(out)).read_runs()
+    assert rerun["documents_processed"] == 0  # the no-op rerun
+    return SampleRun(out, model, printed.getvalue())
