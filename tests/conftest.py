@@ -23,18 +23,38 @@ if os.environ.get("PREFECT_API_URL") == "":  # empty is not "unset" to Prefect
     del os.environ["PREFECT_API_URL"]
 
 
-# Under pytest-xdist (`./dev test` runs 2 workers with --dist loadgroup) each worker has its own
-# session fixtures. The tests that share an expensive session fixture run on one worker (it is
-# built once); every other test runs with the rest of its file (its module fixtures are built once).
-_SHARED_ON_ONE_WORKER = ("prefect_server", "sample_run")
+# Under pytest-xdist (`./dev test` runs 2 workers) each worker has its own session fixtures.
+# A test file runs on one worker (its module fixtures are built once), and so do the files that
+# share an expensive session fixture (built once): `pytest_xdist_make_scheduler` below schedules
+# by these groups; the collection hook fails the run if a test using one sits outside its group.
+_ONE_WORKER = {  # path prefix -> group
+    "tests/flows/": "prefect_server",
+    "tests/e2e/test_resume.py": "prefect_server",
+    "tests/report/test_report.py": "sample_run",
+    "tests/e2e/test_runner_model.py": "sample_run",
+}
 
 
-@pytest.hookimpl(tryfirst=True)
+def _group(nodeid: str) -> str:
+    path = nodeid.split("::", 1)[0]
+    return next((group for prefix, group in _ONE_WORKER.items() if path.startswith(prefix)), path)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            shared = [name for name in _SHARED_ON_ONE_WORKER if name in item.fixturenames]
-            item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.path.as_posix()))
+        for fixture in set(_ONE_WORKER.values()) & set(item.fixturenames):
+            if _group(item.nodeid) != fixture:
+                raise pytest.UsageError(f"{item.nodeid} uses {fixture}: add its file to _ONE_WORKER in tests/conftest.py")
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):  # only called where pytest-xdist runs
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid)
+
+    return ByGroup(config, log)
 
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_docs"
