@@ -9,7 +9,7 @@ URIs, ids and dates and committed night by night through `Dataset.commit_shard` 
 `write_run`, as a run would. Then it times, best of `--repeat`, DuckDB queries that glob
 the files, pyarrow reading the committed pages (`open_table`) and a run's resume check
 (`read_state`), runs `Dataset.compact`, and times them again. Prints one table.
-Not a test: tests/test_compact.py holds the assertions.
+Not a test: tests/dataset/test_compaction.py holds the assertions.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ stray files under the output (quarantined files are counted apart), processes le
 tracebacks printed by any process, and the most plain reruns any run needed after the fault.
 Stalls are placed with DOCPIPE_FAULT_POINT (the process stops itself with SIGSTOP at that
 point of the commit protocol and writes a marker file this script polls), never with sleeps.
-Not a test: the assertions live in tests/test_faults.py, tests/test_dataset.py,
-tests/test_prepare.py, tests/test_resume.py and tests/test_retries.py.
+Not a test: the assertions live in tests/e2e/test_faults.py, tests/dataset/test_dataset.py,
+tests/prepare/test_pool.py, tests/e2e/test_resume.py and tests/shard/test_retries.py.
 """
 
 from __future__ import annotations

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import shutil
 import socket
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +21,43 @@ os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 if os.environ.get("PREFECT_API_URL") == "":  # empty is not "unset" to Prefect
     del os.environ["PREFECT_API_URL"]
+
+
+# Under pytest-xdist (`./dev test` runs 2 workers) each worker has its own session fixtures.
+# A test file runs on one worker (its module fixtures are built once), and so do the files that
+# share an expensive session fixture (built once): `pytest_xdist_make_scheduler` below schedules
+# by these groups; the collection hook fails the run if a test using one sits outside its group.
+_ONE_WORKER = {  # path prefix -> group
+    "tests/flows/": "prefect_server",
+    "tests/e2e/test_resume.py": "prefect_server",
+    "tests/report/test_report.py": "sample_run",
+    "tests/e2e/test_runner_model.py": "sample_run",
+}
+
+
+def _group(nodeid: str) -> str:
+    path = nodeid.split("::", 1)[0]
+    return next((group for prefix, group in _ONE_WORKER.items() if path.startswith(prefix)), path)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture in set(_ONE_WORKER.values()) & set(item.fixturenames):
+            if _group(item.nodeid) != fixture:
+                raise pytest.UsageError(f"{item.nodeid} uses {fixture}: add its file to _ONE_WORKER in tests/conftest.py")
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):  # only called where pytest-xdist runs
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid)
+
+    return ByGroup(config, log)
+
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_docs"
 
 
 def free_port() -> int:
@@ -110,3 +152,46 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
         yield stack.start_server()
     finally:
         stack.close()
+
+
+@pytest.fixture(scope="session")
+def deployed_server(prefect_server):
+    """The session's Prefect server with the `docpipe` process work pool and prefect.yaml's
+    deployments (`prefect --no-prompt deploy --all`), made once for every module that runs
+    deployments; each module starts its own workers on a `share()` of it."""
+    prefect_server.create_pool("docpipe")
+    prefect_server.deploy_all()
+    return prefect_server
+
+
+@dataclass(frozen=True)
+class SampleRun:
+    output: Path  # read it, never write into it: other modules read the same output
+    model: str  # the session's tiny InternVL
+    printed: str  # what the first `docpipe run` printed (its summary)
+
+
+@pytest.fixture(scope="session")
+def sample_run(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> SampleRun:
+    """One whole run, read by several modules (the report, the model columns): `docpipe run`
+    (in process) over sample_docs plus an empty file (a document error) with the session's tiny
+    InternVL and 4 new tokens, then the same command again with nothing new (a nightly no-op
+    rerun: the latest run holds no rows)."""
+    from pipeline.cli import main
+    from pipeline.dataset import Dataset
+
+    base = tmp_path_factory.mktemp("sample-run")
+    src = base / "docs"
+    shutil.copytree(SAMPLES, src, ignore=shutil.ignore_patterns("*.md", "*.py"))
+    (src / "empty.pdf").write_bytes(b"")
+    out = base / "out"
+    model = tiny_model("internvl")
+    argv = ["run", str(src), "--output", str(out), "--model", model, "--device", "cpu", "--max-new-tokens", "4",
+            "--no-progress"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(argv) == 0
+    assert main(argv) == 0
+    first, rerun = Dataset(str(out)).read_runs()
+    assert rerun["documents_processed"] == 0  # the no-op rerun
+    return SampleRun(out, model, printed.getvalue())

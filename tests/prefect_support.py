@@ -46,6 +46,7 @@ def prefect_env(home: Path, api_url: str | None = None, **extra: str) -> dict[st
         PREFECT_SERVER_UI_ENABLED="false",
         PREFECT_WORKER_QUERY_SECONDS="1",
         PREFECT_WORKER_PREFETCH_SECONDS="2",
+        PREFECT_RUNNER_POLL_FREQUENCY="1",  # `serve` (a Runner) polls as often as a worker here
         PREFECT_LOGGING_LEVEL="INFO",
         PREFECT_CLI_COLORS="false",
         PYTHONUNBUFFERED="1",

@@ -1,4 +1,4 @@
-"""sink: rows in the schema (the helpers here also build shards for tests/test_dataset.py)."""
+"""sink: rows in the schema (the helpers here also build shards for tests/dataset/test_dataset.py)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 transformers' own classes and by vLLM (CPU) alike. The shared tokenizer training and saving are
 in pipeline.testing.tiny_models.
 
-vLLM's CPU build needs two things of them (tests/test_vllm_engine.py): a text head_dim of 64
+vLLM's CPU build needs two things of them (tests/inference/test_vllm_engine.py): a text head_dim of 64
 (its CPU attention refuses 16), and `processor_config.json` saying how many image tokens a
 tile really gives (`image_seq_len`; vLLM's processor defaults to the full-size model's 169).
 """

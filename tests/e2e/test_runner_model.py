@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.cli import main
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_docs"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_docs"
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +22,11 @@ def _pages(out: Path) -> list[dict]:
     return ds.dataset(out / "pages", format="parquet").to_table().to_pylist()
 
 
-def test_cli_run_with_a_model_fills_the_model_columns(tiny_internvl: Path, tmp_path: Path, capsys) -> None:
-    out = tmp_path / "out"
-    code = main(
-        ["run", str(SAMPLES), "--output", str(out), "--model", str(tiny_internvl), "--max-new-tokens", "4", "--no-progress"]
-    )
-    assert code == 0
-    printed = "".join(capsys.readouterr().out.split())  # the table folds long values over lines
+def test_cli_run_with_a_model_fills_the_model_columns(sample_run) -> None:
+    """The session's `sample_run` (conftest): `docpipe run` over sample_docs (and an empty file)
+    with the tiny InternVL and 4 new tokens, which other modules read too."""
+    tiny_internvl, out = sample_run.model, sample_run.output
+    printed = "".join(sample_run.printed.split())  # the table folds long values over lines
     assert "".join(str(tiny_internvl).split()) in printed.replace("│", "")  # the summary names the model
     pages = _pages(out)
     assert len(pages) == 10  # 3 + 1 + 1 + 1 + 1 + 3 pages in sample_docs

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-import docs_factory as f
+from tests import docs_factory as f
 from pipeline import runner
 from pipeline.config import RunConfig
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_docs"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_docs"
 DOCPIPE = str(Path(sys.executable).parent / "docpipe")
 
 # What docpipe itself writes to stderr: "docpipe: ..." lines, its log lines, the plan notes.

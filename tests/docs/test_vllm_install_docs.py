@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _commands(text: str) -> list[str]:
@@ -21,6 +21,6 @@ def test_ci_runs_the_readme_vllm_install_block_then_the_vllm_tests() -> None:
     ci = _commands((ROOT / ".ci" / "run").read_text())
     start = ci.index(install[0])
     assert ci[start : start + len(install)] == install  # the same lines, in order, in one place
-    assert ci[start + len(install)] == "python -m pytest -q -m vllm tests/test_vllm_engine.py"
+    assert ci[start + len(install)] == "python -m pytest -q -m vllm tests/inference/test_vllm_engine.py"
     assert install[0] == "python3 -m venv .venv-vllm" and ".venv-vllm/" in (ROOT / ".gitignore").read_text()
     assert any(line.startswith("pip uninstall -y torchvision torchaudio torchcodec") for line in install)

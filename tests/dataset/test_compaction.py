@@ -15,7 +15,7 @@ from pipeline.config import RunConfig
 from pipeline.dataset import DOCUMENTS, PAGES, RUNS, Dataset, plan_compaction
 from pipeline.runner import run
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_docs"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_docs"
 
 
 def _run(src: Path, out: Path) -> None:

@@ -61,15 +61,13 @@ def _trigger(stack: PrefectStack, src: Path, out: Path) -> str:
 
 
 def test_a_rerun_of_a_dead_fanout_parent_replays_its_plans_and_old_children_write_nothing(
-    prefect_server: PrefectStack, tmp_path: Path
+    deployed_server: PrefectStack, tmp_path: Path
 ):
     src, out = tmp_path / "in", tmp_path / "out"
     expected = make_corpus(src, 4)  # 2 shards: every child run costs a process start
-    stack = prefect_server.share(tmp_path / "logs")
+    stack = deployed_server.share(tmp_path / "logs")  # pool and deployments made once
     _EARLIER.update(str(r.id) for name in ("fanout", "process-shard") for r in _runs(stack, name))
     try:
-        stack.create_pool(POOL)
-        stack.deploy_all()
         stack.start_worker(POOL, "control", "control", limit=None)  # no gpu worker yet: children stay queued
 
         _trigger(stack, src, out)

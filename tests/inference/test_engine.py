@@ -349,7 +349,7 @@ def test_engine_vllm_without_vllm_is_one_line_exit_2(tiny_dirs, tmp_path, capsys
     from pipeline.inference import vllm_engine
 
     monkeypatch.setattr(vllm_engine, "vllm_installed", lambda: False)
-    samples = Path(__file__).resolve().parent.parent / "sample_docs"
+    samples = Path(__file__).resolve().parents[2] / "sample_docs"
     code = main(["run", str(samples), "--output", str(tmp_path / "out"), "--model", str(tiny_dirs["idefics3"]),
                  "--engine", "vllm", "--no-progress"])
     err = capsys.readouterr().err.strip()

@@ -175,8 +175,8 @@ def test_engine_args_cap_the_model_length_and_ask_for_expert_parallel(tiny: Path
 def test_the_released_checkpoints_keys_are_what_the_class_loads(tmp_path: Path) -> None:
     """vLLM's loader takes a checkpoint that lacks one shard of a fused q/k/v, or carries keys its
     expert loader does not know, without a word; the class checks the key set (the port's)."""
-    from test_devices import official_minimax_vl_01_config
-    from test_family_minimax_vl_01 import _released_keys
+    from tests.inference.test_devices import official_minimax_vl_01_config
+    from tests.inference.families.test_minimax_vl_01 import _released_keys
 
     (tmp_path / "config.json").write_text(json.dumps(official_minimax_vl_01_config()))
     config = fam.load_config(tmp_path)
@@ -233,7 +233,7 @@ def _image(i: int):
 def served(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("served") / "out.json"
     done = subprocess.run([sys.executable, __file__, str(tiny), str(out)], capture_output=True, text=True, timeout=900,
-                          cwd=Path(__file__).resolve().parent.parent)
+                          cwd=Path(__file__).resolve().parents[3])
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(out.read_text())
 

@@ -15,7 +15,7 @@ import pymupdf
 import pytest
 from PIL import Image
 
-import docs_factory as f
+from tests import docs_factory as f
 from pipeline import rasterize
 from pipeline.rasterize import pdf as raster_pdf
 from pipeline.config import RunConfig
@@ -722,7 +722,7 @@ def test_page_records_carry_identity() -> None:
 
 # ---------------------------------------------------------------- sample_docs/
 
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_docs"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_docs"
 
 
 def _load_make_samples():

@@ -26,7 +26,7 @@ from pipeline.records import DocStatus, DocumentRef
 from tests.docs_factory import text_pdf
 from tests.prep_faults import FaultyBuilder, StartupCrash, collect, pid_alive, wait_gone
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_pdfs(folder: Path, pages: dict[str, int]) -> list[DocumentRef]:

@@ -15,7 +15,7 @@ from pipeline.config import RunConfig
 from pipeline.inference.loading import load_builder
 from pipeline.testing import SEED_FAMILIES, make_tiny_model
 
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_docs"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_docs"
 POLICY = {"minicpm_v2": "minicpm", "mono_internvl": "internvl", "minimax_vl_01": "minimax"}
 # Fewer slices/tiles keep the run short on a CI CPU (MiniMax-VL-01's anyres grid takes no bound).
 TILE_BOUND = {"minicpm_v2": ["--max-tiles", "2"], "mono_internvl": ["--max-tiles", "2"], "minimax_vl_01": []}

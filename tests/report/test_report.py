@@ -33,7 +33,7 @@ from pipeline.report import (
 )
 from pipeline.runner import run
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "sample_docs"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
@@ -43,19 +43,11 @@ CHROMIUM_FLAGS = [
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_model) -> Path:
+def finished_run(sample_run) -> Path:
     """sample_docs plus an empty file (a document error), run with a tiny InternVL, then
-    run again with nothing new (a nightly rerun: the latest run holds no rows)."""
-    base = tmp_path_factory.mktemp("report")
-    src = base / "docs"
-    shutil.copytree(SAMPLES, src, ignore=shutil.ignore_patterns("*.md", "*.py"))
-    (src / "empty.pdf").write_bytes(b"")
-    out = base / "out"
-    config = RunConfig(source=str(src), output=str(out), model=tiny_model("internvl"), device="cpu",
-                       max_new_tokens=4, prep_workers=0, progress=False)
-    run(config)
-    assert run(config).documents == 0  # the no-op rerun
-    return out
+    run again with nothing new (a nightly rerun: the latest run holds no rows): the session's
+    `sample_run` (conftest), which other modules read too."""
+    return sample_run.output
 
 
 # ---------------------------------------------------------------------------------------

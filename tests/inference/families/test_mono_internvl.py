@@ -24,7 +24,7 @@ from pipeline.inference.adapters import CHART, DESCRIPTION, OCR
 from pipeline.inference.families import mono_internvl as mono
 from pipeline.testing import sample_image_page
 
-FIXTURE = Path(__file__).parent / "fixtures" / "mono_internvl_ref"
+FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "mono_internvl_ref"
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ("README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")))
 FENCE = re.compile(r"^```([A-Za-z]*)[^\n]*\n(.*?)^```[ \t]*$", re.S | re.M)
 MARKER = re.compile(r"<!--\s*docs-test:\s*(.*?)\s*-->")
@@ -126,6 +126,11 @@ class Session:
             AWS_EC2_METADATA_DISABLED="true",  # no credentials but the document's own
             AWS_CONFIG_FILE=str(tmp / "no-aws-config"),
             AWS_SHARED_CREDENTIALS_FILE=str(tmp / "no-aws-credentials"),
+            # workers and `serve` poll every second instead of Prefect's 10 s: the commands are as
+            # written, only the wait for a scheduled run to be picked up is shorter
+            PREFECT_WORKER_QUERY_SECONDS="1",
+            PREFECT_WORKER_PREFETCH_SECONDS="2",
+            PREFECT_RUNNER_POLL_FREQUENCY="1",
         )
         self.env = env
         self.log: list[str] = []

@@ -16,7 +16,7 @@ import torch
 from pipeline.inference.families import minicpm_v2 as fam
 from pipeline.inference.generation import GREEDY
 
-FIXTURE = Path(__file__).parent / "fixtures" / "minicpm_v2_prompt_ids.json"
+FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "minicpm_v2_prompt_ids.json"
 
 # Key patterns of the real checkpoint (openbmb/MiniCPM-V-2, model.safetensors.index.json), layer numbers as N.
 REAL_PATTERNS = {

@@ -20,7 +20,7 @@ import pytest
 
 from tests.prefect_support import make_corpus, read_rows
 from tests.prep_faults import children_of, wait_gone
-from tests.test_faults import DOCPIPE, _stalled, assert_exactly_once, run_args
+from tests.e2e.test_faults import DOCPIPE, _stalled, assert_exactly_once, run_args
 
 pytestmark = pytest.mark.slow
 

@@ -408,7 +408,7 @@ def _released_keys() -> set[str]:
 def test_full_size_keys_are_the_released_checkpoints(tmp_path: Path) -> None:
     import hashlib
 
-    from test_devices import official_minimax_vl_01_config
+    from tests.inference.test_devices import official_minimax_vl_01_config
 
     released = _released_keys()
     assert len(released) == 8_637

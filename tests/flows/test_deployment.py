@@ -36,11 +36,9 @@ POOL = "docpipe"
 
 
 @pytest.fixture(scope="module")
-def stack(prefect_server: PrefectStack, tmp_path_factory: pytest.TempPathFactory):
-    stack = prefect_server.share(tmp_path_factory.mktemp("prefect-e2e"))
+def stack(deployed_server: PrefectStack, tmp_path_factory: pytest.TempPathFactory):
+    stack = deployed_server.share(tmp_path_factory.mktemp("prefect-e2e"))  # pool and deployments made once
     try:
-        stack.create_pool(POOL)
-        stack.deploy_all()
         stack.start_worker(POOL, "gpu", "gpu-0")
         yield stack
     finally:

@@ -85,7 +85,7 @@ def test_verify_during_a_run_reports_only_settled_damage(tmp_path: Path) -> None
     """A run stopped right after a commit (its pages still staged: the state every commit passes
     through) holds the output: plain `verify` says so and finds nothing wrong; a file damaged
     meanwhile is still reported."""
-    from tests.test_faults import DOCPIPE, _stalled, _wake
+    from tests.e2e.test_faults import DOCPIPE, _stalled, _wake
 
     src, out = tmp_path / "in", tmp_path / "out"
     make_corpus(src, 4)
