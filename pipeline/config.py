@@ -41,6 +41,8 @@ DEFAULT_CHART_QUESTIONS = (
 # Fields with neither (where the data is, how the work is cut and scheduled) change neither.
 # tests/test_config.py checks that every field is declared here exactly once.
 _OUT, _ENG = "output", "engine"
+
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]  # the model dtypes --dtype takes
 FIELD_TABLE: tuple[tuple[str, str, frozenset[str]], ...] = tuple(
     (name, stage, frozenset(roles))
     for stage, fields in (
@@ -210,7 +212,7 @@ class RunConfig(BaseModel):
         description="Repetition penalty over each answer's own tokens (never the prompt); unset: the family's own "
         "default (MiniCPM-V 2.0: 1.2, others 1.0 = none). Recorded in the rows' prompt_version.",
     )
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+    dtype: Dtype = Field(
         default="auto", description="Model dtype: auto is bfloat16 on GPU, float32 on CPU."
     )
     device: str = Field(

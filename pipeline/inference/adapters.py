@@ -61,7 +61,7 @@ class PreparedPage:
     text: str | None  # the page's text layer, kept for the record
     plan: TilePlan
     family: str
-    pixels: "np.ndarray | CodedPixels"  # float32 pixel values, or uint8 codes + table (InternVL)
+    pixels: np.ndarray | CodedPixels  # float32 pixel values, or uint8 codes + table (InternVL)
     image_inputs: Mapping[str, np.ndarray]
     prompts: Mapping[str, np.ndarray]
     image_tokens: int  # image placeholder tokens in each prompt (== plan.visual_tokens)
@@ -75,7 +75,7 @@ class PreparedPage:
         """The float32 pixel values the model takes (decoded on the CPU when coded)."""
         return self.pixels.decode() if isinstance(self.pixels, CodedPixels) else self.pixels
 
-    def pixel_tensor(self, device: Any, dtype: Any = None) -> "torch.Tensor":
+    def pixel_tensor(self, device: Any, dtype: Any = None) -> torch.Tensor:
         """The pixel values as a tensor on `device` (coded pixels are decoded there)."""
         import torch
 
@@ -108,7 +108,7 @@ class CodedPixels:
             out[:, channel] = self.table[channel][self.codes[..., channel]]
         return out
 
-    def to_torch(self, device: Any) -> "torch.Tensor":
+    def to_torch(self, device: Any) -> torch.Tensor:
         import torch
 
         if torch.device(device).type == "cpu":  # numpy's table lookup is the fast one on a CPU
@@ -117,7 +117,7 @@ class CodedPixels:
         return gather_decode(torch.from_numpy(self.codes).to(device), torch.from_numpy(self.table).to(device))
 
 
-def gather_decode(codes: "torch.Tensor", table: "torch.Tensor") -> "torch.Tensor":
+def gather_decode(codes: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """values (N, 3, H, W) from codes (N, H, W, 3) and table (3, 256) by one gather, on their device."""
     import torch
 
@@ -129,7 +129,7 @@ def gather_decode(codes: "torch.Tensor", table: "torch.Tensor") -> "torch.Tensor
 class PageFeatures:
     """Image features of one page on the model's device, shared by all of its prompts."""
 
-    features: "torch.Tensor"  # family layout; see each builder's encode()
+    features: torch.Tensor  # family layout; see each builder's encode()
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -154,7 +154,7 @@ def _read_json(folder: Path, name: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def normalise_tiles(tiles: Sequence["Image.Image"], mean: Sequence[float], std: Sequence[float], scale: float) -> "CodedPixels":
+def normalise_tiles(tiles: Sequence[Image.Image], mean: Sequence[float], std: Sequence[float], scale: float) -> CodedPixels:
     """PIL tiles -> coded pixel values (tiles, 3, H, W): x * scale, minus mean, over std.
 
     Computed through a 256-entry table per channel with the same float ops as
@@ -169,7 +169,7 @@ def normalise_tiles(tiles: Sequence["Image.Image"], mean: Sequence[float], std: 
     return CodedPixels(codes=np.ascontiguousarray(arr), table=table.astype(np.float32))
 
 
-def _rgb(image: "Image.Image") -> "Image.Image":
+def _rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
@@ -286,8 +286,8 @@ class InputBuilder:
         raise NotImplementedError
 
     def pixels(
-        self, image: "Image.Image", plan: TilePlan, thumbnail: "Image.Image | None" = None
-    ) -> tuple["np.ndarray | CodedPixels", dict[str, np.ndarray]]:
+        self, image: Image.Image, plan: TilePlan, thumbnail: Image.Image | None = None
+    ) -> tuple[np.ndarray | CodedPixels, dict[str, np.ndarray]]:
         """Pixel values (and extra image arrays) for `image` cut as `plan` says."""
         raise NotImplementedError
 
@@ -371,7 +371,7 @@ class InputBuilder:
         inputs.update(self.feature_inputs(model, [feats for _, feats in rows], inputs["input_ids"]))
         return inputs
 
-    def feature_inputs(self, model: Any, feats: Sequence[PageFeatures], input_ids: "torch.Tensor") -> dict[str, Any]:
+    def feature_inputs(self, model: Any, feats: Sequence[PageFeatures], input_ids: torch.Tensor) -> dict[str, Any]:
         """The `mm_encoder_outputs` (and any extra inputs) for these rows' features."""
         raise NotImplementedError
 
@@ -386,8 +386,8 @@ class InputBuilder:
         where = np.flatnonzero(np.asarray(ids) == self.image_token_id)
         return int(where[-1]) + 1 if len(where) else 0
 
-    def prefill_positions(self, model: Any, input_ids: "torch.Tensor", inputs: Mapping[str, Any]
-                          ) -> tuple["torch.Tensor", int]:
+    def prefill_positions(self, model: Any, input_ids: torch.Tensor, inputs: Mapping[str, Any]
+                          ) -> tuple[torch.Tensor, int]:
         """Position ids to prefill `input_ids` (one unpadded prompt, or the start of one, whose
         image inputs are `inputs`) from an empty cache; and the rope offset of what follows it:
         the token at text index n after it sits at position n + offset (`position_ids`)."""
@@ -395,7 +395,7 @@ class InputBuilder:
 
         return torch.arange(input_ids.shape[1], device=input_ids.device)[None], 0
 
-    def position_ids(self, text_positions: "torch.Tensor", offsets: "torch.Tensor") -> "torch.Tensor":
+    def position_ids(self, text_positions: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Position ids of tokens at `text_positions` (rows, length: index among the row's real
         tokens) of rows whose prefill left rope offsets `offsets` (rows,); plain 1-D positions here."""
         return text_positions
@@ -410,7 +410,7 @@ def build_page(
     plan: TilePlan,
     prompts: Mapping[str, str] | None = None,
     *,
-    pixels: "tuple[np.ndarray | CodedPixels, Mapping[str, np.ndarray]] | None" = None,
+    pixels: tuple[np.ndarray | CodedPixels, Mapping[str, np.ndarray]] | None = None,
 ) -> PreparedPage:
     """The one place a `PreparedPage` is made (runs, `ask`, the vLLM engine's preparation).
 

@@ -31,8 +31,10 @@ from pipeline.records import PageFailure, PageImage, PageKind, RenderInfo, Stage
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
+    from pipeline.config import Dtype
     from pipeline.inference.adapters import InputBuilder, PreparedPage
     from pipeline.inference.engine import Engine
+    from pipeline.records import TilePlan
 
 ASK_KEY = "ask"  # the prompt key of the one question in the prepared page
 ASK_MAX_PIXELS = 12_000_000  # a PDF page rendered at `dpi` is scaled down to this many pixels
@@ -66,6 +68,13 @@ class _AtDpi:
         from pipeline.rasterize import pixel_size
 
         return pixel_size(width_pt, height_pt, self.dpi)
+
+    def plan(self, width: int, height: int) -> TilePlan:
+        """The tiling policy's plan (what a run without a model plans); `ask` itself prepares
+        the page with the model's builder, which plans it again for its own geometry."""
+        from pipeline.tiling import TilingOptions
+
+        return TilingOptions().plan(width, height)
 
 
 def read_page(path: str | Path, page: int = 1, dpi: float = 200.0) -> PageImage:
@@ -125,7 +134,7 @@ def prepare_question(builder: "InputBuilder", image: "Image.Image | PageImage", 
 # ---- the model -----------------------------------------------------------------------------
 
 
-def load_ask_engine(model: str | Path, *, device: str = "auto", dtype: str = "auto",
+def load_ask_engine(model: str | Path, *, device: str = "auto", dtype: Dtype = "auto",
                     max_new_tokens: int = 256, revision: str | None = None) -> "Engine":
     """An engine for `ask` (a folder or hub id; trust_remote_code stays off)."""
     from pipeline.config import RunConfig

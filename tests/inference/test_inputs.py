@@ -298,7 +298,7 @@ def test_one_function_makes_every_prepared_page() -> None:
     page, the vLLM engine's preparation): no other code in the package constructs one."""
     import ast
 
-    root = Path(__file__).resolve().parents[1] / "pipeline"
+    root = Path(__file__).resolve().parents[2] / "pipeline"
     makers = []
     for path in sorted(root.rglob("*.py")):
         tree = ast.parse(path.read_text(), filename=str(path))
