@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,16 @@ from tests.prep_faults import children_of, wait_gone
 from tests.e2e.test_faults import DOCPIPE, _stalled, assert_exactly_once, run_args
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _sighup_at_its_default() -> Iterator[None]:
+    """Runs here start as from a terminal: SIGHUP at its default. A suite started under `nohup`
+    ignores SIGHUP, and docpipe rightly keeps ignoring a signal it inherits as ignored (the last
+    test checks that), so without this the SIGHUP case would test nohup instead."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGHUP, before)
 
 
 def _lease_records(out: Path) -> list[dict]:
