@@ -47,6 +47,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 raise pytest.UsageError(f"{item.nodeid} uses {fixture}: add its file to _ONE_WORKER in tests/conftest.py")
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest without pytest-xdist still collects this file
 def pytest_xdist_make_scheduler(config: pytest.Config, log):  # only called where pytest-xdist runs
     from xdist.scheduler import LoadScopeScheduling
 

@@ -4,7 +4,6 @@ for every page, and the pages table records the model's own page plan."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -22,14 +21,8 @@ TILE_BOUND = {"minicpm_v2": ["--max-tiles", "2"], "mono_internvl": ["--max-tiles
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models on shared cores: one torch thread is much faster than two."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread) -> None:
+    """Tiny models on shared cores: one torch thread is much faster than two (conftest)."""
 
 
 def _pages(out: Path) -> list[dict]:

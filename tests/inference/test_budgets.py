@@ -8,7 +8,6 @@ A tiny InternVL checkpoint; torch single-threaded (2 shared cores).
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,11 +26,8 @@ BUDGETS = {"description": 5, "ocr": 9, "chart_check": 2, "chart_answer": 3}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread) -> None:
+    """Tiny models on shared cores: one torch thread is much faster than two (conftest)."""
 
 
 @pytest.fixture(scope="module")

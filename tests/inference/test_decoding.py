@@ -4,7 +4,6 @@ transformers' own `generate()`, beams included."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,11 +16,8 @@ from pipeline.inference.generation import AnswerRepetitionPenalty
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread) -> None:
+    """Tiny models on shared cores: one torch thread is much faster than two (conftest)."""
 
 
 def _cache(rows: int, length: int, seed: int, layers: int = 2) -> torch.Tensor:

@@ -8,7 +8,6 @@ new tokens; torch runs single-threaded (2 shared cores: more threads only conten
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,11 +26,8 @@ NEW_TOKENS = 6
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread) -> None:
+    """Tiny models on shared cores: one torch thread is much faster than two (conftest)."""
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +27,8 @@ FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "mono_internvl_ref"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread) -> None:
+    """Tiny models on shared cores: one torch thread is much faster than two (conftest)."""
 
 
 @pytest.fixture(scope="module")
