@@ -193,18 +193,32 @@ class Session:
         return "".join(parts)
 
     def close(self) -> None:
+        """Stop every background command's whole process group: SIGTERM, up to 15 s for the group
+        to be gone, then SIGKILL. The group, not only its shell: a shell that dies at once can
+        leave its command (a Prefect worker) running, orphaned, after the suite."""
         for proc in self.background:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    continue
+            _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
         for proc in self.background:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            while time.monotonic() < deadline and (proc.poll() is None or _group_alive(proc.pid)):
+                time.sleep(0.2)
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _commands(text: str) -> list[str]:
